@@ -1,0 +1,375 @@
+#!/usr/bin/env node
+import { spawn } from "node:child_process";
+import { closeSync, existsSync, openSync } from "node:fs";
+import { mkdir, open, rm } from "node:fs/promises";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import * as grpc from "@grpc/grpc-js";
+import { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions } from "@drover/proto";
+import { EMBEDDED_LOCAL_SPEC, loadClusterSpec, type ClusterSpec } from "./cluster-spec.js";
+import { DroverError, HeadUnreachableError, StateError } from "./errors.js";
+import { Head } from "./head.js";
+import { isFinal, type JobRecord } from "./job-controller.js";
+import { formatMetrics, summarizeJob } from "./job-view.js";
+import { createLogger } from "./logger.js";
+import { provisionerBackends } from "./provisioners/index.js";
+import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
+
+const USAGE = `drover: train on rented GPUs as if they were one cluster
+
+usage:
+  drover up [SPEC]                         start a head in the background and provision nodes
+                                           (SPEC defaults to examples/local.yaml)
+  drover submit [--working-dir DIR] [--run-id ID] [--nodes N] [--env K=V]... [--no-wait] -- CMD...
+                                           run CMD on every rank; follows output until it ends
+  drover status [--json]                   head, nodes and jobs
+  drover logs [-f] [--job ID]              output of the latest (or given) job
+  drover stop [--job ID]                   stop the running job
+  drover down                              stop jobs, release every node, stop the head
+  drover demo [SPEC]                       up + submit the spec's job + wait + down, in one process
+
+State lives in $DROVER_STATE_DIR (default ~/.drover/cluster; the demo uses ~/.drover/demo).`;
+
+const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+class UsageError extends DroverError {
+  override readonly name = "UsageError";
+}
+
+function print(line = ""): void {
+  process.stdout.write(line + "\n");
+}
+
+/**
+ * In a checkout, trainers should find the project's Python environment: put .venv/bin
+ * first on PATH unless the user activated an environment of their own.
+ */
+function preferProjectPython(): void {
+  const venvBin = join(REPO_ROOT, ".venv", "bin");
+  if (!process.env.VIRTUAL_ENV && existsSync(join(venvBin, "python"))) {
+    process.env.PATH = `${venvBin}:${process.env.PATH ?? ""}`;
+  }
+}
+
+async function readHead(state: StateDirectory): Promise<HeadRecord | undefined> {
+  return state.readJson<HeadRecord>("head.json");
+}
+
+async function adminClient(state: StateDirectory): Promise<{ client: AdminClient; token: string; head: HeadRecord }> {
+  const head = await readHead(state);
+  if (!head || !processAlive(head.pid) || head.state === "stopped") {
+    throw new HeadUnreachableError(`no running head over ${state.root}; start one with \`drover up\``);
+  }
+  const credentials = await state.readJson<{ adminToken: string }>("admin-token");
+  if (!credentials) throw new StateError(`${state.path("admin-token")} is missing`);
+  return { client: new AdminClient(head.adminAddress, grpc.credentials.createInsecure(), controlChannelOptions), token: credentials.adminToken, head };
+}
+
+async function commandUp(args: string[]): Promise<number> {
+  const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
+  const specPath = resolve(positionals[0] ?? EMBEDDED_LOCAL_SPEC);
+  const spec = await loadClusterSpec(specPath);
+  const state = new StateDirectory(StateDirectory.defaultRoot());
+  const existing = await readHead(state);
+  if (existing && processAlive(existing.pid) && existing.state !== "stopped") {
+    throw new StateError(`a head (pid ${existing.pid}) is already running over ${state.root}; \`drover down\` first`);
+  }
+  await rm(state.path("head.json"), { force: true });
+  preferProjectPython();
+  await mkdir(state.root, { recursive: true, mode: 0o700 });
+  const logFd = openSync(state.path("head.out"), "a");
+  const child = spawn(process.execPath, [fileURLToPath(import.meta.url), "head", specPath], {
+    detached: true,
+    stdio: ["ignore", logFd, logFd],
+    env: { ...process.env, DROVER_STATE_DIR: state.root },
+  });
+  closeSync(logFd);
+  child.unref();
+  print(`head starting (pid ${child.pid}), state in ${state.root}`);
+  const deadline = Date.now() + 60_000;
+  let lastShown = "";
+  while (Date.now() < deadline) {
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, 250));
+    const head = await readHead(state);
+    if (!processAlive(child.pid!)) throw new DroverError(`the head exited during start; see ${state.path("head.out")} and ${state.path("head.log")}`);
+    if (!head || head.pid !== child.pid) continue;
+    const cluster = await state.readJson<{ workers: { connection: string }[] }>("cluster.json");
+    const connected = cluster?.workers.filter((worker) => worker.connection === "connected").length ?? 0;
+    const shown = `${head.state}: ${connected}/${spec.local.nodes} nodes connected`;
+    if (shown !== lastShown) print(`  ${shown}`);
+    lastShown = shown;
+    if (head.state === "ready" && connected >= spec.local.nodes) {
+      print(`cluster ${spec.name} is up: control ${head.controlAddress}. Next: drover submit -- CMD`);
+      return 0;
+    }
+    if (head.state === "failed") throw new DroverError(`provisioning failed; see ${state.path("head.log")}`);
+  }
+  throw new DroverError(`the cluster did not come up within 60s; see ${state.path("head.log")} (drover down cleans up)`);
+}
+
+/** The head process itself (what `drover up` runs in the background). */
+async function commandHead(args: string[]): Promise<number> {
+  const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
+  const spec = await loadClusterSpec(positionals[0] ?? EMBEDDED_LOCAL_SPEC);
+  const stateRoot = StateDirectory.defaultRoot();
+  const logger = createLogger({ component: "head", file: join(stateRoot, "head.log") });
+  const head = await Head.create(spec, { stateDir: stateRoot, logger });
+  for (const signal of ["SIGTERM", "SIGINT"] as const) process.on(signal, () => void head.shutdown(`received ${signal}`));
+  await head.start();
+  await Promise.race([head.shutdownRequestedPromise, new Promise<void>((resolveStop) => head.on("state", (state) => state === "stopping" && resolveStop()))]);
+  await head.shutdown("shutdown requested");
+  return 0;
+}
+
+function parseEnvPairs(pairs: string[]): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const pair of pairs) {
+    const index = pair.indexOf("=");
+    if (index <= 0) throw new UsageError(`--env ${pair}: expected KEY=VALUE`);
+    env[pair.slice(0, index)] = pair.slice(index + 1);
+  }
+  return env;
+}
+
+async function commandSubmit(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      "working-dir": { type: "string" },
+      "run-id": { type: "string" },
+      nodes: { type: "string" },
+      env: { type: "string", multiple: true },
+      "no-wait": { type: "boolean" },
+    },
+  });
+  if (positionals.length === 0) throw new UsageError("drover submit needs a command after --, e.g. drover submit -- python train.py");
+  const state = new StateDirectory(StateDirectory.defaultRoot());
+  const { client, token } = await adminClient(state);
+  try {
+    const response = await callUnary(client.submitJob.bind(client), {
+      protocolVersion: PROTOCOL_VERSION,
+      adminToken: token,
+      command: positionals,
+      workingDir: resolve(values["working-dir"] ?? "."),
+      env: parseEnvPairs(values.env ?? []),
+      runId: values["run-id"] ?? "",
+      nodes: values.nodes ? Number(values.nodes) : 0,
+    }, new grpc.Metadata(), { timeoutMs: 10_000 });
+    print(`submitted ${response.jobId} (run ${response.runId})`);
+    if (values["no-wait"]) return 0;
+    const job = await followJob(state, response.jobId, { follow: true });
+    for (const line of summarizeJob(job)) print(line);
+    return job.state === "succeeded" ? 0 : 1;
+  } catch (error) {
+    const serviceError = error as grpc.ServiceError;
+    if (serviceError.code !== undefined && serviceError.details) throw new DroverError(`the head refused the job: ${serviceError.details}`);
+    throw error;
+  } finally {
+    client.close();
+  }
+}
+
+async function latestJob(state: StateDirectory, jobId?: string): Promise<JobRecord | undefined> {
+  const cluster = await state.readJson<{ jobs: JobRecord[] }>("cluster.json");
+  const jobs = cluster?.jobs ?? [];
+  return jobId ? jobs.find((job) => job.jobId === jobId) : jobs.at(-1);
+}
+
+/** Prints a job's output file as it grows; returns the job once it is final and fully printed. */
+async function followJob(state: StateDirectory, jobId: string, options: { follow: boolean }): Promise<JobRecord> {
+  let offset = 0;
+  const path = state.path("jobs", jobId, "output.log");
+  for (;;) {
+    const job = await latestJob(state, jobId);
+    if (existsSync(path)) {
+      const handle = await open(path, "r");
+      try {
+        const { size } = await handle.stat();
+        if (size > offset) {
+          const buffer = Buffer.alloc(size - offset);
+          await handle.read(buffer, 0, buffer.length, offset);
+          const text = buffer.toString("utf8");
+          const complete = text.lastIndexOf("\n") + 1;
+          if (complete > 0) process.stdout.write(text.slice(0, complete));
+          offset += Buffer.byteLength(text.slice(0, complete));
+        }
+      } finally {
+        await handle.close();
+      }
+    }
+    if (job && (isFinal(job.state) || !options.follow)) {
+      if (isFinal(job.state)) return job;
+      return job;
+    }
+    const head = await readHead(state);
+    if (!head || !processAlive(head.pid)) throw new HeadUnreachableError("the head stopped while the job was running; see drover status");
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, 250));
+  }
+}
+
+async function commandStatus(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { json: { type: "boolean" } } });
+  const state = new StateDirectory(StateDirectory.defaultRoot());
+  const head = await readHead(state);
+  const cluster = await state.readJson<{ workers: Array<Record<string, any>>; jobs: JobRecord[] }>("cluster.json");
+  const alive = head ? processAlive(head.pid) : false;
+  if (values.json) {
+    print(JSON.stringify({ stateDir: state.root, head: head && { ...head, alive }, workers: cluster?.workers ?? [], jobs: cluster?.jobs ?? [] }, null, 2));
+    return 0;
+  }
+  if (!head) {
+    print(`no cluster over ${state.root} (drover up starts one)`);
+    return 0;
+  }
+  print(`cluster ${head.clusterName}: head pid ${head.pid} ${alive ? head.state : `NOT RUNNING (last state ${head.state})`}; control ${head.controlAddress}; state ${state.root}`);
+  print(`nodes:`);
+  for (const worker of cluster?.workers ?? []) {
+    const resources = worker.resources ?? {};
+    const gpus = (resources.gpus ?? []).length;
+    const shmMiB = Math.round(Number(resources.shmBytes ?? 0) / 2 ** 20);
+    const ago = ((Date.now() - Number(worker.lastSeenMs)) / 1000).toFixed(1);
+    print(`  ${worker.nodeName} (${worker.workerId}) ${worker.connection}, group ${worker.group}, ${worker.slots} ranks, ${resources.cpuCount} cpus, ${gpus} gpus, shm ${shmMiB} MiB, seen ${ago}s ago`);
+  }
+  const jobs = cluster?.jobs ?? [];
+  print(`jobs: ${jobs.length === 0 ? "none" : ""}`);
+  for (const job of jobs.slice(-5)) {
+    const rank0 = job.latestMetrics[0];
+    print(`  ${job.jobId} ${job.state}${rank0 ? `, ${formatMetrics(rank0.step, rank0.values)}` : ""}${job.failure ? `: ${job.failure.reason}` : ""}`);
+  }
+  return 0;
+}
+
+async function commandLogs(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { follow: { type: "boolean", short: "f" }, job: { type: "string" } } });
+  const state = new StateDirectory(StateDirectory.defaultRoot());
+  const job = await latestJob(state, values.job);
+  if (!job) throw new StateError(values.job ? `no job ${values.job} in ${state.root}` : `no job has run over ${state.root}`);
+  await followJob(state, job.jobId, { follow: values.follow ?? false });
+  return 0;
+}
+
+async function commandStop(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { job: { type: "string" } } });
+  const state = new StateDirectory(StateDirectory.defaultRoot());
+  const job = await latestJob(state, values.job);
+  if (!job) throw new StateError("no job to stop");
+  const { client, token } = await adminClient(state);
+  try {
+    const response = await callUnary(client.stopJob.bind(client), { adminToken: token, jobId: job.jobId }, new grpc.Metadata(), { timeoutMs: 10_000 });
+    print(response.stopped ? `stopping ${job.jobId}` : `${job.jobId} is not running`);
+  } finally {
+    client.close();
+  }
+  return 0;
+}
+
+/** Stops the head if alive, then reaps whatever the state directory still knows of. */
+async function commandDown(): Promise<number> {
+  const state = new StateDirectory(StateDirectory.defaultRoot());
+  const head = await readHead(state);
+  if (head && processAlive(head.pid) && head.state !== "stopped") {
+    print(`stopping head (pid ${head.pid})`);
+    try {
+      const { client, token } = await adminClient(state);
+      await callUnary(client.shutdown.bind(client), { adminToken: token }, new grpc.Metadata(), { timeoutMs: 5_000 }).finally(() => client.close());
+    } catch {
+      process.kill(head.pid, "SIGTERM");
+    }
+    const deadline = Date.now() + 30_000;
+    while (processAlive(head.pid) && Date.now() < deadline) await new Promise((resolveDelay) => setTimeout(resolveDelay, 200));
+    if (processAlive(head.pid)) process.kill(head.pid, "SIGKILL");
+  } else if (head) {
+    print(`head (pid ${head.pid}) is not running; releasing what it left`);
+  }
+  const logger = createLogger({ component: "cli", file: state.path("head.log") });
+  const spec = head ? await loadClusterSpec(head.specSource).catch(() => undefined) : undefined;
+  const reaped = await provisionerBackends[spec?.provisioner ?? "local"].reap(state, logger, AbortSignal.timeout(30_000));
+  for (const what of reaped) print(`  stopped ${what}`);
+  if (head) await state.writeJson("head.json", { ...head, state: "stopped", updatedAt: new Date().toISOString() });
+  print("cluster is down");
+  return 0;
+}
+
+async function runPrepare(spec: ClusterSpec, signal: AbortSignal): Promise<void> {
+  const prepare = spec.job?.prepare;
+  if (!prepare) return;
+  print(`[prepare] ${prepare.join(" ")}`);
+  const [program, ...args] = prepare;
+  const child = spawn(program!, args, { cwd: spec.job!.workingDir, stdio: ["ignore", "inherit", "inherit"], signal });
+  const code = await new Promise<number>((resolveExit) => {
+    child.on("error", () => resolveExit(127));
+    child.on("close", (exitCode) => resolveExit(exitCode ?? 1));
+  });
+  if (code !== 0) throw new DroverError(`the prepare step exited with code ${code}: ${prepare.join(" ")}`);
+}
+
+/** up + submit + wait + down in one process: the quickest way to see Drover work. */
+async function commandDemo(args: string[]): Promise<number> {
+  const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
+  const spec = await loadClusterSpec(positionals[0] ?? EMBEDDED_LOCAL_SPEC);
+  if (!spec.job) throw new DroverError(`${spec.source} has no job: section for the demo to run`);
+  preferProjectPython();
+  const stateRoot = process.env.DROVER_STATE_DIR ?? join(resolve(StateDirectory.defaultRoot(), ".."), "demo");
+  const logger = createLogger({ component: "head", file: join(stateRoot, "head.log") });
+  const head = await Head.create(spec, { stateDir: stateRoot, logger });
+  const interrupted = new AbortController();
+  const onSignal = () => interrupted.abort(new Error("interrupted"));
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+  print(`drover demo: cluster ${spec.name}, ${spec.local.nodes} local nodes x ${spec.local.ranksPerNode} ranks (state in ${stateRoot})`);
+  try {
+    await runPrepare(spec, interrupted.signal);
+    await head.start();
+    print(`head listening on ${head.controlAddress}; waiting for ${spec.local.nodes} nodes`);
+    await head.waitForWorkers(spec.local.nodes, AbortSignal.any([interrupted.signal, AbortSignal.timeout(60_000)]));
+    for (const worker of head.registry.connected()) {
+      const shmMiB = Math.round(Number(worker.resources.shmBytes ?? 0) / 2 ** 20);
+      print(`  node ${worker.nodeName} joined: ${worker.slots} ranks, ${worker.resources.cpuCount} cpus, shm ${shmMiB} MiB`);
+    }
+    head.on("log", (line) => {
+      if (line.rank < 0) print(`[drover] ${line.line}`);
+      else if (line.rank === 0 || line.stream === "stderr") print(`[rank ${line.rank}] ${line.line}`);
+    });
+    const job = head.submit({ command: spec.job.command, workingDir: spec.job.workingDir, env: spec.job.env });
+    print(`submitted ${job.jobId}: ${spec.job.command.join(" ")}`);
+    const final = await head.waitForJob(job.jobId, interrupted.signal);
+    print("");
+    for (const line of summarizeJob(final)) print(line);
+    return final.state === "succeeded" ? 0 : 1;
+  } finally {
+    print("shutting down the demo cluster");
+    await head.shutdown("demo finished");
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+  }
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case "up": return commandUp(rest);
+    case "head": return commandHead(rest);
+    case "submit": return commandSubmit(rest);
+    case "status": return commandStatus(rest);
+    case "logs": return commandLogs(rest);
+    case "stop": return commandStop(rest);
+    case "down": return commandDown();
+    case "demo": return commandDemo(rest);
+    case undefined: case "help": case "--help": case "-h":
+      print(USAGE);
+      return command === undefined ? 2 : 0;
+    default:
+      throw new UsageError(`unknown command ${command}\n\n${USAGE}`);
+  }
+}
+
+try {
+  process.exitCode = await main(process.argv.slice(2));
+} catch (error) {
+  const known = error instanceof DroverError || (error as Error).name === "TypeError" && String((error as Error).message).includes("parseArgs");
+  process.stderr.write(`drover: ${(error as Error).message}\n`);
+  if (!known && process.env.DROVER_DEBUG) process.stderr.write(`${(error as Error).stack}\n`);
+  process.exitCode = error instanceof DroverError ? 2 : 1;
+}

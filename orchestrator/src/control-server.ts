@@ -1,0 +1,189 @@
+import { createHash, timingSafeEqual } from "node:crypto";
+import * as grpc from "@grpc/grpc-js";
+import {
+  PROTOCOL_VERSION, adminService, controlChannelOptions, controlService,
+  type AdminHandlers, type ControlHandlers, type IHeadMessage, type IWorkerMessage,
+} from "@drover/proto";
+import { DroverError, JobRequestError } from "./errors.js";
+import type { JobController } from "./job-controller.js";
+import type { Logger } from "./logger.js";
+import type { WorkerChannel, WorkerRegistry } from "./worker-registry.js";
+
+/** Constant-time comparison of secrets of any length (hashing first equalises lengths). */
+export function secretsEqual(given: string, expected: string): boolean {
+  const digest = (value: string) => createHash("sha256").update(value).digest();
+  return timingSafeEqual(digest(given), digest(expected)) && expected.length > 0;
+}
+
+const NODE_NAME = /^[A-Za-z0-9._-]{1,63}$/;
+
+export interface ControlServerDeps {
+  registry: WorkerRegistry;
+  jobs: JobController;
+  joinToken: string;
+  adminToken: string;
+  heartbeatIntervalMs: number;
+  heartbeatTimeoutMs: number;
+  logger: Logger;
+  /** Called by Admin.Shutdown after the reply is sent. */
+  onShutdownRequested: () => void;
+  defaultNodes: number;
+}
+
+function fail(callback: grpc.sendUnaryData<never>, code: grpc.status, details: string): void {
+  callback({ code, details, name: "Error", message: details, metadata: new grpc.Metadata() }, null);
+}
+
+/**
+ * The head's gRPC edge: Control for workers (any interface the spec names) and Admin
+ * for the CLI (loopback only). Domain errors become gRPC statuses here and nowhere else.
+ */
+export class ControlServer {
+  private readonly control = new grpc.Server(controlChannelOptions);
+  private readonly admin = new grpc.Server(controlChannelOptions);
+  controlPort = 0;
+  adminPort = 0;
+
+  constructor(private readonly deps: ControlServerDeps) {
+    this.control.addService(controlService, this.controlHandlers());
+    this.admin.addService(adminService, this.adminHandlers());
+  }
+
+  async listen(host: string, port: number): Promise<void> {
+    this.controlPort = await bind(this.control, `${host.includes(":") ? `[${host}]` : host}:${port}`);
+    this.adminPort = await bind(this.admin, "127.0.0.1:0");
+  }
+
+  private controlHandlers(): ControlHandlers {
+    const { registry, jobs, logger } = this.deps;
+    return {
+      register: (call, callback) => {
+        const request = call.request;
+        const peer = call.getPeer();
+        if (!secretsEqual(request.joinToken ?? "", this.deps.joinToken)) {
+          // Never log the token itself: a typo of the real one is nearly as secret.
+          logger.warn("worker refused: invalid join token", { node: request.nodeName, peer });
+          fail(callback, grpc.status.UNAUTHENTICATED, "invalid join token");
+          return;
+        }
+        if ((request.protocolVersion ?? 0) !== PROTOCOL_VERSION) {
+          fail(callback, grpc.status.FAILED_PRECONDITION, `protocol_version ${request.protocolVersion} is not supported; this head speaks ${PROTOCOL_VERSION}`);
+          return;
+        }
+        if (!NODE_NAME.test(request.nodeName ?? "")) {
+          fail(callback, grpc.status.INVALID_ARGUMENT, "node_name: letters, digits, '.', '_' and '-' only, at most 63 characters");
+          return;
+        }
+        const slots = request.slots || request.resources?.gpus?.length || 1;
+        if (slots > 64) {
+          fail(callback, grpc.status.INVALID_ARGUMENT, `slots: ${slots} is more than 64 ranks on one node`);
+          return;
+        }
+        const worker = registry.register({
+          nodeName: request.nodeName!,
+          group: request.group || "default",
+          slots,
+          resources: request.resources ?? {},
+          agentVersion: request.agentVersion ?? "",
+        });
+        callback(null, {
+          protocolVersion: PROTOCOL_VERSION,
+          workerId: worker.workerId,
+          sessionToken: worker.sessionToken,
+          heartbeatIntervalMs: this.deps.heartbeatIntervalMs,
+          heartbeatTimeoutMs: this.deps.heartbeatTimeoutMs,
+        });
+      },
+      session: (call) => {
+        const workerId = String(call.metadata.get("x-drover-worker-id")[0] ?? "");
+        const sessionToken = String(call.metadata.get("x-drover-session-token")[0] ?? "");
+        const channel: WorkerChannel = {
+          send: (message: IHeadMessage) => call.write({ protocolVersion: PROTOCOL_VERSION, ...message }),
+          close: () => call.end(),
+        };
+        if (!registry.attach(workerId, sessionToken, channel)) {
+          logger.warn("session refused: unknown worker or stale session", { workerId, peer: call.getPeer() });
+          call.destroy(Object.assign(new Error("unknown worker or stale session; register again"), { code: grpc.status.UNAUTHENTICATED }));
+          return;
+        }
+        call.on("data", (message: IWorkerMessage) => {
+          registry.seen(workerId);
+          if (message.metric) jobs.onMetric(workerId, message.metric);
+          else if (message.log) jobs.onLog(workerId, message.log);
+          else if (message.rankExit) jobs.onRankExit(workerId, message.rankExit);
+          else if (message.checkpoint) jobs.onCheckpoint(workerId, message.checkpoint);
+          else if (message.jobFailure) jobs.onJobFailure(workerId, message.jobFailure.jobId ?? "", message.jobFailure.reason ?? "the node could not run the job");
+        });
+        const end = () => registry.detach(workerId, channel);
+        call.on("end", () => {
+          end();
+          call.end();
+        });
+        call.on("cancelled", end);
+        call.on("error", end);
+      },
+    };
+  }
+
+  private adminHandlers(): AdminHandlers {
+    const { jobs, logger } = this.deps;
+    const authorized = (token: string | null | undefined, callback: grpc.sendUnaryData<never>) => {
+      if (secretsEqual(token ?? "", this.deps.adminToken)) return true;
+      logger.warn("admin call refused: invalid admin token");
+      fail(callback, grpc.status.UNAUTHENTICATED, "invalid admin token (is this the state directory of the running head?)");
+      return false;
+    };
+    return {
+      submitJob: (call, callback) => {
+        const request = call.request;
+        if (!authorized(request.adminToken, callback as grpc.sendUnaryData<never>)) return;
+        try {
+          const job = jobs.submit({
+            command: request.command ?? [],
+            workingDir: request.workingDir || process.cwd(),
+            env: { ...(request.env ?? {}) },
+            runId: request.runId || undefined,
+            nodes: request.nodes || this.deps.defaultNodes,
+          });
+          callback(null, { jobId: job.jobId, runId: job.runId });
+        } catch (error) {
+          const code = error instanceof JobRequestError ? grpc.status.FAILED_PRECONDITION : grpc.status.INTERNAL;
+          fail(callback as grpc.sendUnaryData<never>, code, error instanceof DroverError ? error.message : "internal error");
+        }
+      },
+      stopJob: (call, callback) => {
+        if (!authorized(call.request.adminToken, callback as grpc.sendUnaryData<never>)) return;
+        callback(null, { stopped: jobs.stop(call.request.jobId ?? "", "stopped by user") });
+      },
+      shutdown: (call, callback) => {
+        if (!authorized(call.request.adminToken, callback as grpc.sendUnaryData<never>)) return;
+        callback(null, {});
+        setImmediate(this.deps.onShutdownRequested);
+      },
+    };
+  }
+
+  async close(graceMs = 2_000): Promise<void> {
+    for (const server of [this.control, this.admin]) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          server.forceShutdown();
+          resolve();
+        }, graceMs);
+        server.tryShutdown(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+  }
+}
+
+function bind(server: grpc.Server, address: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (error, port) => {
+      if (error) reject(error);
+      else resolve(port);
+    });
+  });
+}

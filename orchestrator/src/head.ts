@@ -1,0 +1,249 @@
+import { randomBytes } from "node:crypto";
+import { EventEmitter } from "node:events";
+import { mkdir } from "node:fs/promises";
+import type { IMetricReport } from "@drover/proto";
+import type { ClusterSpec } from "./cluster-spec.js";
+import { ControlServer } from "./control-server.js";
+import { StateError } from "./errors.js";
+import { JobController, isFinal, type JobLogLine, type JobRecord, type JobRequest } from "./job-controller.js";
+import type { Logger } from "./logger.js";
+import { provisionerBackends, type Provisioner } from "./provisioners/index.js";
+import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
+import { WorkerRegistry } from "./worker-registry.js";
+
+export type HeadState = "created" | "starting" | "provisioning" | "ready" | "stopping" | "stopped" | "failed";
+
+interface HeadEvents {
+  state: [HeadState];
+  log: [JobLogLine];
+  metric: [JobRecord, IMetricReport];
+  job: [JobRecord];
+  workers: [];
+}
+
+/** Serialises appends to one file so lines keep their order. */
+class OrderedAppender {
+  private tail = Promise.resolve();
+  constructor(private readonly state: StateDirectory) {}
+  append(relative: string, text: string): void {
+    this.tail = this.tail.then(() => this.state.append(relative, text)).catch(() => undefined);
+  }
+  flushed(): Promise<void> {
+    return this.tail;
+  }
+}
+
+/**
+ * The head: a long-lived component that owns the control server, the worker registry,
+ * the job controller and one provisioner, and mirrors what it knows into the state
+ * directory so the CLI can read it without asking.
+ */
+export class Head extends EventEmitter<HeadEvents> {
+  state: HeadState = "created";
+  readonly registry: WorkerRegistry;
+  readonly jobs: JobController;
+  private readonly server: ControlServer;
+  private readonly provisioner: Provisioner;
+  private readonly appender: OrderedAppender;
+  private readonly shutdownController = new AbortController();
+  private readonly startedAt = new Date().toISOString();
+  private snapshotTimer: NodeJS.Timeout | undefined;
+  private stopped: Promise<void> | undefined;
+  private shutdownRequested!: () => void;
+  readonly shutdownRequestedPromise = new Promise<void>((resolve) => (this.shutdownRequested = resolve));
+
+  private constructor(
+    readonly spec: ClusterSpec,
+    readonly stateDir: StateDirectory,
+    private readonly logger: Logger,
+    readonly joinToken: string,
+    private readonly adminToken: string,
+  ) {
+    super();
+    this.appender = new OrderedAppender(stateDir);
+    this.provisioner = provisionerBackends[spec.provisioner].create(spec);
+    this.registry = new WorkerRegistry({ heartbeatTimeoutMs: spec.head.heartbeatTimeoutMs, logger: logger.child({ component: "registry" }) });
+    this.jobs = new JobController({
+      registry: this.registry,
+      allocateMasterPort: (assignment) => this.provisioner.allocateMasterPort(assignment.masterAddr),
+      workerWaitTimeoutMs: spec.head.workerWaitTimeoutMs,
+      stopGraceMs: 5_000,
+      logger: logger.child({ component: "jobs" }),
+    });
+    this.server = new ControlServer({
+      registry: this.registry,
+      jobs: this.jobs,
+      joinToken,
+      adminToken,
+      heartbeatIntervalMs: spec.head.heartbeatIntervalMs,
+      heartbeatTimeoutMs: spec.head.heartbeatTimeoutMs,
+      logger: logger.child({ component: "control-server" }),
+      onShutdownRequested: () => this.shutdownRequested(),
+      defaultNodes: this.provisioner.expectedNodes(),
+    });
+    this.registry.on("changed", () => {
+      this.emit("workers");
+      this.scheduleSnapshot();
+    });
+    this.jobs.on("changed", (job) => {
+      this.emit("job", job);
+      this.scheduleSnapshot();
+    });
+    this.jobs.on("log", (line) => {
+      const prefix = line.rank < 0 ? "[drover]" : `[rank ${line.rank}]`;
+      this.appender.append(`jobs/${line.jobId}/output.log`, `${prefix} ${line.line}\n`);
+      this.emit("log", line);
+    });
+    this.jobs.on("metric", (job, metric) => {
+      this.appender.append(`jobs/${job.jobId}/metrics.ndjson`, JSON.stringify({ rank: metric.rank, step: Number(metric.step), timeMs: Number(metric.timeMs), ...metric.values }) + "\n");
+      this.emit("metric", job, metric);
+      this.scheduleSnapshot();
+    });
+  }
+
+  /**
+   * Prepares a head over `stateDirPath`. Refuses a state directory whose head is still
+   * alive: two heads would fight over the same workers and files.
+   */
+  static async create(spec: ClusterSpec, options: { stateDir: string; logger: Logger; joinToken?: string }): Promise<Head> {
+    const state = new StateDirectory(options.stateDir);
+    await mkdir(state.root, { recursive: true, mode: 0o700 });
+    const previous = await state.readJson<HeadRecord>("head.json");
+    if (previous && previous.pid !== process.pid && processAlive(previous.pid) && !["stopped", "failed"].includes(previous.state)) {
+      throw new StateError(`a head (pid ${previous.pid}) is already running over ${state.root}; run \`drover down\` first`, { pid: previous.pid });
+    }
+    const joinToken = options.joinToken ?? randomBytes(24).toString("base64url");
+    const adminToken = randomBytes(24).toString("base64url");
+    return new Head(spec, state, options.logger, joinToken, adminToken);
+  }
+
+  private async setState(state: HeadState): Promise<void> {
+    this.logger.info("head state", { from: this.state, to: state });
+    this.state = state;
+    this.emit("state", state);
+    await this.writeHeadRecord();
+  }
+
+  get controlAddress(): string {
+    const host = this.spec.head.host === "0.0.0.0" ? "127.0.0.1" : this.spec.head.host;
+    return `${host}:${this.server.controlPort}`;
+  }
+
+  private async writeHeadRecord(): Promise<void> {
+    const record: HeadRecord = {
+      pid: process.pid,
+      state: this.state,
+      clusterName: this.spec.name,
+      specSource: this.spec.source,
+      controlAddress: this.controlAddress,
+      adminAddress: `127.0.0.1:${this.server.adminPort}`,
+      startedAt: this.startedAt,
+      updatedAt: new Date().toISOString(),
+    };
+    await this.stateDir.writeJson("head.json", record);
+  }
+
+  /** Starts the servers and provisions the nodes; resolves once every node was asked for. */
+  async start(): Promise<void> {
+    await this.setState("starting");
+    this.registry.start();
+    await this.server.listen(this.spec.head.host, this.spec.head.port);
+    await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
+    await this.setState("provisioning");
+    try {
+      await this.provisioner.provision({
+        headAddress: this.controlAddress,
+        joinToken: this.joinToken,
+        state: this.stateDir,
+        logger: this.logger.child({ component: `provisioner:${this.provisioner.name}` }),
+        signal: this.shutdownController.signal,
+      });
+    } catch (error) {
+      this.logger.error("provisioning failed", { error: (error as Error).message });
+      await this.shutdown("provisioning failed");
+      await this.setState("failed");
+      throw error;
+    }
+    await this.setState("ready");
+  }
+
+  /** Resolves when `count` workers are connected, or rejects on abort. */
+  waitForWorkers(count: number, signal: AbortSignal): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        if (this.registry.connected().length >= count) {
+          this.off("workers", check);
+          signal.removeEventListener("abort", onAbort);
+          resolve();
+        }
+      };
+      const onAbort = () => {
+        this.off("workers", check);
+        reject(signal.reason);
+      };
+      signal.addEventListener("abort", onAbort, { once: true });
+      this.on("workers", check);
+      check();
+    });
+  }
+
+  submit(request: Omit<JobRequest, "nodes"> & { nodes?: number }): JobRecord {
+    return this.jobs.submit({ ...request, nodes: request.nodes || this.provisioner.expectedNodes() });
+  }
+
+  waitForJob(jobId: string, signal: AbortSignal): Promise<JobRecord> {
+    return new Promise((resolve, reject) => {
+      const check = (job?: JobRecord) => {
+        const current = job?.jobId === jobId ? job : this.jobs.get(jobId);
+        if (current && isFinal(current.state)) {
+          this.off("job", check);
+          signal.removeEventListener("abort", onAbort);
+          resolve(current);
+        }
+      };
+      const onAbort = () => {
+        this.off("job", check);
+        reject(signal.reason);
+      };
+      signal.addEventListener("abort", onAbort, { once: true });
+      this.on("job", check);
+      check();
+    });
+  }
+
+  private scheduleSnapshot(): void {
+    if (this.snapshotTimer) return;
+    this.snapshotTimer = setTimeout(() => {
+      this.snapshotTimer = undefined;
+      void this.writeSnapshot();
+    }, 200);
+  }
+
+  private async writeSnapshot(): Promise<void> {
+    await this.stateDir.writeJson("cluster.json", {
+      updatedAt: new Date().toISOString(),
+      workers: this.registry.all().map(({ sessionToken: _secret, ...worker }) => worker),
+      jobs: this.jobs.all(),
+    }).catch((error: Error) => this.logger.warn("could not write cluster.json", { error: error.message }));
+  }
+
+  /** Stops jobs, releases every node, closes the servers. Idempotent. */
+  shutdown(reason: string): Promise<void> {
+    this.stopped ??= (async () => {
+      await this.setState("stopping");
+      this.logger.info("head shutting down", { reason });
+      this.shutdownController.abort(new Error(reason));
+      for (const job of this.jobs.activeJobs()) this.jobs.stop(job.jobId, `cluster shutting down: ${reason}`);
+      await this.provisioner.shutdown({ state: this.stateDir, logger: this.logger, signal: AbortSignal.timeout(30_000) });
+      this.jobs.dispose();
+      this.registry.stop();
+      await this.server.close();
+      clearTimeout(this.snapshotTimer);
+      this.snapshotTimer = undefined;
+      await this.writeSnapshot();
+      await this.appender.flushed();
+      await this.setState("stopped");
+    })();
+    return this.stopped;
+  }
+}

@@ -1,0 +1,305 @@
+import { randomUUID } from "node:crypto";
+import { EventEmitter } from "node:events";
+import type { ICheckpointReport, ILogLine, IMetricReport, IRankExit } from "@drover/proto";
+import { LogStream } from "@drover/proto";
+import { JobRequestError } from "./errors.js";
+import type { Logger } from "./logger.js";
+import { assignRanks, type NodeAssignment } from "./rank-assignment.js";
+import type { RegisteredWorker, WorkerRegistry } from "./worker-registry.js";
+
+export type JobState = "pending" | "running" | "stopping" | "succeeded" | "failed" | "stopped";
+const FINAL_STATES: ReadonlySet<JobState> = new Set(["succeeded", "failed", "stopped"]);
+
+export interface JobRequest {
+  command: string[];
+  workingDir: string;
+  env: Record<string, string>;
+  runId?: string;
+  /** How many nodes the job needs; they must all be connected before it starts. */
+  nodes: number;
+}
+
+export interface JobFailure {
+  reason: string;
+  rank?: number;
+  lastLines: string[];
+}
+
+export interface JobRecord {
+  jobId: string;
+  runId: string;
+  request: JobRequest;
+  state: JobState;
+  createdAtMs: number;
+  startedAtMs?: number;
+  endedAtMs?: number;
+  assignments: NodeAssignment[];
+  worldSize: number;
+  exitCodes: Record<number, number>;
+  failure?: JobFailure;
+  /** Latest metrics of every rank, and step -> rank 0's metrics (the loss curve). */
+  latestMetrics: Record<number, { step: number; values: Record<string, number> }>;
+  checkpointsReported: Record<number, number[]>;
+}
+
+export interface JobLogLine {
+  jobId: string;
+  rank: number;
+  stream: "stdout" | "stderr" | "drover";
+  line: string;
+}
+
+interface JobEvents {
+  changed: [JobRecord];
+  log: [JobLogLine];
+  metric: [JobRecord, IMetricReport];
+  checkpoint: [JobRecord, ICheckpointReport];
+}
+
+/** Chooses the rendezvous port of a group at its first node. */
+export type MasterPortAllocator = (assignment: NodeAssignment) => Promise<number>;
+
+/**
+ * Runs jobs on the registered workers: waits until the requested nodes are connected,
+ * assigns ranks and rendezvous, starts the ranks everywhere, and decides success
+ * (every rank exited 0) or failure (the first non-zero exit, a lost worker, a node that
+ * could not launch), stopping the other ranks on failure.
+ */
+export class JobController extends EventEmitter<JobEvents> {
+  private readonly jobs = new Map<string, JobRecord>();
+  private readonly waitTimers = new Map<string, NodeJS.Timeout>();
+  private starting = false;
+
+  constructor(private readonly deps: {
+    registry: WorkerRegistry;
+    allocateMasterPort: MasterPortAllocator;
+    workerWaitTimeoutMs: number;
+    stopGraceMs: number;
+    logger: Logger;
+    now?: () => number;
+  }) {
+    super();
+    deps.registry.on("changed", () => void this.startPendingJobs());
+    deps.registry.on("lost", (worker, reason) => this.onWorkerLost(worker, reason));
+  }
+
+  private now(): number {
+    return this.deps.now?.() ?? Date.now();
+  }
+
+  submit(request: JobRequest): JobRecord {
+    if (request.command.length === 0) throw new JobRequestError("the job has no command");
+    if (request.nodes < 1) throw new JobRequestError("a job needs at least one node");
+    const active = [...this.jobs.values()].find((job) => !FINAL_STATES.has(job.state));
+    if (active) throw new JobRequestError(`job ${active.jobId} is still ${active.state}; stop it first (drover stop) or wait`, { jobId: active.jobId });
+    const jobId = `job-${new Date(this.now()).toISOString().replace(/[-:T]/g, "").slice(0, 14)}-${randomUUID().slice(0, 4)}`;
+    const job: JobRecord = {
+      jobId,
+      runId: request.runId ?? jobId.replace(/^job-/, "run-"),
+      request,
+      state: "pending",
+      createdAtMs: this.now(),
+      assignments: [],
+      worldSize: 0,
+      exitCodes: {},
+      latestMetrics: {},
+      checkpointsReported: {},
+    };
+    this.jobs.set(jobId, job);
+    this.deps.logger.info("job submitted", { jobId, runId: job.runId, nodes: request.nodes, command: request.command.join(" ") });
+    this.waitTimers.set(jobId, setTimeout(() => {
+      if (job.state === "pending") {
+        const connected = this.deps.registry.connected().length;
+        this.finish(job, "failed", { reason: `only ${connected} of ${request.nodes} nodes connected after ${Math.round(this.deps.workerWaitTimeoutMs / 1000)}s`, lastLines: [] });
+      }
+    }, this.deps.workerWaitTimeoutMs));
+    this.emit("changed", job);
+    void this.startPendingJobs();
+    return job;
+  }
+
+  get(jobId: string): JobRecord | undefined {
+    return this.jobs.get(jobId);
+  }
+
+  all(): JobRecord[] {
+    return [...this.jobs.values()];
+  }
+
+  private async startPendingJobs(): Promise<void> {
+    if (this.starting) return;
+    this.starting = true;
+    try {
+      for (const job of this.jobs.values()) {
+        if (job.state !== "pending") continue;
+        const connected = this.deps.registry.connected();
+        if (connected.length < job.request.nodes) continue;
+        await this.start(job, connected.sort((a, b) => a.nodeName.localeCompare(b.nodeName)).slice(0, job.request.nodes));
+      }
+    } finally {
+      this.starting = false;
+    }
+  }
+
+  private async start(job: JobRecord, workers: RegisteredWorker[]): Promise<void> {
+    clearTimeout(this.waitTimers.get(job.jobId));
+    job.assignments = assignRanks(workers.map((worker) => ({
+      workerId: worker.workerId,
+      nodeName: worker.nodeName,
+      group: worker.group,
+      address: worker.resources.address || "127.0.0.1",
+      slots: worker.slots,
+    })));
+    job.worldSize = job.assignments.reduce((sum, assignment) => sum + assignment.localWorldSize, 0);
+    const masterPorts = new Map<string, number>();
+    for (const assignment of job.assignments) {
+      if (assignment.groupRank === 0) masterPorts.set(assignment.group, await this.deps.allocateMasterPort(assignment));
+    }
+    job.state = "running";
+    job.startedAtMs = this.now();
+    this.log(job, `starting ${job.worldSize} ranks on ${job.assignments.length} nodes: ${job.assignments.map((a) => `${a.nodeName}=ranks ${a.rankOffset}-${a.rankOffset + a.localWorldSize - 1}`).join(", ")}`);
+    this.emit("changed", job);
+    for (const assignment of job.assignments) {
+      const sent = this.deps.registry.send(assignment.workerId, {
+        startJob: {
+          jobId: job.jobId,
+          runId: job.runId,
+          command: job.request.command,
+          workingDir: job.request.workingDir,
+          env: {
+            ...job.request.env,
+            DROVER_GLOBAL_RANK_OFFSET: String(assignment.globalRankOffset),
+            DROVER_GLOBAL_WORLD_SIZE: String(assignment.globalWorldSize),
+            DROVER_GROUP_INDEX: String(assignment.groupIndex),
+            DROVER_GROUP_COUNT: String(assignment.groupCount),
+          },
+          worldSize: assignment.worldSize,
+          rankOffset: assignment.rankOffset,
+          localWorldSize: assignment.localWorldSize,
+          groupRank: assignment.groupRank,
+          masterAddr: assignment.masterAddr,
+          masterPort: masterPorts.get(assignment.group)!,
+          group: assignment.group,
+        },
+      });
+      if (!sent) {
+        this.finish(job, "failed", { reason: `node ${assignment.nodeName} disconnected before the job could start`, lastLines: [] });
+        return;
+      }
+    }
+  }
+
+  /** Global rank of a (worker, local) report: workers report group-local ranks. */
+  private globalRank(job: JobRecord, workerId: string, rank: number): number {
+    const assignment = job.assignments.find((candidate) => candidate.workerId === workerId);
+    return assignment ? assignment.globalRankOffset + (rank - assignment.rankOffset) : rank;
+  }
+
+  onLog(workerId: string, line: ILogLine): void {
+    const job = this.jobs.get(line.jobId ?? "");
+    if (!job) return;
+    const stream = line.stream === LogStream.LOG_STREAM_STDERR ? "stderr" : "stdout";
+    this.emit("log", { jobId: job.jobId, rank: this.globalRank(job, workerId, line.rank ?? 0), stream, line: line.line ?? "" });
+  }
+
+  onMetric(workerId: string, metric: IMetricReport): void {
+    const job = this.jobs.get(metric.jobId ?? "");
+    if (!job) return;
+    const rank = this.globalRank(job, workerId, metric.rank ?? 0);
+    job.latestMetrics[rank] = { step: Number(metric.step ?? 0), values: { ...(metric.values ?? {}) } };
+    this.emit("metric", job, { ...metric, rank });
+  }
+
+  onCheckpoint(workerId: string, report: ICheckpointReport): void {
+    const job = this.jobs.get(report.jobId ?? "");
+    if (!job) return;
+    const rank = this.globalRank(job, workerId, report.rank ?? 0);
+    if (report.error) {
+      this.log(job, `rank ${rank} could not store checkpoint step ${report.step}: ${report.error}`);
+      return;
+    }
+    (job.checkpointsReported[Number(report.step)] ??= []).push(rank);
+    this.emit("checkpoint", job, { ...report, rank });
+  }
+
+  onRankExit(workerId: string, exit: IRankExit): void {
+    const job = this.jobs.get(exit.jobId ?? "");
+    if (!job) return;
+    const rank = this.globalRank(job, workerId, exit.rank ?? 0);
+    const exitCode = exit.exitCode ?? 0;
+    job.exitCodes[rank] = exitCode;
+    const how = exit.signal ? `signal ${exit.signal}` : `exit code ${exitCode}`;
+    this.log(job, `rank ${rank} exited with ${how}`);
+    if (job.state === "running" && (exitCode !== 0 || exit.signal)) {
+      this.finish(job, "failed", { reason: `rank ${rank} exited with ${how}`, rank, lastLines: exit.lastLines ?? [] });
+      return;
+    }
+    if (Object.keys(job.exitCodes).length === job.worldSize && job.state !== "failed") {
+      this.finish(job, job.state === "stopping" ? "stopped" : "succeeded");
+    } else {
+      this.emit("changed", job);
+    }
+  }
+
+  onJobFailure(workerId: string, jobId: string, reason: string): void {
+    const job = this.jobs.get(jobId);
+    if (job && !FINAL_STATES.has(job.state)) this.finish(job, "failed", { reason, lastLines: [] });
+  }
+
+  private onWorkerLost(worker: RegisteredWorker, reason: string): void {
+    for (const job of this.jobs.values()) {
+      if (job.state !== "running" && job.state !== "stopping") continue;
+      if (!job.assignments.some((assignment) => assignment.workerId === worker.workerId)) continue;
+      this.finish(job, "failed", { reason: `node ${worker.nodeName} lost (${reason})`, lastLines: [] });
+    }
+  }
+
+  /** Stops a running job everywhere (user request or shutdown). */
+  stop(jobId: string, reason: string): boolean {
+    const job = this.jobs.get(jobId);
+    if (!job || FINAL_STATES.has(job.state)) return false;
+    if (job.state === "pending") {
+      this.finish(job, "stopped", { reason, lastLines: [] });
+      return true;
+    }
+    job.state = "stopping";
+    this.log(job, `stopping: ${reason}`);
+    this.broadcastStop(job, reason);
+    this.emit("changed", job);
+    return true;
+  }
+
+  private broadcastStop(job: JobRecord, reason: string): void {
+    for (const assignment of job.assignments) {
+      this.deps.registry.send(assignment.workerId, { stopJob: { jobId: job.jobId, reason, graceMs: this.deps.stopGraceMs } });
+    }
+  }
+
+  private finish(job: JobRecord, state: JobState, failure?: JobFailure): void {
+    if (FINAL_STATES.has(job.state)) return;
+    clearTimeout(this.waitTimers.get(job.jobId));
+    job.state = state;
+    job.endedAtMs = this.now();
+    if (failure) job.failure = failure;
+    if (state === "failed") this.broadcastStop(job, failure?.reason ?? "job failed");
+    this.log(job, `job ${state}${failure ? `: ${failure.reason}` : ""}`);
+    this.deps.logger.info("job finished", { jobId: job.jobId, state, reason: failure?.reason });
+    this.emit("changed", job);
+  }
+
+  activeJobs(): JobRecord[] {
+    return [...this.jobs.values()].filter((job) => !FINAL_STATES.has(job.state));
+  }
+
+  private log(job: JobRecord, line: string): void {
+    this.emit("log", { jobId: job.jobId, rank: -1, stream: "drover", line });
+  }
+
+  dispose(): void {
+    for (const timer of this.waitTimers.values()) clearTimeout(timer);
+  }
+}
+
+export function isFinal(state: JobState): boolean {
+  return FINAL_STATES.has(state);
+}

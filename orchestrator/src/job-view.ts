@@ -1,0 +1,34 @@
+import type { JobRecord } from "./job-controller.js";
+
+/** One line of rank 0's metrics, e.g. `step 12 loss 0.4312 lr 3.0e-04`. */
+export function formatMetrics(step: number, values: Record<string, number>): string {
+  const parts = Object.entries(values).map(([name, value]) => `${name} ${formatNumber(value)}`);
+  return `step ${step} ${parts.join(" ")}`.trim();
+}
+
+function formatNumber(value: number): string {
+  if (Number.isInteger(value)) return String(value);
+  const magnitude = Math.abs(value);
+  return magnitude !== 0 && (magnitude < 1e-3 || magnitude >= 1e5) ? value.toExponential(2) : value.toFixed(4);
+}
+
+/** The closing summary of a job, for `drover submit`, `drover demo` and `drover status`. */
+export function summarizeJob(job: JobRecord): string[] {
+  const seconds = job.startedAtMs && job.endedAtMs ? ((job.endedAtMs - job.startedAtMs) / 1000).toFixed(1) : "?";
+  const lines = [
+    `job ${job.jobId} (run ${job.runId}): ${job.state.toUpperCase()} after ${seconds}s`,
+    `  world: ${job.worldSize} ranks on ${job.assignments.length} nodes (${job.assignments.map((a) => `${a.nodeName} x${a.localWorldSize}`).join(", ")})`,
+  ];
+  const codes = Object.entries(job.exitCodes).map(([rank, code]) => `${rank}:${code}`).join(" ");
+  if (codes) lines.push(`  exit codes by rank: ${codes}`);
+  const rank0 = job.latestMetrics[0];
+  if (rank0) lines.push(`  last metrics (rank 0): ${formatMetrics(rank0.step, rank0.values)}`);
+  if (job.failure) {
+    lines.push(`  failure: ${job.failure.reason}`);
+    if (job.failure.lastLines.length > 0) {
+      lines.push(`  last lines of rank ${job.failure.rank ?? "?"}:`);
+      for (const line of job.failure.lastLines) lines.push(`    | ${line}`);
+    }
+  }
+  return lines;
+}

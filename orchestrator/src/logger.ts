@@ -1,0 +1,52 @@
+import winston from "winston";
+
+/** The one logging interface of the orchestrator; winston lives only in this file. */
+export interface Logger {
+  debug(message: string, fields?: Record<string, unknown>): void;
+  info(message: string, fields?: Record<string, unknown>): void;
+  warn(message: string, fields?: Record<string, unknown>): void;
+  error(message: string, fields?: Record<string, unknown>): void;
+  child(fields: Record<string, unknown>): Logger;
+}
+
+// Field names whose values must never reach a log: join/admin tokens, keys, mnemonics.
+const SECRET_FIELD = /token|secret|password|mnemonic|credential|key$/i;
+
+const redactSecrets = winston.format((info) => {
+  for (const field of Object.keys(info)) {
+    if (SECRET_FIELD.test(field)) info[field] = "[redacted]";
+  }
+  return info;
+});
+
+class WinstonLogger implements Logger {
+  constructor(private readonly inner: winston.Logger) {}
+  debug(message: string, fields?: Record<string, unknown>): void { this.inner.debug(message, fields); }
+  info(message: string, fields?: Record<string, unknown>): void { this.inner.info(message, fields); }
+  warn(message: string, fields?: Record<string, unknown>): void { this.inner.warn(message, fields); }
+  error(message: string, fields?: Record<string, unknown>): void { this.inner.error(message, fields); }
+  child(fields: Record<string, unknown>): Logger { return new WinstonLogger(this.inner.child(fields)); }
+}
+
+/**
+ * JSON lines to a file (the head's log in the state directory) or to stderr. The CLI
+ * prints its own human-readable progress; structured logs are for `drover status` and
+ * for debugging.
+ */
+export function createLogger(options: { component: string; file?: string; level?: string }): Logger {
+  const transport = options.file
+    ? new winston.transports.File({ filename: options.file })
+    : new winston.transports.Console({ stderrLevels: ["error", "warn", "info", "debug"] });
+  const inner = winston.createLogger({
+    level: options.level ?? process.env.DROVER_LOG_LEVEL ?? "info",
+    defaultMeta: { component: options.component },
+    format: winston.format.combine(redactSecrets(), winston.format.timestamp(), winston.format.json()),
+    transports: [transport],
+  });
+  return new WinstonLogger(inner);
+}
+
+export const silentLogger: Logger = {
+  debug() {}, info() {}, warn() {}, error() {},
+  child() { return silentLogger; },
+};

@@ -1,0 +1,190 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync, openSync, closeSync } from "node:fs";
+import { mkdir, readFile } from "node:fs/promises";
+import net from "node:net";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { ClusterSpec } from "../cluster-spec.js";
+import { ProvisionError } from "../errors.js";
+import type { Logger } from "../logger.js";
+import { processAlive, processCommandLine, type StateDirectory } from "../state-store.js";
+import type { ProvisionContext, ProvisionedNode, Provisioner, ProvisionerBackend } from "./provisioner.js";
+
+interface LocalNodeRecord {
+  nodeName: string;
+  pid: number;
+  stateDir: string;
+}
+
+const NODES_FILE = "local-nodes.json";
+const WORKER_MARKER = "drover-worker";
+
+/**
+ * How to run `drover-worker`: DROVER_WORKER_BIN, else the installed @drover/worker
+ * package found the way Node finds packages (node_modules up the tree), else PATH.
+ */
+export function findWorkerProgram(): { program: string; args: string[] } {
+  if (process.env.DROVER_WORKER_BIN) return { program: process.env.DROVER_WORKER_BIN, args: [] };
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const entry = join(dir, "node_modules", "@drover", "worker", "dist", "main.js");
+    if (existsSync(entry)) return { program: process.execPath, args: [entry] };
+    const parent = dirname(dir);
+    if (parent === dir) return { program: WORKER_MARKER, args: [] };
+    dir = parent;
+  }
+}
+
+/**
+ * Local mode: N `drover-worker` processes on this machine, each a node with K CPU
+ * ranks. Their pids go to the state directory before anything else can fail, so a
+ * crashed head's workers can always be found and stopped (`drover down`).
+ */
+export class LocalProvisioner implements Provisioner {
+  readonly name = "local";
+  private readonly children = new Map<string, ChildProcess>();
+
+  constructor(private readonly spec: ClusterSpec) {}
+
+  expectedNodes(): number {
+    return this.spec.local.nodes;
+  }
+
+  async provision(context: ProvisionContext): Promise<ProvisionedNode[]> {
+    const { program, args: programArgs } = findWorkerProgram();
+    const records: LocalNodeRecord[] = [];
+    const nodes: ProvisionedNode[] = [];
+    for (let index = 0; index < this.spec.local.nodes; index++) {
+      context.signal.throwIfAborted();
+      const nodeName = `local-${index}`;
+      const stateDir = context.state.path("workers", nodeName);
+      await mkdir(stateDir, { recursive: true });
+      const logFd = openSync(context.state.path("workers", `${nodeName}.log`), "a");
+      let child: ChildProcess;
+      try {
+        child = spawn(program, [
+          ...programArgs,
+          "--head", context.headAddress,
+          "--node-name", nodeName,
+          "--group", "local",
+          "--slots", String(this.spec.local.ranksPerNode),
+          "--state-dir", stateDir,
+          // A worker whose head vanished for good stops its trainers and exits by itself.
+          "--head-lost-timeout-ms", String(Math.max(60_000, this.spec.head.heartbeatTimeoutMs * 6)),
+        ], {
+          env: { ...process.env, DROVER_JOIN_TOKEN: context.joinToken },
+          stdio: ["ignore", logFd, logFd],
+          detached: true,
+        });
+      } finally {
+        closeSync(logFd);
+      }
+      child.on("exit", (code, signal) => context.logger.info("local worker exited", { node: nodeName, code, signal }));
+      child.on("error", (error) => context.logger.error("local worker failed to start", { node: nodeName, error: error.message }));
+      if (child.pid === undefined) {
+        throw new ProvisionError(`could not start ${program} for ${nodeName} (set DROVER_WORKER_BIN to the drover-worker program)`, false, { program });
+      }
+      this.children.set(nodeName, child);
+      records.push({ nodeName, pid: child.pid, stateDir });
+      await context.state.writeJson(NODES_FILE, records);
+      nodes.push({ nodeName, group: "local", handle: `pid ${child.pid}` });
+      context.logger.info("local worker started", { node: nodeName, pid: child.pid });
+    }
+    return nodes;
+  }
+
+  async shutdown(context: Pick<ProvisionContext, "state" | "logger" | "signal">): Promise<void> {
+    const exits = [...this.children.entries()].map(([nodeName, child]) => new Promise<void>((resolve) => {
+      if (child.exitCode !== null || child.signalCode !== null) return resolve();
+      child.once("exit", () => resolve());
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        resolve();
+      }
+      context.logger.info("stopping local worker", { node: nodeName });
+    }));
+    const graceMs = 15_000;
+    await Promise.race([Promise.all(exits), new Promise((resolve) => setTimeout(resolve, graceMs).unref())]);
+    // Whatever did not stop in time (and any trainer it left) is killed from the records.
+    await reapLocalNodes(context.state, context.logger);
+    this.children.clear();
+  }
+
+  allocateMasterPort(): Promise<number> {
+    return freeLoopbackPort();
+  }
+}
+
+/** A port free on loopback right now (the rendezvous binds it moments later). */
+export function freeLoopbackPort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const port = (server.address() as net.AddressInfo).port;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * Stops every local worker and trainer the state directory knows of: SIGTERM to each
+ * process group, SIGKILL to what is still alive a few seconds later. A pid is only
+ * signalled while its command line still shows it is ours (pids are reused).
+ */
+export async function reapLocalNodes(state: StateDirectory, logger: Logger): Promise<string[]> {
+  const records = (await state.readJson<LocalNodeRecord[]>(NODES_FILE)) ?? [];
+  const targets: { pid: number; what: string }[] = [];
+  for (const record of records) {
+    const trainers = await state.readJson<{ trainerPids?: number[] }>(join("workers", record.nodeName, "trainers.json"));
+    for (const pid of trainers?.trainerPids ?? []) targets.push({ pid, what: `trainer of ${record.nodeName}` });
+    targets.push({ pid: record.pid, what: record.nodeName });
+  }
+  const ours = async (target: { pid: number; what: string }) => {
+    if (!processAlive(target.pid)) return false;
+    const commandLine = await processCommandLine(target.pid);
+    if (commandLine === undefined) return false;
+    // Workers are recognisable by their program; trainers by the environment we gave them.
+    if (target.what.startsWith("trainer")) return (await processEnvironment(target.pid)).includes("DROVER_JOB_ID=");
+    return commandLine.includes(WORKER_MARKER) || commandLine.includes("worker/dist/main.js");
+  };
+  const live: { pid: number; what: string }[] = [];
+  for (const target of targets) if (await ours(target)) live.push(target);
+  for (const target of live) signalGroup(target.pid, "SIGTERM");
+  const deadline = Date.now() + 8_000;
+  while (Date.now() < deadline && live.some((target) => processAlive(target.pid))) await new Promise((resolve) => setTimeout(resolve, 100));
+  for (const target of live) {
+    if (processAlive(target.pid)) {
+      logger.warn("process did not stop in time; killing", { pid: target.pid, what: target.what });
+      signalGroup(target.pid, "SIGKILL");
+    }
+  }
+  if (records.length > 0) await state.writeJson(NODES_FILE, []);
+  return live.map((target) => `${target.what} (pid ${target.pid})`);
+}
+
+async function processEnvironment(pid: number): Promise<string> {
+  try {
+    return await readFile(`/proc/${pid}/environ`, "utf8");
+  } catch {
+    return "";
+  }
+}
+
+function signalGroup(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(-pid, signal);
+  } catch {
+    try {
+      process.kill(pid, signal);
+    } catch {
+      // Gone already.
+    }
+  }
+}
+
+export const localBackend: ProvisionerBackend = {
+  create: (spec) => new LocalProvisioner(spec),
+  reap: (state, logger) => reapLocalNodes(state, logger),
+};

@@ -1,0 +1,93 @@
+import { randomUUID } from "node:crypto";
+import { appendFile, mkdir, open, readFile, rename } from "node:fs/promises";
+import os from "node:os";
+import { dirname, join } from "node:path";
+
+/**
+ * The head's state directory. Every JSON file is replaced atomically (write a temp
+ * file, fsync, rename), so a crash at any moment leaves the previous or the new
+ * version, never a torn one; `drover status` and `drover down` read it without the head.
+ *
+ *   head.json             pid, addresses, state of the head
+ *   admin-token           the CLI's credential for the Admin service (mode 0600)
+ *   cluster.json          workers and jobs as the head last saw them
+ *   local-nodes.json      pids of local worker processes (local provisioner)
+ *   head.log              the head's structured log
+ *   jobs/<id>/output.log  every rank's output lines, prefixed with the rank
+ *   jobs/<id>/metrics.ndjson
+ *   workers/<node>/       a local worker's own state (trainers.json: trainer pids)
+ */
+export class StateDirectory {
+  constructor(readonly root: string) {}
+
+  static defaultRoot(): string {
+    return process.env.DROVER_STATE_DIR ?? join(os.homedir(), ".drover", "cluster");
+  }
+
+  path(...parts: string[]): string {
+    return join(this.root, ...parts);
+  }
+
+  async writeJson(relative: string, value: unknown, mode = 0o644): Promise<void> {
+    await writeFileAtomic(this.path(relative), JSON.stringify(value, null, 2) + "\n", mode);
+  }
+
+  async readJson<T>(relative: string): Promise<T | undefined> {
+    try {
+      return JSON.parse(await readFile(this.path(relative), "utf8")) as T;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw error;
+    }
+  }
+
+  async append(relative: string, text: string): Promise<void> {
+    const path = this.path(relative);
+    await mkdir(dirname(path), { recursive: true });
+    await appendFile(path, text);
+  }
+}
+
+export async function writeFileAtomic(path: string, contents: string, mode = 0o644): Promise<void> {
+  await mkdir(dirname(path), { recursive: true });
+  const temporary = `${path}.${process.pid}.${randomUUID().slice(0, 8)}.tmp`;
+  const handle = await open(temporary, "w", mode);
+  try {
+    await handle.writeFile(contents);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await rename(temporary, path);
+}
+
+/** True when a process with this pid exists (signal 0 probes without signalling). */
+export function processAlive(pid: number): boolean {
+  if (!Number.isInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/** The command line of a live process, to make sure a pid from the state is still ours. */
+export async function processCommandLine(pid: number): Promise<string | undefined> {
+  try {
+    return (await readFile(`/proc/${pid}/cmdline`, "utf8")).split("\0").join(" ");
+  } catch {
+    return undefined;
+  }
+}
+
+export interface HeadRecord {
+  pid: number;
+  state: string;
+  clusterName: string;
+  specSource: string;
+  controlAddress: string;
+  adminAddress: string;
+  startedAt: string;
+  updatedAt: string;
+}

@@ -1,0 +1,155 @@
+import { randomBytes, randomUUID } from "node:crypto";
+import { EventEmitter } from "node:events";
+import type { IHeadMessage, IResources } from "@drover/proto";
+import type { Logger } from "./logger.js";
+
+export type WorkerConnection = "registered" | "connected" | "disconnected" | "lost";
+
+export interface RegisteredWorker {
+  workerId: string;
+  nodeName: string;
+  group: string;
+  slots: number;
+  resources: IResources;
+  agentVersion: string;
+  connection: WorkerConnection;
+  registeredAtMs: number;
+  lastSeenMs: number;
+  /** Secret of the current Session; a stale stream from an earlier registration is refused. */
+  sessionToken: string;
+}
+
+export interface WorkerChannel {
+  send(message: IHeadMessage): void;
+  close(): void;
+}
+
+interface RegistryEvents {
+  changed: [];
+  lost: [RegisteredWorker, string];
+}
+
+export interface Clock {
+  now(): number;
+  setInterval(callback: () => void, ms: number): { unref?(): void } | NodeJS.Timeout;
+  clearInterval(handle: unknown): void;
+}
+
+export const systemClock: Clock = {
+  now: () => Date.now(),
+  setInterval: (callback, ms) => setInterval(callback, ms),
+  clearInterval: (handle) => clearInterval(handle as NodeJS.Timeout),
+};
+
+/**
+ * Workers known to the head, keyed by node name: a node that registers again (agent
+ * restart, network drop) keeps its worker id so jobs stay attached to it. A worker
+ * that sends nothing for `heartbeatTimeoutMs` is lost.
+ */
+export class WorkerRegistry extends EventEmitter<RegistryEvents> {
+  private readonly workers = new Map<string, RegisteredWorker>();
+  private readonly channels = new Map<string, WorkerChannel>();
+  private timer: unknown;
+
+  constructor(private readonly options: { heartbeatTimeoutMs: number; clock?: Clock; logger: Logger }) {
+    super();
+  }
+
+  private get clock(): Clock {
+    return this.options.clock ?? systemClock;
+  }
+
+  start(): void {
+    this.timer = this.clock.setInterval(() => this.checkHeartbeats(), Math.max(100, Math.floor(this.options.heartbeatTimeoutMs / 4)));
+  }
+
+  stop(): void {
+    this.clock.clearInterval(this.timer);
+    for (const channel of this.channels.values()) channel.close();
+    this.channels.clear();
+  }
+
+  register(input: { nodeName: string; group: string; slots: number; resources: IResources; agentVersion: string }): RegisteredWorker {
+    const now = this.clock.now();
+    const existing = [...this.workers.values()].find((worker) => worker.nodeName === input.nodeName);
+    if (existing) this.channels.get(existing.workerId)?.close();
+    const worker: RegisteredWorker = {
+      workerId: existing?.workerId ?? `w-${randomUUID().slice(0, 8)}`,
+      ...input,
+      connection: "registered",
+      registeredAtMs: now,
+      lastSeenMs: now,
+      sessionToken: randomBytes(24).toString("base64url"),
+    };
+    this.workers.set(worker.workerId, worker);
+    this.options.logger.info(existing ? "worker re-registered" : "worker registered", { workerId: worker.workerId, node: worker.nodeName, group: worker.group, slots: worker.slots });
+    this.emit("changed");
+    return worker;
+  }
+
+  /** Binds a Session stream; false when the worker id or session secret does not match. */
+  attach(workerId: string, sessionToken: string, channel: WorkerChannel): boolean {
+    const worker = this.workers.get(workerId);
+    if (!worker || worker.sessionToken !== sessionToken) return false;
+    this.channels.get(workerId)?.close();
+    this.channels.set(workerId, channel);
+    worker.connection = "connected";
+    worker.lastSeenMs = this.clock.now();
+    this.emit("changed");
+    return true;
+  }
+
+  detach(workerId: string, channel: WorkerChannel): void {
+    if (this.channels.get(workerId) !== channel) return;
+    this.channels.delete(workerId);
+    const worker = this.workers.get(workerId);
+    if (worker && worker.connection === "connected") {
+      worker.connection = "disconnected";
+      this.options.logger.warn("worker session closed", { workerId, node: worker.nodeName });
+      this.emit("changed");
+    }
+  }
+
+  seen(workerId: string): void {
+    const worker = this.workers.get(workerId);
+    if (!worker) return;
+    worker.lastSeenMs = this.clock.now();
+  }
+
+  send(workerId: string, message: IHeadMessage): boolean {
+    const channel = this.channels.get(workerId);
+    if (!channel) return false;
+    channel.send(message);
+    return true;
+  }
+
+  get(workerId: string): RegisteredWorker | undefined {
+    return this.workers.get(workerId);
+  }
+
+  /** Workers with a live Session, the only ones a job may use. */
+  connected(): RegisteredWorker[] {
+    return [...this.workers.values()].filter((worker) => worker.connection === "connected");
+  }
+
+  all(): RegisteredWorker[] {
+    return [...this.workers.values()];
+  }
+
+  private checkHeartbeats(): void {
+    const now = this.clock.now();
+    for (const worker of this.workers.values()) {
+      if (worker.connection === "lost") continue;
+      const silentMs = now - worker.lastSeenMs;
+      if (silentMs > this.options.heartbeatTimeoutMs) {
+        worker.connection = "lost";
+        this.channels.get(worker.workerId)?.close();
+        this.channels.delete(worker.workerId);
+        const reason = `no heartbeat for ${Math.round(silentMs / 1000)}s`;
+        this.options.logger.warn("worker lost", { workerId: worker.workerId, node: worker.nodeName, reason });
+        this.emit("lost", worker, reason);
+        this.emit("changed");
+      }
+    }
+  }
+}

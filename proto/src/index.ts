@@ -1,0 +1,3 @@
+export * from "./services.js";
+export * from "./limits.js";
+export { callUnary } from "./unary.js";

@@ -1,0 +1,21 @@
+/**
+ * Message size limits of the control plane, set explicitly on both ends. Control
+ * messages are small (heartbeats, metrics, log lines); bulk data never crosses the
+ * head, so anything near these limits is a bug or an attack and is refused.
+ */
+export const CONTROL_MAX_MESSAGE_BYTES = 4 * 1024 * 1024;
+
+/** A single trainer log line forwarded to the head is cut to this many characters. */
+export const LOG_LINE_MAX_CHARS = 8 * 1024;
+
+export const PROTOCOL_VERSION = 1;
+
+/** grpc-js channel/server options carrying the limits above. */
+export const controlChannelOptions = {
+  "grpc.max_receive_message_length": CONTROL_MAX_MESSAGE_BYTES,
+  "grpc.max_send_message_length": CONTROL_MAX_MESSAGE_BYTES,
+  "grpc.keepalive_time_ms": 10_000,
+  "grpc.keepalive_timeout_ms": 5_000,
+  "grpc.keepalive_permit_without_calls": 1,
+  "grpc.http2.min_ping_interval_without_data_ms": 5_000,
+} as const;

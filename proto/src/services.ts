@@ -1,0 +1,112 @@
+import * as grpc from "@grpc/grpc-js";
+import { drover } from "./generated/control.js";
+
+const v1 = drover.control.v1;
+
+export type RegisterRequest = drover.control.v1.RegisterRequest;
+export type IRegisterRequest = drover.control.v1.IRegisterRequest;
+export type RegisterResponse = drover.control.v1.RegisterResponse;
+export type IRegisterResponse = drover.control.v1.IRegisterResponse;
+export type WorkerMessage = drover.control.v1.WorkerMessage;
+export type IWorkerMessage = drover.control.v1.IWorkerMessage;
+export type HeadMessage = drover.control.v1.HeadMessage;
+export type IHeadMessage = drover.control.v1.IHeadMessage;
+export type IResources = drover.control.v1.IResources;
+export type IGpu = drover.control.v1.IGpu;
+export type IStartJob = drover.control.v1.IStartJob;
+export type StartJob = drover.control.v1.StartJob;
+export type IStopJob = drover.control.v1.IStopJob;
+export type IMetricReport = drover.control.v1.IMetricReport;
+export type ILogLine = drover.control.v1.ILogLine;
+export type IRankExit = drover.control.v1.IRankExit;
+export type ICheckpointReport = drover.control.v1.ICheckpointReport;
+export type ICheckpointFile = drover.control.v1.ICheckpointFile;
+export type SubmitJobRequest = drover.control.v1.SubmitJobRequest;
+export type ISubmitJobRequest = drover.control.v1.ISubmitJobRequest;
+export type SubmitJobResponse = drover.control.v1.SubmitJobResponse;
+export type ISubmitJobResponse = drover.control.v1.ISubmitJobResponse;
+export type StopJobRequest = drover.control.v1.StopJobRequest;
+export type IStopJobRequest = drover.control.v1.IStopJobRequest;
+export type IStopJobResponse = drover.control.v1.IStopJobResponse;
+export type StopJobResponse = drover.control.v1.StopJobResponse;
+export type ShutdownRequest = drover.control.v1.ShutdownRequest;
+export type IShutdownRequest = drover.control.v1.IShutdownRequest;
+export type ShutdownResponse = drover.control.v1.ShutdownResponse;
+export const LogStream = v1.LogStream;
+export type LogStream = drover.control.v1.LogStream;
+
+interface MessageCodec<I, M> {
+  encode(message: I): { finish(): Uint8Array };
+  decode(bytes: Uint8Array): M;
+}
+
+function method<Req, ReqI, Res, ResI>(
+  path: string,
+  request: MessageCodec<ReqI, Req>,
+  response: MessageCodec<ResI, Res>,
+  requestStream: boolean,
+  responseStream: boolean,
+): grpc.MethodDefinition<ReqI, Res> {
+  return {
+    path,
+    requestStream,
+    responseStream,
+    requestSerialize: (value: ReqI) => Buffer.from(request.encode(value).finish()),
+    requestDeserialize: (bytes: Buffer) => request.decode(bytes) as unknown as ReqI,
+    responseSerialize: (value: Res) => Buffer.from(response.encode(value as unknown as ResI).finish()),
+    responseDeserialize: (bytes: Buffer) => response.decode(bytes),
+  };
+}
+
+/** The service a worker agent talks to. */
+export const controlService = {
+  register: method<RegisterRequest, IRegisterRequest, RegisterResponse, IRegisterResponse>(
+    "/drover.control.v1.Control/Register", v1.RegisterRequest, v1.RegisterResponse, false, false),
+  session: method<WorkerMessage, IWorkerMessage, HeadMessage, IHeadMessage>(
+    "/drover.control.v1.Control/Session", v1.WorkerMessage, v1.HeadMessage, true, true),
+} satisfies grpc.ServiceDefinition;
+
+/** The service the CLI talks to (loopback only, admin token). */
+export const adminService = {
+  submitJob: method<SubmitJobRequest, ISubmitJobRequest, SubmitJobResponse, ISubmitJobResponse>(
+    "/drover.control.v1.Admin/SubmitJob", v1.SubmitJobRequest, v1.SubmitJobResponse, false, false),
+  stopJob: method<StopJobRequest, IStopJobRequest, StopJobResponse, IStopJobResponse>(
+    "/drover.control.v1.Admin/StopJob", v1.StopJobRequest, v1.StopJobResponse, false, false),
+  shutdown: method<ShutdownRequest, IShutdownRequest, ShutdownResponse, drover.control.v1.IShutdownResponse>(
+    "/drover.control.v1.Admin/Shutdown", v1.ShutdownRequest, v1.ShutdownResponse, false, false),
+} satisfies grpc.ServiceDefinition;
+
+/**
+ * Server-side handler types. Requests arrive as decoded messages (proto3 defaults
+ * filled in); responses are plain objects.
+ */
+export interface ControlHandlers extends grpc.UntypedServiceImplementation {
+  register: grpc.handleUnaryCall<IRegisterRequest, IRegisterResponse>;
+  session: grpc.handleBidiStreamingCall<IWorkerMessage, IHeadMessage>;
+}
+
+export interface AdminHandlers extends grpc.UntypedServiceImplementation {
+  submitJob: grpc.handleUnaryCall<ISubmitJobRequest, ISubmitJobResponse>;
+  stopJob: grpc.handleUnaryCall<IStopJobRequest, IStopJobResponse>;
+  shutdown: grpc.handleUnaryCall<IShutdownRequest, drover.control.v1.IShutdownResponse>;
+}
+
+export interface ControlClient extends grpc.Client {
+  register(request: IRegisterRequest, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>,
+    callback: grpc.requestCallback<RegisterResponse>): grpc.ClientUnaryCall;
+  session(metadata: grpc.Metadata, options?: Partial<grpc.CallOptions>): grpc.ClientDuplexStream<IWorkerMessage, HeadMessage>;
+}
+
+export interface AdminClient extends grpc.Client {
+  submitJob(request: ISubmitJobRequest, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>,
+    callback: grpc.requestCallback<SubmitJobResponse>): grpc.ClientUnaryCall;
+  stopJob(request: IStopJobRequest, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>,
+    callback: grpc.requestCallback<StopJobResponse>): grpc.ClientUnaryCall;
+  shutdown(request: IShutdownRequest, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>,
+    callback: grpc.requestCallback<ShutdownResponse>): grpc.ClientUnaryCall;
+}
+
+type ClientConstructor<C> = new (address: string, credentials: grpc.ChannelCredentials, options?: grpc.ClientOptions) => C;
+
+export const ControlClient = grpc.makeGenericClientConstructor(controlService, "Control") as unknown as ClientConstructor<ControlClient>;
+export const AdminClient = grpc.makeGenericClientConstructor(adminService, "Admin") as unknown as ClientConstructor<AdminClient>;

@@ -1,0 +1,27 @@
+/** Errors of the worker agent. Each has a stable `name` and read-only context. */
+export class WorkerError extends Error {
+  override readonly name: string = "WorkerError";
+  constructor(message: string, readonly context: Readonly<Record<string, unknown>> = {}, options?: { cause?: unknown }) {
+    super(message, options);
+  }
+}
+
+/** The head refused our join token. Not retryable: a new token is needed. */
+export class JoinRefusedError extends WorkerError {
+  override readonly name = "JoinRefusedError";
+}
+
+/** A trainer could not be launched (bad command, missing working dir). */
+export class TrainerLaunchError extends WorkerError {
+  override readonly name = "TrainerLaunchError";
+}
+
+/** A line on the agent socket that is not a valid message; the connection is dropped. */
+export class AgentMessageError extends WorkerError {
+  override readonly name = "AgentMessageError";
+}
+
+/** Invalid command-line options or environment for drover-worker. */
+export class WorkerConfigError extends WorkerError {
+  override readonly name = "WorkerConfigError";
+}

@@ -1,0 +1,306 @@
+import { createHash } from "node:crypto";
+import { createReadStream } from "node:fs";
+import { mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import os from "node:os";
+import { join, resolve as resolvePath } from "node:path";
+import { fileURLToPath } from "node:url";
+import * as grpc from "@grpc/grpc-js";
+import { z } from "zod";
+import {
+  ControlClient, LogStream, PROTOCOL_VERSION, callUnary, controlChannelOptions,
+  type HeadMessage, type ICheckpointFile, type IStartJob, type IWorkerMessage,
+} from "@drover/proto";
+import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
+import { JoinRefusedError, WorkerConfigError } from "./errors.js";
+import type { Logger } from "./logger.js";
+import { probeResources } from "./resource-probe.js";
+import { TrainerSupervisor } from "./trainer-supervisor.js";
+
+export const AGENT_VERSION = "0.1.0";
+
+export const workerOptionsSchema = z.object({
+  headAddress: z.string().regex(/^[^\s:]+:\d+$/, "expected host:port"),
+  joinToken: z.string().min(16, "join token is too short"),
+  nodeName: z.string().regex(/^[A-Za-z0-9._-]{1,63}$/, "letters, digits, '.', '_' and '-' only"),
+  group: z.string().min(1).default("local"),
+  slots: z.number().int().min(1).max(64),
+  stateDir: z.string().min(1),
+  advertiseAddress: z.string().min(1).default("127.0.0.1"),
+  reconnectInitialMs: z.number().int().positive().default(250),
+  reconnectMaxMs: z.number().int().positive().default(5_000),
+  /** Give up (stop trainers, exit) after the head is unreachable this long; 0 = never. */
+  headLostTimeoutMs: z.number().int().nonnegative().default(0),
+  stopGraceMs: z.number().int().nonnegative().default(5_000),
+});
+export type WorkerOptionsInput = z.input<typeof workerOptionsSchema>;
+export type WorkerOptions = z.output<typeof workerOptionsSchema>;
+
+export type WorkerState = "created" | "connecting" | "connected" | "stopping" | "stopped";
+
+/** Where worker/python (the drover_agent helper) lives, put on trainers' PYTHONPATH. */
+const PYTHON_HELPER_DIR = fileURLToPath(new URL("../python", import.meta.url));
+
+/** Messages kept while the head is unreachable; log lines are dropped first beyond it. */
+const OUTBOX_LIMIT = 10_000;
+
+interface RunningJob {
+  job: IStartJob;
+  supervisor: TrainerSupervisor;
+  socket: AgentSocketServer;
+}
+
+/**
+ * The drover-worker agent: dials the head (outbound only), registers with probed
+ * resources, keeps the Session stream open across head restarts and network drops, and
+ * runs the trainer ranks the head asks for.
+ */
+export class WorkerAgent {
+  state: WorkerState = "created";
+  private client: ControlClient | undefined;
+  private stream: grpc.ClientDuplexStream<IWorkerMessage, HeadMessage> | undefined;
+  private readonly outbox: IWorkerMessage[] = [];
+  private readonly jobs = new Map<string, RunningJob>();
+  private readonly stopController = new AbortController();
+  private heartbeatTimer: NodeJS.Timeout | undefined;
+  private lastContact = Date.now();
+
+  private constructor(readonly options: WorkerOptions, private readonly logger: Logger) {}
+
+  static create(input: WorkerOptionsInput, logger: Logger): WorkerAgent {
+    const parsed = workerOptionsSchema.safeParse(input);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0]!;
+      throw new WorkerConfigError(`invalid worker option ${issue.path.join(".")}: ${issue.message}`);
+    }
+    return new WorkerAgent(parsed.data, logger.child({ node: parsed.data.nodeName }));
+  }
+
+  private setState(state: WorkerState): void {
+    if (this.state === state) return;
+    this.logger.info("worker state", { from: this.state, to: state });
+    this.state = state;
+  }
+
+  /** Runs until shutdown() or a fatal error (a refused join token). */
+  async run(): Promise<void> {
+    await mkdir(this.options.stateDir, { recursive: true });
+    this.client = new ControlClient(this.options.headAddress, grpc.credentials.createInsecure(), controlChannelOptions);
+    let backoffMs = this.options.reconnectInitialMs;
+    try {
+      while (!this.stopController.signal.aborted) {
+        this.setState("connecting");
+        try {
+          await this.connectOnce();
+          backoffMs = this.options.reconnectInitialMs;
+        } catch (error) {
+          if (error instanceof JoinRefusedError) throw error;
+          if (this.stopController.signal.aborted) break;
+          this.logger.warn("head unreachable; retrying", { error: (error as Error).message, retryInMs: backoffMs });
+        }
+        if (this.stopController.signal.aborted) break;
+        const lostForMs = Date.now() - this.lastContact;
+        if (this.options.headLostTimeoutMs > 0 && lostForMs > this.options.headLostTimeoutMs) {
+          this.logger.error("head lost for too long; stopping", { lostForMs });
+          break;
+        }
+        await sleep(backoffMs * (0.75 + Math.random() * 0.5), this.stopController.signal);
+        backoffMs = Math.min(backoffMs * 2, this.options.reconnectMaxMs);
+      }
+    } finally {
+      await this.stopAllJobs("worker stopping");
+      this.client.close();
+      this.setState("stopped");
+    }
+  }
+
+  /** Registers and holds one Session stream until it ends. */
+  private async connectOnce(): Promise<void> {
+    const signal = this.stopController.signal;
+    const resources = await probeResources({ workDir: this.options.stateDir, advertiseAddress: this.options.advertiseAddress, logger: this.logger, signal });
+    const client = this.client!;
+    let registered;
+    try {
+      registered = await callUnary(client.register.bind(client), {
+        protocolVersion: PROTOCOL_VERSION,
+        joinToken: this.options.joinToken,
+        nodeName: this.options.nodeName,
+        group: this.options.group,
+        resources,
+        agentVersion: AGENT_VERSION,
+        slots: this.options.slots,
+      }, new grpc.Metadata(), { signal, timeoutMs: 10_000 });
+    } catch (error) {
+      if ((error as grpc.ServiceError).code === grpc.status.UNAUTHENTICATED) {
+        throw new JoinRefusedError("the head refused this worker's join token", { head: this.options.headAddress }, { cause: error });
+      }
+      throw error;
+    }
+    this.lastContact = Date.now();
+    const metadata = new grpc.Metadata();
+    metadata.set("x-drover-worker-id", registered.workerId);
+    metadata.set("x-drover-session-token", registered.sessionToken);
+    const stream = client.session(metadata);
+    this.stream = stream;
+    this.setState("connected");
+    this.logger.info("registered with head", { workerId: registered.workerId, slots: this.options.slots });
+
+    const heartbeat = () => this.send({ heartbeat: { timeMs: Date.now(), runningJobIds: [...this.jobs.keys()] } }, true);
+    heartbeat();
+    this.flushOutbox();
+    this.heartbeatTimer = setInterval(heartbeat, registered.heartbeatIntervalMs || 1_000);
+    const onAbort = () => stream.cancel();
+    signal.addEventListener("abort", onAbort, { once: true });
+
+    await new Promise<void>((resolve, reject) => {
+      stream.on("data", (message: HeadMessage) => {
+        this.lastContact = Date.now();
+        this.handleHeadMessage(message);
+      });
+      stream.on("error", (error) => reject(error));
+      stream.on("end", () => resolve());
+    }).finally(() => {
+      clearInterval(this.heartbeatTimer);
+      signal.removeEventListener("abort", onAbort);
+      this.stream = undefined;
+      this.lastContact = Date.now();
+    });
+    throw new Error("session stream ended");
+  }
+
+  private handleHeadMessage(message: HeadMessage): void {
+    if (message.startJob) {
+      this.startJob(message.startJob).catch((error: Error) => {
+        this.logger.error("could not start job", { jobId: message.startJob!.jobId, error: error.message });
+        this.send({ jobFailure: { jobId: message.startJob!.jobId, reason: `${this.options.nodeName}: ${error.message}` } });
+      });
+    } else if (message.stopJob) {
+      const running = this.jobs.get(message.stopJob.jobId ?? "");
+      if (running) {
+        this.logger.info("stopping job", { jobId: message.stopJob.jobId, reason: message.stopJob.reason });
+        void running.supervisor.stop(message.stopJob.graceMs || this.options.stopGraceMs);
+      }
+    }
+  }
+
+  private async startJob(job: IStartJob): Promise<void> {
+    const jobId = job.jobId ?? "";
+    if (this.jobs.has(jobId)) return; // a duplicate StartJob after a reconnect
+    const jobDir = join(this.options.stateDir, "jobs", jobId);
+    const ckptDir = join(jobDir, "ckpt");
+    await mkdir(ckptDir, { recursive: true });
+    const socket = await AgentSocketServer.listen(agentSocketPath(this.options.stateDir, jobId), this.logger);
+    const env = TrainerSupervisor.jobEnvironment(job, { ckptDir, agentSocket: socket.path, pythonPath: PYTHON_HELPER_DIR });
+    let supervisor: TrainerSupervisor;
+    try {
+      supervisor = await TrainerSupervisor.start(job, env, this.logger.child({ jobId }), this.stopController.signal);
+    } catch (error) {
+      await socket.close();
+      throw error;
+    }
+    this.jobs.set(jobId, { job, supervisor, socket });
+    await this.writePidFile();
+    const ranks = [...supervisor.pids().keys()];
+    this.send({ ranksStarted: { jobId, ranks, pids: ranks.map((rank) => supervisor.pids().get(rank) ?? 0) } });
+
+    supervisor.on("line", ({ rank, stream, line }) => {
+      this.send({ log: { jobId, rank, stream: stream === "stdout" ? LogStream.LOG_STREAM_STDOUT : LogStream.LOG_STREAM_STDERR, line, timeMs: Date.now() } });
+    });
+    supervisor.on("exit", ({ rank, exitCode, signal, lastLines }) => {
+      this.send({ rankExit: { jobId, rank, exitCode, signal, lastLines } });
+      void this.writePidFile();
+    });
+    supervisor.on("allExited", () => {
+      this.jobs.delete(jobId);
+      void socket.close();
+      void this.writePidFile();
+    });
+    socket.on("metric", (metric) => {
+      this.send({ metric: { jobId, rank: metric.rank, step: metric.step, values: metric.values, timeMs: Date.now() } });
+    });
+    socket.on("checkpoint", (report) => {
+      void this.reportCheckpoint(jobId, report);
+    });
+  }
+
+  /** Hashes the files a rank reports for a checkpoint step and tells the head. */
+  private async reportCheckpoint(jobId: string, report: CheckpointMessage): Promise<void> {
+    try {
+      const files: ICheckpointFile[] = [];
+      for (const relative of report.files) {
+        const absolute = resolvePath(report.dir, relative);
+        if (!absolute.startsWith(resolvePath(report.dir) + "/")) throw new Error(`checkpoint file ${relative} escapes ${report.dir}`);
+        const { size } = await stat(absolute);
+        files.push({ path: relative, size, sha256: await sha256File(absolute, this.stopController.signal) });
+      }
+      this.send({ checkpoint: { jobId, rank: report.rank, step: report.step, files } });
+    } catch (error) {
+      this.send({ checkpoint: { jobId, rank: report.rank, step: report.step, error: (error as Error).message } });
+    }
+  }
+
+  private send(message: IWorkerMessage, skipQueue = false): void {
+    const full = { protocolVersion: PROTOCOL_VERSION, ...message };
+    if (this.stream && this.outbox.length === 0) {
+      this.stream.write(full);
+      return;
+    }
+    if (skipQueue) return;
+    this.outbox.push(full);
+    if (this.outbox.length > OUTBOX_LIMIT) {
+      const firstLog = this.outbox.findIndex((queued) => queued.log);
+      this.outbox.splice(firstLog >= 0 ? firstLog : 0, 1);
+    }
+    if (this.stream) this.flushOutbox();
+  }
+
+  private flushOutbox(): void {
+    while (this.stream && this.outbox.length > 0) this.stream.write(this.outbox.shift()!);
+  }
+
+  /** The pids of running trainer process groups, so `drover down` can stop them even if this agent is gone. */
+  private async writePidFile(): Promise<void> {
+    const pids = [...this.jobs.values()].flatMap((running) => [...running.supervisor.pids().values()]);
+    const path = join(this.options.stateDir, "trainers.json");
+    const temporary = `${path}.${process.pid}.tmp`;
+    await writeFile(temporary, JSON.stringify({ agentPid: process.pid, trainerPids: pids }) + "\n");
+    await rename(temporary, path);
+  }
+
+  private async stopAllJobs(reason: string): Promise<void> {
+    const running = [...this.jobs.values()];
+    if (running.length > 0) this.logger.info("stopping trainers", { reason, jobs: running.length });
+    await Promise.all(running.map((job) => job.supervisor.stop(this.options.stopGraceMs)));
+    await Promise.all(running.map((job) => job.socket.close()));
+    await rm(join(this.options.stateDir, "trainers.json"), { force: true });
+  }
+
+  /** Graceful stop: trainers get SIGTERM, then SIGKILL after the grace period. */
+  async shutdown(): Promise<void> {
+    if (this.state === "stopped") return;
+    this.setState("stopping");
+    this.stopController.abort();
+    this.stream?.cancel();
+  }
+}
+
+function agentSocketPath(stateDir: string, jobId: string): string {
+  const preferred = join(stateDir, `agent-${jobId}.sock`);
+  // sun_path holds 108 bytes; deep state directories fall back to the temp dir.
+  if (Buffer.byteLength(preferred) < 100) return preferred;
+  const digest = createHash("sha256").update(preferred).digest("hex").slice(0, 16);
+  return join(os.tmpdir(), `drover-agent-${digest}.sock`);
+}
+
+async function sha256File(path: string, signal: AbortSignal): Promise<string> {
+  const hash = createHash("sha256");
+  for await (const chunk of createReadStream(path, { signal })) hash.update(chunk as Buffer);
+  return hash.digest("hex");
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+  });
+}
