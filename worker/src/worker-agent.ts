@@ -63,6 +63,7 @@ export class WorkerAgent {
   private readonly stopController = new AbortController();
   private heartbeatTimer: NodeJS.Timeout | undefined;
   private lastContact = Date.now();
+  private pidFileWrites: Promise<void> = Promise.resolve();
 
   private constructor(readonly options: WorkerOptions, private readonly logger: Logger) {}
 
@@ -257,13 +258,20 @@ export class WorkerAgent {
     while (this.stream && this.outbox.length > 0) this.stream.write(this.outbox.shift()!);
   }
 
-  /** The pids of running trainer process groups, so `drover down` can stop them even if this agent is gone. */
-  private async writePidFile(): Promise<void> {
-    const pids = [...this.jobs.values()].flatMap((running) => [...running.supervisor.pids().values()]);
-    const path = join(this.options.stateDir, "trainers.json");
-    const temporary = `${path}.${process.pid}.tmp`;
-    await writeFile(temporary, JSON.stringify({ agentPid: process.pid, trainerPids: pids }) + "\n");
-    await rename(temporary, path);
+  /**
+   * The pids of running trainer process groups, so `drover down` can stop them even if
+   * this agent is gone. Writes are serialised (rank exits come in bursts) and a failed
+   * write is logged, never fatal: the trainers matter more than the record of them.
+   */
+  private writePidFile(): Promise<void> {
+    this.pidFileWrites = this.pidFileWrites.then(async () => {
+      const pids = [...this.jobs.values()].flatMap((running) => [...running.supervisor.pids().values()]);
+      const path = join(this.options.stateDir, "trainers.json");
+      const temporary = `${path}.${process.pid}.tmp`;
+      await writeFile(temporary, JSON.stringify({ agentPid: process.pid, trainerPids: pids }) + "\n");
+      await rename(temporary, path);
+    }).catch((error: Error) => this.logger.warn("could not write trainers.json", { error: error.message }));
+    return this.pidFileWrites;
   }
 
   private async stopAllJobs(reason: string): Promise<void> {
@@ -271,6 +279,7 @@ export class WorkerAgent {
     if (running.length > 0) this.logger.info("stopping trainers", { reason, jobs: running.length });
     await Promise.all(running.map((job) => job.supervisor.stop(this.options.stopGraceMs)));
     await Promise.all(running.map((job) => job.socket.close()));
+    await this.pidFileWrites;
     await rm(join(this.options.stateDir, "trainers.json"), { force: true });
   }
 

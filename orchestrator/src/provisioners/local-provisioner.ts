@@ -137,7 +137,11 @@ export async function reapLocalNodes(state: StateDirectory, logger: Logger): Pro
   const records = (await state.readJson<LocalNodeRecord[]>(NODES_FILE)) ?? [];
   const targets: { pid: number; what: string }[] = [];
   for (const record of records) {
-    const trainers = await state.readJson<{ trainerPids?: number[] }>(join("workers", record.nodeName, "trainers.json"));
+    // A torn or unreadable record must not stop the reaping of everything else.
+    const trainers = await state.readJson<{ trainerPids?: number[] }>(join("workers", record.nodeName, "trainers.json")).catch((error: Error) => {
+      logger.warn("unreadable trainers.json; its trainers are found through their worker's process group only", { node: record.nodeName, error: error.message });
+      return undefined;
+    });
     for (const pid of trainers?.trainerPids ?? []) targets.push({ pid, what: `trainer of ${record.nodeName}` });
     targets.push({ pid: record.pid, what: record.nodeName });
   }

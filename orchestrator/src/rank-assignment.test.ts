@@ -1,0 +1,28 @@
+import { describe, expect, it } from "vitest";
+import { assignRanks } from "./rank-assignment.js";
+
+describe("assignRanks", () => {
+  it("numbers ranks by node name inside one group, rendezvous at the first node", () => {
+    const result = assignRanks([
+      { workerId: "b", nodeName: "local-1", group: "local", address: "10.0.0.2", slots: 2 },
+      { workerId: "a", nodeName: "local-0", group: "local", address: "10.0.0.1", slots: 2 },
+    ]);
+    expect(result.map((a) => [a.nodeName, a.rankOffset, a.worldSize, a.groupRank, a.masterAddr])).toEqual([
+      ["local-0", 0, 4, 0, "10.0.0.1"],
+      ["local-1", 2, 4, 1, "10.0.0.1"],
+    ]);
+  });
+
+  it("makes each provider group its own world with its own master, and numbers ranks globally", () => {
+    const result = assignRanks([
+      { workerId: "r0", nodeName: "rtx-0", group: "rtx8000", address: "10.1.0.1", slots: 4 },
+      { workerId: "a0", nodeName: "a100-0", group: "a100", address: "10.2.0.1", slots: 8 },
+      { workerId: "a1", nodeName: "a100-1", group: "a100", address: "10.2.0.2", slots: 8 },
+    ]);
+    expect(result.map((a) => [a.nodeName, a.rankOffset, a.worldSize, a.masterAddr, a.globalRankOffset, a.globalWorldSize, a.groupIndex, a.groupCount])).toEqual([
+      ["a100-0", 0, 16, "10.2.0.1", 0, 20, 0, 2],
+      ["a100-1", 8, 16, "10.2.0.1", 8, 20, 0, 2],
+      ["rtx-0", 0, 4, "10.1.0.1", 16, 20, 1, 2],
+    ]);
+  });
+});

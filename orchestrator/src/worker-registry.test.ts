@@ -1,0 +1,57 @@
+import { describe, expect, it } from "vitest";
+import { silentLogger } from "./logger.js";
+import { WorkerRegistry, type Clock } from "./worker-registry.js";
+
+function manualClock(): Clock & { advance(ms: number): void } {
+  let now = 1_000;
+  let tick: (() => void) | undefined;
+  return {
+    now: () => now,
+    setInterval: (callback) => {
+      tick = callback;
+      return { unref() {} };
+    },
+    clearInterval: () => {
+      tick = undefined;
+    },
+    advance(ms: number) {
+      now += ms;
+      tick?.();
+    },
+  };
+}
+
+const channel = () => ({ sent: [] as unknown[], closed: false, send(message: unknown) { this.sent.push(message); }, close() { this.closed = true; } });
+const node = (nodeName: string) => ({ nodeName, group: "local", slots: 2, resources: {}, agentVersion: "test" });
+
+describe("WorkerRegistry", () => {
+  it("marks a silent worker lost after the heartbeat timeout, not before", () => {
+    const clock = manualClock();
+    const registry = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, clock, logger: silentLogger });
+    registry.start();
+    const lost: string[] = [];
+    registry.on("lost", (worker, reason) => lost.push(`${worker.nodeName}: ${reason}`));
+    const worker = registry.register(node("local-0"));
+    expect(registry.attach(worker.workerId, worker.sessionToken, channel())).toBe(true);
+    clock.advance(4_000);
+    registry.seen(worker.workerId);
+    clock.advance(4_000);
+    expect(lost).toEqual([]);
+    clock.advance(2_000);
+    expect(lost).toEqual(["local-0: no heartbeat for 6s"]);
+    expect(registry.connected()).toEqual([]);
+  });
+
+  it("keeps the worker id when a node registers again and refuses the stale session", () => {
+    const registry = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, clock: manualClock(), logger: silentLogger });
+    const first = registry.register(node("local-0"));
+    const oldToken = first.sessionToken;
+    const firstChannel = channel();
+    registry.attach(first.workerId, oldToken, firstChannel);
+    const second = registry.register(node("local-0"));
+    expect(second.workerId).toBe(first.workerId);
+    expect(firstChannel.closed).toBe(true);
+    expect(registry.attach(second.workerId, oldToken, channel())).toBe(false);
+    expect(registry.attach(second.workerId, second.sessionToken, channel())).toBe(true);
+  });
+});

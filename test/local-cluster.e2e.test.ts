@@ -1,0 +1,143 @@
+// End to end, as a user runs it: the real `drover` CLI starts a real head in the
+// background, which spawns real drover-worker processes that register over real gRPC
+// and launch the torchrun-style script (examples/minimal) with 2 nodes x 2 ranks.
+import { spawn, spawnSync } from "node:child_process";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const cli = join(root, "orchestrator", "dist", "cli.js");
+const workerMain = join(root, "worker", "dist", "main.js");
+const minimalDir = join(root, "examples", "minimal");
+
+let stateDir: string;
+const env = () => ({ ...process.env, DROVER_STATE_DIR: stateDir });
+
+function drover(args: string[], timeoutMs = 120_000) {
+  const result = spawnSync(process.execPath, [cli, ...args], { env: env(), encoding: "utf8", timeout: timeoutMs });
+  return { code: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function json<T>(file: string): Promise<T> {
+  return JSON.parse(await readFile(join(stateDir, file), "utf8")) as T;
+}
+
+async function waitFor(condition: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (await condition()) return;
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, 100));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+describe("local cluster, end to end", () => {
+  beforeAll(async () => {
+    stateDir = await mkdtemp(join(os.tmpdir(), "drover-e2e-"));
+  });
+  afterAll(async () => {
+    drover(["down"]);
+    await rm(stateDir, { recursive: true, force: true });
+  });
+
+  it("refuses an invalid spec and names the failing field", async () => {
+    const bad = join(stateDir, "bad.yaml");
+    await writeFile(bad, "name: local\nlocal:\n  nodes: 2\n  ranksPerNode: many\n");
+    const result = drover(["up", bad]);
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain(bad);
+    expect(result.stderr).toMatch(/local\.ranksPerNode: .*number/);
+  });
+
+  it("brings up 2 nodes x 2 ranks and runs a torchrun script on all 4 ranks", async () => {
+    const up = drover(["up"]);
+    expect(up.stderr).toBe("");
+    expect(up.code).toBe(0);
+    expect(up.stdout).toContain("2/2 nodes connected");
+
+    const submit = drover(["submit", "--working-dir", minimalDir, "--", "python", "allreduce_train.py", "--steps", "4"]);
+    expect(submit.code, submit.stdout + submit.stderr).toBe(0);
+    const results = [...submit.stdout.matchAll(/RESULT rank=(\d) world=(\d) local_rank=(\d) rank_sum=(\d+) weights_agree=(\w+) checksum=(\S+)/g)];
+    expect(results.map((match) => Number(match[1])).sort()).toEqual([0, 1, 2, 3]);
+    for (const match of results) {
+      expect(match[2]).toBe("4");
+      expect(match[4]).toBe("6"); // 0+1+2+3: every rank took part in the all_reduce
+      expect(match[5]).toBe("True");
+      expect(match[6]).toBe(results[0]![6]); // identical weights on every rank
+    }
+    expect(results.map((match) => match[3]).sort()).toEqual(["0", "0", "1", "1"]);
+    expect(submit.stdout).toMatch(/step 4\/4 loss/);
+    expect(submit.stdout).toContain("SUCCEEDED");
+
+    const status = drover(["status"]);
+    expect(status.stdout).toMatch(/local-0 \(w-\w+\) connected/);
+    expect(status.stdout).toMatch(/local-1 \(w-\w+\) connected/);
+    expect(status.stdout).toMatch(/job-\S+ succeeded/);
+    const logs = drover(["logs"]);
+    expect(logs.stdout).toContain("[rank 3] RESULT rank=3");
+  });
+
+  it("fails the job when a trainer exits non-zero, showing its last lines", () => {
+    const submit = drover(["submit", "--working-dir", minimalDir, "--", "python", "allreduce_train.py", "--steps", "50", "--fail-rank", "2"]);
+    expect(submit.code).toBe(1);
+    expect(submit.stdout).toContain("FAILED");
+    expect(submit.stdout).toContain("failure: rank 2 exited with exit code 3");
+    expect(submit.stdout).toContain("| rank 2: failing on purpose");
+  });
+
+  it("refuses a worker with a wrong join token and logs it without the token", async () => {
+    const head = await json<{ controlAddress: string }>("head.json");
+    const wrongToken = "not-the-join-token-but-secret-anyway";
+    const worker = spawn(process.execPath, [workerMain, "--head", head.controlAddress, "--node-name", "intruder", "--slots", "1", "--state-dir", join(stateDir, "intruder")], {
+      env: { ...process.env, DROVER_JOIN_TOKEN: wrongToken },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let output = "";
+    worker.stdout.on("data", (chunk) => (output += chunk));
+    worker.stderr.on("data", (chunk) => (output += chunk));
+    const code = await new Promise<number | null>((resolveExit) => worker.on("close", resolveExit));
+    expect(code).toBe(3);
+    expect(output).toContain("refused this worker's join token");
+    await waitFor(async () => (await readFile(join(stateDir, "head.log"), "utf8")).includes("invalid join token"), 5_000, "the refusal in head.log");
+    const headLog = await readFile(join(stateDir, "head.log"), "utf8");
+    expect(headLog).toMatch(/worker refused: invalid join token.*intruder/);
+    expect(headLog + output).not.toContain(wrongToken);
+  });
+
+  it("stops every local worker with `drover down` after the head was killed with SIGKILL", async () => {
+    const head = await json<{ pid: number }>("head.json");
+    const nodes = await json<Array<{ nodeName: string; pid: number }>>("local-nodes.json");
+    expect(nodes).toHaveLength(2);
+    for (const node of nodes) expect(alive(node.pid)).toBe(true);
+
+    process.kill(head.pid, "SIGKILL");
+    await waitFor(() => !alive(head.pid), 5_000, "the head to die");
+    for (const node of nodes) expect(alive(node.pid)).toBe(true); // orphaned, still running
+
+    const down = drover(["down"]);
+    expect(down.code).toBe(0);
+    expect(down.stdout).toContain("is not running");
+    for (const node of nodes) expect(down.stdout).toContain(`stopped ${node.nodeName} (pid ${node.pid})`);
+    await waitFor(() => nodes.every((node) => !alive(node.pid)), 10_000, "the workers to stop");
+    const status = drover(["status"]);
+    expect(status.stdout).toContain("NOT RUNNING");
+  });
+
+  it("leaves no drover process behind", () => {
+    const ps = spawnSync("ps", ["-eo", "pid,args"], { encoding: "utf8" }).stdout;
+    const ours = ps.split("\n").filter((line) => line.includes(stateDir) || line.includes("allreduce_train.py"));
+    expect(ours).toEqual([]);
+  });
+});
