@@ -43,7 +43,7 @@ async function waitFor(condition: () => boolean | Promise<boolean>, timeoutMs: n
   throw new Error(`timed out waiting for ${what}`);
 }
 
-describe("local cluster, end to end", () => {
+describe("local cluster, end to end", { timeout: 180_000 }, () => {
   beforeAll(async () => {
     stateDir = await mkdtemp(join(os.tmpdir(), "drover-e2e-"));
   });

@@ -21,8 +21,9 @@ const USAGE = `drover: train on rented GPUs as if they were one cluster
 usage:
   drover up [SPEC]                         start a head in the background and provision nodes
                                            (SPEC defaults to examples/local.yaml)
-  drover submit [--working-dir DIR] [--run-id ID] [--nodes N] [--env K=V]... [--no-wait] -- CMD...
-                                           run CMD on every rank; follows output until it ends
+  drover submit [--working-dir DIR] [--run-id ID [--from-step N]] [--nodes N] [--env K=V]... [--no-wait] -- CMD...
+                                           run CMD on every rank; follows output until it ends; an
+                                           existing --run-id resumes from its newest committed checkpoint
   drover status [--json]                   head, nodes and jobs
   drover logs [-f] [--job ID]              output of the latest (or given) job
   drover stop [--job ID]                   stop the running job
@@ -142,8 +143,11 @@ async function commandSubmit(args: string[]): Promise<number> {
       nodes: { type: "string" },
       env: { type: "string", multiple: true },
       "no-wait": { type: "boolean" },
+      "from-step": { type: "string" },
     },
   });
+  const fromStep = values["from-step"] === undefined ? undefined : Number(values["from-step"]);
+  if (fromStep !== undefined && (!Number.isInteger(fromStep) || fromStep < 0)) throw new UsageError(`--from-step ${values["from-step"]}: expected a step number`);
   if (positionals.length === 0) throw new UsageError("drover submit needs a command after --, e.g. drover submit -- python train.py");
   const state = new StateDirectory(StateDirectory.defaultRoot());
   const { client, token } = await adminClient(state);
@@ -156,7 +160,9 @@ async function commandSubmit(args: string[]): Promise<number> {
       env: parseEnvPairs(values.env ?? []),
       runId: values["run-id"] ?? "",
       nodes: values.nodes ? Number(values.nodes) : 0,
-    }, new grpc.Metadata(), { timeoutMs: 10_000 });
+      fromStep: fromStep ?? 0,
+      hasFromStep: fromStep !== undefined,
+    }, new grpc.Metadata(), { timeoutMs: 30_000 });
     print(`submitted ${response.jobId} (run ${response.runId})`);
     if (values["no-wait"]) return 0;
     const job = await followJob(state, response.jobId, { follow: true });
@@ -332,7 +338,7 @@ async function commandDemo(args: string[]): Promise<number> {
       if (line.rank < 0) print(`[drover] ${line.line}`);
       else if (line.rank === 0 || line.stream === "stderr") print(`[rank ${line.rank}] ${line.line}`);
     });
-    const job = head.submit({ command: spec.job.command, workingDir: spec.job.workingDir, env: spec.job.env });
+    const job = await head.submit({ command: spec.job.command, workingDir: spec.job.workingDir, env: spec.job.env });
     print(`submitted ${job.jobId}: ${spec.job.command.join(" ")}`);
     const final = await head.waitForJob(job.jobId, interrupted.signal);
     print("");

@@ -3,6 +3,7 @@ import { dirname, isAbsolute, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parse as parseYaml, YAMLParseError } from "yaml";
 import { z } from "zod";
+import { storageConfigSchema, type StorageConfigInput } from "@drover/storage";
 import { durationMs } from "./duration.js";
 import { SpecError } from "./errors.js";
 
@@ -37,6 +38,11 @@ export const clusterSpecSchema = z.object({
   }).strict().default({ nodes: 2, ranksPerNode: 2 }),
   /** The job `drover demo` submits, and the default of `drover submit` without a command. */
   job: jobSpecSchema.optional(),
+  /**
+   * Where checkpoints go (storage/README.md). Local mode without it: an embedded
+   * S3-compatible server on loopback, data in the state directory.
+   */
+  storage: storageConfigSchema.optional(),
 }).strict();
 
 export type ClusterSpecInput = z.input<typeof clusterSpecSchema>;
@@ -47,6 +53,8 @@ export interface ClusterSpec {
   head: { host: string; port: number; heartbeatIntervalMs: number; heartbeatTimeoutMs: number; workerWaitTimeoutMs: number };
   local: { nodes: number; ranksPerNode: number };
   job?: { command: string[]; workingDir: string; env: Record<string, string>; prepare?: string[] };
+  /** Validated storage config as written (secrets stay where the user put them); undefined = embedded. */
+  storage?: StorageConfigInput;
   /** Where the spec came from, for messages. */
   source: string;
 }
@@ -87,6 +95,7 @@ export function compileClusterSpec(raw: unknown, source: string): ClusterSpec {
       env: spec.job.env,
       prepare: spec.job.prepare,
     },
+    storage: (raw as { storage?: StorageConfigInput } | undefined)?.storage,
     source,
   };
 }

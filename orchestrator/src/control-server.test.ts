@@ -27,7 +27,8 @@ describe("ControlServer", () => {
     const jobs = new JobController({ registry, allocateMasterPort: async () => 29500, workerWaitTimeoutMs: 1_000, stopGraceMs: 100, logger });
     server = new ControlServer({
       registry, jobs, logger, joinToken: "the-real-join-token-0123456789", adminToken: "admin-token-0123456789",
-      heartbeatIntervalMs: 1_000, heartbeatTimeoutMs: 5_000, onShutdownRequested: () => {}, defaultNodes: 1,
+      heartbeatIntervalMs: 1_000, heartbeatTimeoutMs: 5_000, onShutdownRequested: () => {},
+      submitJob: async (request) => jobs.submit({ ...request, nodes: request.nodes ?? 1 }),
     });
     await server.listen("127.0.0.1", 0);
     client = new ControlClient(`127.0.0.1:${server.controlPort}`, grpc.credentials.createInsecure(), controlChannelOptions);

@@ -5,7 +5,7 @@ import {
   type AdminHandlers, type ControlHandlers, type IHeadMessage, type IWorkerMessage,
 } from "@drover/proto";
 import { DroverError, JobRequestError } from "./errors.js";
-import type { JobController } from "./job-controller.js";
+import type { JobController, JobRecord } from "./job-controller.js";
 import type { Logger } from "./logger.js";
 import type { WorkerChannel, WorkerRegistry } from "./worker-registry.js";
 
@@ -27,7 +27,8 @@ export interface ControlServerDeps {
   logger: Logger;
   /** Called by Admin.Shutdown after the reply is sent. */
   onShutdownRequested: () => void;
-  defaultNodes: number;
+  /** Admission of a job: resolves the resume step, then hands it to the job controller. */
+  submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number }) => Promise<JobRecord>;
 }
 
 function fail(callback: grpc.sendUnaryData<never>, code: grpc.status, details: string): void {
@@ -137,19 +138,20 @@ export class ControlServer {
       submitJob: (call, callback) => {
         const request = call.request;
         if (!authorized(request.adminToken, callback as grpc.sendUnaryData<never>)) return;
-        try {
-          const job = jobs.submit({
-            command: request.command ?? [],
-            workingDir: request.workingDir || process.cwd(),
-            env: { ...(request.env ?? {}) },
-            runId: request.runId || undefined,
-            nodes: request.nodes || this.deps.defaultNodes,
-          });
-          callback(null, { jobId: job.jobId, runId: job.runId });
-        } catch (error) {
-          const code = error instanceof JobRequestError ? grpc.status.FAILED_PRECONDITION : grpc.status.INTERNAL;
-          fail(callback as grpc.sendUnaryData<never>, code, error instanceof DroverError ? error.message : "internal error");
-        }
+        this.deps.submitJob({
+          command: request.command ?? [],
+          workingDir: request.workingDir || process.cwd(),
+          env: { ...(request.env ?? {}) },
+          runId: request.runId || undefined,
+          nodes: request.nodes || undefined,
+          fromStep: request.hasFromStep ? Number(request.fromStep) : undefined,
+        }).then(
+          (job) => callback(null, { jobId: job.jobId, runId: job.runId }),
+          (error: Error) => {
+            const code = error instanceof JobRequestError ? grpc.status.FAILED_PRECONDITION : grpc.status.INTERNAL;
+            fail(callback as grpc.sendUnaryData<never>, code, error instanceof DroverError ? error.message : `could not submit: ${error.message}`);
+          },
+        );
       },
       stopJob: (call, callback) => {
         if (!authorized(call.request.adminToken, callback as grpc.sendUnaryData<never>)) return;

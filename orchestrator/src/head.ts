@@ -2,9 +2,11 @@ import { randomBytes } from "node:crypto";
 import { EventEmitter } from "node:events";
 import { mkdir } from "node:fs/promises";
 import type { IMetricReport } from "@drover/proto";
+import { CheckpointStore, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
+import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
 import type { ClusterSpec } from "./cluster-spec.js";
 import { ControlServer } from "./control-server.js";
-import { StateError } from "./errors.js";
+import { JobRequestError, StateError } from "./errors.js";
 import { JobController, isFinal, type JobLogLine, type JobRecord, type JobRequest } from "./job-controller.js";
 import type { Logger } from "./logger.js";
 import { provisionerBackends, type Provisioner } from "./provisioners/index.js";
@@ -48,6 +50,9 @@ export class Head extends EventEmitter<HeadEvents> {
   private readonly shutdownController = new AbortController();
   private readonly startedAt = new Date().toISOString();
   private snapshotTimer: NodeJS.Timeout | undefined;
+  private embeddedS3: LocalS3Server | undefined;
+  private storageConfig: StorageConfigInput | undefined;
+  checkpoints: CheckpointCoordinator | undefined;
   private stopped: Promise<void> | undefined;
   private shutdownRequested!: () => void;
   readonly shutdownRequestedPromise = new Promise<void>((resolve) => (this.shutdownRequested = resolve));
@@ -79,7 +84,7 @@ export class Head extends EventEmitter<HeadEvents> {
       heartbeatTimeoutMs: spec.head.heartbeatTimeoutMs,
       logger: logger.child({ component: "control-server" }),
       onShutdownRequested: () => this.shutdownRequested(),
-      defaultNodes: this.provisioner.expectedNodes(),
+      submitJob: (request) => this.submit(request),
     });
     this.registry.on("changed", () => {
       this.emit("workers");
@@ -149,11 +154,13 @@ export class Head extends EventEmitter<HeadEvents> {
     this.registry.start();
     await this.server.listen(this.spec.head.host, this.spec.head.port);
     await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
+    await this.startStorage();
     await this.setState("provisioning");
     try {
       await this.provisioner.provision({
         headAddress: this.controlAddress,
         joinToken: this.joinToken,
+        agentEnv: this.storageConfig ? { DROVER_STORAGE_CONFIG: JSON.stringify(this.storageConfig) } : {},
         state: this.stateDir,
         logger: this.logger.child({ component: `provisioner:${this.provisioner.name}` }),
         signal: this.shutdownController.signal,
@@ -165,6 +172,26 @@ export class Head extends EventEmitter<HeadEvents> {
       throw error;
     }
     await this.setState("ready");
+  }
+
+  /**
+   * Opens the checkpoint store: the spec's, or in local mode an embedded S3-compatible
+   * server on loopback with its data in the state directory (so checkpoints outlive the
+   * head and a later `drover up` over the same directory resumes from them).
+   */
+  private async startStorage(): Promise<void> {
+    if (this.spec.storage) {
+      this.storageConfig = this.spec.storage;
+    } else if (this.spec.provisioner === "local") {
+      this.embeddedS3 = await startLocalS3Server({ directory: this.stateDir.path("s3"), signal: this.shutdownController.signal });
+      this.storageConfig = { store: this.embeddedS3.storeConfig() };
+      this.logger.info("embedded S3 server started", { endpoint: this.embeddedS3.endpoint });
+    }
+    if (!this.storageConfig) return;
+    const store = CheckpointStore.fromConfig(this.storageConfig, { logger: this.logger.child({ component: "checkpoints" }), resumeStateDir: this.stateDir.path("upload-journal") });
+    this.checkpoints = new CheckpointCoordinator(store, this.jobs, this.logger.child({ component: "checkpoints" }));
+    // The CLI's `drover ckpt` reads the same store; the file holds credentials, so 0600.
+    await this.stateDir.writeJson("storage.json", { storage: this.storageConfig, embedded: this.embeddedS3 !== undefined }, 0o600);
   }
 
   /** Resolves when `count` workers are connected, or rejects on abort. */
@@ -187,8 +214,24 @@ export class Head extends EventEmitter<HeadEvents> {
     });
   }
 
-  submit(request: Omit<JobRequest, "nodes"> & { nodes?: number }): JobRecord {
-    return this.jobs.submit({ ...request, nodes: request.nodes || this.provisioner.expectedNodes() });
+  /**
+   * Admits a job. Given a run id with committed checkpoints, the job resumes from the
+   * newest one (or from `fromStep`); a new run starts from scratch.
+   */
+  async submit(request: Omit<JobRequest, "nodes" | "resumeStep"> & { nodes?: number; fromStep?: number }): Promise<JobRecord> {
+    let resumeStep: number | undefined;
+    if (request.runId && this.checkpoints) {
+      try {
+        resumeStep = await this.checkpoints.resumeStep(request.runId, request.fromStep, AbortSignal.timeout(30_000));
+      } catch (error) {
+        throw new JobRequestError((error as Error).message, { runId: request.runId }, { cause: error });
+      }
+    } else if (request.fromStep !== undefined) {
+      throw new JobRequestError(request.runId ? "--from-step needs checkpoint storage, and this cluster has none" : "--from-step needs --run-id: checkpoints belong to a run");
+    }
+    const job = this.jobs.submit({ ...request, nodes: request.nodes || this.provisioner.expectedNodes(), resumeStep });
+    if (resumeStep !== undefined) this.jobs.note(job.jobId, `resuming run ${job.runId} from committed checkpoint step ${resumeStep}`);
+    return job;
   }
 
   waitForJob(jobId: string, signal: AbortSignal): Promise<JobRecord> {
@@ -238,6 +281,8 @@ export class Head extends EventEmitter<HeadEvents> {
       this.jobs.dispose();
       this.registry.stop();
       await this.server.close();
+      this.checkpoints?.store.close();
+      await this.embeddedS3?.stop();
       clearTimeout(this.snapshotTimer);
       this.snapshotTimer = undefined;
       await this.writeSnapshot();

@@ -17,6 +17,8 @@ export interface JobRequest {
   runId?: string;
   /** How many nodes the job needs; they must all be connected before it starts. */
   nodes: number;
+  /** Committed checkpoint step the job starts from. */
+  resumeStep?: number;
 }
 
 export interface JobFailure {
@@ -40,6 +42,8 @@ export interface JobRecord {
   /** Latest metrics of every rank, and step -> rank 0's metrics (the loss curve). */
   latestMetrics: Record<number, { step: number; values: Record<string, number> }>;
   checkpointsReported: Record<number, number[]>;
+  /** Newest checkpoint step committed to the store by this job (or the one it resumed from). */
+  lastCommittedStep?: number;
 }
 
 export interface JobLogLine {
@@ -180,6 +184,8 @@ export class JobController extends EventEmitter<JobEvents> {
           masterAddr: assignment.masterAddr,
           masterPort: masterPorts.get(assignment.group)!,
           group: assignment.group,
+          resume: job.request.resumeStep !== undefined,
+          resumeStep: job.request.resumeStep ?? 0,
         },
       });
       if (!sent) {
@@ -198,6 +204,10 @@ export class JobController extends EventEmitter<JobEvents> {
   onLog(workerId: string, line: ILogLine): void {
     const job = this.jobs.get(line.jobId ?? "");
     if (!job) return;
+    if (line.stream === LogStream.LOG_STREAM_AGENT) {
+      this.log(job, line.line ?? "");
+      return;
+    }
     const stream = line.stream === LogStream.LOG_STREAM_STDERR ? "stderr" : "stdout";
     this.emit("log", { jobId: job.jobId, rank: this.globalRank(job, workerId, line.rank ?? 0), stream, line: line.line ?? "" });
   }
@@ -289,6 +299,20 @@ export class JobController extends EventEmitter<JobEvents> {
 
   activeJobs(): JobRecord[] {
     return [...this.jobs.values()].filter((job) => !FINAL_STATES.has(job.state));
+  }
+
+  /** Records a committed checkpoint step (the head's checkpoint coordinator calls this). */
+  markCommitted(jobId: string, step: number): void {
+    const job = this.jobs.get(jobId);
+    if (!job) return;
+    job.lastCommittedStep = Math.max(job.lastCommittedStep ?? -1, step);
+    this.log(job, `checkpoint step ${step} committed`);
+    this.emit("changed", job);
+  }
+
+  note(jobId: string, line: string): void {
+    const job = this.jobs.get(jobId);
+    if (job) this.log(job, line);
   }
 
   private log(job: JobRecord, line: string): void {

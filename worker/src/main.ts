@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
-import { JoinRefusedError, WorkerError } from "./errors.js";
+import type { StorageConfigInput } from "@drover/storage";
+import { JoinRefusedError, WorkerConfigError, WorkerError } from "./errors.js";
 import { createLogger } from "./logger.js";
 import { WorkerAgent } from "./worker-agent.js";
 
@@ -9,6 +10,18 @@ const usage = `usage: drover-worker --head HOST:PORT --node-name NAME --slots N 
   [--group NAME] [--advertise-address ADDR] [--head-lost-timeout-ms MS]
 The join token is read from DROVER_JOIN_TOKEN or --join-token-file (never from argv,
 which any local user can read).`;
+
+/** DROVER_STORAGE_CONFIG: the @drover/storage config as JSON (set in the container's env). */
+function readStorageConfig(): StorageConfigInput | undefined {
+  const text = process.env.DROVER_STORAGE_CONFIG;
+  if (!text) return undefined;
+  try {
+    return JSON.parse(text) as StorageConfigInput;
+  } catch {
+    // The value holds credentials: name the variable, never echo it.
+    throw new WorkerConfigError("DROVER_STORAGE_CONFIG is not valid JSON");
+  }
+}
 
 async function main(): Promise<number> {
   const { values } = parseArgs({
@@ -41,6 +54,7 @@ async function main(): Promise<number> {
       group: values.group,
       advertiseAddress: values["advertise-address"],
       headLostTimeoutMs: values["head-lost-timeout-ms"] ? Number(values["head-lost-timeout-ms"]) : undefined,
+      storage: readStorageConfig(),
     }, logger);
   } catch (error) {
     process.stderr.write(`drover-worker: ${(error as Error).message}\n${usage}\n`);

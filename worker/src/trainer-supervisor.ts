@@ -48,8 +48,9 @@ export class TrainerSupervisor extends EventEmitter<SupervisorEvents> {
   /** Environment every rank of `job` on this node shares, before the per-rank variables. */
   static jobEnvironment(job: IStartJob, extra: { ckptDir: string; resumeDir?: string; agentSocket: string; pythonPath: string }): Record<string, string> {
     const inherited = Object.fromEntries(Object.entries(process.env).filter((entry): entry is [string, string] => entry[1] !== undefined));
-    // A join token given to the agent is never handed to user code.
+    // Secrets given to the agent (join token, storage credentials) are never handed to user code.
     delete inherited.DROVER_JOIN_TOKEN;
+    delete inherited.DROVER_STORAGE_CONFIG;
     const env: Record<string, string> = {
       ...inherited,
       ...(job.env ?? {}),

@@ -10,6 +10,7 @@ import {
   ControlClient, LogStream, PROTOCOL_VERSION, callUnary, controlChannelOptions,
   type HeadMessage, type ICheckpointFile, type IStartJob, type IWorkerMessage,
 } from "@drover/proto";
+import { CheckpointStore, type StorageConfigInput } from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
 import { JoinRefusedError, WorkerConfigError } from "./errors.js";
 import type { Logger } from "./logger.js";
@@ -31,6 +32,11 @@ export const workerOptionsSchema = z.object({
   /** Give up (stop trainers, exit) after the head is unreachable this long; 0 = never. */
   headLostTimeoutMs: z.number().int().nonnegative().default(0),
   stopGraceMs: z.number().int().nonnegative().default(5_000),
+  /**
+   * Where checkpoints go (@drover/storage config, credentials included). Comes from the
+   * node's own environment (DROVER_STORAGE_CONFIG), never over the control plane.
+   */
+  storage: z.custom<StorageConfigInput>().optional(),
 });
 export type WorkerOptionsInput = z.input<typeof workerOptionsSchema>;
 export type WorkerOptions = z.output<typeof workerOptionsSchema>;
@@ -65,7 +71,13 @@ export class WorkerAgent {
   private lastContact = Date.now();
   private pidFileWrites: Promise<void> = Promise.resolve();
 
-  private constructor(readonly options: WorkerOptions, private readonly logger: Logger) {}
+  private readonly checkpoints: CheckpointStore | undefined;
+
+  private constructor(readonly options: WorkerOptions, private readonly logger: Logger) {
+    this.checkpoints = options.storage
+      ? CheckpointStore.fromConfig(options.storage, { logger, resumeStateDir: join(options.stateDir, "upload-journal") })
+      : undefined;
+  }
 
   static create(input: WorkerOptionsInput, logger: Logger): WorkerAgent {
     const parsed = workerOptionsSchema.safeParse(input);
@@ -189,8 +201,9 @@ export class WorkerAgent {
     const jobDir = join(this.options.stateDir, "jobs", jobId);
     const ckptDir = join(jobDir, "ckpt");
     await mkdir(ckptDir, { recursive: true });
+    const resumeDir = job.resume ? await this.downloadResumeCheckpoint(job, join(jobDir, "resume")) : undefined;
     const socket = await AgentSocketServer.listen(agentSocketPath(this.options.stateDir, jobId), this.logger);
-    const env = TrainerSupervisor.jobEnvironment(job, { ckptDir, agentSocket: socket.path, pythonPath: PYTHON_HELPER_DIR });
+    const env = TrainerSupervisor.jobEnvironment(job, { ckptDir, resumeDir, agentSocket: socket.path, pythonPath: PYTHON_HELPER_DIR });
     let supervisor: TrainerSupervisor;
     try {
       supervisor = await TrainerSupervisor.start(job, env, this.logger.child({ jobId }), this.stopController.signal);
@@ -223,8 +236,49 @@ export class WorkerAgent {
     });
   }
 
-  /** Hashes the files a rank reports for a checkpoint step and tells the head. */
+  /** Downloads the committed checkpoint a resumed job starts from; every byte is verified first. */
+  private async downloadResumeCheckpoint(job: IStartJob, destDir: string): Promise<string> {
+    if (!this.checkpoints) throw new WorkerConfigError("the job resumes from a checkpoint but this node has no storage configured (DROVER_STORAGE_CONFIG)");
+    const step = Number(job.resumeStep ?? 0);
+    const started = Date.now();
+    this.agentLog(job.jobId ?? "", `downloading checkpoint step ${step} of run ${job.runId}`);
+    const manifest = await this.checkpoints.download({ run: job.runId ?? "", step, destDir, signal: this.stopController.signal });
+    const seconds = (Date.now() - started) / 1000;
+    this.agentLog(job.jobId ?? "", `checkpoint step ${step} verified: ${manifest.files.length} files, ${(manifest.totalBytes / 2 ** 20).toFixed(1)} MiB in ${seconds.toFixed(1)}s`);
+    return destDir;
+  }
+
+  /** A line from the agent itself into the job's output (uploads, downloads). */
+  private agentLog(jobId: string, line: string): void {
+    this.send({ log: { jobId, rank: 0, stream: LogStream.LOG_STREAM_AGENT, line: `${this.options.nodeName}: ${line}`, timeMs: Date.now() } });
+  }
+
+  /**
+   * Uploads the files a rank reports for a checkpoint step (sha256 recorded with each
+   * object) and reports them to the head, which commits the step once every rank has.
+   * Without a store the files are only hashed: the head then cannot commit them.
+   */
   private async reportCheckpoint(jobId: string, report: CheckpointMessage): Promise<void> {
+    const running = this.jobs.get(jobId);
+    if (this.checkpoints && running) {
+      try {
+        const started = Date.now();
+        const uploaded = await this.checkpoints.uploadRank({
+          run: running.job.runId ?? "",
+          step: report.step,
+          rank: report.rank,
+          dir: report.dir,
+          files: report.files,
+          signal: this.stopController.signal,
+        });
+        const bytes = uploaded.files.reduce((sum, file) => sum + file.size, 0);
+        this.logger.info("checkpoint files uploaded", { jobId, step: report.step, rank: report.rank, bytes, ms: Date.now() - started });
+        this.send({ checkpoint: { jobId, rank: report.rank, step: report.step, files: uploaded.files } });
+      } catch (error) {
+        this.send({ checkpoint: { jobId, rank: report.rank, step: report.step, error: (error as Error).message } });
+      }
+      return;
+    }
     try {
       const files: ICheckpointFile[] = [];
       for (const relative of report.files) {
@@ -281,6 +335,7 @@ export class WorkerAgent {
     await Promise.all(running.map((job) => job.socket.close()));
     await this.pidFileWrites;
     await rm(join(this.options.stateDir, "trainers.json"), { force: true });
+    this.checkpoints?.close();
   }
 
   /** Graceful stop: trainers get SIGTERM, then SIGKILL after the grace period. */

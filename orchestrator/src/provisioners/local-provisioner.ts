@@ -72,7 +72,7 @@ export class LocalProvisioner implements Provisioner {
           // A worker whose head vanished for good stops its trainers and exits by itself.
           "--head-lost-timeout-ms", String(Math.max(60_000, this.spec.head.heartbeatTimeoutMs * 6)),
         ], {
-          env: { ...process.env, DROVER_JOIN_TOKEN: context.joinToken },
+          env: { ...process.env, ...context.agentEnv, DROVER_JOIN_TOKEN: context.joinToken },
           stdio: ["ignore", logFd, logFd],
           detached: true,
         });

@@ -7,6 +7,8 @@ export interface ProvisionContext {
   /** host:port workers dial. */
   headAddress: string;
   joinToken: string;
+  /** Extra environment every node's agent gets (storage config); may hold secrets. */
+  agentEnv: Record<string, string>;
   state: StateDirectory;
   logger: Logger;
   signal: AbortSignal;

@@ -1,0 +1,144 @@
+// A model of how an Akash provider decides to bid, close enough to the real provider's
+// bid engine to exercise the bid strategy: literal GPU tag matching, placement attributes,
+// auditor signatures, the ram storage class for /dev/shm, replicas packed onto machines
+// (a node never spans machines), a price per GPU, and the quirks AT-1 met (bidding only
+// on small asks, slow or missing bids). Pure: the HTTP simulator and the strategy tests
+// share it.
+
+import type { CompiledAkashGroup } from "@drover/sdl";
+import { compareDecimal, multiplyDecimal } from "../market/decimal-price.js";
+import type { ProviderAdvertisement } from "../market/market-observations.js";
+
+export interface SimulatedMachine {
+  /** Free GPUs on this machine. */
+  gpus: number;
+}
+
+export interface SimulatedProviderConfig {
+  readonly address: string;
+  readonly auditedBy?: readonly string[];
+  readonly attributes?: Readonly<Record<string, string>>;
+  /** GPU tags published, literally (e.g. "a100", or a provider's own "nvidia-a100"). */
+  readonly gpuTag: string;
+  readonly gpuRam?: string;
+  readonly gpuInterface?: "pcie" | "sxm";
+  readonly machines: readonly SimulatedMachine[];
+  readonly storageClasses?: readonly string[];
+  /** Asking price per GPU per block. */
+  readonly pricePerGpu: string;
+  /** Bids only on asks of at most this many nodes (providers wary of large leases). */
+  readonly maxAskNodes?: number;
+  /** Delay before the bid appears. */
+  readonly bidDelayMs?: number;
+  /** Never bids, although it advertises capacity (an offline bid engine). */
+  readonly silent?: boolean;
+  /** Whether its status endpoint states its price (for diagnosis only). */
+  readonly publishesPrice?: boolean;
+}
+
+export interface SimulatedAsk {
+  readonly group: CompiledAkashGroup;
+  readonly denom: string;
+}
+
+export interface SimulatedBidDecision {
+  readonly price: string;
+  readonly gpuModel: string;
+  readonly gpuRam?: string;
+  readonly gpuInterface?: "pcie" | "sxm";
+  readonly delayMs: number;
+}
+
+export class SimulatedProvider {
+  readonly machines: SimulatedMachine[];
+
+  constructor(readonly config: SimulatedProviderConfig) {
+    this.machines = config.machines.map((machine) => ({ ...machine }));
+  }
+
+  get address(): string {
+    return this.config.address;
+  }
+
+  /** The bid this provider would place on `ask`, or why not. */
+  decide(ask: SimulatedAsk): SimulatedBidDecision | { readonly declined: string } {
+    const { group } = ask;
+    const config = this.config;
+    if (config.silent) return { declined: "bid engine offline" };
+    const model = group.gpu.models.find(
+      (wanted) =>
+        wanted.model === config.gpuTag &&
+        (wanted.ram === undefined || wanted.ram === config.gpuRam) &&
+        (wanted.interface === undefined || wanted.interface === config.gpuInterface),
+    );
+    if (model === undefined) return { declined: `publishes ${config.gpuTag}` };
+    for (const [key, value] of Object.entries(group.attributes)) {
+      if (config.attributes?.[key] !== value) return { declined: `lacks attribute ${key}=${value}` };
+    }
+    if (group.auditors.length > 0 && !group.auditors.some((auditor) => config.auditedBy?.includes(auditor))) {
+      return { declined: "not audited by a requested auditor" };
+    }
+    if (!(config.storageClasses ?? ["beta3", "ram"]).includes("ram")) return { declined: "no ram storage class" };
+    if (config.maxAskNodes !== undefined && group.nodes > config.maxAskNodes) return { declined: "ask too large for its policy" };
+    if (this.replicasThatFit(group.gpu.perNode) < group.nodes) return { declined: "not enough free GPUs per machine" };
+    const price = multiplyDecimal(config.pricePerGpu, group.gpu.perNode);
+    if (compareDecimal(price, group.maxPrice.amount) > 0) return { declined: `asks ${price}, above ${group.maxPrice.amount}` };
+    return {
+      price,
+      gpuModel: config.gpuTag,
+      ...(config.gpuRam === undefined ? {} : { gpuRam: config.gpuRam }),
+      ...(config.gpuInterface === undefined ? {} : { gpuInterface: config.gpuInterface }),
+      delayMs: config.bidDelayMs ?? 0,
+    };
+  }
+
+  /** Takes the GPUs of a lease; false when they no longer fit (the market moved). */
+  allocate(nodes: number, gpusPerNode: number): boolean {
+    if (this.replicasThatFit(gpusPerNode) < nodes) return false;
+    let left = nodes;
+    for (const machine of this.machines) {
+      while (left > 0 && machine.gpus >= gpusPerNode) {
+        machine.gpus -= gpusPerNode;
+        left -= 1;
+      }
+    }
+    return true;
+  }
+
+  release(nodes: number, gpusPerNode: number): void {
+    // Back to the machines with the fewest free GPUs first: they are where the lease was packed.
+    let left = nodes;
+    const original = this.config.machines;
+    for (let index = 0; index < this.machines.length && left > 0; index += 1) {
+      const machine = this.machines[index]!;
+      while (left > 0 && machine.gpus + gpusPerNode <= original[index]!.gpus) {
+        machine.gpus += gpusPerNode;
+        left -= 1;
+      }
+    }
+  }
+
+  advertisement(): ProviderAdvertisement {
+    const config = this.config;
+    return {
+      provider: config.address,
+      auditedBy: config.auditedBy ?? [],
+      attributes: config.attributes ?? {},
+      gpus: [
+        {
+          tag: config.gpuTag,
+          ...(config.gpuRam === undefined ? {} : { ram: config.gpuRam }),
+          ...(config.gpuInterface === undefined ? {} : { interface: config.gpuInterface }),
+          freeGpus: this.machines.reduce((sum, machine) => sum + machine.gpus, 0),
+          largestFreePerMachine: Math.max(0, ...this.machines.map((machine) => machine.gpus)),
+        },
+      ],
+      storageClasses: config.storageClasses ?? ["beta3", "ram"],
+      ...(config.publishesPrice ? { askingPricePerGpu: config.pricePerGpu } : {}),
+    };
+  }
+
+  private replicasThatFit(gpusPerNode: number): number {
+    return this.machines.reduce((sum, machine) => sum + Math.floor(machine.gpus / gpusPerNode), 0);
+  }
+}
