@@ -1,0 +1,218 @@
+#!/usr/bin/env node
+// bench:ckpt - uploads and downloads a 1 GiB checkpoint (8 x 128 MiB) with Drover's
+// CheckpointStore against the local S3 servers (s3rver, and MinIO when
+// storage/scripts/install-minio.sh has built it), then copies the same files with rclone
+// to the same server, and prints throughput and the ratio Drover / rclone.
+//
+// Keys are handed to rclone through RCLONE_CONFIG_<NAME>_* environment variables of its
+// child process only; nothing prints them.
+//
+// Options (env): BENCH_FILES (8), BENCH_FILE_MIB (128), BENCH_SERVERS (s3rver,minio),
+// BENCH_PART_MIB (32), BENCH_CONCURRENCY (8), BENCH_MULTIPART_THRESHOLD_MIB, BENCH_PART_MD5 (0|1),
+// BENCH_ROUNDS (3, medians reported), BENCH_SKIP_RCLONE=1 (Drover only, for quick tuning).
+import { spawn, spawnSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { createWriteStream } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const dist = path.join(here, '..', 'dist', 'index.js');
+const { CheckpointStore, createObjectStore, parseObjectStoreConfig, parseTransferConfig, startMinioServer, findMinioBinary } = await import(dist);
+
+const MiB = 1024 * 1024;
+const fileCount = Number(process.env.BENCH_FILES ?? 8);
+const fileMiB = Number(process.env.BENCH_FILE_MIB ?? 128);
+const partMiB = Number(process.env.BENCH_PART_MIB ?? 32);
+const concurrency = Number(process.env.BENCH_CONCURRENCY ?? 8);
+const thresholdMiB = process.env.BENCH_MULTIPART_THRESHOLD_MIB ? Number(process.env.BENCH_MULTIPART_THRESHOLD_MIB) : undefined;
+const partMd5 = process.env.BENCH_PART_MD5 === undefined ? undefined : process.env.BENCH_PART_MD5 !== '0';
+const skipRclone = process.env.BENCH_SKIP_RCLONE === '1';
+const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
+const servers = (process.env.BENCH_SERVERS ?? 's3rver,minio').split(',').map((s) => s.trim());
+const totalBytes = fileCount * fileMiB * MiB;
+
+const say = (line) => process.stdout.write(`${line}\n`);
+
+function ensureRclone() {
+  if (spawnSync('rclone', ['version'], { stdio: 'ignore' }).status === 0) return;
+  say('[bench] rclone not found; installing the Debian package (apt-get install -y rclone)');
+  let result = spawnSync('apt-get', ['install', '-y', '-q', 'rclone'], { stdio: 'inherit' });
+  if (result.status !== 0) {
+    spawnSync('apt-get', ['update', '-q'], { stdio: 'inherit' });
+    result = spawnSync('apt-get', ['install', '-y', '-q', 'rclone'], { stdio: 'inherit' });
+  }
+  if (result.status !== 0) throw new Error('could not install rclone');
+}
+
+async function makeFiles(dir) {
+  await mkdir(dir, { recursive: true });
+  const block = randomBytes(MiB);
+  for (let f = 0; f < fileCount; f++) {
+    const out = createWriteStream(path.join(dir, `shard-${String(f).padStart(2, '0')}.bin`));
+    for (let i = 0; i < fileMiB; i++) {
+      const chunk = Buffer.from(block);
+      chunk.writeUInt32LE(f * 100003 + i, 0);
+      if (!out.write(chunk)) await new Promise((resolve) => out.once('drain', resolve));
+    }
+    await new Promise((resolve, reject) => out.end((error) => (error ? reject(error) : resolve())));
+  }
+}
+
+/** s3rver runs in its own process so that it does not share an event loop with the client. */
+async function startS3rverChild(directory) {
+  const child = spawn(
+    process.execPath,
+    [
+      '--input-type=module',
+      '-e',
+      `const { startLocalS3Server } = await import(${JSON.stringify(dist)});
+       const server = await startLocalS3Server({ directory: ${JSON.stringify(directory)} });
+       process.stdout.write(JSON.stringify(server.storeConfig()) + '\\n');
+       process.stdin.on('end', () => server.stop().then(() => process.exit(0)));
+       process.stdin.resume();`,
+    ],
+    { stdio: ['pipe', 'pipe', 'inherit'] },
+  );
+  const line = await new Promise((resolve, reject) => {
+    let buffer = '';
+    child.stdout.on('data', (chunk) => {
+      buffer += chunk;
+      const newline = buffer.indexOf('\n');
+      if (newline >= 0) resolve(buffer.slice(0, newline));
+    });
+    child.once('exit', (code) => reject(new Error(`s3rver child exited with ${code}`)));
+  });
+  const config = JSON.parse(line);
+  return {
+    storeConfig: () => config,
+    stop: async () => {
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      child.stdin.end();
+      await exited;
+    },
+  };
+}
+
+async function timed(fn) {
+  const start = process.hrtime.bigint();
+  await fn();
+  return Number(process.hrtime.bigint() - start) / 1e9;
+}
+
+function runRclone(args, config) {
+  // Only our remote's settings: inherited AWS_* variables (a CA bundle, a profile) would
+  // change how rclone talks to a plain-HTTP loopback server.
+  const inherited = Object.fromEntries(Object.entries(process.env).filter(([name]) => !name.startsWith('AWS_') && !name.startsWith('RCLONE_')));
+  const env = {
+    ...inherited,
+    RCLONE_CONFIG_DROVERBENCH_TYPE: 's3',
+    RCLONE_CONFIG_DROVERBENCH_PROVIDER: 'Other',
+    RCLONE_CONFIG_DROVERBENCH_ENDPOINT: config.endpoint,
+    RCLONE_CONFIG_DROVERBENCH_REGION: config.region,
+    RCLONE_CONFIG_DROVERBENCH_ACCESS_KEY_ID: config.credentials.accessKeyId,
+    RCLONE_CONFIG_DROVERBENCH_SECRET_ACCESS_KEY: config.credentials.secretAccessKey,
+    RCLONE_CONFIG_DROVERBENCH_FORCE_PATH_STYLE: 'true',
+  };
+  return new Promise((resolve, reject) => {
+    const child = spawn('rclone', args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr.on('data', (chunk) => (stderr = (stderr + chunk).slice(-2000)));
+    child.once('exit', (code) => (code === 0 ? resolve() : reject(new Error(`rclone ${args[0]} failed (${code}): ${stderr}`))));
+  });
+}
+
+const rate = (seconds) => totalBytes / MiB / seconds;
+const fmt = (n) => n.toFixed(1).padStart(8);
+
+const median = (values) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)];
+};
+
+/**
+ * One server, `rounds` rounds; each round runs Drover and rclone back to back (upload,
+ * then download) so that both see the same background load. Medians are reported.
+ */
+async function benchServer(kind, root, sourceDir) {
+  const serverDir = path.join(root, `${kind}-data`);
+  const server = kind === 'minio' ? await startMinioServer({ directory: serverDir }) : await startS3rverChild(serverDir);
+  const times = { droverUp: [], droverDown: [], rcloneUp: [], rcloneDown: [] };
+  try {
+    const config = server.storeConfig();
+    const transfer = {
+      partSizeBytes: partMiB * MiB,
+      concurrency,
+      ...(thresholdMiB !== undefined ? { multipartThresholdBytes: thresholdMiB * MiB } : {}),
+      ...(partMd5 !== undefined ? { partContentMd5: partMd5 } : {}),
+    };
+    const store = createObjectStore(parseObjectStoreConfig(config), parseTransferConfig(transfer));
+    const checkpoints = new CheckpointStore({ store, transfer, resumeStateDir: path.join(root, 'journal') });
+    for (let round = 0; round < rounds; round++) {
+      const step = round + 1;
+      let report;
+      times.droverUp.push(
+        await timed(async () => {
+          report = await checkpoints.uploadRank({ run: 'bench', step, rank: 0, dir: sourceDir });
+        }),
+      );
+      await checkpoints.commit({ run: 'bench', step, world: { worldSize: 1 }, reports: [report] });
+      const droverDest = path.join(root, `${kind}-drover-down`);
+      times.droverDown.push(await timed(() => checkpoints.download({ run: 'bench', step, destDir: droverDest })));
+      await rm(droverDest, { recursive: true, force: true });
+      if (!skipRclone) {
+        const remote = `droverbench:${config.bucket}/rclone-bench-${round}`;
+        times.rcloneUp.push(await timed(() => runRclone(['copy', sourceDir, remote], config)));
+        const rcloneDest = path.join(root, `${kind}-rclone-down`);
+        times.rcloneDown.push(await timed(() => runRclone(['copy', remote, rcloneDest], config)));
+        await rm(rcloneDest, { recursive: true, force: true });
+      }
+      // Keep the server's disk use to one copy of each.
+      await checkpoints.prune({ run: 'bench', retention: { keepLast: 1, keepEvery: 0 } });
+      if (!skipRclone) await runRclone(['purge', `droverbench:${config.bucket}/rclone-bench-${round}`], config);
+    }
+    store.close();
+  } finally {
+    await server.stop();
+    await rm(serverDir, { recursive: true, force: true });
+  }
+  return {
+    kind,
+    droverUp: median(times.droverUp),
+    droverDown: median(times.droverDown),
+    rcloneUp: skipRclone ? NaN : median(times.rcloneUp),
+    rcloneDown: skipRclone ? NaN : median(times.rcloneDown),
+  };
+}
+
+ensureRclone();
+const rcloneVersion = spawnSync('rclone', ['version'], { encoding: 'utf8' }).stdout.split('\n')[0];
+const root = await mkdtemp(path.join(os.tmpdir(), 'drover-bench-'));
+try {
+  const sourceDir = path.join(root, 'source');
+  say(`[bench] ${fileCount} x ${fileMiB} MiB = ${(totalBytes / MiB).toFixed(0)} MiB; drover part ${partMiB} MiB x ${concurrency}; ${rcloneVersion} with default flags; median of ${rounds} interleaved rounds`);
+  await makeFiles(sourceDir);
+  const results = [];
+  for (const kind of servers) {
+    if (kind === 'minio' && !findMinioBinary()) {
+      say('[bench] minio: skipped (binary not found; run storage/scripts/install-minio.sh)');
+      continue;
+    }
+    say(`[bench] ${kind}: running`);
+    results.push(await benchServer(kind, root, sourceDir));
+  }
+  say('');
+  say('server   op         drover MiB/s  rclone MiB/s   ratio');
+  for (const r of results) {
+    for (const [op, d, c] of [
+      ['upload', r.droverUp, r.rcloneUp],
+      ['download', r.droverDown, r.rcloneDown],
+    ]) {
+      say(`${r.kind.padEnd(8)} ${op.padEnd(10)} ${fmt(rate(d))}      ${fmt(rate(c))}    ${(c / d).toFixed(2).padStart(5)}`);
+    }
+  }
+} finally {
+  await rm(root, { recursive: true, force: true });
+}

@@ -1,0 +1,92 @@
+// Every error this package throws on purpose. Each class has a stable `name` that callers
+// may switch on, read-only context, and the underlying `cause` when there is one. No
+// message or context field ever carries a credential: context holds keys, paths, sizes
+// and digests only.
+
+export type StorageErrorContext = Readonly<Record<string, string | number | boolean | undefined>>;
+
+export abstract class StorageError extends Error {
+  abstract override readonly name: string;
+  readonly context: StorageErrorContext;
+
+  constructor(message: string, context: StorageErrorContext = {}, options?: { cause?: unknown }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.context = Object.freeze({ ...context });
+  }
+}
+
+/** The store config (or an option object) does not validate; `path` names the field. */
+export class StorageConfigError extends StorageError {
+  override readonly name = 'StorageConfigError';
+}
+
+/** An object that must exist does not. */
+export class ObjectNotFoundError extends StorageError {
+  override readonly name = 'ObjectNotFoundError';
+}
+
+/**
+ * One request to the object store failed. `retryable` says whether the transfer engine
+ * may try again (5xx, throttling, timeouts, connection resets).
+ */
+export class ObjectStoreRequestError extends StorageError {
+  override readonly name = 'ObjectStoreRequestError';
+  readonly retryable: boolean;
+  readonly statusCode: number | undefined;
+
+  constructor(
+    message: string,
+    context: StorageErrorContext & { operation: string; retryable: boolean; statusCode?: number },
+    options?: { cause?: unknown },
+  ) {
+    super(message, context, options);
+    this.retryable = context.retryable;
+    this.statusCode = context.statusCode;
+  }
+}
+
+/** The store does not implement an optional S3 operation (s3rver lacks ListParts etc.). */
+export class OperationNotSupportedError extends StorageError {
+  override readonly name = 'OperationNotSupportedError';
+}
+
+/** Retries ran out; `cause` is the last attempt's error. */
+export class RetriesExhaustedError extends StorageError {
+  override readonly name = 'RetriesExhaustedError';
+}
+
+/** Bytes read back do not hash (or size) to what was recorded. Names the file. */
+export class ChecksumMismatchError extends StorageError {
+  override readonly name = 'ChecksumMismatchError';
+}
+
+/** A file changed on disk while it was being uploaded. */
+export class SourceChangedError extends StorageError {
+  override readonly name = 'SourceChangedError';
+}
+
+/** Commit refused: a rank report is missing, or an object is absent or differs. */
+export class CheckpointIncompleteError extends StorageError {
+  override readonly name = 'CheckpointIncompleteError';
+  readonly problems: readonly string[];
+
+  constructor(message: string, context: StorageErrorContext, problems: readonly string[]) {
+    super(`${message}: ${problems.slice(0, 10).join('; ')}${problems.length > 10 ? ` (+${problems.length - 10} more)` : ''}`, context);
+    this.problems = Object.freeze([...problems]);
+  }
+}
+
+/** No committed checkpoint (MANIFEST.json) at that step. */
+export class CheckpointNotFoundError extends StorageError {
+  override readonly name = 'CheckpointNotFoundError';
+}
+
+/** A manifest or report does not parse, or names a path that would escape its directory. */
+export class InvalidManifestError extends StorageError {
+  override readonly name = 'InvalidManifestError';
+}
+
+/** The embedded S3 server or the MinIO fixture failed to start or stop. */
+export class LocalServerError extends StorageError {
+  override readonly name = 'LocalServerError';
+}

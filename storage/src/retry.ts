@@ -1,0 +1,64 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import { ObjectStoreRequestError, RetriesExhaustedError } from './errors.js';
+import { silentLogger, type Logger } from './logger.js';
+
+export interface RetryPolicy {
+  maxAttempts: number;
+  backoffBaseMs: number;
+  backoffMaxMs: number;
+}
+
+export interface RetryOptions {
+  policy: RetryPolicy;
+  signal?: AbortSignal | undefined;
+  logger?: Logger | undefined;
+  /** Logged with each retry; keys and paths only. */
+  context?: Readonly<Record<string, string | number>>;
+  /** Injected in tests for deterministic jitter. */
+  random?: () => number;
+}
+
+export function isRetryable(error: unknown): boolean {
+  return error instanceof ObjectStoreRequestError && error.retryable;
+}
+
+/** "Full jitter" exponential backoff: uniform in [0, min(max, base * 2^(attempt-1))]. */
+export function backoffDelayMs(attempt: number, policy: RetryPolicy, random: () => number = Math.random): number {
+  const ceiling = Math.min(policy.backoffMaxMs, policy.backoffBaseMs * 2 ** Math.max(0, attempt - 1));
+  return Math.floor(random() * ceiling);
+}
+
+/**
+ * Runs `attempt` until it succeeds, fails with a non-retryable error, or the policy's
+ * attempts run out (RetriesExhaustedError with the last error as cause). The caller's
+ * abort ends it at once, waits included, with the signal's reason.
+ */
+export async function withRetry<T>(operation: string, attempt: (attemptNumber: number) => Promise<T>, options: RetryOptions): Promise<T> {
+  const { policy, signal } = options;
+  const logger = options.logger ?? silentLogger;
+  for (let attemptNumber = 1; ; attemptNumber++) {
+    signal?.throwIfAborted();
+    try {
+      return await attempt(attemptNumber);
+    } catch (error) {
+      if (signal?.aborted) throw signal.reason;
+      if (!isRetryable(error)) throw error;
+      if (attemptNumber >= policy.maxAttempts) {
+        throw new RetriesExhaustedError(
+          `${operation} failed after ${attemptNumber} attempts: ${(error as Error).message}`,
+          { operation, attempts: attemptNumber, ...options.context },
+          { cause: error },
+        );
+      }
+      const delayMs = backoffDelayMs(attemptNumber, policy, options.random);
+      logger.debug('retrying object store request', {
+        operation,
+        attempt: attemptNumber,
+        delayMs,
+        error: (error as Error).message,
+        ...options.context,
+      });
+      await sleep(delayMs, undefined, signal ? { signal } : undefined);
+    }
+  }
+}

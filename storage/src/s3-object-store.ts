@@ -1,0 +1,580 @@
+import http from 'node:http';
+import https from 'node:https';
+import { createReadStream } from 'node:fs';
+import type { Readable } from 'node:stream';
+import {
+  AbortMultipartUploadCommand,
+  CompleteMultipartUploadCommand,
+  CreateMultipartUploadCommand,
+  DeleteObjectCommand,
+  GetObjectCommand,
+  HeadObjectCommand,
+  ListMultipartUploadsCommand,
+  ListObjectsV2Command,
+  ListPartsCommand,
+  PutObjectCommand,
+  S3Client,
+  S3ServiceException,
+  UploadPartCommand,
+} from '@aws-sdk/client-s3';
+import { describeStore, resolveS3Credentials, type S3StoreConfig, type TransferConfig } from './config.js';
+import { ObjectNotFoundError, ObjectStoreRequestError, OperationNotSupportedError } from './errors.js';
+import type {
+  CompletedPart,
+  ListedObject,
+  MultipartUploadInfo,
+  ObjectInfo,
+  ObjectStore,
+  PutBody,
+  PutOptions,
+  RangeSink,
+  RequestOptions,
+  UploadedPart,
+} from './object-store.js';
+import { runBounded } from './concurrency.js';
+
+export interface S3ObjectStoreOptions {
+  config: S3StoreConfig;
+  /** Only the timeouts and the concurrency (socket pool size) are read from here. */
+  transfer: Pick<TransferConfig, 'stallTimeoutMs' | 'connectTimeoutMs' | 'concurrency'>;
+  env?: NodeJS.ProcessEnv;
+}
+
+// Error codes some S3-compatible stores answer for an operation they lack (s3rver has
+// no ListParts, ListMultipartUploads or AbortMultipartUpload).
+const UNSUPPORTED_CODES = new Set(['NotImplemented', 'MethodNotAllowed']);
+const UNSIGNED_PAYLOAD_COMMANDS = new Set(['PutObjectCommand', 'UploadPartCommand']);
+const RETRYABLE_CODES = new Set(['RequestTimeout', 'SlowDown', 'InternalError', 'ServiceUnavailable', 'RequestTimeTooSkewed', 'OperationAborted']);
+
+export class S3ObjectStore implements ObjectStore {
+  readonly description: string;
+  readonly wireIsProtected: boolean;
+  readonly #client: S3Client;
+  readonly #bucket: string;
+  readonly #prefix: string;
+  readonly #stallTimeoutMs: number;
+  readonly #agents: Array<http.Agent>;
+
+  constructor(options: S3ObjectStoreOptions) {
+    const { config, transfer } = options;
+    const credentials = resolveS3Credentials(config, options.env);
+    this.description = describeStore(config);
+    this.wireIsProtected = endpointIsProtected(config.endpoint);
+    this.#bucket = config.bucket;
+    this.#prefix = config.prefix;
+    this.#stallTimeoutMs = transfer.stallTimeoutMs;
+    // Room for every part in flight plus metadata requests (HEAD, list) beside them.
+    const maxSockets = Math.max(16, transfer.concurrency * 2);
+    const httpAgent = new http.Agent({ keepAlive: true, maxSockets });
+    const httpsAgent = new https.Agent({ keepAlive: true, maxSockets });
+    this.#agents = [httpAgent, httpsAgent];
+    const checksumMode = config.checksums === 'when_required' ? 'WHEN_REQUIRED' : 'WHEN_SUPPORTED';
+    this.#client = new S3Client({
+      ...(config.endpoint ? { endpoint: config.endpoint } : {}),
+      region: config.region,
+      forcePathStyle: config.forcePathStyle,
+      credentials: {
+        accessKeyId: credentials.accessKeyId.reveal(),
+        secretAccessKey: credentials.secretAccessKey.reveal(),
+        ...(credentials.sessionToken ? { sessionToken: credentials.sessionToken.reveal() } : {}),
+      },
+      requestChecksumCalculation: checksumMode,
+      responseChecksumValidation: checksumMode,
+      // Retries happen once, in retry.ts, with knowledge of parts and resumption.
+      maxAttempts: 1,
+      requestHandler: {
+        connectionTimeout: transfer.connectTimeoutMs,
+        // Idle socket timeout: a peer that stops sending or answering is abandoned and the
+        // attempt fails retryably. (requestTimeout would only warn on the console here.)
+        socketTimeout: transfer.stallTimeoutMs,
+        httpAgent,
+        httpsAgent,
+      },
+    });
+    this.#sendUnsignedPayloads();
+  }
+
+  /**
+   * Over plain HTTP the SDK hashes every body with sha256 to sign it, on the event loop:
+   * a third hash of each byte. Bodies of PutObject and UploadPart are sent as
+   * UNSIGNED-PAYLOAD (valid SigV4, accepted by S3, MinIO, B2, R2) instead; their integrity
+   * comes from Content-MD5, which the server checks, and from the sha256 Drover verifies
+   * on every download.
+   */
+  #sendUnsignedPayloads(): void {
+    this.#client.middlewareStack.add(
+      (next, context) => async (args) => {
+        const request = args.request as { headers?: Record<string, string> } | undefined;
+        if (UNSIGNED_PAYLOAD_COMMANDS.has(context.commandName ?? '') && request?.headers) {
+          request.headers['x-amz-content-sha256'] = 'UNSIGNED-PAYLOAD';
+        }
+        return next(args);
+      },
+      { step: 'build', name: 'droverUnsignedPayload' },
+    );
+  }
+
+  #key(key: string): string {
+    return this.#prefix + key;
+  }
+
+  async #send<T>(operation: string, key: string, signal: AbortSignal | undefined, run: () => Promise<T>): Promise<T> {
+    signal?.throwIfAborted();
+    try {
+      return await run();
+    } catch (error) {
+      throw toStoreError(error, operation, key, signal);
+    }
+  }
+
+  async headObject(key: string, options: RequestOptions = {}): Promise<ObjectInfo | undefined> {
+    try {
+      return await this.#send('HeadObject', key, options.signal, async () => {
+        const out = await this.#client.send(new HeadObjectCommand({ Bucket: this.#bucket, Key: this.#key(key) }), {
+          abortSignal: options.signal,
+        });
+        return {
+          key,
+          size: out.ContentLength ?? 0,
+          ...(out.ETag ? { etag: out.ETag } : {}),
+          ...(out.LastModified ? { lastModified: out.LastModified } : {}),
+          metadata: lowerCaseKeys(out.Metadata ?? {}),
+        };
+      });
+    } catch (error) {
+      if (error instanceof ObjectNotFoundError) return undefined;
+      throw error;
+    }
+  }
+
+  async *listObjects(prefix: string, options: RequestOptions = {}): AsyncIterable<ListedObject> {
+    let continuationToken: string | undefined;
+    do {
+      const page = await this.#send('ListObjectsV2', prefix, options.signal, () =>
+        this.#client.send(
+          new ListObjectsV2Command({
+            Bucket: this.#bucket,
+            Prefix: this.#key(prefix),
+            ...(continuationToken ? { ContinuationToken: continuationToken } : {}),
+          }),
+          { abortSignal: options.signal },
+        ),
+      );
+      for (const item of page.Contents ?? []) {
+        if (item.Key === undefined) continue;
+        yield {
+          key: item.Key.slice(this.#prefix.length),
+          size: item.Size ?? 0,
+          ...(item.LastModified ? { lastModified: item.LastModified } : {}),
+        };
+      }
+      continuationToken = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (continuationToken);
+  }
+
+  async listPrefixes(prefix: string, options: RequestOptions = {}): Promise<string[]> {
+    const prefixes: string[] = [];
+    let continuationToken: string | undefined;
+    do {
+      const page = await this.#send('ListObjectsV2', prefix, options.signal, () =>
+        this.#client.send(
+          new ListObjectsV2Command({
+            Bucket: this.#bucket,
+            Prefix: this.#key(prefix),
+            Delimiter: '/',
+            ...(continuationToken ? { ContinuationToken: continuationToken } : {}),
+          }),
+          { abortSignal: options.signal },
+        ),
+      );
+      for (const item of page.CommonPrefixes ?? []) {
+        if (item.Prefix !== undefined) prefixes.push(item.Prefix.slice(this.#prefix.length));
+      }
+      continuationToken = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (continuationToken);
+    return prefixes.sort();
+  }
+
+  async putObject(key: string, body: PutBody, options: PutOptions = {}): Promise<{ etag?: string }> {
+    return this.#send('PutObject', key, options.signal, async () => {
+      const inMemory = body instanceof Uint8Array;
+      const out = await this.#client.send(
+        new PutObjectCommand({
+          Bucket: this.#bucket,
+          Key: this.#key(key),
+          Body: inMemory ? body : createReadStream(body.filePath),
+          ContentLength: inMemory ? body.byteLength : body.size,
+          ...(options.metadata ? { Metadata: { ...options.metadata } } : {}),
+          ...(options.contentType ? { ContentType: options.contentType } : {}),
+          ...(options.contentMd5 ? { ContentMD5: options.contentMd5 } : {}),
+        }),
+        { abortSignal: options.signal },
+      );
+      return out.ETag ? { etag: out.ETag } : {};
+    });
+  }
+
+  async getObject(key: string, options: RequestOptions = {}): Promise<Buffer> {
+    return this.#send('GetObject', key, options.signal, async () => {
+      const out = await this.#client.send(new GetObjectCommand({ Bucket: this.#bucket, Key: this.#key(key) }), {
+        abortSignal: options.signal,
+      });
+      const expected = out.ContentLength;
+      const body = await readBody(out.Body as Readable | undefined, expected, this.#stallTimeoutMs, options.signal);
+      return body;
+    });
+  }
+
+  async getObjectRange(key: string, start: number, length: number, options: RequestOptions = {}): Promise<Buffer> {
+    if (length === 0) return Buffer.alloc(0);
+    return this.#send('GetObject', key, options.signal, async () => {
+      const out = await this.#client.send(
+        new GetObjectCommand({ Bucket: this.#bucket, Key: this.#key(key), Range: `bytes=${start}-${start + length - 1}` }),
+        { abortSignal: options.signal },
+      );
+      // A server that ignores Range answers 200 with the whole object: refuse rather than
+      // silently read the wrong bytes.
+      if (out.ContentRange === undefined && out.ContentLength !== length) {
+        throw new ObjectStoreRequestError('server ignored the Range header', {
+          operation: 'GetObject',
+          key,
+          retryable: false,
+        });
+      }
+      return readBody(out.Body as Readable | undefined, length, this.#stallTimeoutMs, options.signal);
+    });
+  }
+
+  async readRange(key: string, start: number, length: number, sink: RangeSink, options: RequestOptions = {}): Promise<void> {
+    if (length === 0) return;
+    await this.#send('GetObject', key, options.signal, async () => {
+      const out = await this.#client.send(
+        new GetObjectCommand({ Bucket: this.#bucket, Key: this.#key(key), Range: `bytes=${start}-${start + length - 1}` }),
+        { abortSignal: options.signal },
+      );
+      if (out.ContentRange === undefined && out.ContentLength !== length) {
+        throw new ObjectStoreRequestError('server ignored the Range header', { operation: 'GetObject', key, retryable: false });
+      }
+      await streamBody(out.Body as Readable | undefined, length, this.#stallTimeoutMs, options.signal, sink);
+    });
+  }
+
+  async deleteObjects(keys: readonly string[], options: RequestOptions = {}): Promise<void> {
+    // One DeleteObject per key rather than DeleteObjects: the batch call requires a body
+    // checksum, and which algorithm is accepted differs between S3-compatible stores.
+    await runBounded(keys, 8, async (key) => {
+      await this.#send('DeleteObject', key, options.signal, () =>
+        this.#client.send(new DeleteObjectCommand({ Bucket: this.#bucket, Key: this.#key(key) }), { abortSignal: options.signal }),
+      );
+    });
+  }
+
+  async createMultipartUpload(key: string, options: PutOptions = {}): Promise<string> {
+    return this.#send('CreateMultipartUpload', key, options.signal, async () => {
+      const out = await this.#client.send(
+        new CreateMultipartUploadCommand({
+          Bucket: this.#bucket,
+          Key: this.#key(key),
+          ...(options.metadata ? { Metadata: { ...options.metadata } } : {}),
+          ...(options.contentType ? { ContentType: options.contentType } : {}),
+        }),
+        { abortSignal: options.signal },
+      );
+      if (!out.UploadId) {
+        throw new ObjectStoreRequestError('CreateMultipartUpload returned no UploadId', {
+          operation: 'CreateMultipartUpload',
+          key,
+          retryable: true,
+        });
+      }
+      return out.UploadId;
+    });
+  }
+
+  async uploadPart(
+    key: string,
+    uploadId: string,
+    partNumber: number,
+    body: Uint8Array,
+    options: RequestOptions & { contentMd5?: string } = {},
+  ): Promise<string> {
+    return this.#send('UploadPart', key, options.signal, async () => {
+      const out = await this.#client.send(
+        new UploadPartCommand({
+          Bucket: this.#bucket,
+          Key: this.#key(key),
+          UploadId: uploadId,
+          PartNumber: partNumber,
+          Body: body,
+          ContentLength: body.byteLength,
+          ...(options.contentMd5 ? { ContentMD5: options.contentMd5 } : {}),
+        }),
+        { abortSignal: options.signal },
+      );
+      if (!out.ETag) {
+        throw new ObjectStoreRequestError('UploadPart returned no ETag', { operation: 'UploadPart', key, retryable: true });
+      }
+      return out.ETag;
+    });
+  }
+
+  async completeMultipartUpload(
+    key: string,
+    uploadId: string,
+    parts: readonly CompletedPart[],
+    options: RequestOptions = {},
+  ): Promise<{ etag?: string }> {
+    return this.#send('CompleteMultipartUpload', key, options.signal, async () => {
+      const out = await this.#client.send(
+        new CompleteMultipartUploadCommand({
+          Bucket: this.#bucket,
+          Key: this.#key(key),
+          UploadId: uploadId,
+          MultipartUpload: { Parts: parts.map((part) => ({ PartNumber: part.partNumber, ETag: part.etag })) },
+        }),
+        { abortSignal: options.signal },
+      );
+      return out.ETag ? { etag: out.ETag } : {};
+    });
+  }
+
+  async abortMultipartUpload(key: string, uploadId: string, options: RequestOptions = {}): Promise<void> {
+    await this.#send('AbortMultipartUpload', key, options.signal, () =>
+      this.#client.send(new AbortMultipartUploadCommand({ Bucket: this.#bucket, Key: this.#key(key), UploadId: uploadId }), {
+        abortSignal: options.signal,
+      }),
+    );
+  }
+
+  async listParts(key: string, uploadId: string, options: RequestOptions = {}): Promise<UploadedPart[]> {
+    const parts: UploadedPart[] = [];
+    let marker: string | undefined;
+    do {
+      const page = await this.#send('ListParts', key, options.signal, () =>
+        this.#client.send(
+          new ListPartsCommand({
+            Bucket: this.#bucket,
+            Key: this.#key(key),
+            UploadId: uploadId,
+            ...(marker ? { PartNumberMarker: marker } : {}),
+          }),
+          { abortSignal: options.signal },
+        ),
+      );
+      for (const part of page.Parts ?? []) {
+        if (part.PartNumber === undefined || part.ETag === undefined) continue;
+        parts.push({ partNumber: part.PartNumber, etag: part.ETag, size: part.Size ?? 0 });
+      }
+      marker = page.IsTruncated ? page.NextPartNumberMarker : undefined;
+    } while (marker);
+    return parts;
+  }
+
+  async listMultipartUploads(prefix: string, options: RequestOptions = {}): Promise<MultipartUploadInfo[]> {
+    const uploads: MultipartUploadInfo[] = [];
+    let keyMarker: string | undefined;
+    let uploadIdMarker: string | undefined;
+    do {
+      const page = await this.#send('ListMultipartUploads', prefix, options.signal, () =>
+        this.#client.send(
+          new ListMultipartUploadsCommand({
+            Bucket: this.#bucket,
+            Prefix: this.#key(prefix),
+            ...(keyMarker ? { KeyMarker: keyMarker } : {}),
+            ...(uploadIdMarker ? { UploadIdMarker: uploadIdMarker } : {}),
+          }),
+          { abortSignal: options.signal },
+        ),
+      );
+      for (const upload of page.Uploads ?? []) {
+        if (upload.Key === undefined || upload.UploadId === undefined) continue;
+        uploads.push({
+          key: upload.Key.slice(this.#prefix.length),
+          uploadId: upload.UploadId,
+          ...(upload.Initiated ? { initiated: upload.Initiated } : {}),
+        });
+      }
+      const truncated = page.IsTruncated === true;
+      keyMarker = truncated ? page.NextKeyMarker : undefined;
+      uploadIdMarker = truncated ? page.NextUploadIdMarker : undefined;
+    } while (keyMarker);
+    return uploads;
+  }
+
+  close(): void {
+    this.#client.destroy();
+    for (const agent of this.#agents) agent.destroy();
+  }
+}
+
+/** AWS (no endpoint) and https are TLS; loopback never leaves the machine. */
+export function endpointIsProtected(endpoint: string | undefined): boolean {
+  if (endpoint === undefined) return true;
+  const url = new URL(endpoint);
+  if (url.protocol === 'https:') return true;
+  const host = url.hostname.replace(/^\[|\]$/g, '');
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}
+
+function lowerCaseKeys(record: Record<string, string>): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [key, value] of Object.entries(record)) out[key.toLowerCase()] = value;
+  return out;
+}
+
+/** Stall on the body: no chunk for this long means the peer is gone; retryable. */
+class BodyStallError extends Error {
+  override readonly name = 'BodyStallError';
+}
+
+async function readBody(
+  body: Readable | undefined,
+  expectedLength: number | undefined,
+  stallTimeoutMs: number,
+  signal: AbortSignal | undefined,
+): Promise<Buffer> {
+  if (!body) return Buffer.alloc(0);
+  const chunks: Buffer[] = [];
+  let received = 0;
+  let timer: NodeJS.Timeout | undefined;
+  const arm = (): void => {
+    clearTimeout(timer);
+    timer = setTimeout(() => body.destroy(new BodyStallError(`no bytes for ${stallTimeoutMs} ms`)), stallTimeoutMs);
+  };
+  const onAbort = (): void => {
+    body.destroy(signal?.reason instanceof Error ? signal.reason : new Error('aborted'));
+  };
+  signal?.addEventListener('abort', onAbort, { once: true });
+  arm();
+  try {
+    for await (const chunk of body) {
+      arm();
+      const buffer = chunk as Buffer;
+      chunks.push(buffer);
+      received += buffer.byteLength;
+      if (expectedLength !== undefined && received > expectedLength) break;
+    }
+  } finally {
+    clearTimeout(timer);
+    signal?.removeEventListener('abort', onAbort);
+  }
+  if (expectedLength !== undefined && received !== expectedLength) {
+    body.destroy();
+    throw new ObjectStoreRequestError(`body ended after ${received} of ${expectedLength} bytes`, {
+      operation: 'GetObject',
+      retryable: true,
+    });
+  }
+  return chunks.length === 1 && chunks[0] !== undefined ? chunks[0] : Buffer.concat(chunks, received);
+}
+
+/**
+ * The SDK's exception carries the raw HTTP exchange, whose Authorization header names the
+ * access key. Keep only what helps debugging: code, message, status, request ids.
+ */
+function sanitizeServiceError(error: S3ServiceException): Error {
+  const clean = new Error(error.message);
+  clean.name = error.name;
+  Object.assign(clean, {
+    statusCode: error.$metadata?.httpStatusCode,
+    requestId: error.$metadata?.requestId,
+    extendedRequestId: error.$metadata?.extendedRequestId,
+  });
+  return clean;
+}
+
+const SINK_BATCH_BYTES = 4 * 1024 * 1024;
+
+/**
+ * Hands the body to `sink` in batches of about 4 MiB (writev-friendly, no concatenation).
+ * While the sink works the stream is not read, so memory per range stays near one batch.
+ */
+async function streamBody(
+  body: Readable | undefined,
+  expectedLength: number,
+  stallTimeoutMs: number,
+  signal: AbortSignal | undefined,
+  sink: RangeSink,
+): Promise<void> {
+  if (!body) throw new ObjectStoreRequestError('response had no body', { operation: 'GetObject', retryable: true });
+  let received = 0;
+  let flushed = 0;
+  let batch: Buffer[] = [];
+  let batchBytes = 0;
+  let timer: NodeJS.Timeout | undefined;
+  const arm = (): void => {
+    clearTimeout(timer);
+    timer = setTimeout(() => body.destroy(new BodyStallError(`no bytes for ${stallTimeoutMs} ms`)), stallTimeoutMs);
+  };
+  const onAbort = (): void => {
+    body.destroy(signal?.reason instanceof Error ? signal.reason : new Error('aborted'));
+  };
+  signal?.addEventListener('abort', onAbort, { once: true });
+  try {
+    arm();
+    for await (const chunk of body) {
+      const buffer = chunk as Buffer;
+      received += buffer.byteLength;
+      if (received > expectedLength) break;
+      batch.push(buffer);
+      batchBytes += buffer.byteLength;
+      if (batchBytes >= SINK_BATCH_BYTES) {
+        clearTimeout(timer);
+        await sink(batch, flushed);
+        flushed += batchBytes;
+        batch = [];
+        batchBytes = 0;
+      }
+      arm();
+    }
+    if (received !== expectedLength) {
+      body.destroy();
+      throw new ObjectStoreRequestError(`body ended after ${received} of ${expectedLength} bytes`, { operation: 'GetObject', retryable: true });
+    }
+    if (batchBytes > 0) await sink(batch, flushed);
+  } finally {
+    clearTimeout(timer);
+    signal?.removeEventListener('abort', onAbort);
+  }
+}
+
+const NETWORK_ERROR_CODES = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED', 'EAI_AGAIN', 'ENOTFOUND', 'UND_ERR_SOCKET']);
+
+/**
+ * Maps whatever the SDK threw to this package's errors. The caller's abort passes through
+ * unchanged; 404 becomes ObjectNotFoundError; 5xx, throttling, timeouts and broken
+ * connections are retryable; other 4xx are not.
+ */
+export function toStoreError(error: unknown, operation: string, key: string, signal: AbortSignal | undefined): unknown {
+  if (signal?.aborted) return signal.reason;
+  if (error instanceof ObjectStoreRequestError || error instanceof ObjectNotFoundError || error instanceof OperationNotSupportedError) {
+    return error;
+  }
+  if (error instanceof S3ServiceException) {
+    const statusCode = error.$metadata?.httpStatusCode;
+    const code = error.name;
+    if (statusCode === 404 || code === 'NoSuchKey' || code === 'NoSuchUpload') {
+      return new ObjectNotFoundError(`${operation}: ${key} not found (${code})`, { operation, key, code }, { cause: sanitizeServiceError(error) });
+    }
+    if (UNSUPPORTED_CODES.has(code) || statusCode === 501 || statusCode === 405) {
+      return new OperationNotSupportedError(`${operation} is not supported by this store`, { operation, key, code }, { cause: sanitizeServiceError(error) });
+    }
+    const retryable = statusCode === undefined || statusCode >= 500 || statusCode === 429 || statusCode === 408 || RETRYABLE_CODES.has(code);
+    return new ObjectStoreRequestError(
+      `${operation} ${key} failed: ${code}${statusCode ? ` (HTTP ${statusCode})` : ''}`,
+      { operation, key, retryable, code, ...(statusCode !== undefined ? { statusCode } : {}) },
+      { cause: sanitizeServiceError(error) },
+    );
+  }
+  const err = error as { name?: string; code?: string; message?: string } | undefined;
+  const code = err?.code ?? err?.name ?? 'Error';
+  // Everything that is not an S3 answer is the connection: reset, refused, timed out,
+  // stalled, truncated or an unparseable response. All are worth another attempt; the
+  // attempt budget bounds the cost of being wrong.
+  return new ObjectStoreRequestError(
+    `${operation} ${key} failed: ${code}: ${err?.message ?? String(error)}`,
+    { operation, key, retryable: true, code, network: NETWORK_ERROR_CODES.has(code) },
+    // A deserialization failure can carry $response (and with it the signed request).
+    { cause: Object.assign(new Error(err?.message ?? String(error)), { name: err?.name ?? 'Error', code }) },
+  );
+}

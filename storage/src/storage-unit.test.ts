@@ -1,0 +1,143 @@
+import { inspect } from 'node:util';
+import { describe, expect, it } from 'vitest';
+import { choosePartSize } from './transfer.js';
+import { parseStorageConfig, resolveS3Credentials, SecretString, type S3StoreConfig } from './config.js';
+import { StorageConfigError, ObjectStoreRequestError } from './errors.js';
+import { backoffDelayMs, withRetry } from './retry.js';
+import { planRetention, formatStep, checkRelativePath } from './checkpoint-store.js';
+import { seededRandom } from './fault-proxy.js';
+
+describe('storage config', () => {
+  it('fills defaults and normalises the prefix', () => {
+    const config = parseStorageConfig({ store: { kind: 's3', bucket: 'ckpts', prefix: 'team-a', forcePathStyle: true } });
+    expect(config.store.kind).toBe('s3');
+    const store = config.store as S3StoreConfig;
+    expect(store.prefix).toBe('team-a/');
+    expect(store.region).toBe('us-east-1');
+    expect(store.checksums).toBe('when_required');
+    expect(config.transfer.partSizeBytes).toBe(32 * 1024 * 1024);
+    expect(config.retention).toEqual({ keepLast: 3, keepEvery: 0 });
+  });
+
+  it('names the failing path', () => {
+    expect(() => parseStorageConfig({ store: { kind: 's3', bucket: 'x' }, transfer: { concurrency: 0 } })).toThrowError(
+      /store\.bucket: .*transfer\.concurrency: /s,
+    );
+    try {
+      parseStorageConfig({ store: { kind: 's3', bucket: 'ok-bucket', endpoint: 'not a url' } });
+      expect.unreachable();
+    } catch (error) {
+      expect(error).toBeInstanceOf(StorageConfigError);
+      expect((error as StorageConfigError).context['path']).toBe('store.endpoint');
+    }
+  });
+
+  it('never shows a secret in logs, JSON or errors', () => {
+    const config = parseStorageConfig({
+      store: { kind: 's3', bucket: 'ckpts', credentials: { accessKeyId: 'AKIAEXAMPLEKEY', secretAccessKey: 'super-secret-value' } },
+    });
+    const text = `${JSON.stringify(config)} ${inspect(config, { depth: 10 })} ${String((config.store as S3StoreConfig).credentials?.secretAccessKey)}`;
+    expect(text).not.toContain('super-secret-value');
+    expect(text).not.toContain('AKIAEXAMPLEKEY');
+    expect((config.store as S3StoreConfig).credentials?.secretAccessKey.reveal()).toBe('super-secret-value');
+
+    // A secret of the wrong type is reported by path and type, not by value.
+    try {
+      parseStorageConfig({ store: { kind: 's3', bucket: 'ckpts', credentials: { accessKeyId: 'AKIAEXAMPLEKEY', secretAccessKey: 12345678 } } });
+      expect.unreachable();
+    } catch (error) {
+      expect((error as Error).message).toContain('store.credentials.secretAccessKey');
+      expect((error as Error).message).not.toContain('12345678');
+    }
+  });
+
+  it('reads credentials from the named environment variables', () => {
+    const config = parseStorageConfig({ store: { kind: 's3', bucket: 'ckpts', credentialsFromEnv: { accessKeyIdEnv: 'B2_KEY_ID', secretAccessKeyEnv: 'B2_KEY' } } });
+    const creds = resolveS3Credentials(config.store as S3StoreConfig, { B2_KEY_ID: 'id', B2_KEY: 'secret-from-env' });
+    expect(creds.secretAccessKey).toBeInstanceOf(SecretString);
+    expect(creds.secretAccessKey.reveal()).toBe('secret-from-env');
+    expect(() => resolveS3Credentials(config.store as S3StoreConfig, { B2_KEY_ID: 'id' })).toThrowError(/B2_KEY unset/);
+  });
+});
+
+describe('retention plan', () => {
+  it('keeps the last K, every Nth and always the newest', () => {
+    expect(planRetention([0, 100, 200, 300, 400, 500], { keepLast: 2, keepEvery: 200 })).toEqual({ keep: [0, 200, 400, 500], remove: [100, 300] });
+    expect(planRetention([5, 1, 3], { keepLast: 1, keepEvery: 0 })).toEqual({ keep: [5], remove: [1, 3] });
+    expect(planRetention([], { keepLast: 3, keepEvery: 0 })).toEqual({ keep: [], remove: [] });
+    expect(planRetention([7], { keepLast: 1, keepEvery: 1000 })).toEqual({ keep: [7], remove: [] });
+  });
+});
+
+describe('layout helpers', () => {
+  it('zero-pads steps so listings sort', () => {
+    expect(formatStep(42)).toBe('000000000042');
+    expect([formatStep(1000), formatStep(999)].sort()).toEqual(['000000000999', '000000001000']);
+    expect(() => formatStep(-1)).toThrow(StorageConfigError);
+  });
+
+  it('refuses paths that escape the step directory', () => {
+    for (const bad of ['../x', '/abs', 'a//b', 'a/./b', 'a\\b', '']) expect(() => checkRelativePath(bad)).toThrow();
+    expect(checkRelativePath('rank0/model.safetensors')).toBe('rank0/model.safetensors');
+    expect(() => checkRelativePath('MANIFEST.json', ['MANIFEST.json'])).toThrow();
+  });
+
+  it('raises the part size so that no file needs more than 10,000 parts', () => {
+    const MiB = 1024 * 1024;
+    expect(choosePartSize(100 * MiB, 32 * MiB)).toBe(32 * MiB);
+    expect(choosePartSize(1024 * 1024 * MiB, 32 * MiB)).toBe(105 * MiB);
+  });
+});
+
+describe('retry', () => {
+  const policy = { maxAttempts: 4, backoffBaseMs: 1, backoffMaxMs: 4 };
+
+  it('backs off with bounded full jitter', () => {
+    expect(backoffDelayMs(1, { maxAttempts: 5, backoffBaseMs: 100, backoffMaxMs: 1000 }, () => 0.999)).toBe(99);
+    expect(backoffDelayMs(10, { maxAttempts: 5, backoffBaseMs: 100, backoffMaxMs: 1000 }, () => 0.5)).toBe(500);
+  });
+
+  it('retries retryable errors and gives up after maxAttempts', async () => {
+    let calls = 0;
+    const result = await withRetry(
+      'op',
+      async () => {
+        calls++;
+        if (calls < 3) throw new ObjectStoreRequestError('boom', { operation: 'op', retryable: true });
+        return 'ok';
+      },
+      { policy },
+    );
+    expect(result).toBe('ok');
+    calls = 0;
+    await expect(
+      withRetry('op', async () => {
+        calls++;
+        throw new ObjectStoreRequestError('boom', { operation: 'op', retryable: true });
+      }, { policy }),
+    ).rejects.toMatchObject({ name: 'RetriesExhaustedError' });
+    expect(calls).toBe(4);
+  });
+
+  it('does not retry a non-retryable error or an abort', async () => {
+    let calls = 0;
+    await expect(
+      withRetry('op', async () => {
+        calls++;
+        throw new ObjectStoreRequestError('denied', { operation: 'op', retryable: false });
+      }, { policy }),
+    ).rejects.toMatchObject({ name: 'ObjectStoreRequestError' });
+    expect(calls).toBe(1);
+    const controller = new AbortController();
+    controller.abort(new Error('stop now'));
+    await expect(withRetry('op', async () => 'never', { policy, signal: controller.signal })).rejects.toThrow('stop now');
+  });
+});
+
+describe('fault proxy randomness', () => {
+  it('is reproducible from its seed', () => {
+    const a = seededRandom(7);
+    const b = seededRandom(7);
+    expect(Array.from({ length: 5 }, a)).toEqual(Array.from({ length: 5 }, b));
+  });
+});

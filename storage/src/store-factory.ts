@@ -1,0 +1,18 @@
+import type { ObjectStoreConfig, TransferConfig } from './config.js';
+import { LocalObjectStore } from './local-object-store.js';
+import type { ObjectStore } from './object-store.js';
+import { S3ObjectStore } from './s3-object-store.js';
+
+/** The one place that knows every backend by name (`kind`). */
+export function createObjectStore(
+  config: ObjectStoreConfig,
+  transfer: Pick<TransferConfig, 'stallTimeoutMs' | 'connectTimeoutMs' | 'concurrency'>,
+  env: NodeJS.ProcessEnv = process.env,
+): ObjectStore {
+  switch (config.kind) {
+    case 's3':
+      return new S3ObjectStore({ config, transfer, env });
+    case 'local':
+      return new LocalObjectStore({ directory: config.directory });
+  }
+}
