@@ -1,4 +1,5 @@
 import { createHash } from "node:crypto";
+import { setMaxListeners } from "node:events";
 import { createReadStream } from "node:fs";
 import { mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import os from "node:os";
@@ -74,6 +75,8 @@ export class WorkerAgent {
   private readonly checkpoints: CheckpointStore | undefined;
 
   private constructor(readonly options: WorkerOptions, private readonly logger: Logger) {
+    // Every concurrent part transfer listens on this one signal; the default cap of 10 warns.
+    setMaxListeners(256, this.stopController.signal);
     this.checkpoints = options.storage
       ? CheckpointStore.fromConfig(options.storage, { logger, resumeStateDir: join(options.stateDir, "upload-journal") })
       : undefined;
