@@ -10,7 +10,12 @@ stamp() { sha256sum "$@" | sha256sum | cut -c1-16; }
 node_stamp=$(stamp package-lock.json)
 if [ "$(cat node_modules/.drover-stamp 2>/dev/null)" != "$node_stamp" ]; then
   say "installing node modules (npm ci)"
-  npm ci --no-audit --no-fund --loglevel=error
+  # npm 11 writes lock files without turbo's optional packages for other platforms and
+  # then refuses them in `npm ci`; `npm install` installs the same pinned versions.
+  npm ci --no-audit --no-fund --loglevel=error 2>/dev/null || {
+    say "npm ci refused the lock file; installing the locked versions with npm install"
+    npm install --no-audit --no-fund --loglevel=error
+  }
   echo "$node_stamp" > node_modules/.drover-stamp
 fi
 

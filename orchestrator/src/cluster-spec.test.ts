@@ -41,6 +41,6 @@ describe("cluster spec", () => {
 
   it("resolves the job working directory against the spec file", async () => {
     const spec = await loadClusterSpec(EMBEDDED_LOCAL_SPEC);
-    expect(spec.job?.workingDir).toMatch(/examples\/minimal$/);
+    expect(spec.job?.workingDir).toMatch(/examples\/at1$/);
   });
 });

@@ -36,9 +36,31 @@ export interface SimulatedProviderConfig {
   readonly publishesPrice?: boolean;
 }
 
+/** An order as a provider's bid engine sees it: from a compiled group, or from a GroupSpec on chain. */
 export interface SimulatedAsk {
-  readonly group: CompiledAkashGroup;
+  readonly nodes: number;
+  readonly gpusPerNode: number;
+  readonly gpuModels: ReadonlyArray<{ readonly model: string; readonly ram?: string; readonly interface?: string }>;
+  readonly attributes: Readonly<Record<string, string>>;
+  readonly auditors: readonly string[];
+  /** Storage classes the ask's volumes need ("ram" for /dev/shm). */
+  readonly storageClasses: readonly string[];
+  /** Per node per block. */
+  readonly priceCeiling: string;
   readonly denom: string;
+}
+
+export function askFromGroup(group: CompiledAkashGroup): SimulatedAsk {
+  return {
+    nodes: group.nodes,
+    gpusPerNode: group.gpu.perNode,
+    gpuModels: group.gpu.models,
+    attributes: group.attributes,
+    auditors: group.auditors,
+    storageClasses: ["ram"],
+    priceCeiling: group.maxPrice.amount,
+    denom: group.maxPrice.denom,
+  };
 }
 
 export interface SimulatedBidDecision {
@@ -62,27 +84,28 @@ export class SimulatedProvider {
 
   /** The bid this provider would place on `ask`, or why not. */
   decide(ask: SimulatedAsk): SimulatedBidDecision | { readonly declined: string } {
-    const { group } = ask;
     const config = this.config;
     if (config.silent) return { declined: "bid engine offline" };
-    const model = group.gpu.models.find(
+    const model = ask.gpuModels.find(
       (wanted) =>
         wanted.model === config.gpuTag &&
         (wanted.ram === undefined || wanted.ram === config.gpuRam) &&
         (wanted.interface === undefined || wanted.interface === config.gpuInterface),
     );
     if (model === undefined) return { declined: `publishes ${config.gpuTag}` };
-    for (const [key, value] of Object.entries(group.attributes)) {
+    for (const [key, value] of Object.entries(ask.attributes)) {
       if (config.attributes?.[key] !== value) return { declined: `lacks attribute ${key}=${value}` };
     }
-    if (group.auditors.length > 0 && !group.auditors.some((auditor) => config.auditedBy?.includes(auditor))) {
+    if (ask.auditors.length > 0 && !ask.auditors.some((auditor) => config.auditedBy?.includes(auditor))) {
       return { declined: "not audited by a requested auditor" };
     }
-    if (!(config.storageClasses ?? ["beta3", "ram"]).includes("ram")) return { declined: "no ram storage class" };
-    if (config.maxAskNodes !== undefined && group.nodes > config.maxAskNodes) return { declined: "ask too large for its policy" };
-    if (this.replicasThatFit(group.gpu.perNode) < group.nodes) return { declined: "not enough free GPUs per machine" };
-    const price = multiplyDecimal(config.pricePerGpu, group.gpu.perNode);
-    if (compareDecimal(price, group.maxPrice.amount) > 0) return { declined: `asks ${price}, above ${group.maxPrice.amount}` };
+    const offered = config.storageClasses ?? ["beta3", "ram"];
+    const missing = ask.storageClasses.find((storageClass) => !offered.includes(storageClass));
+    if (missing !== undefined) return { declined: `no ${missing} storage class` };
+    if (config.maxAskNodes !== undefined && ask.nodes > config.maxAskNodes) return { declined: "ask too large for its policy" };
+    if (this.replicasThatFit(ask.gpusPerNode) < ask.nodes) return { declined: "not enough free GPUs per machine" };
+    const price = multiplyDecimal(config.pricePerGpu, ask.gpusPerNode);
+    if (compareDecimal(price, ask.priceCeiling) > 0) return { declined: `asks ${price}, above ${ask.priceCeiling}` };
     return {
       price,
       gpuModel: config.gpuTag,

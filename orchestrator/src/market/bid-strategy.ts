@@ -77,6 +77,8 @@ export interface RejectedBid {
 /** One reason bids did not come, with the evidence. */
 export type NoBidDiagnosis =
   | { readonly reason: "no-provider-advertises-model"; readonly models: readonly string[] }
+  /** Nothing was learned about providers, so no cause can be named. */
+  | { readonly reason: "no-advertisements" }
   | { readonly reason: "model-published-under-other-tag"; readonly model: string; readonly providers: ReadonlyArray<{ provider: string; tag: string }> }
   | { readonly reason: "providers-excluded"; readonly providers: ReadonlyArray<{ provider: string; why: string }> }
   | { readonly reason: "insufficient-capacity"; readonly gpusPerNode: number; readonly providers: ReadonlyArray<{ provider: string; largestFreePerMachine: number }> }
@@ -91,7 +93,7 @@ interface GroupProgress {
   remainingNodes: number;
   ceilings: string[];
   priceStep: number;
-  /** Largest ask size (nodes of `shape`) each provider bid on; providers already given a part are dropped. */
+  /** Largest ask size (nodes of `shape`) each provider is believed to fit: raised by bids, lowered by asks nobody bid on. */
   readonly fitByProvider: Map<string, number>;
   smallestFailedSize: number | undefined;
   partsPlaced: number;
@@ -104,7 +106,7 @@ interface OpenAsk {
   readonly purpose: AskPurpose;
   readonly group: CompiledAkashGroup;
   readonly ceiling: string;
-  readonly closesAtMs: number;
+  closesAtMs: number;
   readonly bids: ObservedBid[];
 }
 
@@ -153,6 +155,16 @@ export class BidStrategy {
       if (known >= 0) ask.bids[known] = bid;
       else ask.bids.push(bid);
     }
+  }
+
+  /**
+   * The ask is on chain now: its bid window starts here rather than when post-ask was
+   * returned, so a slow transaction does not eat the time providers have to bid.
+   */
+  askOpened(askId: string): void {
+    const ask = this.openAsk;
+    if (ask === undefined || ask.askId !== askId) return;
+    ask.closesAtMs = this.options.now() + this.options.bidWindowMs;
   }
 
   /** Provider advertisements (replacing earlier ones of the same provider). */
@@ -278,8 +290,8 @@ export class BidStrategy {
     this.placed.push({ wanted: group.wanted.name, askId: ask.askId, part: ask.group, provider: chosen.provider, price: chosen.price });
     group.partsPlaced += 1;
     group.remainingNodes -= size;
-    // The chosen provider's free capacity just shrank by this part; what it could fit before no longer holds.
-    group.fitByProvider.delete(chosen.provider);
+    // The chosen provider's fit is kept, optimistically: it may have room for another
+    // part, and if not, the failed ask lowers what we believe it fits.
     group.smallestFailedSize = undefined;
     if (group.remainingNodes === 0) this.current += 1;
     return { kind: "accept-bid", askId: ask.askId, wanted: group.wanted.name, part: ask.group, bid: chosen };
@@ -330,7 +342,9 @@ export class BidStrategy {
   diagnose(group: CompiledAkashGroup, rejections: readonly RejectedBid[] = []): NoBidDiagnosis[] {
     const diagnosis: NoBidDiagnosis[] = [];
     const matching = this.matchingGpus(group);
-    if (matching.length === 0) {
+    if (this.advertisements.size === 0) {
+      diagnosis.push({ reason: "no-advertisements" });
+    } else if (matching.length === 0) {
       for (const wanted of group.gpu.models) {
         const otherTags: Array<{ provider: string; tag: string }> = [];
         for (const advertisement of this.advertisements.values()) {
@@ -469,6 +483,8 @@ export function describeDiagnosis(diagnosis: NoBidDiagnosis): string {
   switch (diagnosis.reason) {
     case "no-provider-advertises-model":
       return `no provider advertises ${diagnosis.models.join(" or ")}`;
+    case "no-advertisements":
+      return "no provider advertisement was observed, so the cause is unknown (check the GPU model tag, the price and the ram storage class by hand)";
     case "model-published-under-other-tag":
       return `${diagnosis.providers.map((entry) => `${entry.provider} publishes "${entry.tag}"`).join(", ")}, not the tag "${diagnosis.model}" the SDL asks for, so they never match; ask them to publish "${diagnosis.model}"`;
     case "providers-excluded":

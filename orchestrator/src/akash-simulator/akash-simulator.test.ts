@@ -1,0 +1,145 @@
+import { manifestToSortedJSON } from "@akashnetwork/chain-sdk";
+import { TxRaw } from "@akashnetwork/chain-sdk/private-types/cosmos.v1beta1";
+import { DirectSecp256k1HdWallet } from "@cosmjs/proto-signing";
+import { buildManifest, deploymentVersion, parseAkashGroups, renderGroupSdlYaml } from "@drover/sdl";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import { ProvisionError } from "../errors.js";
+import { AkashChainClient } from "../market/akash-chain-client.js";
+import { AkashSimulator } from "./akash-simulator.js";
+
+const PROVIDER = "akash1providerfrag";
+const signal = AbortSignal.timeout(20_000);
+let simulator: AkashSimulator;
+let client: AkashChainClient;
+
+const [group] = parseAkashGroups([
+  { name: "a100", nodes: 2, gpu: { model: "a100", perNode: 8 }, cpu: 64, memory: "256Gi", image: "ghcr.io/drover/worker:0.1.0", maxPrice: { amount: 1000, denom: "uact" } },
+]);
+const yaml = renderGroupSdlYaml(group!);
+
+async function connect(mnemonic: string): Promise<AkashChainClient> {
+  return AkashChainClient.connect({ rpcUrl: simulator.rpcUrl, mnemonic, signal, gasPrice: "0.025uakt", broadcastPollIntervalMs: 10, broadcastTimeoutMs: 5_000 });
+}
+
+beforeEach(async () => {
+  simulator = await AkashSimulator.start({
+    providers: [{ address: PROVIDER, gpuTag: "a100", machines: [{ gpus: 8 }, { gpus: 8 }, { gpus: 8 }], pricePerGpu: "100" }],
+  });
+  const wallet = await DirectSecp256k1HdWallet.generate(24, { prefix: "akash" });
+  const [account] = await wallet.getAccounts();
+  simulator.chain.fund(account!.address, 10n ** 12n);
+  client = await connect(wallet.mnemonic);
+});
+
+afterEach(async () => {
+  client.disconnect();
+  await simulator.stop();
+});
+
+async function createDeployment(dseq: string) {
+  const { groupSpecs } = buildManifest(yaml);
+  const tx = await client.sign([client.createDeploymentMessage({ dseq, groupSpecs, hash: await deploymentVersion(yaml), deposit: { amount: "5000000", denom: "uact" } })], signal);
+  return { tx, result: await client.broadcast(tx, signal) };
+}
+
+describe("Akash simulator through chain-sdk's tx client", () => {
+  it("verifies, applies and indexes a signed MsgCreateDeployment; the provider bids", async () => {
+    const { tx } = await createDeployment("1001");
+    expect(await client.txLanded(tx.hash, signal)).toBe(true);
+    expect(await client.accountSequence(signal)).toMatchObject({ sequence: 1 });
+    expect(await client.deployments(signal)).toEqual([{ dseq: "1001", state: "active" }]);
+    const bids = await client.bids("1001", signal);
+    expect(bids).toEqual([{ dseq: "1001", gseq: 1, oseq: 1, provider: PROVIDER, state: "open", price: "800", denom: "uact", gpuModels: ["a100"] }]);
+    expect(simulator.chain.books(client.owner).deployments.map((d) => d.dseq)).toEqual(["1001"]);
+  });
+
+  it("leases, takes the manifest with a real JWT, reports lease status, and closes", async () => {
+    await createDeployment("1002");
+    const leaseTx = await client.sign([client.createLeaseMessage({ dseq: "1002", gseq: 1, oseq: 1, provider: PROVIDER })], signal);
+    await client.broadcast(leaseTx, signal);
+    expect(await client.leases(signal)).toMatchObject([{ dseq: "1002", provider: PROVIDER, state: "active", price: "800" }]);
+    // Two of three machines are now taken.
+    expect(simulator.providers.get(PROVIDER)!.simulated.advertisement().gpus[0]!.freeGpus).toBe(8);
+
+    const hostUri = await client.providerHostUri(PROVIDER, signal);
+    expect(hostUri).toBe(simulator.providerUrl(PROVIDER));
+    const jwt = await client.providerJwt(Date.now());
+    const manifestBody = manifestToSortedJSON(buildManifest(yaml).groups);
+    const put = await fetch(`${hostUri}/deployment/1002/manifest`, { method: "PUT", body: manifestBody, headers: { authorization: `Bearer ${jwt}` }, signal });
+    expect(put.status).toBe(200);
+    const status = await fetch(`${hostUri}/lease/1002/1/1/status`, { headers: { authorization: `Bearer ${jwt}` }, signal });
+    expect(status.status).toBe(200);
+    const body = (await status.json()) as { forwarded_ports: Record<string, Array<{ port: number; externalPort: number }>> };
+    expect(body.forwarded_ports["a100-leader"]).toEqual([expect.objectContaining({ port: 7077, externalPort: expect.any(Number) })]);
+
+    await client.broadcast(await client.sign([client.depositMessage("1002", { amount: "1000000", denom: "uact" })], signal), signal);
+    expect(simulator.chain.deployment(client.owner, "1002")!.escrow.amount).toBe(6_000_000n);
+
+    await client.broadcast(await client.sign([client.closeDeploymentMessage("1002")], signal), signal);
+    expect(simulator.chain.books(client.owner)).toMatchObject({ deployments: [], leases: [] });
+    expect(simulator.providers.get(PROVIDER)!.simulated.advertisement().gpus[0]!.freeGpus).toBe(24);
+  });
+
+  it("refuses a manifest whose hash differs from the deployment, and a forged JWT", async () => {
+    await createDeployment("1003");
+    await client.broadcast(await client.sign([client.createLeaseMessage({ dseq: "1003", gseq: 1, oseq: 1, provider: PROVIDER })], signal), signal);
+    const url = simulator.providerUrl(PROVIDER);
+    const jwt = await client.providerJwt(Date.now());
+    const other = parseAkashGroups([{ ...{ name: "a100", nodes: 2, gpu: { model: "a100", perNode: 8 }, cpu: 64, memory: "256Gi", maxPrice: { amount: 1000, denom: "uact" } }, image: "evil:1" }]);
+    const wrong = await fetch(`${url}/deployment/1003/manifest`, { method: "PUT", body: manifestToSortedJSON(buildManifest(renderGroupSdlYaml(other[0]!)).groups), headers: { authorization: `Bearer ${jwt}` }, signal });
+    expect(wrong.status).toBe(422);
+
+    const [header, payload, signature] = jwt.split(".") as [string, string, string];
+    const claims = JSON.parse(Buffer.from(payload, "base64url").toString("utf8")) as { exp: number };
+    const tampered = `${header}.${Buffer.from(JSON.stringify({ ...claims, exp: claims.exp + 3600 })).toString("base64url")}.${signature}`;
+    const forged = await fetch(`${url}/lease/1003/1/1/status`, { headers: { authorization: `Bearer ${tampered}` }, signal });
+    expect(forged.status).toBe(401);
+    const anonymous = await fetch(`${url}/lease/1003/1/1/status`, { signal });
+    expect(anonymous.status).toBe(401);
+  });
+
+  it("rejects a tx whose signature does not match its bytes, and a replay", async () => {
+    const { groupSpecs } = buildManifest(yaml);
+    const signed = await client.sign([client.createDeploymentMessage({ dseq: "1004", groupSpecs, hash: await deploymentVersion(yaml), deposit: { amount: "5000000", denom: "uact" } })], signal);
+    const raw = TxRaw.decode(signed.bytes);
+    const forgedSignature = Uint8Array.from(raw.signatures[0]!);
+    forgedSignature[10] = forgedSignature[10]! ^ 0xff;
+    const forged = { ...signed, bytes: TxRaw.encode(TxRaw.fromPartial({ ...raw, signatures: [forgedSignature] })).finish() };
+    await expect(client.broadcast(forged, signal)).rejects.toThrow(/signature verification failed/);
+    expect(simulator.chain.books(client.owner).deployments).toEqual([]);
+
+    await client.broadcast(signed, signal);
+    const replay = client.broadcast(signed, signal);
+    await expect(replay).rejects.toBeInstanceOf(ProvisionError);
+    expect(simulator.chain.accountSequence(client.owner)).toBe(1);
+  });
+
+  it("fails a lease on a bid that is not open, with the chain's error code, and never double-leases", async () => {
+    await createDeployment("1005");
+    const lease = client.createLeaseMessage({ dseq: "1005", gseq: 1, oseq: 1, provider: PROVIDER });
+    await client.broadcast(await client.sign([lease], signal), signal);
+    const second = client.broadcast(await client.sign([lease], signal), signal);
+    await expect(second).rejects.toThrow(/bid not open/);
+    expect(simulator.chain.books(client.owner).leases).toHaveLength(1);
+  });
+
+  it("keeps a dropped broadcast's sequence unused, so the same signed bytes can be sent again", async () => {
+    const { groupSpecs } = buildManifest(yaml);
+    const signed = await client.sign([client.createDeploymentMessage({ dseq: "1006", groupSpecs, hash: await deploymentVersion(yaml), deposit: { amount: "5000000", denom: "uact" } })], signal);
+    simulator.chain.dropNextBroadcasts(1);
+    // The tx is never found in a block; the caller gives up waiting.
+    await expect(client.broadcast(signed, AbortSignal.timeout(300))).rejects.toMatchObject({ name: "TimeoutError" });
+    expect(simulator.chain.txLanded(signed.hash)).toBe(false);
+    expect((await client.accountSequence(signal)).sequence).toBe(0);
+    await client.broadcast(signed, signal);
+    expect(simulator.chain.txLanded(signed.hash)).toBe(true);
+  });
+
+  it("loses a lease on demand (provider failure) and gives the GPUs back", async () => {
+    await createDeployment("1007");
+    await client.broadcast(await client.sign([client.createLeaseMessage({ dseq: "1007", gseq: 1, oseq: 1, provider: PROVIDER })], signal), signal);
+    simulator.chain.loseLease(client.owner, "1007");
+    expect(await client.leases(signal)).toMatchObject([{ dseq: "1007", state: "closed" }]);
+    expect(simulator.chain.books(client.owner).deployments.map((d) => d.dseq)).toEqual(["1007"]);
+  });
+});

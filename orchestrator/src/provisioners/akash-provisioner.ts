@@ -1,0 +1,394 @@
+// Akash leases as Drover nodes. Drives the bid strategy (market/bid-strategy.ts) against
+// an Akash node through chain-sdk's tx client, writes every transaction to the lease
+// ledger before sending it, sends each leased group its manifest, and waits until the
+// provider reports the group's services running. One attempt per call: retries and
+// cleanup after a failure are the head's (it calls shutdown()).
+//
+// The wallet comes from DROVER_AKASH_MNEMONIC or the file named by
+// DROVER_AKASH_MNEMONIC_FILE; the mnemonic lives only inside the cosmjs wallets.
+
+import { readFile } from "node:fs/promises";
+import { manifestToSortedJSON } from "@akashnetwork/chain-sdk";
+import { buildManifest, deploymentVersion, renderGroupSdlYaml, type CompiledAkashGroup } from "@drover/sdl";
+import type { ClusterSpec } from "../cluster-spec.js";
+import { ProvisionError } from "../errors.js";
+import { LeaseLedger, reconcile, type LedgerOperation, type ReconcileDecision } from "../lease-ledger.js";
+import type { Logger } from "../logger.js";
+import { AkashChainClient, type ChainBid } from "../market/akash-chain-client.js";
+import { BidStrategy, type Placement } from "../market/bid-strategy.js";
+import type { ProviderAdvertisement } from "../market/market-observations.js";
+import type { StateDirectory } from "../state-store.js";
+import type { ProvisionContext, ProvisionedNode, Provisioner, ProvisionerBackend } from "./provisioner.js";
+
+export interface AkashProvisionerConfig {
+  readonly groups: readonly CompiledAkashGroup[];
+  /** CometBFT RPC of an Akash node. */
+  readonly rpcUrl: string;
+  /** First escrow deposit of each deployment. */
+  readonly deposit: { readonly amount: string; readonly denom: string };
+  readonly gasPrice?: string;
+  readonly bidWindowMs?: number;
+  readonly priceSteps?: number;
+  readonly initialPricePercent?: number;
+  /** How often bids and lease status are polled. */
+  readonly pollIntervalMs?: number;
+  /** How long a leased group may take to report its services running. */
+  readonly leaseReadyTimeoutMs?: number;
+  /** Providers whose status endpoints to read for explaining missing bids (address -> status URL). */
+  readonly providerStatusUrls?: Readonly<Record<string, string>>;
+  /** MASTER_PORT inside a group; the group's `ports` must expose it leader -> workers. */
+  readonly masterPort?: number;
+  readonly broadcastPollIntervalMs?: number;
+  readonly now?: () => number;
+}
+
+export const AKASH_CONNECTION_FILE = "akash/connection.json";
+const DEFAULT_POLL_INTERVAL_MS = 3_000;
+const DEFAULT_LEASE_READY_TIMEOUT_MS = 15 * 60_000;
+const DEFAULT_MASTER_PORT = 29_500;
+
+/** The wallet mnemonic from the environment; never logged, never written to the state directory. */
+export async function resolveAkashMnemonic(env: NodeJS.ProcessEnv = process.env): Promise<string> {
+  if (env.DROVER_AKASH_MNEMONIC) return env.DROVER_AKASH_MNEMONIC.trim();
+  const file = env.DROVER_AKASH_MNEMONIC_FILE;
+  if (file) {
+    try {
+      return (await readFile(file, "utf8")).trim();
+    } catch (error) {
+      throw new ProvisionError(`cannot read the Akash wallet mnemonic from DROVER_AKASH_MNEMONIC_FILE (${file})`, false, { file }, { cause: error });
+    }
+  }
+  throw new ProvisionError("no Akash wallet: set DROVER_AKASH_MNEMONIC or DROVER_AKASH_MNEMONIC_FILE", false);
+}
+
+export class AkashProvisioner implements Provisioner {
+  readonly name = "akash";
+  private readonly now: () => number;
+  private dseqCounter = 0;
+
+  constructor(
+    private readonly config: AkashProvisionerConfig,
+    private readonly mnemonic: () => Promise<string> = () => resolveAkashMnemonic(),
+  ) {
+    this.now = config.now ?? Date.now;
+  }
+
+  expectedNodes(): number {
+    return this.config.groups.reduce((sum, group) => sum + group.nodes, 0);
+  }
+
+  async allocateMasterPort(): Promise<number> {
+    return this.config.masterPort ?? DEFAULT_MASTER_PORT;
+  }
+
+  async provision(context: ProvisionContext): Promise<ProvisionedNode[]> {
+    const { signal, logger } = context;
+    await context.state.writeJson(AKASH_CONNECTION_FILE, { rpcUrl: this.config.rpcUrl, gasPrice: this.config.gasPrice });
+    const ledger = await LeaseLedger.open(context.state, { now: this.now });
+    const client = await this.connect(signal);
+    try {
+      // A previous head of this state directory may have left deployments behind.
+      await settleLedger(ledger, client, logger, signal, { closeAdopted: true });
+      const placements = await this.runMarket(ledger, client, context);
+      const nodes: ProvisionedNode[] = [];
+      for (const placement of placements) nodes.push(...(await this.startGroup(placement, client, context)));
+      return nodes;
+    } finally {
+      client.disconnect();
+    }
+  }
+
+  async shutdown(context: Pick<ProvisionContext, "state" | "logger" | "signal">): Promise<void> {
+    const ledger = await LeaseLedger.open(context.state, { now: this.now });
+    if (ledger.entries().length === 0) return;
+    const client = await this.connect(context.signal);
+    try {
+      await settleLedger(ledger, client, context.logger, context.signal, { closeAdopted: true });
+    } finally {
+      client.disconnect();
+    }
+  }
+
+  private async connect(signal: AbortSignal): Promise<AkashChainClient> {
+    return AkashChainClient.connect({
+      rpcUrl: this.config.rpcUrl,
+      mnemonic: await this.mnemonic(),
+      signal,
+      ...(this.config.gasPrice === undefined ? {} : { gasPrice: this.config.gasPrice }),
+      ...(this.config.broadcastPollIntervalMs === undefined ? {} : { broadcastPollIntervalMs: this.config.broadcastPollIntervalMs }),
+    });
+  }
+
+  private async runMarket(ledger: LeaseLedger, client: AkashChainClient, context: ProvisionContext): Promise<Array<Placement & { dseq: string }>> {
+    const { signal, logger } = context;
+    const strategy = new BidStrategy(this.config.groups, {
+      now: this.now,
+      providers: await this.readAdvertisements(signal, logger),
+      ...(this.config.bidWindowMs === undefined ? {} : { bidWindowMs: this.config.bidWindowMs }),
+      ...(this.config.priceSteps === undefined ? {} : { priceSteps: this.config.priceSteps }),
+      ...(this.config.initialPricePercent === undefined ? {} : { initialPricePercent: this.config.initialPricePercent }),
+    });
+    const dseqOfAsk = new Map<string, string>();
+    const leased: Array<Placement & { dseq: string }> = [];
+    const pollMs = this.config.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS;
+    for (;;) {
+      signal.throwIfAborted();
+      const action = strategy.next();
+      switch (action.kind) {
+        case "post-ask": {
+          const dseq = this.nextDseq();
+          const yaml = renderGroupSdlYaml(action.group, { extraEnv: { DROVER_HEAD: context.headAddress, DROVER_JOIN_TOKEN: context.joinToken, ...context.agentEnv } });
+          const { groupSpecs } = buildManifest(yaml);
+          const message = client.createDeploymentMessage({ dseq, groupSpecs, hash: await deploymentVersion(yaml), deposit: this.config.deposit });
+          await sendTracked(ledger, client, { op: "create-deployment", dseq, group: action.group.name, askId: action.askId }, [message], signal);
+          dseqOfAsk.set(action.askId, dseq);
+          strategy.askOpened(action.askId);
+          logger.info("ask posted", { askId: action.askId, dseq, purpose: action.purpose, nodes: action.group.nodes, gpusPerNode: action.group.gpu.perNode, priceCeiling: action.priceCeiling });
+          break;
+        }
+        case "wait": {
+          // Sleep first, then read: the last read of a window lands at its end.
+          const remaining = action.untilMs - this.now();
+          if (remaining > 0) await sleep(Math.min(pollMs, remaining), signal);
+          const askDseq = [...dseqOfAsk.entries()].at(-1);
+          if (askDseq !== undefined) strategy.observeBids(toObservedBids(askDseq[0], await client.bids(askDseq[1], signal)));
+          break;
+        }
+        case "accept-bid": {
+          const dseq = dseqOfAsk.get(action.askId)!;
+          const lease = { dseq, gseq: 1, oseq: 1, provider: action.bid.provider };
+          try {
+            await sendTracked(ledger, client, { op: "create-lease", group: action.part.name, ...lease }, [client.createLeaseMessage(lease)], signal);
+          } catch (error) {
+            if (!(error instanceof ProvisionError)) throw error;
+            logger.warn("lease creation failed; the part goes back to the market", { askId: action.askId, dseq, provider: action.bid.provider, error: error.message });
+            strategy.acceptFailed(action.askId);
+            await sendTracked(ledger, client, { op: "close-deployment", dseq, reason: "lease creation failed" }, [client.closeDeploymentMessage(dseq)], signal);
+            break;
+          }
+          logger.info("lease created", { group: action.part.name, dseq, provider: action.bid.provider, price: action.bid.price, nodes: action.part.nodes });
+          leased.push({ wanted: action.wanted, askId: action.askId, part: action.part, provider: action.bid.provider, price: action.bid.price, dseq });
+          break;
+        }
+        case "close-ask": {
+          const dseq = dseqOfAsk.get(action.askId)!;
+          await sendTracked(ledger, client, { op: "close-deployment", dseq, reason: action.reason }, [client.closeDeploymentMessage(dseq)], signal);
+          logger.info("ask closed", { askId: action.askId, dseq, reason: action.reason });
+          break;
+        }
+        case "give-up":
+          throw new ProvisionError(action.message, false, { group: action.wanted, reasons: action.diagnosis.map((entry) => entry.reason).join(",") });
+        case "done":
+          // Placements the strategy kept (acceptFailed removes the others).
+          return leased.filter((entry) => action.placements.some((placement) => placement.askId === entry.askId));
+      }
+    }
+  }
+
+  /** Sends the manifest and waits until the provider runs every service of the group. */
+  private async startGroup(placement: Placement & { dseq: string }, client: AkashChainClient, context: ProvisionContext): Promise<ProvisionedNode[]> {
+    const { signal, logger } = context;
+    const yaml = renderGroupSdlYaml(placement.part, { extraEnv: { DROVER_HEAD: context.headAddress, DROVER_JOIN_TOKEN: context.joinToken, ...context.agentEnv } });
+    const body = manifestToSortedJSON(buildManifest(yaml).groups);
+    const hostUri = await client.providerHostUri(placement.provider, signal);
+    if (hostUri === "") throw new ProvisionError(`provider ${placement.provider} publishes no host URI`, true, { provider: placement.provider });
+    const jwt = await client.providerJwt(this.now());
+    const sent = await providerRequest(`${hostUri}/deployment/${placement.dseq}/manifest`, { method: "PUT", body, jwt, signal });
+    if (!sent.ok) throw new ProvisionError(`provider ${placement.provider} refused the manifest of ${placement.part.name} (HTTP ${sent.status})`, sent.status >= 500, { provider: placement.provider, dseq: placement.dseq });
+    const deadline = this.now() + (this.config.leaseReadyTimeoutMs ?? DEFAULT_LEASE_READY_TIMEOUT_MS);
+    for (;;) {
+      const status = await providerRequest(`${hostUri}/lease/${placement.dseq}/1/1/status`, { method: "GET", jwt, signal });
+      if (status.ok) {
+        const services = Object.values((status.json as { services?: Record<string, { available: number; total: number }> }).services ?? {});
+        if (services.length > 0 && services.every((service) => service.available >= service.total)) break;
+      }
+      if (this.now() >= deadline) throw new ProvisionError(`group ${placement.part.name} at ${placement.provider} did not start in time`, true, { dseq: placement.dseq });
+      await sleep(this.config.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS, signal);
+    }
+    logger.info("group running", { group: placement.part.name, dseq: placement.dseq, provider: placement.provider });
+    return Array.from({ length: placement.part.nodes }, (_, index) => ({
+      nodeName: `${placement.part.name}-${index}`,
+      group: placement.part.name,
+      handle: `akash:${placement.dseq}/1/1@${placement.provider}`,
+    }));
+  }
+
+  private async readAdvertisements(signal: AbortSignal, logger: Logger): Promise<ProviderAdvertisement[]> {
+    const advertisements: ProviderAdvertisement[] = [];
+    for (const [provider, url] of Object.entries(this.config.providerStatusUrls ?? {})) {
+      try {
+        const response = await fetch(url, { signal: AbortSignal.any([signal, AbortSignal.timeout(10_000)]) });
+        const body = (await response.json()) as { advertisement?: ProviderAdvertisement };
+        if (body.advertisement) advertisements.push({ ...body.advertisement, provider });
+      } catch (error) {
+        if (signal.aborted) throw error;
+        logger.warn("provider status unreadable", { provider, error: (error as Error).message });
+      }
+    }
+    return advertisements;
+  }
+
+  private nextDseq(): string {
+    // Unique per owner and increasing; Akash clients conventionally use the block height,
+    // any unused uint64 is accepted.
+    this.dseqCounter += 1;
+    return (BigInt(this.now()) * 1000n + BigInt(this.dseqCounter % 1000)).toString();
+  }
+}
+
+function toObservedBids(askId: string, bids: readonly ChainBid[]) {
+  // A bid exists only if the provider met the order's signedBy requirement, so it is audited as asked.
+  return bids.filter((bid) => bid.state === "open").map((bid) => ({
+    askId, provider: bid.provider, price: bid.price, denom: bid.denom, gpuModel: bid.gpuModels[0] ?? "", audited: true,
+  }));
+}
+
+/** Sign, record the intent (fsync), broadcast, record the result. */
+async function sendTracked(ledger: LeaseLedger, client: AkashChainClient, operation: LedgerOperation, messages: Parameters<AkashChainClient["sign"]>[0], signal: AbortSignal): Promise<void> {
+  const tx = await client.sign(messages, signal);
+  const id = await ledger.recordIntent({ owner: client.owner, sequence: tx.sequence, txHash: tx.hash, txBytes: Buffer.from(tx.bytes).toString("base64"), operation });
+  try {
+    const { height } = await client.broadcast(tx, signal);
+    await ledger.recordResult(id, { outcome: "ok", height });
+  } catch (error) {
+    // Refused or failed on chain: recorded as failed. An abort or a timeout leaves the
+    // intent pending on purpose: the tx may still land, and reconcile will find out.
+    if (error instanceof ProvisionError && error.context.code !== -1) await ledger.recordResult(id, { outcome: "failed", error: error.message });
+    throw error;
+  }
+}
+
+/**
+ * Brings the ledger and the chain into agreement, then closes every deployment of ours
+ * that is still open (closeAdopted: a new head re-provisions rather than adopting).
+ */
+async function settleLedger(ledger: LeaseLedger, client: AkashChainClient, logger: Logger, signal: AbortSignal, options: { closeAdopted: boolean }): Promise<void> {
+  // A rebroadcast tx may open a deployment or lease; the next pass sees it and closes it.
+  for (let pass = 0; pass < 3; pass += 1) {
+    if (!(await settleOnce(ledger, client, logger, signal, options))) return;
+  }
+}
+
+/** One reconcile pass; true when it rebroadcast something whose effect needs another look. */
+async function settleOnce(ledger: LeaseLedger, client: AkashChainClient, logger: Logger, signal: AbortSignal, options: { closeAdopted: boolean }): Promise<boolean> {
+  const pending = ledger.pending();
+  const landed = new Set<string>();
+  for (const intent of pending) if (intent.txHash !== undefined && (await client.txLanded(intent.txHash, signal))) landed.add(intent.txHash);
+  const deployments = await client.deployments(signal);
+  const leases = await client.leases(signal);
+  const openBids: ChainBid[] = [];
+  for (const deployment of deployments) openBids.push(...(await client.bids(deployment.dseq, signal)).filter((bid) => bid.state === "open"));
+  const { sequence } = await client.accountSequence(signal);
+  const decisions = reconcile(ledger.entries(), {
+    accountSequence: sequence,
+    landedTxHashes: landed,
+    deployments: deployments.filter((deployment) => deployment.state !== "invalid") as Array<{ dseq: string; state: "active" | "closed" }>,
+    leases: leases.filter((lease) => lease.state !== "invalid") as Array<{ dseq: string; gseq: number; oseq: number; provider: string; state: "active" | "closed" | "insufficient_funds" }>,
+    openBids,
+  });
+  for (const decision of decisions) await applyDecision(decision, ledger, client, logger, signal, options);
+  return decisions.some((decision) => decision.action === "rebroadcast");
+}
+
+async function applyDecision(decision: ReconcileDecision, ledger: LeaseLedger, client: AkashChainClient, logger: Logger, signal: AbortSignal, options: { closeAdopted: boolean }): Promise<void> {
+  logger.info("ledger reconcile", { ...decision, ...("txBytes" in decision ? { txBytes: undefined } : {}) });
+  switch (decision.action) {
+    case "mark-result":
+      await ledger.recordResult(decision.intentId, { outcome: decision.outcome, error: decision.why });
+      return;
+    case "rebroadcast": {
+      const intent = ledger.pending().find((entry) => entry.id === decision.intentId);
+      const bytes = Buffer.from(decision.txBytes, "base64");
+      try {
+        const { height } = await client.broadcast({ bytes, hash: intent?.txHash ?? "", sequence: intent?.sequence ?? 0 }, signal);
+        await ledger.recordResult(decision.intentId, { outcome: "ok", height });
+      } catch (error) {
+        if (!(error instanceof ProvisionError)) throw error;
+        await ledger.recordResult(decision.intentId, { outcome: "failed", error: error.message });
+      }
+      return;
+    }
+    case "close-deployment":
+      await closeQuietly(ledger, client, decision.dseq, decision.why, logger, signal);
+      return;
+    case "adopt-lease":
+    case "retry-lease":
+      if (options.closeAdopted) await closeQuietly(ledger, client, decision.dseq, `left by a previous head (${decision.action})`, logger, signal);
+      return;
+    case "lease-lost":
+    case "retry-deposit":
+    case "wait-for-tx":
+    case "foreign-deployment":
+      return;
+  }
+}
+
+async function closeQuietly(ledger: LeaseLedger, client: AkashChainClient, dseq: string, reason: string, logger: Logger, signal: AbortSignal): Promise<void> {
+  try {
+    await sendTracked(ledger, client, { op: "close-deployment", dseq, reason }, [client.closeDeploymentMessage(dseq)], signal);
+  } catch (error) {
+    if (!(error instanceof ProvisionError)) throw error;
+    logger.warn("closing a deployment failed", { dseq, error: error.message });
+  }
+}
+
+async function providerRequest(url: string, options: { method: "GET" | "PUT"; body?: string; jwt: string; signal: AbortSignal }): Promise<{ ok: boolean; status: number; json: unknown }> {
+  try {
+    const response = await fetch(url, {
+      method: options.method,
+      ...(options.body === undefined ? {} : { body: options.body }),
+      headers: { authorization: `Bearer ${options.jwt}`, "content-type": "application/json" },
+      signal: AbortSignal.any([options.signal, AbortSignal.timeout(30_000)]),
+    });
+    const text = await response.text();
+    let json: unknown;
+    try {
+      json = text === "" ? undefined : JSON.parse(text);
+    } catch {
+      json = undefined;
+    }
+    return { ok: response.ok, status: response.status, json };
+  } catch (error) {
+    if (options.signal.aborted) throw error;
+    throw new ProvisionError(`provider request ${options.method} ${new URL(url).pathname} failed: ${(error as Error).message}`, true, { url }, { cause: error });
+  }
+}
+
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    signal.throwIfAborted();
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    };
+    signal.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/**
+ * Registration: `configOf` reads the Akash part of a cluster spec (the lead wires
+ * `akash.groups` etc. into ClusterSpec). `reap` closes what a crashed head left, from the
+ * state directory's ledger and connection file and the mnemonic in the environment.
+ */
+export function akashBackend(configOf: (spec: ClusterSpec) => AkashProvisionerConfig): ProvisionerBackend {
+  return {
+    create: (spec) => new AkashProvisioner(configOf(spec)),
+    async reap(state: StateDirectory, logger: Logger, signal: AbortSignal): Promise<string[]> {
+      const connection = await state.readJson<{ rpcUrl: string; gasPrice?: string }>(AKASH_CONNECTION_FILE);
+      if (connection === undefined) return [];
+      const before = await LeaseLedger.open(state);
+      const openBefore = new Set(before.entries().filter((entry) => entry.kind === "intent" && entry.operation.op === "create-deployment").map((entry) => (entry.kind === "intent" ? entry.operation.dseq : "")));
+      const provisioner = new AkashProvisioner({ groups: [], rpcUrl: connection.rpcUrl, deposit: { amount: "0", denom: "uact" }, ...(connection.gasPrice ? { gasPrice: connection.gasPrice } : {}) });
+      await provisioner.shutdown({ state, logger, signal });
+      const after = await LeaseLedger.open(state);
+      return after
+        .entries()
+        .filter((entry) => entry.kind === "intent" && entry.operation.op === "close-deployment" && openBefore.has(entry.operation.dseq))
+        .map((entry) => (entry.kind === "intent" ? `akash deployment ${entry.operation.dseq}` : ""));
+    },
+  };
+}
