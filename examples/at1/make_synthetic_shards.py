@@ -59,6 +59,8 @@ class SyntheticLatentMap:
 
 
 def write_split(out_dir: str, count: int, per_shard: int, latent_map: SyntheticLatentMap, seed: int, prefix: str) -> int:
+    if count <= 0:
+        return 0  # no directory either: an empty val/ would read as "validation shards missing"
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     shards = 0

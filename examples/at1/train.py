@@ -111,8 +111,12 @@ def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.o
 def split_dirs(args: argparse.Namespace) -> tuple[str, str | None]:
     train_dir = os.path.join(args.data, "train") if os.path.isdir(os.path.join(args.data, "train")) else args.data
     val_dir = args.val_data
-    if val_dir is None and os.path.isdir(os.path.join(args.data, "val")):
-        val_dir = os.path.join(args.data, "val")
+    default_val = os.path.join(args.data, "val")
+    if val_dir is None and os.path.isdir(default_val):
+        if any(f.endswith(".tar") for f in os.listdir(default_val)):
+            val_dir = default_val
+        else:
+            print(f"note: {default_val} holds no .tar shards; training without validation", flush=True)
     if val_dir is not None:
         overlap = {os.path.realpath(s) for s in list_shards(train_dir)} & {os.path.realpath(s) for s in list_shards(val_dir)}
         if overlap:
@@ -279,6 +283,7 @@ def train(args: argparse.Namespace, ctx: DistContext, agent: drover_agent.Agent)
     model.train()
     step = start_step
     train_start = time.perf_counter()
+    step_seconds = 0.0  # time in training steps only, without validation and checkpoints
     while step < args.steps:
         t0 = time.perf_counter()
         latents, texts = stream.next_batch(per_rank_batch)
@@ -291,6 +296,7 @@ def train(args: argparse.Namespace, ctx: DistContext, agent: drover_agent.Agent)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+        step_seconds += seconds
         result.losses[step] = global_loss
         result.final_step = step
 
@@ -331,7 +337,8 @@ def train(args: argparse.Namespace, ctx: DistContext, agent: drover_agent.Agent)
         first = f"{losses[0]:.4f}" if losses else "n/a"
         last = f"{np.mean(losses[-10:]):.4f}" if losses else "n/a"
         val = f", best val_loss {best_val:.4f}" if validator and not math.isinf(best_val) else ""
-        print(f"done: {step - start_step} steps ({start_step} -> {step}) in {time.perf_counter() - train_start:.1f}s, "
+        print(f"done: {step - start_step} steps ({start_step} -> {step}) in {step_seconds:.1f}s of training steps "
+              f"({time.perf_counter() - train_start:.1f}s with validation and checkpoints), "
               f"loss {first} -> {last} (mean of last 10){val}{', stopped early' if result.stopped_early else ''}", flush=True)
     return result
 
