@@ -34,8 +34,12 @@ export const transferConfigSchema = z.object({
   partSizeBytes: z.number().int().min(5 * MiB).max(5 * 1024 * MiB).default(32 * MiB),
   /** Parts in flight per file, and files in flight per batch; memory is about partSizeBytes x concurrency. */
   concurrency: z.number().int().min(1).max(64).default(8),
-  /** Files at or below this size go up in one PutObject. */
-  multipartThresholdBytes: z.number().int().min(0).default(32 * MiB),
+  /**
+   * Files at or below this size move as one streamed PutObject / one GET; larger files in
+   * parallel parts. A checkpoint has many shards, so file-level parallelism already fills
+   * the pipe; single requests save per-part overhead (and s3rver's re-assembly copy).
+   */
+  multipartThresholdBytes: z.number().int().min(0).default(128 * MiB),
   maxAttempts: z.number().int().min(1).max(20).default(6),
   backoffBaseMs: z.number().int().min(0).default(250),
   backoffMaxMs: z.number().int().min(0).default(15_000),

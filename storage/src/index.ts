@@ -90,3 +90,4 @@ export {
   type StartLocalS3ServerOptions,
   type StartMinioServerOptions,
 } from './local-s3-server.js';
+export { startFaultProxy, seededRandom, type FaultProxy, type FaultPlan, type FaultKind } from './fault-proxy.js';

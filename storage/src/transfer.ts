@@ -470,7 +470,8 @@ export async function downloadFile(options: DownloadFileOptions): Promise<Downlo
   const handle = await open(partialPath, 'w');
   let actual: string;
   try {
-    const partSize = choosePartSize(size, transfer.partSizeBytes);
+    // Like uploads: small files in one GET, large ones in parallel ranges.
+    const partSize = size <= transfer.multipartThresholdBytes ? Math.max(1, size) : choosePartSize(size, transfer.partSizeBytes);
     const partCount = Math.max(1, Math.ceil(size / partSize));
     let bytesDone = 0;
     const parts = Array.from({ length: size === 0 ? 0 : partCount }, (_, index) => index);
