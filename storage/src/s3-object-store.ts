@@ -427,6 +427,32 @@ class BodyStallError extends Error {
   override readonly name = 'BodyStallError';
 }
 
+/**
+ * Destroys `body` when no byte arrives for `stallTimeoutMs` (a stalled peer) or when
+ * `signal` aborts. `arm` restarts the stall timer; `pause` stops it while the reader is
+ * busy elsewhere (writing to disk); `dispose` releases both.
+ */
+function watchBody(body: Readable, stallTimeoutMs: number, signal: AbortSignal | undefined) {
+  let timer: NodeJS.Timeout | undefined;
+  const onAbort = (): void => {
+    body.destroy(signal?.reason instanceof Error ? signal.reason : new Error('aborted'));
+  };
+  signal?.addEventListener('abort', onAbort, { once: true });
+  return {
+    arm(): void {
+      clearTimeout(timer);
+      timer = setTimeout(() => body.destroy(new BodyStallError(`no bytes for ${stallTimeoutMs} ms`)), stallTimeoutMs);
+    },
+    pause(): void {
+      clearTimeout(timer);
+    },
+    dispose(): void {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+    },
+  };
+}
+
 async function readBody(
   body: Readable | undefined,
   expectedLength: number | undefined,
@@ -436,27 +462,18 @@ async function readBody(
   if (!body) return Buffer.alloc(0);
   const chunks: Buffer[] = [];
   let received = 0;
-  let timer: NodeJS.Timeout | undefined;
-  const arm = (): void => {
-    clearTimeout(timer);
-    timer = setTimeout(() => body.destroy(new BodyStallError(`no bytes for ${stallTimeoutMs} ms`)), stallTimeoutMs);
-  };
-  const onAbort = (): void => {
-    body.destroy(signal?.reason instanceof Error ? signal.reason : new Error('aborted'));
-  };
-  signal?.addEventListener('abort', onAbort, { once: true });
-  arm();
+  const watch = watchBody(body, stallTimeoutMs, signal);
+  watch.arm();
   try {
     for await (const chunk of body) {
-      arm();
+      watch.arm();
       const buffer = chunk as Buffer;
       chunks.push(buffer);
       received += buffer.byteLength;
       if (expectedLength !== undefined && received > expectedLength) break;
     }
   } finally {
-    clearTimeout(timer);
-    signal?.removeEventListener('abort', onAbort);
+    watch.dispose();
   }
   if (expectedLength !== undefined && received !== expectedLength) {
     body.destroy();
@@ -501,17 +518,9 @@ async function streamBody(
   let flushed = 0;
   let batch: Buffer[] = [];
   let batchBytes = 0;
-  let timer: NodeJS.Timeout | undefined;
-  const arm = (): void => {
-    clearTimeout(timer);
-    timer = setTimeout(() => body.destroy(new BodyStallError(`no bytes for ${stallTimeoutMs} ms`)), stallTimeoutMs);
-  };
-  const onAbort = (): void => {
-    body.destroy(signal?.reason instanceof Error ? signal.reason : new Error('aborted'));
-  };
-  signal?.addEventListener('abort', onAbort, { once: true });
+  const watch = watchBody(body, stallTimeoutMs, signal);
   try {
-    arm();
+    watch.arm();
     for await (const chunk of body) {
       const buffer = chunk as Buffer;
       received += buffer.byteLength;
@@ -519,13 +528,13 @@ async function streamBody(
       batch.push(buffer);
       batchBytes += buffer.byteLength;
       if (batchBytes >= SINK_BATCH_BYTES) {
-        clearTimeout(timer);
+        watch.pause();
         await sink(batch, flushed);
         flushed += batchBytes;
         batch = [];
         batchBytes = 0;
       }
-      arm();
+      watch.arm();
     }
     if (received !== expectedLength) {
       body.destroy();
@@ -533,8 +542,7 @@ async function streamBody(
     }
     if (batchBytes > 0) await sink(batch, flushed);
   } finally {
-    clearTimeout(timer);
-    signal?.removeEventListener('abort', onAbort);
+    watch.dispose();
   }
 }
 
