@@ -64,8 +64,14 @@ def setup(device_choice: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, local_world, device, sharded=True, owns_process_group=owns)
 
 
-def teardown(ctx: DistContext) -> None:
+def teardown(ctx: DistContext, *, completed: bool = True) -> None:
+    """Leave the process group. After a normal finish every rank first meets the
+    others: a gloo rank that tears its group down while a peer is still inside a
+    collective or its own teardown makes that peer abort ("terminate called without
+    an active exception"). After an error there is no barrier, it could hang."""
     if ctx.owns_process_group and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -347,11 +347,14 @@ def main(argv: list[str] | None = None) -> TrainResult:
     args = parse_args(argv)
     ctx = setup(args.device)
     agent = drover_agent.Agent.from_env()
+    completed = False
     try:
-        return train(args, ctx, agent)
+        result = train(args, ctx, agent)
+        completed = True
+        return result
     finally:
         agent.close()
-        teardown(ctx)
+        teardown(ctx, completed=completed)
 
 
 if __name__ == "__main__":

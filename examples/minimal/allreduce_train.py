@@ -59,6 +59,9 @@ def main() -> None:
         f"rank_sum={int(rank_sum.item())} weights_agree={agree} checksum={weight_checksum.item():.6f}",
         flush=True,
     )
+    # Meet before leaving: a gloo rank that tears down while a peer is still in a
+    # collective can make that peer abort.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -68,14 +68,16 @@ def fixed_steps_worker(rank: int, world_size: int, port: int, out_path: str) -> 
     from parallel import setup, teardown
 
     ctx = setup("cpu")
+    completed = False
     try:
         result = run_fixed_steps(ctx)
         if rank == 0:
             torch.save({"losses": torch.tensor(result["losses"], dtype=torch.float64),
                         "grad_norms": torch.tensor(result["grad_norms"], dtype=torch.float64),
                         "params": result["params"]}, out_path)
+        completed = True
     finally:
-        teardown(ctx)
+        teardown(ctx, completed=completed)
 
 
 def resume_worker(rank: int, world_size: int, port: int, data_dir: str, ckpt_dir: str, out_path: str) -> None:
@@ -88,6 +90,7 @@ def resume_worker(rank: int, world_size: int, port: int, data_dir: str, ckpt_dir
 
     ctx = setup("cpu")
     agent = drover_agent.Agent(None, rank=rank, log=open(os.devnull, "w"))
+    completed = False
     common = ["--config", "tiny", "--data", data_dir, "--steps", "8", "--batch-size", "8", "--warmup-steps", "2",
               "--val-every", "3", "--val-samples", "16"]
     try:
@@ -100,5 +103,6 @@ def resume_worker(rank: int, world_size: int, port: int, data_dir: str, ckpt_dir
                         "full_val": torch.tensor([full.val_losses[s] for s in (3, 6, 8)], dtype=torch.float64),
                         "resumed_val": torch.tensor([resumed.val_losses[s] for s in (6, 8)], dtype=torch.float64)},
                        out_path)
+        completed = True
     finally:
-        teardown(ctx)
+        teardown(ctx, completed=completed)
