@@ -1,5 +1,7 @@
 #!/usr/bin/env node
+import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
+import { hostname } from "node:os";
 import { parseArgs } from "node:util";
 import type { StorageConfigInput } from "@drover/storage";
 import { JoinRefusedError, WorkerConfigError, WorkerError } from "./errors.js";
@@ -8,8 +10,11 @@ import { WorkerAgent } from "./worker-agent.js";
 
 const usage = `usage: drover-worker --head HOST:PORT --node-name NAME --slots N --state-dir DIR
   [--group NAME] [--advertise-address ADDR] [--head-lost-timeout-ms MS]
-The join token is read from DROVER_JOIN_TOKEN or --join-token-file (never from argv,
-which any local user can read).`;
+In a container every option may come from the environment instead (what an SDL sets):
+DROVER_HEAD, DROVER_NODE_NAME (default: the hostname), DROVER_SLOTS (default: the GPU
+count, else 1), DROVER_STATE_DIR (default /var/lib/drover), DROVER_GROUP,
+DROVER_ADVERTISE_ADDRESS. The join token is read from DROVER_JOIN_TOKEN or
+--join-token-file (never from argv, which any local user can read).`;
 
 /** DROVER_STORAGE_CONFIG: the @drover/storage config as JSON (set in the container's env). */
 function readStorageConfig(): StorageConfigInput | undefined {
@@ -23,7 +28,19 @@ function readStorageConfig(): StorageConfigInput | undefined {
   }
 }
 
+/** One rank per GPU when the node has GPUs (what torchrun's --nproc-per-node=gpu does). */
+function defaultSlots(): string {
+  try {
+    const listed = execFileSync("nvidia-smi", ["--list-gpus"], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"], timeout: 10_000 });
+    const count = listed.split("\n").filter((line) => line.startsWith("GPU ")).length;
+    return String(Math.max(1, count));
+  } catch {
+    return "1";
+  }
+}
+
 async function main(): Promise<number> {
+  const env = process.env;
   const { values } = parseArgs({
     options: {
       head: { type: "string" },
@@ -46,13 +63,13 @@ async function main(): Promise<number> {
   let agent: WorkerAgent;
   try {
     agent = WorkerAgent.create({
-      headAddress: values.head ?? "",
+      headAddress: values.head ?? env.DROVER_HEAD ?? "",
       joinToken,
-      nodeName: values["node-name"] ?? "",
-      slots: Number(values.slots ?? "1"),
-      stateDir: values["state-dir"] ?? "",
-      group: values.group,
-      advertiseAddress: values["advertise-address"],
+      nodeName: values["node-name"] ?? env.DROVER_NODE_NAME ?? hostname(),
+      slots: Number(values.slots ?? env.DROVER_SLOTS ?? defaultSlots()),
+      stateDir: values["state-dir"] ?? env.DROVER_STATE_DIR ?? "/var/lib/drover",
+      group: values.group ?? env.DROVER_GROUP,
+      advertiseAddress: values["advertise-address"] ?? env.DROVER_ADVERTISE_ADDRESS,
       headLostTimeoutMs: values["head-lost-timeout-ms"] ? Number(values["head-lost-timeout-ms"]) : undefined,
       storage: readStorageConfig(),
     }, logger);
