@@ -43,4 +43,47 @@ describe("cluster spec", () => {
     const spec = await loadClusterSpec(EMBEDDED_LOCAL_SPEC);
     expect(spec.job?.workingDir).toMatch(/examples\/at1$/);
   });
+
+  describe("akash section", () => {
+    const group = "    - { name: a100, nodes: 2, gpu: { model: a100, perNode: 8 }, cpu: 16, memory: 64Gi, image: w:1, maxPrice: { amount: 900 } }\n";
+    const akashSpec = (extra = "", groups = group) => `provisioner: akash\nakash:\n  rpc: http://127.0.0.1:26657\n  groups:\n${groups}${extra}`;
+
+    it("compiles groups, defaults and durations", () => {
+      const spec = parseClusterSpecYaml(akashSpec("  bidWindow: 2s\n"), "/tmp/a.yaml");
+      expect(spec.provisioner).toBe("akash");
+      expect(spec.akash).toMatchObject({
+        rpcUrl: "http://127.0.0.1:26657",
+        deposit: { amount: "5000000", denom: "uact" },
+        gasPrice: "0.025uakt",
+        bidWindowMs: 2_000,
+        pollIntervalMs: 3_000,
+      });
+      expect(spec.akash!.groups[0]).toMatchObject({ name: "a100", nodes: 2, gpu: { perNode: 8, models: [{ model: "a100" }] }, maxPrice: { amount: "900", denom: "uact" } });
+    });
+
+    it("names the path of a bad group field", () => {
+      const bad = group.replace("model: a100", "model: a1000");
+      expect(() => parseClusterSpecYaml(akashSpec("", bad), "/tmp/bad.yaml")).toThrow(/^ {2}akash\.groups\[0\]\.gpu\.model: unknown GPU model "a1000"/m);
+      expect(() => parseClusterSpecYaml(akashSpec("", group.replace("cpu: 16", "cpus: 16")), "/tmp/bad.yaml")).toThrow(/akash\.groups\[0\]: .*cpus/);
+    });
+
+    it("requires the section with provisioner akash and refuses it otherwise", () => {
+      expect(() => parseClusterSpecYaml("provisioner: akash\n", "/tmp/a.yaml")).toThrow(/^ {2}akash: is required with provisioner: akash/m);
+      const local = akashSpec().replace("provisioner: akash", "provisioner: local");
+      expect(() => parseClusterSpecYaml(local, "/tmp/l.yaml")).toThrow(/^ {2}akash: is only read with provisioner: akash/m);
+    });
+
+    it("checks the rpc URL, the deposit denomination and unknown fields", () => {
+      expect(() => parseClusterSpecYaml(akashSpec().replace("http://127.0.0.1:26657", "127.0.0.1:26657"), "x.yaml")).toThrow(/akash\.rpc: must be an http/);
+      expect(() => parseClusterSpecYaml(akashSpec("  deposit: { amount: 5000000, denom: uakt }\n"), "x.yaml")).toThrow(/akash\.deposit\.denom: is uakt but the groups pay in uact/);
+      expect(() => parseClusterSpecYaml(akashSpec("  bidwindow: 2s\n"), "x.yaml")).toThrow(/akash: .*bidwindow/);
+    });
+
+    it("accepts the shipped Akash examples", async () => {
+      const at1 = await loadClusterSpec(EMBEDDED_LOCAL_SPEC.replace("local.yaml", "akash-at1.yaml"));
+      expect(at1.akash!.groups.map((g) => g.name)).toEqual(["a100", "rtx8000"]);
+      const sim = await loadClusterSpec(EMBEDDED_LOCAL_SPEC.replace("local.yaml", "akash-sim.yaml"));
+      expect(sim.akash!.rpcUrl).toBe("http://127.0.0.1:26657");
+    });
+  });
 });

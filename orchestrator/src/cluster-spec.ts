@@ -3,6 +3,7 @@ import { dirname, isAbsolute, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parse as parseYaml, YAMLParseError } from "yaml";
 import { z } from "zod";
+import { akashGroupListSchema, type CompiledAkashGroup } from "@drover/sdl";
 import { storageConfigSchema, type StorageConfigInput } from "@drover/storage";
 import { durationMs } from "./duration.js";
 import { SpecError } from "./errors.js";
@@ -19,9 +20,40 @@ const jobSpecSchema = z.object({
   prepare: z.array(z.string().min(1)).min(1).optional(),
 }).strict();
 
+const akashAddress = z.string().regex(/^akash1[02-9ac-hj-np-z]{38}$/, "must be an akash1... bech32 address");
+const httpUrl = z.string().regex(/^https?:\/\/[^\s/]+/, "must be an http(s):// URL");
+
+/** Akash: how to reach the chain, what to rent, and how patiently to ask (README, "Akash"). */
+const akashSpecSchema = z.object({
+  /** CometBFT RPC of an Akash node, e.g. https://rpc.akashnet.net:443 (or the simulator's). */
+  rpc: httpUrl,
+  /** Worker groups: one placement, one lease, one provider each (sdl/README.md). */
+  groups: akashGroupListSchema,
+  /** First escrow deposit of every deployment; the chain's minimum is 5 ACT/AKT. */
+  deposit: z.object({
+    amount: z.union([z.number().int().positive(), z.string().regex(/^[1-9]\d*$/, "must be a whole number of the smallest unit")]).transform(String),
+    denom: z.string().regex(/^(uakt|uact|ibc\/[0-9A-F]{64})$/, "must be uakt, uact or an ibc/<hash> denom").default("uact"),
+  }).strict().default({ amount: "5000000", denom: "uact" }),
+  /** Fees are paid in AKT even when deployments pay in ACT. */
+  gasPrice: z.string().regex(/^\d+(\.\d+)?[a-z][a-z0-9/]*$/, 'expected a gas price like "0.025uakt"').default("0.025uakt"),
+  /** How long each ask collects bids before it is judged. */
+  bidWindow: durationMs.default(60_000),
+  /** How often bids, lease status and transaction inclusion are polled (a block is ~6 s). */
+  pollInterval: durationMs.default(3_000),
+  /** How long a leased group may take to report its services running. */
+  leaseReadyTimeout: durationMs.default(15 * 60_000),
+  /** Price ceilings tried from initialPricePercent of maxPrice up to maxPrice. */
+  priceSteps: z.number().int().min(1).max(20).optional(),
+  initialPricePercent: z.number().int().min(1).max(100).optional(),
+  /** MASTER_PORT inside a group; the group's ports must let it through leader <- workers. */
+  masterPort: z.number().int().min(1).max(65_535).optional(),
+  /** Provider status endpoints (address -> URL), read to explain missing bids. */
+  providerStatusUrls: z.record(akashAddress, httpUrl).optional(),
+}).strict();
+
 export const clusterSpecSchema = z.object({
   name: name.default("local"),
-  provisioner: z.enum(["local"]).default("local"),
+  provisioner: z.enum(["local", "akash"]).default("local"),
   head: z.object({
     /** Interface the control server listens on; loopback for local mode. */
     host: z.string().default("127.0.0.1"),
@@ -43,20 +75,51 @@ export const clusterSpecSchema = z.object({
    * S3-compatible server on loopback, data in the state directory.
    */
   storage: storageConfigSchema.optional(),
-}).strict();
+  /** Required with `provisioner: akash`, refused otherwise. */
+  akash: akashSpecSchema.optional(),
+}).strict().superRefine((spec, ctx) => {
+  if (spec.provisioner === "akash" && spec.akash === undefined) {
+    ctx.addIssue({ code: "custom", path: ["akash"], message: "is required with provisioner: akash (rpc and groups at least)" });
+  }
+  if (spec.provisioner !== "akash" && spec.akash !== undefined) {
+    ctx.addIssue({ code: "custom", path: ["akash"], message: `is only read with provisioner: akash (this spec says provisioner: ${spec.provisioner})` });
+  }
+  const akash = spec.akash;
+  const payDenom = akash?.groups[0]?.maxPrice.denom;
+  if (akash !== undefined && payDenom !== undefined && akash.deposit.denom !== payDenom) {
+    ctx.addIssue({ code: "custom", path: ["akash", "deposit", "denom"], message: `is ${akash.deposit.denom} but the groups pay in ${payDenom}; the escrow pays the leases, so they must match` });
+  }
+});
 
 export type ClusterSpecInput = z.input<typeof clusterSpecSchema>;
 /** Compiled spec: defaults filled, durations in milliseconds, paths absolute. */
 export interface ClusterSpec {
   name: string;
-  provisioner: "local";
+  provisioner: "local" | "akash";
   head: { host: string; port: number; heartbeatIntervalMs: number; heartbeatTimeoutMs: number; workerWaitTimeoutMs: number };
   local: { nodes: number; ranksPerNode: number };
   job?: { command: string[]; workingDir: string; env: Record<string, string>; prepare?: string[] };
   /** Validated storage config as written (secrets stay where the user put them); undefined = embedded. */
   storage?: StorageConfigInput;
+  /** Present exactly when provisioner is akash. */
+  akash?: AkashSpec;
   /** Where the spec came from, for messages. */
   source: string;
+}
+
+/** The compiled `akash:` section. */
+export interface AkashSpec {
+  rpcUrl: string;
+  groups: CompiledAkashGroup[];
+  deposit: { amount: string; denom: string };
+  gasPrice: string;
+  bidWindowMs: number;
+  pollIntervalMs: number;
+  leaseReadyTimeoutMs: number;
+  priceSteps?: number;
+  initialPricePercent?: number;
+  masterPort?: number;
+  providerStatusUrls?: Record<string, string>;
 }
 
 /** Formats a zod path the way users read it: `groups[1].gpu.model`. */
@@ -96,6 +159,21 @@ export function compileClusterSpec(raw: unknown, source: string): ClusterSpec {
       prepare: spec.job.prepare,
     },
     storage: (raw as { storage?: StorageConfigInput } | undefined)?.storage,
+    ...(spec.akash === undefined ? {} : {
+      akash: {
+        rpcUrl: spec.akash.rpc,
+        groups: spec.akash.groups,
+        deposit: spec.akash.deposit,
+        gasPrice: spec.akash.gasPrice,
+        bidWindowMs: spec.akash.bidWindow,
+        pollIntervalMs: spec.akash.pollInterval,
+        leaseReadyTimeoutMs: spec.akash.leaseReadyTimeout,
+        ...(spec.akash.priceSteps === undefined ? {} : { priceSteps: spec.akash.priceSteps }),
+        ...(spec.akash.initialPricePercent === undefined ? {} : { initialPricePercent: spec.akash.initialPricePercent }),
+        ...(spec.akash.masterPort === undefined ? {} : { masterPort: spec.akash.masterPort }),
+        ...(spec.akash.providerStatusUrls === undefined ? {} : { providerStatusUrls: spec.akash.providerStatusUrls }),
+      },
+    }),
     source,
   };
 }
