@@ -1,3 +1,5 @@
+import { readFile } from "node:fs/promises";
+import net from "node:net";
 import { manifestToSortedJSON } from "@akashnetwork/chain-sdk";
 import { TxRaw } from "@akashnetwork/chain-sdk/private-types/cosmos.v1beta1";
 import { DirectSecp256k1HdWallet } from "@cosmjs/proto-signing";
@@ -24,6 +26,8 @@ async function connect(mnemonic: string): Promise<AkashChainClient> {
 beforeEach(async () => {
   simulator = await AkashSimulator.start({
     providers: [{ address: PROVIDER, gpuTag: "a100", machines: [{ gpus: 8 }, { gpus: 8 }, { gpus: 8 }], pricePerGpu: "100" }],
+    // The fake container runtime has a describe of its own below.
+    containers: "none",
   });
   const wallet = await DirectSecp256k1HdWallet.generate(24, { prefix: "akash" });
   const [account] = await wallet.getAccounts();
@@ -141,5 +145,97 @@ describe("Akash simulator through chain-sdk's tx client", () => {
     simulator.chain.loseLease(client.owner, "1007");
     expect(await client.leases(signal)).toMatchObject([{ dseq: "1007", state: "closed" }]);
     expect(simulator.chain.books(client.owner).deployments.map((d) => d.dseq)).toEqual(["1007"]);
+  });
+});
+
+describe("the fake container runtime", () => {
+  let runtimeSimulator: AkashSimulator;
+  let owner: string;
+  let runtimeClient: AkashChainClient;
+  const alive = (pid: number) => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+
+  beforeEach(async () => {
+    runtimeSimulator = await AkashSimulator.start({
+      providers: [{ address: PROVIDER, gpuTag: "a100", machines: [{ gpus: 8 }, { gpus: 8 }, { gpus: 8 }, { gpus: 8 }], pricePerGpu: "100" }],
+    });
+    const wallet = await DirectSecp256k1HdWallet.generate(24, { prefix: "akash" });
+    owner = (await wallet.getAccounts())[0]!.address;
+    runtimeSimulator.chain.fund(owner, 10n ** 12n);
+    runtimeClient = await AkashChainClient.connect({ rpcUrl: runtimeSimulator.rpcUrl, mnemonic: wallet.mnemonic, signal, broadcastPollIntervalMs: 10 });
+  });
+
+  afterEach(async () => {
+    runtimeClient.disconnect();
+    await runtimeSimulator.stop();
+  });
+
+  /** A head address nothing listens on: the workers keep dialling it, which keeps them alive. */
+  async function deadHeadAddress(): Promise<string> {
+    const server = net.createServer();
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const port = (server.address() as net.AddressInfo).port;
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+    return `127.0.0.1:${port}`;
+  }
+
+  async function leaseAndSendManifest(dseq: string, head: string) {
+    const withEnv = renderGroupSdlYaml(group!, { extraEnv: { DROVER_HEAD: head, DROVER_JOIN_TOKEN: "join-secret" } });
+    const { groupSpecs, groups } = buildManifest(withEnv);
+    await runtimeClient.broadcast(await runtimeClient.sign([runtimeClient.createDeploymentMessage({ dseq, groupSpecs, hash: await deploymentVersion(withEnv), deposit: { amount: "5000000", denom: "uact" } })], signal), signal);
+    await runtimeClient.broadcast(await runtimeClient.sign([runtimeClient.createLeaseMessage({ dseq, gseq: 1, oseq: 1, provider: PROVIDER })], signal), signal);
+    const jwt = await runtimeClient.providerJwt(Date.now());
+    const url = runtimeSimulator.providerUrl(PROVIDER);
+    const put = await fetch(`${url}/deployment/${dseq}/manifest`, { method: "PUT", body: manifestToSortedJSON(groups), headers: { authorization: `Bearer ${jwt}` }, signal });
+    expect(put.status).toBe(200);
+    const status = await fetch(`${url}/lease/${dseq}/1/1/status`, { headers: { authorization: `Bearer ${jwt}` }, signal });
+    return (await status.json()) as { services: Record<string, { available: number; total: number }> };
+  }
+
+  async function books(): Promise<{ deployments: unknown[]; leases: unknown[]; containers: Array<{ node: string; pid: number; running: boolean; dseq: string }> }> {
+    return (await (await fetch(`${runtimeSimulator.rpcUrl}/simulator/books?owner=${owner}`, { signal })).json()) as never;
+  }
+
+  it("runs one drover-worker per replica with the manifest's env and a container's identity, and stops them when the lease is lost", async () => {
+    process.env.DROVER_AKASH_MNEMONIC = "must never reach a container";
+    let status;
+    try {
+      status = await leaseAndSendManifest("2001", await deadHeadAddress());
+    } finally {
+      delete process.env.DROVER_AKASH_MNEMONIC;
+    }
+    expect(status.services).toMatchObject({ "a100-leader": { available: 1, total: 1 }, "a100-worker": { available: 1, total: 1 } });
+    const containers = (await books()).containers;
+    expect(containers.map((container) => [container.node, container.running])).toEqual([["a100-leader-2001-0", true], ["a100-worker-2001-0", true]]);
+    for (const container of containers) expect(alive(container.pid)).toBe(true);
+
+    const environ = (await readFile(`/proc/${containers[0]!.pid}/environ`, "utf8")).split("\0");
+    expect(environ).toEqual(expect.arrayContaining(["DROVER_NODE_NAME=a100-leader-2001-0", "DROVER_GROUP=a100", "DROVER_JOIN_TOKEN=join-secret", "DROVER_SLOTS=8", "DROVER_ADVERTISE_ADDRESS=127.0.0.1"]));
+    expect(environ.some((entry) => entry.startsWith("DROVER_STATE_DIR=") && entry.includes("a100-leader-2001-0"))).toBe(true);
+    expect(environ.some((entry) => entry.startsWith("DROVER_AKASH_MNEMONIC"))).toBe(false);
+
+    const lost = await fetch(`${runtimeSimulator.rpcUrl}/simulator/lose-lease?owner=${owner}&dseq=2001`, { method: "POST", signal });
+    expect(lost.status).toBe(200);
+    for (const container of containers) expect(alive(container.pid)).toBe(false);
+    expect((await books()).containers.every((container) => !container.running)).toBe(true);
+  });
+
+  it("stops the containers when the deployment is closed, and every container when the simulator stops", async () => {
+    const head = await deadHeadAddress();
+    await leaseAndSendManifest("2002", head);
+    await leaseAndSendManifest("2003", head);
+    const [first, second] = [(await books()).containers.filter((c) => c.dseq === "2002"), (await books()).containers.filter((c) => c.dseq === "2003")];
+    await runtimeClient.broadcast(await runtimeClient.sign([runtimeClient.closeDeploymentMessage("2002")], signal), signal);
+    await runtimeSimulator.settled();
+    for (const container of first) expect(alive(container.pid)).toBe(false);
+    for (const container of second) expect(alive(container.pid)).toBe(true);
+    await runtimeSimulator.stop();
+    for (const container of second) expect(alive(container.pid)).toBe(false);
   });
 });

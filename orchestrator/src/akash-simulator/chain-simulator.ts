@@ -125,17 +125,29 @@ export class ChainSimulator {
   private dropBroadcasts = 0;
   /** Every tx hash seen by broadcast_tx_sync, in order, included or not. */
   readonly broadcastLog: string[] = [];
+  private readonly leaseClosedListeners = new Set<(lease: SimulatedLease) => void>();
+  /**
+   * Simulator-only HTTP routes under /simulator/ on the RPC port (inspection and fault
+   * injection for tests and the `drover akash-sim` user); nothing a real node serves.
+   */
+  inspector: ((method: string, url: URL) => Promise<unknown>) | undefined;
 
   constructor(private readonly options: ChainSimulatorOptions) {
     this.chainId = options.chainId ?? "akash-simulator-1";
     this.providers = new Map(options.providers.map((provider) => [provider.address, provider]));
   }
 
-  /** Listens on 127.0.0.1, port 0; returns the RPC URL. */
-  async listen(): Promise<string> {
+  /** Listens on 127.0.0.1 (port 0: any free one); returns the RPC URL. */
+  async listen(port = 0): Promise<string> {
     const server = createServer((request, response) => void this.handleHttp(request, response));
     this.server = server;
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(port, "127.0.0.1", () => {
+        server.off("error", reject);
+        resolve();
+      });
+    });
     return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   }
 
@@ -195,9 +207,20 @@ export class ChainSimulator {
   loseLease(owner: string, dseq: string): void {
     for (const lease of this.leaseList) {
       if (lease.owner !== owner || lease.dseq !== dseq || lease.state !== "active") continue;
-      lease.state = "closed";
-      this.providers.get(lease.provider)?.release(lease.nodes, lease.gpusPerNode);
+      this.closeLease(lease);
     }
+  }
+
+  /** Called for every lease that stops being active, whatever the cause: providers stop its containers. */
+  onLeaseClosed(listener: (lease: SimulatedLease) => void): () => void {
+    this.leaseClosedListeners.add(listener);
+    return () => this.leaseClosedListeners.delete(listener);
+  }
+
+  private closeLease(lease: SimulatedLease): void {
+    lease.state = "closed";
+    this.providers.get(lease.provider)?.release(lease.nodes, lease.gpusPerNode);
+    for (const listener of this.leaseClosedListeners) listener(lease);
   }
 
   // ---- JSON-RPC -------------------------------------------------------------------
@@ -205,6 +228,17 @@ export class ChainSimulator {
   private async handleHttp(request: IncomingMessage, response: ServerResponse): Promise<void> {
     const chunks: Buffer[] = [];
     for await (const chunk of request) chunks.push(chunk as Buffer);
+    const url = new URL(request.url ?? "/", "http://simulator");
+    if (url.pathname.startsWith("/simulator/")) {
+      try {
+        const answer = this.inspector === undefined ? undefined : await this.inspector(request.method ?? "GET", url);
+        if (answer === undefined) response.writeHead(404, { "content-type": "application/json" }).end(JSON.stringify({ error: `no simulator route ${request.method} ${url.pathname}` }));
+        else response.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(answer));
+      } catch (error) {
+        response.writeHead(400, { "content-type": "application/json" }).end(JSON.stringify({ error: (error as Error).message }));
+      }
+      return;
+    }
     let id: unknown = -1;
     try {
       const call = JSON.parse(Buffer.concat(chunks).toString("utf8")) as { id: unknown; method: string; params: Record<string, unknown> };
@@ -354,7 +388,7 @@ export class ChainSimulator {
                 hostUri: this.options.providerHostUri?.(owner) ?? "",
                 attributes: [
                   ...Object.entries(provider.config.attributes ?? {}).map(([key, value]) => ({ key, value })),
-                  { key: `capabilities/gpu/vendor/nvidia/model/${provider.config.gpuTag}`, value: "true" },
+                  ...provider.gpuTags.map((tag) => ({ key: `capabilities/gpu/vendor/nvidia/model/${tag}`, value: "true" })),
                 ],
               },
             }),
@@ -549,8 +583,7 @@ export class ChainSimulator {
           for (const bid of this.bidList) if (bid.owner === owner && bid.dseq === dseq && bid.state === "open") bid.state = "closed";
           for (const lease of this.leaseList) {
             if (lease.owner !== owner || lease.dseq !== dseq || lease.state !== "active") continue;
-            lease.state = "closed";
-            this.providers.get(lease.provider)?.release(lease.nodes, lease.gpusPerNode);
+            this.closeLease(lease);
           }
         };
       }

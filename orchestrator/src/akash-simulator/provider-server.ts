@@ -8,6 +8,9 @@
 // it for real against the public key the chain learned from the owner's txs, and checks
 // the manifest's hash against the deployment's on-chain version, as a provider does.
 // Plain HTTP on loopback rather than TLS: certificates add nothing to what is tested.
+// With a FakeContainerRuntime, a valid manifest starts the group's "containers" (worker
+// processes, see fake-container-runtime.ts) and lease status counts the running ones;
+// without one, services count as running the moment the manifest is accepted.
 
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -16,11 +19,14 @@ import { makeSignDoc, serializeSignDoc } from "@cosmjs/amino";
 import { Secp256k1, Secp256k1Signature, ripemd160, sha256 } from "@cosmjs/crypto";
 import { toBase64, toBech32 } from "@cosmjs/encoding";
 import type { ChainSimulator } from "./chain-simulator.js";
+import type { FakeContainerRuntime, ManifestGroupJson } from "./fake-container-runtime.js";
 import type { SimulatedProvider } from "./simulated-provider.js";
 
 interface ManifestService {
   name: string;
   count: number;
+  env?: string[] | null;
+  resources?: { gpu?: { units?: { val?: string } } };
   expose?: Array<{ port: number; externalPort: number; proto: string; global: boolean }>;
 }
 
@@ -32,25 +38,48 @@ export class ProviderServer {
   private readonly externalPorts = new Map<string, number>();
   /** Fault: answer every request with this status (provider down or misbehaving). */
   failWith: number | undefined;
+  private readonly unsubscribe: () => void;
+  private readonly stopping = new Set<Promise<void>>();
 
   constructor(
     readonly provider: SimulatedProvider,
     private readonly chain: ChainSimulator,
     private readonly now: () => number = Date.now,
-  ) {}
+    private readonly runtime?: FakeContainerRuntime,
+  ) {
+    // A lease that ends (closed deployment, lost lease) takes its containers with it.
+    this.unsubscribe = chain.onLeaseClosed((lease) => {
+      if (lease.provider !== this.provider.address || runtime === undefined) return;
+      const stopped = runtime.stopLease(lease).finally(() => this.stopping.delete(stopped));
+      this.stopping.add(stopped);
+    });
+  }
 
-  async listen(): Promise<string> {
+  /** Resolves when every container of a closed lease has stopped. */
+  async settled(): Promise<void> {
+    while (this.stopping.size > 0) await Promise.all([...this.stopping]);
+  }
+
+  async listen(port = 0): Promise<string> {
     const server = createServer((request, response) => {
       this.handle(request, response).catch((error: unknown) => {
         if (!response.headersSent) response.writeHead(500).end(String(error));
       });
     });
     this.server = server;
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(port, "127.0.0.1", () => {
+        server.off("error", reject);
+        resolve();
+      });
+    });
     return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   }
 
   async close(): Promise<void> {
+    this.unsubscribe();
+    await this.settled();
     const server = this.server;
     if (server === undefined) return;
     server.closeAllConnections();
@@ -88,7 +117,17 @@ export class ProviderServer {
       if (Buffer.compare(Buffer.from(version), Buffer.from(deployment.hash)) !== 0) {
         return void send(422, { error: "manifest version validation failed: hash does not match the deployment" });
       }
+      const previous = this.manifests.get(`${owner}/${dseq}`);
       this.manifests.set(`${owner}/${dseq}`, groups);
+      if (this.runtime !== undefined) {
+        for (const lease of leases) {
+          const group = groups[lease.gseq - 1];
+          if (group === undefined) continue;
+          // The same manifest again (a retried PUT) leaves running containers alone.
+          if (previous !== undefined && JSON.stringify(previous[lease.gseq - 1]) === JSON.stringify(group) && this.runtime.deployed(lease)) continue;
+          await this.runtime.deploy(lease, group as ManifestGroupJson);
+        }
+      }
       return void send(200, {});
     }
 
@@ -103,7 +142,8 @@ export class ProviderServer {
       const services: Record<string, unknown> = {};
       const forwardedPorts: Record<string, unknown[]> = {};
       for (const service of group.services) {
-        services[service.name] = { name: service.name, available: service.count, total: service.count, uris: [], ready_replicas: service.count, available_replicas: service.count };
+        const available = this.runtime === undefined ? service.count : this.runtime.available(lease, service.name);
+        services[service.name] = { name: service.name, available, total: service.count, uris: [], ready_replicas: available, available_replicas: available };
         for (const expose of service.expose ?? []) {
           if (!expose.global) continue;
           const key = `${owner}/${dseq}/${gseq}/${service.name}/${expose.port}`;

@@ -18,8 +18,11 @@ export interface SimulatedProviderConfig {
   readonly address: string;
   readonly auditedBy?: readonly string[];
   readonly attributes?: Readonly<Record<string, string>>;
-  /** GPU tags published, literally (e.g. "a100", or a provider's own "nvidia-a100"). */
-  readonly gpuTag: string;
+  /**
+   * GPU tags published, literally (e.g. "a100", or a provider's own "nvidia-a100"). A list
+   * for a provider with several models; its machines are then modelled as taking any of them.
+   */
+  readonly gpuTag: string | readonly string[];
   readonly gpuRam?: string;
   readonly gpuInterface?: "pcie" | "sxm";
   readonly machines: readonly SimulatedMachine[];
@@ -82,17 +85,22 @@ export class SimulatedProvider {
     return this.config.address;
   }
 
+  get gpuTags(): readonly string[] {
+    return typeof this.config.gpuTag === "string" ? [this.config.gpuTag] : this.config.gpuTag;
+  }
+
   /** The bid this provider would place on `ask`, or why not. */
   decide(ask: SimulatedAsk): SimulatedBidDecision | { readonly declined: string } {
     const config = this.config;
     if (config.silent) return { declined: "bid engine offline" };
+    const tags = this.gpuTags;
     const model = ask.gpuModels.find(
       (wanted) =>
-        wanted.model === config.gpuTag &&
+        tags.includes(wanted.model) &&
         (wanted.ram === undefined || wanted.ram === config.gpuRam) &&
         (wanted.interface === undefined || wanted.interface === config.gpuInterface),
     );
-    if (model === undefined) return { declined: `publishes ${config.gpuTag}` };
+    if (model === undefined) return { declined: `publishes ${tags.join(", ")}` };
     for (const [key, value] of Object.entries(ask.attributes)) {
       if (config.attributes?.[key] !== value) return { declined: `lacks attribute ${key}=${value}` };
     }
@@ -108,7 +116,7 @@ export class SimulatedProvider {
     if (compareDecimal(price, ask.priceCeiling) > 0) return { declined: `asks ${price}, above ${ask.priceCeiling}` };
     return {
       price,
-      gpuModel: config.gpuTag,
+      gpuModel: model.model,
       ...(config.gpuRam === undefined ? {} : { gpuRam: config.gpuRam }),
       ...(config.gpuInterface === undefined ? {} : { gpuInterface: config.gpuInterface }),
       delayMs: config.bidDelayMs ?? 0,
@@ -147,15 +155,13 @@ export class SimulatedProvider {
       provider: config.address,
       auditedBy: config.auditedBy ?? [],
       attributes: config.attributes ?? {},
-      gpus: [
-        {
-          tag: config.gpuTag,
-          ...(config.gpuRam === undefined ? {} : { ram: config.gpuRam }),
-          ...(config.gpuInterface === undefined ? {} : { interface: config.gpuInterface }),
-          freeGpus: this.machines.reduce((sum, machine) => sum + machine.gpus, 0),
-          largestFreePerMachine: Math.max(0, ...this.machines.map((machine) => machine.gpus)),
-        },
-      ],
+      gpus: this.gpuTags.map((tag) => ({
+        tag,
+        ...(config.gpuRam === undefined ? {} : { ram: config.gpuRam }),
+        ...(config.gpuInterface === undefined ? {} : { interface: config.gpuInterface }),
+        freeGpus: this.machines.reduce((sum, machine) => sum + machine.gpus, 0),
+        largestFreePerMachine: Math.max(0, ...this.machines.map((machine) => machine.gpus)),
+      })),
       storageClasses: config.storageClasses ?? ["beta3", "ram"],
       ...(config.publishesPrice ? { askingPricePerGpu: config.pricePerGpu } : {}),
     };

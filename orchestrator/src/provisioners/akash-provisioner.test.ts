@@ -33,7 +33,8 @@ const providers: SimulatedProviderConfig[] = [
 ];
 
 async function start(configs: SimulatedProviderConfig[]): Promise<AkashSimulator> {
-  simulator = await AkashSimulator.start({ providers: configs });
+  // These tests run no head for workers to join; services count as running once the manifest is in.
+  simulator = await AkashSimulator.start({ providers: configs, containers: "none" });
   simulator.chain.fund(owner, 10n ** 12n);
   return simulator;
 }
