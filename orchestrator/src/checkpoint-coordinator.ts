@@ -1,3 +1,4 @@
+import { setMaxListeners } from "node:events";
 import { CheckpointStore, type RankUploadReport } from "@drover/storage";
 import type { ICheckpointReport } from "@drover/proto";
 import type { JobController, JobRecord } from "./job-controller.js";
@@ -9,16 +10,25 @@ import type { Logger } from "./logger.js";
  * and write MANIFEST.json. A step some rank never reported stays invisible.
  */
 export class CheckpointCoordinator {
+  /** Reports per attempt (a failed attempt's partial reports must never mix with the next one's). */
   private readonly pending = new Map<string, Map<number, RankUploadReport[]>>();
+  /** Commits running per job, which a restart waits for before it picks its step. */
+  private readonly inFlight = new Map<string, Set<Promise<void>>>();
 
   constructor(readonly store: CheckpointStore, private readonly jobs: JobController, private readonly logger: Logger) {
-    jobs.on("checkpoint", (job, report) => void this.onReport(job, report));
+    jobs.on("checkpoint", (job, report) => {
+      const commit = this.onReport(job, report);
+      const running = this.inFlight.get(job.jobId) ?? new Set();
+      this.inFlight.set(job.jobId, running);
+      running.add(commit);
+      void commit.finally(() => running.delete(commit));
+    });
   }
 
   private async onReport(job: JobRecord, report: ICheckpointReport): Promise<void> {
     const step = Number(report.step ?? 0);
-    const byStep = this.pending.get(job.jobId) ?? new Map<number, RankUploadReport[]>();
-    this.pending.set(job.jobId, byStep);
+    const byStep = this.pending.get(job.wireJobId) ?? new Map<number, RankUploadReport[]>();
+    this.pending.set(job.wireJobId, byStep);
     const reports = byStep.get(step) ?? [];
     byStep.set(step, reports);
     reports.push({
@@ -29,22 +39,37 @@ export class CheckpointCoordinator {
     });
     if (reports.length < job.worldSize) return;
     byStep.delete(step);
+    const signal = AbortSignal.timeout(120_000);
+    // The commit checks every object concurrently, each request listening on this signal.
+    setMaxListeners(256, signal);
     try {
       await this.store.commit({
         run: job.runId,
         step,
         world: { worldSize: job.worldSize, nodes: job.assignments.length, localWorldSize: job.assignments[0]?.localWorldSize },
         reports,
-        signal: AbortSignal.timeout(120_000),
+        signal,
       });
       this.jobs.markCommitted(job.jobId, step);
-      const pruned = await this.store.prune({ run: job.runId, signal: AbortSignal.timeout(120_000) });
+      const pruned = await this.store.prune({ run: job.runId, signal });
       if (pruned.deleted.length > 0) this.logger.info("pruned checkpoints", { run: job.runId, steps: pruned.deleted });
     } catch (error) {
       const problems = (error as { problems?: string[] }).problems;
       this.jobs.note(job.jobId, `checkpoint step ${step} NOT committed: ${(error as Error).message}${problems ? ` (${problems.slice(0, 3).join("; ")})` : ""}`);
       this.logger.warn("checkpoint commit failed", { run: job.runId, step, error: (error as Error).message });
     }
+  }
+
+  /**
+   * The step an automatic restart resumes from: once the commits still running for the
+   * job have settled, the newest committed step of its run (the store is the truth; a
+   * commit may have landed after the failure).
+   */
+  async restartStep(job: JobRecord, signal: AbortSignal): Promise<number | undefined> {
+    setMaxListeners(256, signal);
+    await Promise.allSettled([...(this.inFlight.get(job.jobId) ?? [])]);
+    this.pending.forEach((_, wireJobId) => wireJobId.startsWith(job.jobId) && wireJobId !== job.wireJobId && this.pending.delete(wireJobId));
+    return (await this.store.latest(job.runId, { signal }))?.step ?? job.resumeStep;
   }
 
   /** The step a submission resumes from: `fromStep` if committed, else the newest committed, else none. */

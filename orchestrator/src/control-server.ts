@@ -28,7 +28,7 @@ export interface ControlServerDeps {
   /** Called by Admin.Shutdown after the reply is sent. */
   onShutdownRequested: () => void;
   /** Admission of a job: resolves the resume step, then hands it to the job controller. */
-  submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number }) => Promise<JobRecord>;
+  submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number; maxRestarts?: number }) => Promise<JobRecord>;
 }
 
 function fail(callback: grpc.sendUnaryData<never>, code: grpc.status, details: string): void {
@@ -86,6 +86,7 @@ export class ControlServer {
           slots,
           resources: request.resources ?? {},
           agentVersion: request.agentVersion ?? "",
+          incarnation: request.incarnation ?? "",
         });
         callback(null, {
           protocolVersion: PROTOCOL_VERSION,
@@ -145,6 +146,7 @@ export class ControlServer {
           runId: request.runId || undefined,
           nodes: request.nodes || undefined,
           fromStep: request.hasFromStep ? Number(request.fromStep) : undefined,
+          maxRestarts: request.hasMaxRestarts ? Number(request.maxRestarts) : undefined,
         }).then(
           (job) => callback(null, { jobId: job.jobId, runId: job.runId }),
           (error: Error) => {

@@ -73,6 +73,8 @@ export class Head extends EventEmitter<HeadEvents> {
       allocateMasterPort: (assignment) => this.provisioner.allocateMasterPort(assignment.masterAddr),
       workerWaitTimeoutMs: spec.head.workerWaitTimeoutMs,
       stopGraceMs: 5_000,
+      defaultMaxRestarts: 3,
+      restartStep: async (job) => this.checkpoints ? this.checkpoints.restartStep(job, AbortSignal.timeout(60_000)) : job.lastCommittedStep ?? job.resumeStep,
       logger: logger.child({ component: "jobs" }),
     });
     this.server = new ControlServer({
@@ -100,7 +102,7 @@ export class Head extends EventEmitter<HeadEvents> {
       this.emit("log", line);
     });
     this.jobs.on("metric", (job, metric) => {
-      this.appender.append(`jobs/${job.jobId}/metrics.ndjson`, JSON.stringify({ rank: metric.rank, step: Number(metric.step), timeMs: Number(metric.timeMs), ...metric.values }) + "\n");
+      this.appender.append(`jobs/${job.jobId}/metrics.ndjson`, JSON.stringify({ rank: metric.rank, attempt: job.attempt, step: Number(metric.step), timeMs: Number(metric.timeMs), ...metric.values }) + "\n");
       this.emit("metric", job, metric);
       this.scheduleSnapshot();
     });

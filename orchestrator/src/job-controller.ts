@@ -7,7 +7,7 @@ import type { Logger } from "./logger.js";
 import { assignRanks, type NodeAssignment } from "./rank-assignment.js";
 import type { RegisteredWorker, WorkerRegistry } from "./worker-registry.js";
 
-export type JobState = "pending" | "running" | "stopping" | "succeeded" | "failed" | "stopped";
+export type JobState = "pending" | "running" | "restarting" | "stopping" | "succeeded" | "failed" | "stopped";
 const FINAL_STATES: ReadonlySet<JobState> = new Set(["succeeded", "failed", "stopped"]);
 
 export interface JobRequest {
@@ -18,6 +18,20 @@ export interface JobRequest {
   /** How many nodes the job needs; they must all be connected before it starts. */
   nodes: number;
   /** Committed checkpoint step the job starts from. */
+  resumeStep?: number;
+  /** Restarts after a node failure before the job fails; default: the controller's. */
+  maxRestarts?: number;
+}
+
+/** One automatic restart: why the attempt ended and where the next one resumed. */
+export interface JobRestart {
+  /** The attempt that ended (1 = the first). */
+  attempt: number;
+  reason: string;
+  atMs: number;
+  /** Newest step rank 0 reported in the attempt that ended. */
+  lastStep?: number;
+  /** Committed checkpoint the next attempt starts from; undefined = from scratch. */
   resumeStep?: number;
 }
 
@@ -32,6 +46,17 @@ export interface JobRecord {
   runId: string;
   request: JobRequest;
   state: JobState;
+  /** 1 for the first run, +1 per automatic restart. */
+  attempt: number;
+  /**
+   * The job id workers see for the current attempt (`<jobId>` then `<jobId>-a2`, ...):
+   * anything a worker still sends about an earlier attempt is recognised and dropped.
+   */
+  wireJobId: string;
+  /** Committed checkpoint step the current attempt started from. */
+  resumeStep?: number;
+  maxRestarts: number;
+  restarts: JobRestart[];
   createdAtMs: number;
   startedAtMs?: number;
   endedAtMs?: number;
@@ -60,18 +85,35 @@ interface JobEvents {
   checkpoint: [JobRecord, ICheckpointReport];
 }
 
+/** An earlier attempt being stopped before the next one starts. */
+interface DrainingAttempt {
+  wireJobId: string;
+  /** Global ranks still expected to report their exit. */
+  waiting: Set<number>;
+  done: () => void;
+}
+
 /** Chooses the rendezvous port of a group at its first node. */
 export type MasterPortAllocator = (assignment: NodeAssignment) => Promise<number>;
 
 /**
  * Runs jobs on the registered workers: waits until the requested nodes are connected,
  * assigns ranks and rendezvous, starts the ranks everywhere, and decides success
- * (every rank exited 0) or failure (the first non-zero exit, a lost worker, a node that
- * could not launch), stopping the other ranks on failure.
+ * (every rank exited 0) or failure (the first non-zero exit, a node that could not
+ * launch), stopping the other ranks on failure.
+ *
+ * A node failure (a worker lost or restarted, or a rank failing while one of the job's
+ * nodes is gone) is not the trainer's fault: the job is stopped everywhere and started
+ * again from the newest committed checkpoint once enough nodes are connected, at most
+ * `maxRestarts` times. A plain non-zero exit with every node healthy is a bug in the
+ * trainer and fails the job at once (rerunning it would fail the same way).
  */
 export class JobController extends EventEmitter<JobEvents> {
   private readonly jobs = new Map<string, JobRecord>();
   private readonly waitTimers = new Map<string, NodeJS.Timeout>();
+  /** Wire job id -> job, for every attempt (earlier attempts' messages must be recognised). */
+  private readonly byWireId = new Map<string, JobRecord>();
+  private readonly draining = new Map<string, DrainingAttempt>();
   private starting = false;
 
   constructor(private readonly deps: {
@@ -80,6 +122,14 @@ export class JobController extends EventEmitter<JobEvents> {
     workerWaitTimeoutMs: number;
     stopGraceMs: number;
     logger: Logger;
+    /** Restarts after node failures when a request names none. */
+    defaultMaxRestarts?: number;
+    /**
+     * The committed step a restart resumes from. The head waits for commits still in
+     * flight and asks the store, so a restart never recomputes (and re-uploads over) a
+     * step that was committed meanwhile. Without it: the newest step this job committed.
+     */
+    restartStep?: (job: JobRecord) => Promise<number | undefined>;
     now?: () => number;
   }) {
     super();
@@ -102,6 +152,11 @@ export class JobController extends EventEmitter<JobEvents> {
       runId: request.runId ?? jobId.replace(/^job-/, "run-"),
       request,
       state: "pending",
+      attempt: 1,
+      wireJobId: jobId,
+      resumeStep: request.resumeStep,
+      maxRestarts: request.maxRestarts ?? this.deps.defaultMaxRestarts ?? 3,
+      restarts: [],
       createdAtMs: this.now(),
       assignments: [],
       worldSize: 0,
@@ -110,16 +165,29 @@ export class JobController extends EventEmitter<JobEvents> {
       checkpointsReported: {},
     };
     this.jobs.set(jobId, job);
+    this.byWireId.set(jobId, job);
     this.deps.logger.info("job submitted", { jobId, runId: job.runId, nodes: request.nodes, command: request.command.join(" ") });
-    this.waitTimers.set(jobId, setTimeout(() => {
-      if (job.state === "pending") {
-        const connected = this.deps.registry.connected().length;
-        this.finish(job, "failed", { reason: `only ${connected} of ${request.nodes} nodes connected after ${Math.round(this.deps.workerWaitTimeoutMs / 1000)}s`, lastLines: [] });
-      }
-    }, this.deps.workerWaitTimeoutMs));
+    this.armWaitTimer(job);
     this.emit("changed", job);
     void this.startPendingJobs();
     return job;
+  }
+
+  /** A pending job fails when its nodes are not all connected in time. */
+  private armWaitTimer(job: JobRecord): void {
+    clearTimeout(this.waitTimers.get(job.jobId));
+    this.waitTimers.set(job.jobId, setTimeout(() => {
+      if (job.state === "pending") {
+        const connected = this.deps.registry.connected().length;
+        this.finish(job, "failed", { reason: `only ${connected} of ${job.request.nodes} nodes connected after ${Math.round(this.deps.workerWaitTimeoutMs / 1000)}s`, lastLines: [] });
+      }
+    }, this.deps.workerWaitTimeoutMs));
+  }
+
+  /** The job a worker message is about, if it is about the job's current attempt. */
+  private current(wireJobId: string | null | undefined): JobRecord | undefined {
+    const job = this.byWireId.get(wireJobId ?? "");
+    return job && job.wireJobId === wireJobId ? job : undefined;
   }
 
   get(jobId: string): JobRecord | undefined {
@@ -160,13 +228,13 @@ export class JobController extends EventEmitter<JobEvents> {
       if (assignment.groupRank === 0) masterPorts.set(assignment.group, await this.deps.allocateMasterPort(assignment));
     }
     job.state = "running";
-    job.startedAtMs = this.now();
-    this.log(job, `starting ${job.worldSize} ranks on ${job.assignments.length} nodes: ${job.assignments.map((a) => `${a.nodeName}=ranks ${a.rankOffset}-${a.rankOffset + a.localWorldSize - 1}`).join(", ")}`);
+    job.startedAtMs ??= this.now();
+    this.log(job, `${job.attempt > 1 ? `attempt ${job.attempt}: ` : ""}starting ${job.worldSize} ranks on ${job.assignments.length} nodes: ${job.assignments.map((a) => `${a.nodeName}=ranks ${a.rankOffset}-${a.rankOffset + a.localWorldSize - 1}`).join(", ")}`);
     this.emit("changed", job);
     for (const assignment of job.assignments) {
       const sent = this.deps.registry.send(assignment.workerId, {
         startJob: {
-          jobId: job.jobId,
+          jobId: job.wireJobId,
           runId: job.runId,
           command: job.request.command,
           workingDir: job.request.workingDir,
@@ -184,12 +252,12 @@ export class JobController extends EventEmitter<JobEvents> {
           masterAddr: assignment.masterAddr,
           masterPort: masterPorts.get(assignment.group)!,
           group: assignment.group,
-          resume: job.request.resumeStep !== undefined,
-          resumeStep: job.request.resumeStep ?? 0,
+          resume: job.resumeStep !== undefined,
+          resumeStep: job.resumeStep ?? 0,
         },
       });
       if (!sent) {
-        this.finish(job, "failed", { reason: `node ${assignment.nodeName} disconnected before the job could start`, lastLines: [] });
+        this.fail(job, { reason: `node ${assignment.nodeName} disconnected before the job could start`, lastLines: [] }, true);
         return;
       }
     }
@@ -202,7 +270,7 @@ export class JobController extends EventEmitter<JobEvents> {
   }
 
   onLog(workerId: string, line: ILogLine): void {
-    const job = this.jobs.get(line.jobId ?? "");
+    const job = this.current(line.jobId);
     if (!job) return;
     if (line.stream === LogStream.LOG_STREAM_AGENT) {
       this.log(job, line.line ?? "");
@@ -213,16 +281,17 @@ export class JobController extends EventEmitter<JobEvents> {
   }
 
   onMetric(workerId: string, metric: IMetricReport): void {
-    const job = this.jobs.get(metric.jobId ?? "");
-    if (!job) return;
+    const job = this.current(metric.jobId);
+    if (!job || job.state !== "running") return;
     const rank = this.globalRank(job, workerId, metric.rank ?? 0);
     job.latestMetrics[rank] = { step: Number(metric.step ?? 0), values: { ...(metric.values ?? {}) } };
     this.emit("metric", job, { ...metric, rank });
   }
 
   onCheckpoint(workerId: string, report: ICheckpointReport): void {
-    const job = this.jobs.get(report.jobId ?? "");
-    if (!job) return;
+    const job = this.current(report.jobId);
+    // Reports of a failed attempt never count: its ranks may not all have written the step.
+    if (!job || job.state !== "running") return;
     const rank = this.globalRank(job, workerId, report.rank ?? 0);
     if (report.error) {
       this.log(job, `rank ${rank} could not store checkpoint step ${report.step}: ${report.error}`);
@@ -233,7 +302,14 @@ export class JobController extends EventEmitter<JobEvents> {
   }
 
   onRankExit(workerId: string, exit: IRankExit): void {
-    const job = this.jobs.get(exit.jobId ?? "");
+    const draining = this.draining.get(exit.jobId ?? "");
+    if (draining) {
+      const job = this.byWireId.get(draining.wireJobId)!;
+      draining.waiting.delete(this.globalRank(job, workerId, exit.rank ?? 0));
+      if (draining.waiting.size === 0) draining.done();
+      return;
+    }
+    const job = this.current(exit.jobId);
     if (!job) return;
     const rank = this.globalRank(job, workerId, exit.rank ?? 0);
     const exitCode = exit.exitCode ?? 0;
@@ -241,7 +317,12 @@ export class JobController extends EventEmitter<JobEvents> {
     const how = exit.signal ? `signal ${exit.signal}` : `exit code ${exitCode}`;
     this.log(job, `rank ${rank} exited with ${how}`);
     if (job.state === "running" && (exitCode !== 0 || exit.signal)) {
-      this.finish(job, "failed", { reason: `rank ${rank} exited with ${how}`, rank, lastLines: exit.lastLines ?? [] });
+      // Peers of a dead node fail in their collectives; that is the node's failure.
+      const downNodes = job.assignments.filter((assignment) => this.deps.registry.get(assignment.workerId)?.connection !== "connected");
+      const reason = downNodes.length > 0
+        ? `rank ${rank} exited with ${how} while node ${downNodes.map((node) => node.nodeName).join(", ")} was down`
+        : `rank ${rank} exited with ${how}`;
+      this.fail(job, { reason, rank, lastLines: exit.lastLines ?? [] }, downNodes.length > 0);
       return;
     }
     if (Object.keys(job.exitCodes).length === job.worldSize && job.state !== "failed") {
@@ -252,23 +333,95 @@ export class JobController extends EventEmitter<JobEvents> {
   }
 
   onJobFailure(workerId: string, jobId: string, reason: string): void {
-    const job = this.jobs.get(jobId);
-    if (job && !FINAL_STATES.has(job.state)) this.finish(job, "failed", { reason, lastLines: [] });
+    const job = this.current(jobId);
+    if (job && !FINAL_STATES.has(job.state) && job.state !== "restarting") this.finish(job, "failed", { reason, lastLines: [] });
   }
 
   private onWorkerLost(worker: RegisteredWorker, reason: string): void {
     for (const job of this.jobs.values()) {
       if (job.state !== "running" && job.state !== "stopping") continue;
       if (!job.assignments.some((assignment) => assignment.workerId === worker.workerId)) continue;
-      this.finish(job, "failed", { reason: `node ${worker.nodeName} lost (${reason})`, lastLines: [] });
+      if (job.state === "stopping") this.finish(job, "stopped", { reason: `node ${worker.nodeName} lost (${reason}) while stopping`, lastLines: [] });
+      else this.fail(job, { reason: `node ${worker.nodeName} lost (${reason})`, lastLines: [] }, true);
     }
+  }
+
+  /** A node failure restarts the job while restarts are left; anything else fails it. */
+  private fail(job: JobRecord, failure: JobFailure, nodeFailure: boolean): void {
+    if (job.state !== "running") return;
+    if (!nodeFailure || job.restarts.length >= job.maxRestarts) {
+      const exhausted = nodeFailure ? ` (no restarts left: ${job.maxRestarts} allowed)` : "";
+      this.finish(job, "failed", { ...failure, reason: failure.reason + exhausted });
+      return;
+    }
+    void this.restart(job, failure.reason).catch((error: Error) => {
+      this.deps.logger.error("restart failed", { jobId: job.jobId, error: error.message });
+      this.finish(job, "failed", { reason: `could not restart after "${failure.reason}": ${error.message}`, lastLines: [] });
+    });
+  }
+
+  /**
+   * Stops the current attempt everywhere, waits for its ranks to exit (bounded), picks
+   * the newest committed checkpoint and queues the next attempt, which starts as soon as
+   * enough nodes are connected (the local provisioner brings a dead worker back).
+   */
+  private async restart(job: JobRecord, reason: string): Promise<void> {
+    const lastStep = job.latestMetrics[0]?.step;
+    const restart: JobRestart = { attempt: job.attempt, reason, atMs: this.now(), ...(lastStep === undefined ? {} : { lastStep }) };
+    job.restarts.push(restart);
+    job.state = "restarting";
+    this.log(job, `attempt ${job.attempt} failed: ${reason}; restarting from the newest committed checkpoint (restart ${job.restarts.length} of at most ${job.maxRestarts})`);
+    this.emit("changed", job);
+
+    const previous = job.wireJobId;
+    const waiting = new Set<number>();
+    for (const assignment of job.assignments) {
+      if (this.deps.registry.get(assignment.workerId)?.connection !== "connected") continue;
+      for (let local = 0; local < assignment.localWorldSize; local++) {
+        const rank = assignment.globalRankOffset + local;
+        if (job.exitCodes[rank] === undefined) waiting.add(rank);
+      }
+    }
+    const drained = new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, this.deps.stopGraceMs + 5_000);
+      this.draining.set(previous, { wireJobId: previous, waiting, done: () => { clearTimeout(timer); resolve(); } });
+      if (waiting.size === 0) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    this.broadcastStop(job, `restarting: ${reason}`);
+    await drained;
+    this.draining.delete(previous);
+
+    let resumeStep = job.lastCommittedStep ?? job.resumeStep;
+    if (this.deps.restartStep) {
+      try {
+        resumeStep = await this.deps.restartStep(job);
+      } catch (error) {
+        this.log(job, `could not ask the checkpoint store for the newest step (${(error as Error).message}); using step ${resumeStep ?? "none"} known to the head`);
+      }
+    }
+    if (job.state !== "restarting") return; // stopped meanwhile
+    restart.resumeStep = resumeStep;
+    job.attempt += 1;
+    job.wireJobId = `${job.jobId}-a${job.attempt}`;
+    this.byWireId.set(job.wireJobId, job);
+    job.resumeStep = resumeStep;
+    job.exitCodes = {};
+    job.checkpointsReported = {};
+    job.state = "pending";
+    this.log(job, `attempt ${job.attempt} will resume ${resumeStep === undefined ? "from scratch (nothing committed yet)" : `from committed checkpoint step ${resumeStep}`} once ${job.request.nodes} nodes are connected`);
+    this.armWaitTimer(job);
+    this.emit("changed", job);
+    await this.startPendingJobs();
   }
 
   /** Stops a running job everywhere (user request or shutdown). */
   stop(jobId: string, reason: string): boolean {
     const job = this.jobs.get(jobId);
     if (!job || FINAL_STATES.has(job.state)) return false;
-    if (job.state === "pending") {
+    if (job.state === "pending" || job.state === "restarting") {
       this.finish(job, "stopped", { reason, lastLines: [] });
       return true;
     }
@@ -281,7 +434,7 @@ export class JobController extends EventEmitter<JobEvents> {
 
   private broadcastStop(job: JobRecord, reason: string): void {
     for (const assignment of job.assignments) {
-      this.deps.registry.send(assignment.workerId, { stopJob: { jobId: job.jobId, reason, graceMs: this.deps.stopGraceMs } });
+      this.deps.registry.send(assignment.workerId, { stopJob: { jobId: job.wireJobId, reason, graceMs: this.deps.stopGraceMs } });
     }
   }
 

@@ -1,4 +1,4 @@
-import type { JobRecord } from "./job-controller.js";
+import type { JobRecord, JobRestart } from "./job-controller.js";
 
 /** One line of rank 0's metrics, e.g. `step 12 loss 0.4312 lr 3.0e-04`. */
 export function formatMetrics(step: number, values: Record<string, number>): string {
@@ -21,6 +21,8 @@ export function summarizeJob(job: JobRecord): string[] {
   ];
   const codes = Object.entries(job.exitCodes).map(([rank, code]) => `${rank}:${code}`).join(" ");
   if (codes) lines.push(`  exit codes by rank: ${codes}`);
+  for (const restart of job.restarts ?? []) lines.push(`  ${describeRestart(restart)}`);
+  if (job.lastCommittedStep !== undefined) lines.push(`  newest committed checkpoint: step ${job.lastCommittedStep}`);
   const rank0 = job.latestMetrics[0];
   if (rank0) lines.push(`  last metrics (rank 0): ${formatMetrics(rank0.step, rank0.values)}`);
   if (job.failure) {
@@ -31,4 +33,30 @@ export function summarizeJob(job: JobRecord): string[] {
     }
   }
   return lines;
+}
+
+export function describeRestart(restart: JobRestart): string {
+  const at = restart.lastStep === undefined ? "" : ` at step ${restart.lastStep}`;
+  const from = restart.resumeStep === undefined ? "from scratch" : `from checkpoint step ${restart.resumeStep}`;
+  return `restart ${restart.attempt}: attempt ${restart.attempt} ended${at} (${restart.reason}); attempt ${restart.attempt + 1} resumed ${from}`;
+}
+
+/** One rank-0 metrics line of jobs/<id>/metrics.ndjson. */
+export interface MetricPoint {
+  attempt: number;
+  step: number;
+  [name: string]: number;
+}
+
+/**
+ * The job's metric curve as one run: an attempt's points count up to the step the next
+ * attempt resumed from; what it computed after that checkpoint was thrown away and
+ * recomputed, so showing both would duplicate steps.
+ */
+export function stitchAttempts(points: readonly MetricPoint[], restarts: readonly JobRestart[]): MetricPoint[] {
+  const keptUpTo = new Map<number, number>();
+  for (const restart of restarts) keptUpTo.set(restart.attempt, restart.resumeStep ?? 0);
+  return points
+    .filter((point) => point.step <= (keptUpTo.get(point.attempt) ?? Number.POSITIVE_INFINITY))
+    .sort((a, b) => a.step - b.step || a.attempt - b.attempt);
 }

@@ -22,7 +22,7 @@ function manualClock(): Clock & { advance(ms: number): void } {
 }
 
 const channel = () => ({ sent: [] as unknown[], closed: false, send(message: unknown) { this.sent.push(message); }, close() { this.closed = true; } });
-const node = (nodeName: string) => ({ nodeName, group: "local", slots: 2, resources: {}, agentVersion: "test" });
+const node = (nodeName: string, incarnation = "agent-1") => ({ nodeName, group: "local", slots: 2, resources: {}, agentVersion: "test", incarnation });
 
 describe("WorkerRegistry", () => {
   it("marks a silent worker lost after the heartbeat timeout, not before", () => {
@@ -53,5 +53,20 @@ describe("WorkerRegistry", () => {
     expect(firstChannel.closed).toBe(true);
     expect(registry.attach(second.workerId, oldToken, channel())).toBe(false);
     expect(registry.attach(second.workerId, second.sessionToken, channel())).toBe(true);
+  });
+
+  it("reports the node lost when a new agent process registers under its name, not on a reconnect", () => {
+    const registry = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, clock: manualClock(), logger: silentLogger });
+    const lost: string[] = [];
+    registry.on("lost", (worker, reason) => lost.push(`${worker.nodeName}: ${reason}`));
+    const first = registry.register(node("local-1", "agent-1"));
+    registry.attach(first.workerId, first.sessionToken, channel());
+    registry.register(node("local-1", "agent-1"));
+    expect(lost).toEqual([]);
+    const replaced = registry.register(node("local-1", "agent-2"));
+    expect(lost).toEqual(["local-1: its agent restarted"]);
+    expect(replaced.workerId).toBe(first.workerId);
+    expect(registry.attach(replaced.workerId, replaced.sessionToken, channel())).toBe(true);
+    expect(registry.connected().map((worker) => worker.nodeName)).toEqual(["local-1"]);
   });
 });

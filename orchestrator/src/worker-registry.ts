@@ -12,6 +12,8 @@ export interface RegisteredWorker {
   slots: number;
   resources: IResources;
   agentVersion: string;
+  /** Random per agent process; a new one on re-registration means the agent restarted. */
+  incarnation: string;
   connection: WorkerConnection;
   registeredAtMs: number;
   lastSeenMs: number;
@@ -69,10 +71,17 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
     this.channels.clear();
   }
 
-  register(input: { nodeName: string; group: string; slots: number; resources: IResources; agentVersion: string }): RegisteredWorker {
+  register(input: { nodeName: string; group: string; slots: number; resources: IResources; agentVersion: string; incarnation: string }): RegisteredWorker {
     const now = this.clock.now();
     const existing = [...this.workers.values()].find((worker) => worker.nodeName === input.nodeName);
     if (existing) this.channels.get(existing.workerId)?.close();
+    // A reconnect of the same agent keeps its trainers; a new agent process does not, so
+    // the jobs of the previous one are lost even if the heartbeat timeout never fired.
+    if (existing && existing.connection !== "lost" && existing.incarnation !== input.incarnation) {
+      existing.connection = "lost";
+      this.options.logger.warn("worker lost", { workerId: existing.workerId, node: existing.nodeName, reason: "its agent restarted" });
+      this.emit("lost", existing, "its agent restarted");
+    }
     const worker: RegisteredWorker = {
       workerId: existing?.workerId ?? `w-${randomUUID().slice(0, 8)}`,
       ...input,

@@ -440,6 +440,20 @@ export class CheckpointStore {
     return { committed: committed.sort((a, b) => a - b), uncommitted: uncommitted.sort((a, b) => a - b) };
   }
 
+  /**
+   * Runs with at least one checkpoint object, in name order. Walks the keys rather than
+   * asking for `runs/` common prefixes: s3rver answers that delimiter query with none
+   * when the objects sit several levels deeper. Meant for `drover ckpt ls`, not hot paths.
+   */
+  async listRuns(options: SignalOption = {}): Promise<string[]> {
+    const runs = new Set<string>();
+    for await (const object of this.store.listObjects('runs/', options)) {
+      const run = object.key.slice('runs/'.length).split('/')[0];
+      if (run) runs.add(run);
+    }
+    return [...runs].sort();
+  }
+
   async listCommitted(run: string, options: SignalOption = {}): Promise<number[]> {
     return (await this.listSteps(run, options)).committed;
   }

@@ -1,7 +1,7 @@
-import { createHash } from "node:crypto";
+import { createHash, randomUUID } from "node:crypto";
 import { setMaxListeners } from "node:events";
 import { createReadStream } from "node:fs";
-import { mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { join, resolve as resolvePath } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -73,6 +73,8 @@ export class WorkerAgent {
   private pidFileWrites: Promise<void> = Promise.resolve();
 
   private readonly checkpoints: CheckpointStore | undefined;
+  /** Tells the head this is a new agent process (see RegisterRequest.incarnation). */
+  private readonly incarnation = randomUUID();
 
   private constructor(readonly options: WorkerOptions, private readonly logger: Logger) {
     // Every concurrent part transfer listens on this one signal; the default cap of 10 warns.
@@ -100,6 +102,7 @@ export class WorkerAgent {
   /** Runs until shutdown() or a fatal error (a refused join token). */
   async run(): Promise<void> {
     await mkdir(this.options.stateDir, { recursive: true });
+    await this.reapLeftoverTrainers();
     this.client = new ControlClient(this.options.headAddress, grpc.credentials.createInsecure(), controlChannelOptions);
     let backoffMs = this.options.reconnectInitialMs;
     try {
@@ -143,6 +146,7 @@ export class WorkerAgent {
         group: this.options.group,
         resources,
         agentVersion: AGENT_VERSION,
+        incarnation: this.incarnation,
         slots: this.options.slots,
       }, new grpc.Metadata(), { signal, timeoutMs: 10_000 });
     } catch (error) {
@@ -331,6 +335,31 @@ export class WorkerAgent {
     return this.pidFileWrites;
   }
 
+  /**
+   * Trainers of a previous agent of this node that died without stopping them (kill -9,
+   * OOM killer) would go on training with peers of a job the head has already given up
+   * on. Their pids are in trainers.json; a pid is only killed while its environment still
+   * shows it is a Drover trainer (pids are reused).
+   */
+  private async reapLeftoverTrainers(): Promise<void> {
+    const path = join(this.options.stateDir, "trainers.json");
+    let record: { agentPid?: number; trainerPids?: number[] } | undefined;
+    try {
+      record = JSON.parse(await readFile(path, "utf8")) as typeof record;
+    } catch {
+      return;
+    }
+    const leftovers: number[] = [];
+    for (const pid of record?.trainerPids ?? []) {
+      if (!Number.isInteger(pid) || pid <= 1) continue;
+      const environment = await readFile(`/proc/${pid}/environ`, "utf8").catch(() => "");
+      if (environment.includes("DROVER_JOB_ID=")) leftovers.push(pid);
+    }
+    for (const pid of leftovers) signalProcessGroup(pid, "SIGKILL");
+    if (leftovers.length > 0) this.logger.warn("killed trainers a previous agent of this node left running", { pids: leftovers, previousAgentPid: record?.agentPid });
+    await rm(path, { force: true });
+  }
+
   private async stopAllJobs(reason: string): Promise<void> {
     const running = [...this.jobs.values()];
     if (running.length > 0) this.logger.info("stopping trainers", { reason, jobs: running.length });
@@ -347,6 +376,18 @@ export class WorkerAgent {
     this.setState("stopping");
     this.stopController.abort();
     this.stream?.cancel();
+  }
+}
+
+function signalProcessGroup(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(-pid, signal);
+  } catch {
+    try {
+      process.kill(pid, signal);
+    } catch {
+      // Gone already.
+    }
   }
 }
 

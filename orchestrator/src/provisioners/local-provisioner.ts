@@ -35,14 +35,25 @@ export function findWorkerProgram(): { program: string; args: string[] } {
   }
 }
 
+/** Abnormal exits of one node's agent that are answered with a fresh agent. */
+const MAX_RESPAWNS_PER_NODE = 5;
+const RESPAWN_DELAY_MS = 1_000;
+
 /**
  * Local mode: N `drover-worker` processes on this machine, each a node with K CPU
  * ranks. Their pids go to the state directory before anything else can fail, so a
- * crashed head's workers can always be found and stopped (`drover down`).
+ * crashed head's workers can always be found and stopped (`drover down`). A worker that
+ * dies (killed, crashed) is started again under the same node name, the local stand-in
+ * for a cloud replacing a lost machine; the head then restarts the job on it.
  */
 export class LocalProvisioner implements Provisioner {
   readonly name = "local";
   private readonly children = new Map<string, ChildProcess>();
+  private readonly records = new Map<string, LocalNodeRecord>();
+  private readonly respawns = new Map<string, number>();
+  private recordWrites: Promise<void> = Promise.resolve();
+  private context: ProvisionContext | undefined;
+  private stopping = false;
 
   constructor(private readonly spec: ClusterSpec) {}
 
@@ -51,49 +62,87 @@ export class LocalProvisioner implements Provisioner {
   }
 
   async provision(context: ProvisionContext): Promise<ProvisionedNode[]> {
-    const { program, args: programArgs } = findWorkerProgram();
-    const records: LocalNodeRecord[] = [];
+    this.context = context;
     const nodes: ProvisionedNode[] = [];
     for (let index = 0; index < this.spec.local.nodes; index++) {
       context.signal.throwIfAborted();
       const nodeName = `local-${index}`;
-      const stateDir = context.state.path("workers", nodeName);
-      await mkdir(stateDir, { recursive: true });
-      const logFd = openSync(context.state.path("workers", `${nodeName}.log`), "a");
-      let child: ChildProcess;
-      try {
-        child = spawn(program, [
-          ...programArgs,
-          "--head", context.headAddress,
-          "--node-name", nodeName,
-          "--group", "local",
-          "--slots", String(this.spec.local.ranksPerNode),
-          "--state-dir", stateDir,
-          // A worker whose head vanished for good stops its trainers and exits by itself.
-          "--head-lost-timeout-ms", String(Math.max(60_000, this.spec.head.heartbeatTimeoutMs * 6)),
-        ], {
-          env: { ...process.env, ...context.agentEnv, DROVER_JOIN_TOKEN: context.joinToken },
-          stdio: ["ignore", logFd, logFd],
-          detached: true,
-        });
-      } finally {
-        closeSync(logFd);
-      }
-      child.on("exit", (code, signal) => context.logger.info("local worker exited", { node: nodeName, code, signal }));
-      child.on("error", (error) => context.logger.error("local worker failed to start", { node: nodeName, error: error.message }));
-      if (child.pid === undefined) {
-        throw new ProvisionError(`could not start ${program} for ${nodeName} (set DROVER_WORKER_BIN to the drover-worker program)`, false, { program });
-      }
-      this.children.set(nodeName, child);
-      records.push({ nodeName, pid: child.pid, stateDir });
-      await context.state.writeJson(NODES_FILE, records);
-      nodes.push({ nodeName, group: "local", handle: `pid ${child.pid}` });
-      context.logger.info("local worker started", { node: nodeName, pid: child.pid });
+      const pid = await this.startNode(nodeName, context);
+      nodes.push({ nodeName, group: "local", handle: `pid ${pid}` });
     }
     return nodes;
   }
 
+  /** Starts one node's agent and records its pid before returning. */
+  private async startNode(nodeName: string, context: ProvisionContext): Promise<number> {
+    const { program, args: programArgs } = findWorkerProgram();
+    const stateDir = context.state.path("workers", nodeName);
+    await mkdir(stateDir, { recursive: true });
+    const logFd = openSync(context.state.path("workers", `${nodeName}.log`), "a");
+    let child: ChildProcess;
+    try {
+      child = spawn(program, [
+        ...programArgs,
+        "--head", context.headAddress,
+        "--node-name", nodeName,
+        "--group", "local",
+        "--slots", String(this.spec.local.ranksPerNode),
+        "--state-dir", stateDir,
+        // A worker whose head vanished for good stops its trainers and exits by itself.
+        "--head-lost-timeout-ms", String(Math.max(60_000, this.spec.head.heartbeatTimeoutMs * 6)),
+      ], {
+        env: { ...process.env, ...context.agentEnv, DROVER_JOIN_TOKEN: context.joinToken },
+        stdio: ["ignore", logFd, logFd],
+        detached: true,
+      });
+    } finally {
+      closeSync(logFd);
+    }
+    child.on("error", (error) => context.logger.error("local worker failed to start", { node: nodeName, error: error.message }));
+    if (child.pid === undefined) {
+      throw new ProvisionError(`could not start ${program} for ${nodeName} (set DROVER_WORKER_BIN to the drover-worker program)`, false, { program });
+    }
+    child.on("exit", (code, signal) => this.onExit(nodeName, child, code, signal));
+    this.children.set(nodeName, child);
+    this.records.set(nodeName, { nodeName, pid: child.pid, stateDir });
+    await this.writeRecords(context.state);
+    context.logger.info("local worker started", { node: nodeName, pid: child.pid });
+    return child.pid;
+  }
+
+  private writeRecords(state: StateDirectory): Promise<void> {
+    this.recordWrites = this.recordWrites.then(() => state.writeJson(NODES_FILE, [...this.records.values()]));
+    return this.recordWrites;
+  }
+
+  /**
+   * Exit 0 is a deliberate stop (SIGTERM, head gone for good) and exit 3 a refused join
+   * token, which a new agent would meet again; anything else is a dead node.
+   */
+  private onExit(nodeName: string, child: ChildProcess, code: number | null, signal: NodeJS.Signals | null): void {
+    const context = this.context;
+    if (!context || this.stopping || context.signal.aborted || this.children.get(nodeName) !== child) return;
+    const how = signal ? `signal ${signal}` : `exit code ${code}`;
+    if (code === 0 || code === 3) {
+      context.logger.info("local worker exited", { node: nodeName, how });
+      return;
+    }
+    const count = (this.respawns.get(nodeName) ?? 0) + 1;
+    if (count > MAX_RESPAWNS_PER_NODE) {
+      context.logger.error("local worker died again; not starting it any more", { node: nodeName, how, respawns: MAX_RESPAWNS_PER_NODE });
+      return;
+    }
+    this.respawns.set(nodeName, count);
+    context.logger.warn("local worker died; starting it again", { node: nodeName, how, respawn: count, of: MAX_RESPAWNS_PER_NODE });
+    const timer = setTimeout(() => {
+      if (this.stopping || context.signal.aborted) return;
+      this.startNode(nodeName, context).catch((error: Error) => context.logger.error("could not start the local worker again", { node: nodeName, error: error.message }));
+    }, RESPAWN_DELAY_MS);
+    timer.unref();
+  }
+
   async shutdown(context: Pick<ProvisionContext, "state" | "logger" | "signal">): Promise<void> {
+    this.stopping = true;
     const exits = [...this.children.entries()].map(([nodeName, child]) => new Promise<void>((resolve) => {
       if (child.exitCode !== null || child.signalCode !== null) return resolve();
       child.once("exit", () => resolve());
@@ -106,9 +155,11 @@ export class LocalProvisioner implements Provisioner {
     }));
     const graceMs = 15_000;
     await Promise.race([Promise.all(exits), new Promise((resolve) => setTimeout(resolve, graceMs).unref())]);
+    await this.recordWrites.catch(() => undefined);
     // Whatever did not stop in time (and any trainer it left) is killed from the records.
     await reapLocalNodes(context.state, context.logger);
     this.children.clear();
+    this.records.clear();
   }
 
   allocateMasterPort(): Promise<number> {

@@ -1,0 +1,109 @@
+import type { IHeadMessage, IStartJob } from "@drover/proto";
+import { afterEach, describe, expect, it } from "vitest";
+import { JobController, type JobRecord } from "./job-controller.js";
+import { silentLogger } from "./logger.js";
+import { WorkerRegistry, type WorkerChannel } from "./worker-registry.js";
+
+/** A node as the registry sees it: what the head sent it is recorded. */
+interface TestNode {
+  workerId: string;
+  sent: IHeadMessage[];
+  channel: WorkerChannel;
+}
+
+function connect(registry: WorkerRegistry, nodeName: string, incarnation: string): TestNode {
+  const worker = registry.register({ nodeName, group: "local", slots: 2, resources: { address: "127.0.0.1" }, agentVersion: "test", incarnation });
+  const sent: IHeadMessage[] = [];
+  const node: TestNode = { workerId: worker.workerId, sent, channel: { send: (message) => sent.push(message), close: () => {} } };
+  registry.attach(worker.workerId, worker.sessionToken, node.channel);
+  return node;
+}
+
+const starts = (node: TestNode): IStartJob[] => node.sent.flatMap((message) => (message.startJob ? [message.startJob] : []));
+const stops = (node: TestNode): string[] => node.sent.flatMap((message) => (message.stopJob ? [message.stopJob.jobId ?? ""] : []));
+
+async function until(condition: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + 5_000;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+describe("JobController restarts", () => {
+  let registry: WorkerRegistry;
+  let jobs: JobController;
+  afterEach(() => {
+    jobs?.dispose();
+    registry?.stop();
+  });
+
+  function setup(restartStep: (job: JobRecord) => Promise<number | undefined>) {
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep });
+    return { a: connect(registry, "local-0", "a-1"), b: connect(registry, "local-1", "b-1") };
+  }
+
+  it("restarts from the step the store names when a node's agent is replaced, and ignores the old attempt", async () => {
+    const { a, b } = setup(async () => 40);
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-x" });
+    await until(() => starts(a).length === 1 && starts(b).length === 1, "attempt 1 to start");
+    expect(starts(a)[0]).toMatchObject({ jobId: job.jobId, resume: false });
+
+    // local-1's agent dies and a new one registers: its ranks are gone.
+    const b2 = connect(registry, "local-1", "b-2");
+    expect(job.state).toBe("restarting");
+    expect(stops(a)).toEqual([job.jobId]);
+    // The surviving node's ranks exit; the next attempt starts only once they have.
+    jobs.onRankExit(a.workerId, { jobId: job.jobId, rank: 0, exitCode: 0, signal: "SIGTERM" });
+    expect(starts(b2)).toEqual([]);
+    jobs.onRankExit(a.workerId, { jobId: job.jobId, rank: 1, exitCode: 0, signal: "SIGTERM" });
+    await until(() => starts(b2).length === 1, "attempt 2 to start");
+
+    const second = starts(a)[1]!;
+    expect(second).toMatchObject({ jobId: `${job.jobId}-a2`, runId: "run-x", resume: true, resumeStep: 40 });
+    expect(starts(b2)[0]).toMatchObject({ jobId: `${job.jobId}-a2`, resume: true, resumeStep: 40 });
+    expect(job.restarts).toEqual([expect.objectContaining({ attempt: 1, reason: "node local-1 lost (its agent restarted)", resumeStep: 40 })]);
+
+    // Late messages of attempt 1 change nothing.
+    jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 55, values: { loss: 9 } });
+    jobs.onCheckpoint(a.workerId, { jobId: job.jobId, rank: 0, step: 60, files: [] });
+    expect(job.latestMetrics[0]).toBeUndefined();
+    expect(job.checkpointsReported).toEqual({});
+
+    for (const [node, ranks] of [[a, [0, 1]], [b2, [0, 1]]] as const) {
+      for (const rank of ranks) jobs.onRankExit(node.workerId, { jobId: `${job.jobId}-a2`, rank: rank + (node === b2 ? 2 : 0), exitCode: 0 });
+    }
+    expect(job.state).toBe("succeeded");
+    expect(job.attempt).toBe(2);
+  });
+
+  it("fails at once when a rank exits non-zero while every node is healthy", async () => {
+    const { a, b } = setup(async () => 0);
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2 });
+    await until(() => starts(a).length === 1 && starts(b).length === 1, "the job to start");
+    jobs.onRankExit(b.workerId, { jobId: job.jobId, rank: 2, exitCode: 1, lastLines: ["ValueError: bad config"] });
+    expect(job.state).toBe("failed");
+    expect(job.restarts).toEqual([]);
+    expect(job.failure).toMatchObject({ reason: "rank 2 exited with exit code 1", lastLines: ["ValueError: bad config"] });
+  });
+
+  it("counts a peer's crash while a node is down as a node failure, and stops after maxRestarts", async () => {
+    const { a, b } = setup(async () => undefined);
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, maxRestarts: 1 });
+    await until(() => starts(a).length === 1, "attempt 1");
+    // local-1's session drops (agent killed); its peers fail in their collectives.
+    registry.detach(b.workerId, b.channel);
+    jobs.onRankExit(a.workerId, { jobId: job.jobId, rank: 0, exitCode: 1 });
+    expect(job.state).toBe("restarting");
+    expect(job.restarts[0]?.reason).toBe("rank 0 exited with exit code 1 while node local-1 was down");
+    jobs.onRankExit(a.workerId, { jobId: job.jobId, rank: 1, exitCode: 1 });
+    const b2 = connect(registry, "local-1", "b-2");
+    await until(() => starts(b2).length === 1, "attempt 2");
+    expect(starts(b2)[0]).toMatchObject({ resume: false });
+    // A second node failure exceeds maxRestarts: 1.
+    connect(registry, "local-0", "a-2");
+    expect(job.state).toBe("failed");
+    expect(job.failure?.reason).toBe("node local-0 lost (its agent restarted) (no restarts left: 1 allowed)");
+  });
+});
