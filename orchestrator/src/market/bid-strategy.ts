@@ -249,7 +249,7 @@ export class BidStrategy {
     const group = this.progress[this.current]!;
     const eligible: ObservedBid[] = [];
     for (const bid of ask.bids) {
-      const why = whyRejected(bid, ask.group, ask.ceiling);
+      const why = whyBidRejected(bid, ask.group, ask.ceiling);
       if (why === undefined) eligible.push(bid);
       else group.rejections.push({ provider: bid.provider, askId: ask.askId, why });
     }
@@ -450,7 +450,8 @@ function gpuSatisfies(group: CompiledAkashGroup, tag: string, ram: string | unde
   );
 }
 
-function whyRejected(bid: ObservedBid, group: CompiledAkashGroup, ceiling: string): string | undefined {
+/** Why a bid is not acceptable for `group` at `ceiling` (filters, audit, GPU, price); undefined when it is. */
+export function whyBidRejected(bid: ObservedBid, group: CompiledAkashGroup, ceiling: string): string | undefined {
   if (bid.denom !== group.maxPrice.denom) return `bid in ${bid.denom}, the group pays in ${group.maxPrice.denom}`;
   if (group.providers.deny.includes(bid.provider)) return "provider is in providers.deny";
   if (!isProviderAllowed(group, bid.provider)) return "provider is not in providers.allow";

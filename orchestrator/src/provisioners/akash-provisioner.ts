@@ -18,6 +18,7 @@ import { AkashChainClient, type ChainBid } from "../market/akash-chain-client.js
 import { BidStrategy, type Placement } from "../market/bid-strategy.js";
 import type { ProviderAdvertisement } from "../market/market-observations.js";
 import type { StateDirectory } from "../state-store.js";
+import { freeLoopbackPort } from "./local-provisioner.js";
 import type { ProvisionContext, ProvisionedNode, Provisioner, ProvisionerBackend } from "./provisioner.js";
 
 export interface AkashProvisionerConfig {
@@ -43,6 +44,19 @@ export interface AkashProvisionerConfig {
 }
 
 export const AKASH_CONNECTION_FILE = "akash/connection.json";
+/** The leases the head runs on, with their handles, for `drover status` and people. */
+export const AKASH_LEASES_FILE = "akash/leases.json";
+
+export interface AkashLeaseRecord {
+  readonly group: string;
+  readonly wanted: string;
+  readonly dseq: string;
+  readonly provider: string;
+  readonly price: string;
+  readonly denom: string;
+  readonly nodes: number;
+  readonly handle: string;
+}
 const DEFAULT_POLL_INTERVAL_MS = 3_000;
 const DEFAULT_LEASE_READY_TIMEOUT_MS = 15 * 60_000;
 const DEFAULT_MASTER_PORT = 29_500;
@@ -77,21 +91,34 @@ export class AkashProvisioner implements Provisioner {
     return this.config.groups.reduce((sum, group) => sum + group.nodes, 0);
   }
 
-  async allocateMasterPort(): Promise<number> {
+  async allocateMasterPort(nodeAddress: string): Promise<number> {
+    // A node advertising loopback shares this machine's network (the simulator's fake
+    // containers): there a fixed port would collide between groups, so take a free one.
+    if (/^127\./.test(nodeAddress) || nodeAddress === "localhost" || nodeAddress === "::1") return freeLoopbackPort();
     return this.config.masterPort ?? DEFAULT_MASTER_PORT;
   }
 
   async provision(context: ProvisionContext): Promise<ProvisionedNode[]> {
     const { signal, logger } = context;
-    await context.state.writeJson(AKASH_CONNECTION_FILE, { rpcUrl: this.config.rpcUrl, gasPrice: this.config.gasPrice });
+    await context.state.writeJson(AKASH_CONNECTION_FILE, { rpcUrl: this.config.rpcUrl, gasPrice: this.config.gasPrice, pollIntervalMs: this.config.broadcastPollIntervalMs });
     const ledger = await LeaseLedger.open(context.state, { now: this.now });
     const client = await this.connect(signal);
     try {
       // A previous head of this state directory may have left deployments behind.
       await settleLedger(ledger, client, logger, signal, { closeAdopted: true });
+      await context.state.writeJson(AKASH_LEASES_FILE, []);
       const placements = await this.runMarket(ledger, client, context);
       const nodes: ProvisionedNode[] = [];
-      for (const placement of placements) nodes.push(...(await this.startGroup(placement, client, context)));
+      const records: AkashLeaseRecord[] = [];
+      for (const placement of placements) {
+        const started = await this.startGroup(placement, client, context);
+        nodes.push(...started);
+        records.push({
+          group: placement.part.name, wanted: placement.wanted, dseq: placement.dseq, provider: placement.provider,
+          price: placement.price, denom: placement.part.maxPrice.denom, nodes: placement.part.nodes, handle: started[0]?.handle ?? "",
+        });
+        await context.state.writeJson(AKASH_LEASES_FILE, records);
+      }
       return nodes;
     } finally {
       client.disconnect();
@@ -107,6 +134,7 @@ export class AkashProvisioner implements Provisioner {
     } finally {
       client.disconnect();
     }
+    await context.state.writeJson(AKASH_LEASES_FILE, []);
   }
 
   private async connect(signal: AbortSignal): Promise<AkashChainClient> {
@@ -213,19 +241,8 @@ export class AkashProvisioner implements Provisioner {
     }));
   }
 
-  private async readAdvertisements(signal: AbortSignal, logger: Logger): Promise<ProviderAdvertisement[]> {
-    const advertisements: ProviderAdvertisement[] = [];
-    for (const [provider, url] of Object.entries(this.config.providerStatusUrls ?? {})) {
-      try {
-        const response = await fetch(url, { signal: AbortSignal.any([signal, AbortSignal.timeout(10_000)]) });
-        const body = (await response.json()) as { advertisement?: ProviderAdvertisement };
-        if (body.advertisement) advertisements.push({ ...body.advertisement, provider });
-      } catch (error) {
-        if (signal.aborted) throw error;
-        logger.warn("provider status unreadable", { provider, error: (error as Error).message });
-      }
-    }
-    return advertisements;
+  private readAdvertisements(signal: AbortSignal, logger: Logger): Promise<ProviderAdvertisement[]> {
+    return readProviderAdvertisements(this.config.providerStatusUrls ?? {}, signal, logger);
   }
 
   private nextDseq(): string {
@@ -236,7 +253,23 @@ export class AkashProvisioner implements Provisioner {
   }
 }
 
-function toObservedBids(askId: string, bids: readonly ChainBid[]) {
+/** What providers advertise on their status endpoints (address -> URL); unreadable ones are logged and skipped. */
+export async function readProviderAdvertisements(urls: Readonly<Record<string, string>>, signal: AbortSignal, logger: Logger): Promise<ProviderAdvertisement[]> {
+  const advertisements: ProviderAdvertisement[] = [];
+  for (const [provider, url] of Object.entries(urls)) {
+    try {
+      const response = await fetch(url, { signal: AbortSignal.any([signal, AbortSignal.timeout(10_000)]) });
+      const body = (await response.json()) as { advertisement?: ProviderAdvertisement };
+      if (body.advertisement) advertisements.push({ ...body.advertisement, provider });
+    } catch (error) {
+      if (signal.aborted) throw error;
+      logger.warn("provider status unreadable", { provider, error: (error as Error).message });
+    }
+  }
+  return advertisements;
+}
+
+export function toObservedBids(askId: string, bids: readonly ChainBid[]) {
   // A bid exists only if the provider met the order's signedBy requirement, so it is audited as asked.
   return bids.filter((bid) => bid.state === "open").map((bid) => ({
     askId, provider: bid.provider, price: bid.price, denom: bid.denom, gpuModel: bid.gpuModels[0] ?? "", audited: true,
@@ -244,7 +277,7 @@ function toObservedBids(askId: string, bids: readonly ChainBid[]) {
 }
 
 /** Sign, record the intent (fsync), broadcast, record the result. */
-async function sendTracked(ledger: LeaseLedger, client: AkashChainClient, operation: LedgerOperation, messages: Parameters<AkashChainClient["sign"]>[0], signal: AbortSignal): Promise<void> {
+export async function sendTracked(ledger: LeaseLedger, client: AkashChainClient, operation: LedgerOperation, messages: Parameters<AkashChainClient["sign"]>[0], signal: AbortSignal): Promise<void> {
   const tx = await client.sign(messages, signal);
   const id = await ledger.recordIntent({ owner: client.owner, sequence: tx.sequence, txHash: tx.hash, txBytes: Buffer.from(tx.bytes).toString("base64"), operation });
   try {
@@ -262,7 +295,7 @@ async function sendTracked(ledger: LeaseLedger, client: AkashChainClient, operat
  * Brings the ledger and the chain into agreement, then closes every deployment of ours
  * that is still open (closeAdopted: a new head re-provisions rather than adopting).
  */
-async function settleLedger(ledger: LeaseLedger, client: AkashChainClient, logger: Logger, signal: AbortSignal, options: { closeAdopted: boolean }): Promise<void> {
+export async function settleLedger(ledger: LeaseLedger, client: AkashChainClient, logger: Logger, signal: AbortSignal, options: { closeAdopted: boolean }): Promise<void> {
   // A rebroadcast tx may open a deployment or lease; the next pass sees it and closes it.
   for (let pass = 0; pass < 3; pass += 1) {
     if (!(await settleOnce(ledger, client, logger, signal, options))) return;
@@ -378,15 +411,18 @@ export function akashBackend(configOf: (spec: ClusterSpec) => AkashProvisionerCo
   return {
     create: (spec) => new AkashProvisioner(configOf(spec)),
     async reap(state: StateDirectory, logger: Logger, signal: AbortSignal): Promise<string[]> {
-      const connection = await state.readJson<{ rpcUrl: string; gasPrice?: string }>(AKASH_CONNECTION_FILE);
+      const connection = await state.readJson<{ rpcUrl: string; gasPrice?: string; pollIntervalMs?: number }>(AKASH_CONNECTION_FILE);
       if (connection === undefined) return [];
       const before = await LeaseLedger.open(state);
+      const known = before.entries().length;
       const openBefore = new Set(before.entries().filter((entry) => entry.kind === "intent" && entry.operation.op === "create-deployment").map((entry) => (entry.kind === "intent" ? entry.operation.dseq : "")));
-      const provisioner = new AkashProvisioner({ groups: [], rpcUrl: connection.rpcUrl, deposit: { amount: "0", denom: "uact" }, ...(connection.gasPrice ? { gasPrice: connection.gasPrice } : {}) });
+      const provisioner = new AkashProvisioner({ groups: [], rpcUrl: connection.rpcUrl, deposit: { amount: "0", denom: "uact" }, ...(connection.gasPrice ? { gasPrice: connection.gasPrice } : {}), ...(connection.pollIntervalMs ? { broadcastPollIntervalMs: connection.pollIntervalMs } : {}) });
       await provisioner.shutdown({ state, logger, signal });
       const after = await LeaseLedger.open(state);
+      // Only what this reap closed: a head that shut down cleanly already closed the rest.
       return after
         .entries()
+        .slice(known)
         .filter((entry) => entry.kind === "intent" && entry.operation.op === "close-deployment" && openBefore.has(entry.operation.dseq))
         .map((entry) => (entry.kind === "intent" ? `akash deployment ${entry.operation.dseq}` : ""));
     },
