@@ -7,6 +7,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import * as grpc from "@grpc/grpc-js";
 import { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions } from "@drover/proto";
+import { akashProgress, commandAkashSim, commandBids, commandSdl, upExpectations } from "./akash-cli.js";
 import { EMBEDDED_LOCAL_SPEC, loadClusterSpec, type ClusterSpec } from "./cluster-spec.js";
 import { DroverError, HeadUnreachableError, StateError } from "./errors.js";
 import { Head } from "./head.js";
@@ -29,6 +30,12 @@ usage:
   drover stop [--job ID]                   stop the running job
   drover down                              stop jobs, release every node, stop the head
   drover demo [SPEC]                       up + submit the spec's job + wait + down, in one process
+  drover sdl SPEC                          the Akash SDL 2.0 of every group of SPEC, validated
+  drover bids SPEC [--window DURATION]     post a probe per group, list the bids, close the probes
+                                           (no lease); wallet from DROVER_AKASH_MNEMONIC(_FILE)
+  drover akash-sim [--providers FILE] [--port N] [--wallet FILE] [--containers-dir DIR]
+                                           a simulated Akash chain + providers on 127.0.0.1 with a
+                                           FAKE container runtime (local drover-worker processes)
 
 State lives in $DROVER_STATE_DIR (default ~/.drover/cluster; the demo uses ~/.drover/demo).`;
 
@@ -88,7 +95,10 @@ async function commandUp(args: string[]): Promise<number> {
   closeSync(logFd);
   child.unref();
   print(`head starting (pid ${child.pid}), state in ${state.root}`);
-  const deadline = Date.now() + 60_000;
+  // Akash takes bid windows and container starts, not seconds: wait as long as the spec allows.
+  const expected = upExpectations(spec, provisionerBackends[spec.provisioner].create(spec).expectedNodes());
+  const startedAt = Date.now();
+  const deadline = startedAt + expected.deadlineMs;
   let lastShown = "";
   while (Date.now() < deadline) {
     await new Promise((resolveDelay) => setTimeout(resolveDelay, 250));
@@ -97,16 +107,17 @@ async function commandUp(args: string[]): Promise<number> {
     if (!head || head.pid !== child.pid) continue;
     const cluster = await state.readJson<{ workers: { connection: string }[] }>("cluster.json");
     const connected = cluster?.workers.filter((worker) => worker.connection === "connected").length ?? 0;
-    const shown = `${head.state}: ${connected}/${spec.local.nodes} nodes connected`;
+    const market = spec.provisioner === "akash" ? await akashProgress(state, startedAt) : "";
+    const shown = `${head.state}: ${connected}/${expected.nodes} nodes connected${market}`;
     if (shown !== lastShown) print(`  ${shown}`);
     lastShown = shown;
-    if (head.state === "ready" && connected >= spec.local.nodes) {
+    if (head.state === "ready" && connected >= expected.nodes) {
       print(`cluster ${spec.name} is up: control ${head.controlAddress}. Next: drover submit -- CMD`);
       return 0;
     }
     if (head.state === "failed") throw new DroverError(`provisioning failed; see ${state.path("head.log")}`);
   }
-  throw new DroverError(`the cluster did not come up within 60s; see ${state.path("head.log")} (drover down cleans up)`);
+  throw new DroverError(`the cluster did not come up within ${Math.round(expected.deadlineMs / 1000)}s; see ${state.path("head.log")} (drover down cleans up)`);
 }
 
 /** The head process itself (what `drover up` runs in the background). */
@@ -363,6 +374,9 @@ async function main(argv: string[]): Promise<number> {
     case "stop": return commandStop(rest);
     case "down": return commandDown();
     case "demo": return commandDemo(rest);
+    case "sdl": return commandSdl(rest);
+    case "bids": return commandBids(rest);
+    case "akash-sim": return commandAkashSim(rest);
     case undefined: case "help": case "--help": case "-h":
       print(USAGE);
       return command === undefined ? 2 : 0;
