@@ -140,6 +140,9 @@ export class ChainSimulator {
   /** Listens on 127.0.0.1 (port 0: any free one); returns the RPC URL. */
   async listen(port = 0): Promise<string> {
     const server = createServer((request, response) => void this.handleHttp(request, response));
+    // Longer than clients keep idle sockets (undici: 4 s), so a client never reuses a
+    // socket the server is closing at that moment ("other side closed").
+    server.keepAliveTimeout = 60_000;
     this.server = server;
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);

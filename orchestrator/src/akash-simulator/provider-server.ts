@@ -66,6 +66,9 @@ export class ProviderServer {
         if (!response.headersSent) response.writeHead(500).end(String(error));
       });
     });
+    // Longer than clients keep idle sockets (undici: 4 s), so a client never reuses a
+    // socket the server is closing at that moment ("other side closed").
+    server.keepAliveTimeout = 60_000;
     this.server = server;
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);

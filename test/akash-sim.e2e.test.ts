@@ -1,0 +1,214 @@
+// End to end against the Akash simulator, as a user runs it: `drover akash-sim` (a
+// simulated chain that verifies real signed transactions, providers that verify JWTs and
+// manifest hashes, and a FAKE container runtime that runs each leased node as a local
+// drover-worker process) in one process, and the real `drover` CLI against it. Only
+// loopback traffic. The simulator's /simulator/books route shows what the chain holds.
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { validateSdl } from "@drover/sdl";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { parse as parseYaml } from "yaml";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const cli = join(root, "orchestrator", "dist", "cli.js");
+const minimalDir = join(root, "examples", "minimal");
+const A100_PROVIDER = "akash18ga02jzaq8cw52anyhzkwta5wygufgu6zsz6xc";
+
+let work: string;
+let stateDir: string;
+let walletFile: string;
+let specFile: string;
+let simulator: ChildProcess;
+let simulatorOutput = "";
+let rpcUrl: string;
+let owner: string;
+const outputs: string[] = [];
+
+const env = () => ({ ...process.env, DROVER_STATE_DIR: stateDir, DROVER_AKASH_MNEMONIC_FILE: walletFile });
+
+function drover(args: string[], timeoutMs = 90_000) {
+  const result = spawnSync(process.execPath, [cli, ...args], { env: env(), encoding: "utf8", timeout: timeoutMs });
+  outputs.push(result.stdout, result.stderr);
+  return { code: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+interface Books {
+  deployments: Array<{ dseq: string }>;
+  leases: Array<{ dseq: string; provider: string }>;
+  containers: Array<{ node: string; pid: number; running: boolean; dseq: string }>;
+}
+
+async function books(): Promise<Books> {
+  const response = await fetch(`${rpcUrl}/simulator/books?owner=${owner}`, { signal: AbortSignal.timeout(5_000) });
+  expect(response.status).toBe(200);
+  return (await response.json()) as Books;
+}
+
+async function waitFor(condition: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (await condition()) return;
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, 50));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+/** Live processes whose environment or command line mentions this test's directory (head, fake containers, trainers). */
+async function processesOfThisTest(): Promise<string[]> {
+  const found: string[] = [];
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid || Number(entry) === simulator.pid) continue;
+    const environ = await readFile(`/proc/${entry}/environ`, "utf8").catch(() => "");
+    const cmdline = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "");
+    if (environ.includes(work) || cmdline.includes(work)) found.push(`${entry}: ${cmdline.split("\0").join(" ")}`);
+  }
+  return found;
+}
+
+async function ledgerOps(): Promise<string[]> {
+  const path = join(stateDir, "akash", "lease-ledger.ndjson");
+  if (!existsSync(path)) return [];
+  return (await readFile(path, "utf8")).split("\n").filter((line) => line.trim() !== "").map((line) => {
+    const entry = JSON.parse(line) as { kind: string; operation?: { op: string } };
+    return entry.kind === "intent" ? entry.operation!.op : "result";
+  });
+}
+
+describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
+  beforeAll(async () => {
+    work = await mkdtemp(join(os.tmpdir(), "drover-akash-e2e-"));
+    stateDir = join(work, "state");
+    walletFile = join(work, "wallet");
+    simulator = spawn(process.execPath, [cli, "akash-sim", "--port", "0", "--wallet", walletFile, "--containers-dir", join(work, "containers")], {
+      env: { ...process.env, DROVER_STATE_DIR: stateDir },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    simulator.stdout!.on("data", (chunk) => (simulatorOutput += chunk));
+    simulator.stderr!.on("data", (chunk) => (simulatorOutput += chunk));
+    await waitFor(() => simulatorOutput.includes("ready;") || simulator.exitCode !== null, 30_000, "the simulator");
+    expect(simulatorOutput).toContain("ready;");
+    rpcUrl = /^rpc: (\S+)$/m.exec(simulatorOutput)![1]!;
+    owner = /^wallet: (akash1\w+)/m.exec(simulatorOutput)![1]!;
+    expect(simulatorOutput).toContain(`export DROVER_AKASH_MNEMONIC_FILE=${walletFile}`);
+    const providerUrls = [...simulatorOutput.matchAll(/^ {4}(akash1\w+): (http:\S+\/status)$/gm)].map((match) => `    ${match[1]}: ${match[2]}`);
+    expect(providerUrls).toHaveLength(4);
+    // examples/akash-sim.yaml, pointed at this simulator, with short windows and polls.
+    const example = await readFile(join(root, "examples", "akash-sim.yaml"), "utf8");
+    const groups = example.slice(example.indexOf("  groups:\n"));
+    specFile = join(work, "sim.yaml");
+    await writeFile(specFile, [
+      "name: sim-e2e", "provisioner: akash", "head:", "  heartbeatTimeout: 10s", "akash:", `  rpc: ${rpcUrl}`,
+      "  bidWindow: 800ms", "  pollInterval: 100ms", "  leaseReadyTimeout: 30s", "  providerStatusUrls:", ...providerUrls, groups,
+    ].join("\n"));
+  });
+
+  afterAll(async () => {
+    if (existsSync(join(stateDir, "head.json"))) drover(["down"]);
+    simulator.kill("SIGTERM");
+    await waitFor(() => simulator.exitCode !== null, 20_000, "the simulator to stop").catch(() => simulator.kill("SIGKILL"));
+    expect(simulatorOutput).toContain("stopped");
+    expect(await processesOfThisTest()).toEqual([]);
+    // The wallet's mnemonic never reaches output or logs.
+    const mnemonic = (await readFile(walletFile, "utf8")).trim();
+    const headLog = await readFile(join(stateDir, "head.log"), "utf8").catch(() => "");
+    for (const text of [...outputs, simulatorOutput, headLog]) expect(text.includes(mnemonic)).toBe(false);
+    await rm(work, { recursive: true, force: true });
+  });
+
+  it("brings the sim cluster up, runs a torchrun script on every node, and closes every deployment on down", async () => {
+    const up = drover(["up", specFile]);
+    expect(up.code, up.stdout + up.stderr).toBe(0);
+    expect(up.stdout).toContain("3/3 nodes connected");
+    const leased = await books();
+    expect(leased.leases.map((lease) => lease.provider).sort()).toHaveLength(2);
+    expect(leased.containers.filter((container) => container.running)).toHaveLength(3);
+
+    const submit = drover(["submit", "--working-dir", minimalDir, "--", "python", "allreduce_train.py", "--steps", "3"]);
+    expect(submit.code, submit.stdout + submit.stderr).toBe(0);
+    const results = [...submit.stdout.matchAll(/\[rank (\d)\] RESULT rank=(\d) world=(\d) local_rank=\d rank_sum=(\d+) weights_agree=(\w+) checksum=(\S+)/g)];
+    expect(results.map((match) => Number(match[1])).sort()).toEqual([0, 1, 2]);
+    // Each provider group is its own torch world: sim-4090 (1 node) and sim-a100 (2 nodes).
+    const pair = results.filter((match) => match[3] === "2");
+    expect(pair.map((match) => match[2]).sort()).toEqual(["0", "1"]);
+    expect(pair.map((match) => match[4])).toEqual(["1", "1"]);
+    expect(pair[0]![6]).toBe(pair[1]![6]);
+    for (const match of results) expect(match[5]).toBe("True");
+    expect(submit.stdout).toContain("SUCCEEDED");
+
+    const status = drover(["status"]);
+    for (const lease of leased.leases) expect(status.stdout).toContain(`-${lease.dseq}-0 (`);
+    expect(status.stdout).toMatch(/sim-a100-leader-\d+-0 \(w-\w+\) connected, group sim-a100/);
+    expect(status.stdout).toMatch(/sim-4090-leader-\d+-0 \(w-\w+\) connected, group sim-4090/);
+    const leasesFile = JSON.parse(await readFile(join(stateDir, "akash", "leases.json"), "utf8")) as Array<{ handle: string }>;
+    expect(leasesFile.map((lease) => lease.handle)).toEqual(expect.arrayContaining(leased.leases.map((lease) => expect.stringContaining(`akash:${lease.dseq}/1/1@${lease.provider}`))));
+
+    const down = drover(["down"]);
+    expect(down.code, down.stdout + down.stderr).toBe(0);
+    const after = await books();
+    expect(after.deployments).toEqual([]);
+    expect(after.leases).toEqual([]);
+    expect(after.containers.filter((container) => container.running || alive(container.pid))).toEqual([]);
+    expect(await processesOfThisTest()).toEqual([]);
+  });
+
+  it("after the head is killed with SIGKILL mid-provisioning, `drover down` closes what it left on chain", async () => {
+    const up = spawn(process.execPath, [cli, "up", specFile], { env: env(), stdio: ["ignore", "pipe", "pipe"] });
+    let upOutput = "";
+    up.stdout.on("data", (chunk) => (upOutput += chunk));
+    up.stderr.on("data", (chunk) => (upOutput += chunk));
+    // The first ask is on chain (and in the ledger), and no group is running yet.
+    await waitFor(async () => (await ledgerOps()).includes("create-deployment") && (await books()).deployments.length > 0, 30_000, "the first ask on chain");
+    const head = JSON.parse(await readFile(join(stateDir, "head.json"), "utf8")) as { pid: number; state: string };
+    expect(head.state).toBe("provisioning");
+    process.kill(head.pid, "SIGKILL");
+    await waitFor(() => up.exitCode !== null, 10_000, "drover up to notice");
+    expect(upOutput).toContain("the head exited during start");
+    const orphaned = await books();
+    expect(orphaned.deployments.length).toBeGreaterThan(0);
+
+    const down = drover(["down"]);
+    expect(down.code, down.stdout + down.stderr).toBe(0);
+    expect(down.stdout).toContain("is not running; releasing what it left");
+    for (const deployment of orphaned.deployments) expect(down.stdout).toContain(`stopped akash deployment ${deployment.dseq}`);
+    const after = await books();
+    expect(after.deployments).toEqual([]);
+    expect(after.leases).toEqual([]);
+    await waitFor(async () => (await books()).containers.every((container) => !container.running && !alive(container.pid)), 10_000, "fake containers to stop");
+    expect(await processesOfThisTest()).toEqual([]);
+  });
+
+  it("`drover sdl` prints valid SDL with the shm volume; `drover bids` lists bids and leaves no deployment open", async () => {
+    const sdl = drover(["sdl", join(root, "examples", "akash-at1.yaml")]);
+    expect(sdl.code, sdl.stderr).toBe(0);
+    const documents = sdl.stdout.split(/^---$/m).slice(1);
+    expect(documents).toHaveLength(2);
+    for (const document of documents) {
+      const validated = validateSdl(document);
+      expect(validated.ok, JSON.stringify(validated)).toBe(true);
+      const parsed = parseYaml(document) as { services: Record<string, { params: { storage: Record<string, { mount: string }> } }>; profiles: { compute: Record<string, { resources: { storage: Array<{ name?: string; attributes?: { class?: string } }> } }> } };
+      for (const service of Object.values(parsed.services)) expect(service.params.storage.shm!.mount).toBe("/dev/shm");
+      for (const profile of Object.values(parsed.profiles.compute)) expect(profile.resources.storage).toContainEqual(expect.objectContaining({ name: "shm", attributes: expect.objectContaining({ class: "ram" }) }));
+    }
+    expect(sdl.stdout).toContain("shm");
+
+    const bids = drover(["bids", specFile, "--window", "1s"]);
+    expect(bids.code, bids.stdout + bids.stderr).toBe(0);
+    expect(bids.stdout).toMatch(new RegExp(`sim-a100 +${A100_PROVIDER} +a100 +2000 uact +\\S+ +yes`));
+    expect(bids.stdout).toMatch(/sim-4090 +akash1\w+ +rtx4090 +300 uact/);
+    expect(bids.stdout).toContain("closed 2 probe deployment(s)");
+    expect(await books()).toMatchObject({ deployments: [], leases: [] });
+  });
+});
