@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { spawn } from "node:child_process";
 import { closeSync, existsSync, openSync } from "node:fs";
-import { mkdir, open, rm } from "node:fs/promises";
+import { mkdir, open, readFile, rm } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -10,9 +10,10 @@ import { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions } from 
 import { akashProgress, commandAkashSim, commandBids, commandSdl, upExpectations } from "./akash-cli.js";
 import { EMBEDDED_LOCAL_SPEC, loadClusterSpec, type ClusterSpec } from "./cluster-spec.js";
 import { DroverError, HeadUnreachableError, StateError } from "./errors.js";
+import { commandCkpt } from "./ckpt-cli.js";
 import { Head } from "./head.js";
 import { isFinal, type JobRecord } from "./job-controller.js";
-import { formatMetrics, summarizeJob } from "./job-view.js";
+import { formatMetrics, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
 import { createLogger } from "./logger.js";
 import { provisionerBackends } from "./provisioners/index.js";
 import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
@@ -22,14 +23,21 @@ const USAGE = `drover: train on rented GPUs as if they were one cluster
 usage:
   drover up [SPEC]                         start a head in the background and provision nodes
                                            (SPEC defaults to examples/local.yaml)
-  drover submit [--working-dir DIR] [--run-id ID [--from-step N]] [--nodes N] [--env K=V]... [--no-wait] -- CMD...
+  drover submit [--working-dir DIR] [--run-id ID [--from-step N]] [--nodes N] [--env K=V]...
+                [--max-restarts N] [--no-wait] -- CMD...
                                            run CMD on every rank; follows output until it ends; an
-                                           existing --run-id resumes from its newest committed checkpoint
+                                           existing --run-id resumes from its newest committed checkpoint;
+                                           after a node failure the job restarts from it (default 3 times)
   drover status [--json]                   head, nodes and jobs
   drover logs [-f] [--job ID]              output of the latest (or given) job
   drover stop [--job ID]                   stop the running job
   drover down                              stop jobs, release every node, stop the head
-  drover demo [SPEC]                       up + submit the spec's job + wait + down, in one process
+  drover ckpt ls [--run ID]                runs and their checkpoints (works with the head down)
+  drover ckpt pull --run ID [--step N] DIR download a committed checkpoint, sha256-verified
+  drover ckpt verify --run ID [--step N]   re-download and check every file of committed steps
+  drover demo [--no-failure] [SPEC]        up + submit the spec's job + wait + down, in one process;
+                                           midway one node is killed (kill -9) to show the job
+                                           restart from its newest committed checkpoint
   drover sdl SPEC                          the Akash SDL 2.0 of every group of SPEC, validated
   drover bids SPEC [--window DURATION]     post a probe per group, list the bids, close the probes
                                            (no lease); wallet from DROVER_AKASH_MNEMONIC(_FILE)
@@ -155,8 +163,11 @@ async function commandSubmit(args: string[]): Promise<number> {
       env: { type: "string", multiple: true },
       "no-wait": { type: "boolean" },
       "from-step": { type: "string" },
+      "max-restarts": { type: "string" },
     },
   });
+  const maxRestarts = values["max-restarts"] === undefined ? undefined : Number(values["max-restarts"]);
+  if (maxRestarts !== undefined && (!Number.isInteger(maxRestarts) || maxRestarts < 0 || maxRestarts > 100)) throw new UsageError(`--max-restarts ${values["max-restarts"]}: expected 0 to 100`);
   const fromStep = values["from-step"] === undefined ? undefined : Number(values["from-step"]);
   if (fromStep !== undefined && (!Number.isInteger(fromStep) || fromStep < 0)) throw new UsageError(`--from-step ${values["from-step"]}: expected a step number`);
   if (positionals.length === 0) throw new UsageError("drover submit needs a command after --, e.g. drover submit -- python train.py");
@@ -173,11 +184,15 @@ async function commandSubmit(args: string[]): Promise<number> {
       nodes: values.nodes ? Number(values.nodes) : 0,
       fromStep: fromStep ?? 0,
       hasFromStep: fromStep !== undefined,
+      maxRestarts: maxRestarts ?? 0,
+      hasMaxRestarts: maxRestarts !== undefined,
     }, new grpc.Metadata(), { timeoutMs: 30_000 });
     print(`submitted ${response.jobId} (run ${response.runId})`);
     if (values["no-wait"]) return 0;
     const job = await followJob(state, response.jobId, { follow: true });
     for (const line of summarizeJob(job)) print(line);
+    const curve = await lossCurveLine(state, job);
+    if (curve) print(curve);
     return job.state === "succeeded" ? 0 : 1;
   } catch (error) {
     const serviceError = error as grpc.ServiceError;
@@ -322,9 +337,45 @@ async function runPrepare(spec: ClusterSpec, signal: AbortSignal): Promise<void>
   if (code !== 0) throw new DroverError(`the prepare step exited with code ${code}: ${prepare.join(" ")}`);
 }
 
+/**
+ * The demo's node failure: once a checkpoint is committed and training has gone
+ * `stepsPast` steps beyond it, the agent of the last node is killed with SIGKILL, as a
+ * preempted machine would vanish. The head restarts the job from that checkpoint.
+ */
+function injectNodeFailure(head: Head, state: StateDirectory, stepsPast: number): void {
+  let done = false;
+  const onMetric = (job: JobRecord) => {
+    const step = job.latestMetrics[0]?.step;
+    if (done || job.lastCommittedStep === undefined || step === undefined || step < job.lastCommittedStep + stepsPast) return;
+    done = true;
+    head.off("metric", onMetric);
+    void (async () => {
+      const nodes = (await state.readJson<Array<{ nodeName: string; pid: number }>>("local-nodes.json")) ?? [];
+      const victim = nodes.at(-1);
+      if (!victim || !processAlive(victim.pid)) return;
+      print(`[demo] simulating a node failure at step ${step}: kill -9 the agent of ${victim.nodeName} (pid ${victim.pid}); checkpoint step ${job.lastCommittedStep} is committed`);
+      process.kill(victim.pid, "SIGKILL");
+    })();
+  };
+  head.on("metric", onMetric);
+}
+
+/**
+ * Rank 0's loss over the whole job, attempts stitched together (job-view.ts), on one
+ * line: what a restart kept, with no step missing or counted twice.
+ */
+async function lossCurveLine(state: StateDirectory, job: JobRecord): Promise<string | undefined> {
+  const text = await readFile(state.path("jobs", job.jobId, "metrics.ndjson"), "utf8").catch(() => "");
+  const points = text.split("\n").filter(Boolean).map((line) => JSON.parse(line) as MetricPoint & { rank: number }).filter((point) => point.rank === 0 && typeof point.loss === "number");
+  const curve = stitchAttempts(points, job.restarts);
+  if (curve.length === 0) return undefined;
+  const attempts = new Set(curve.map((point) => point.attempt)).size;
+  return `  loss (rank 0${attempts > 1 ? `, ${attempts} attempts stitched at their checkpoints` : ""}): ${curve.map((point) => `${point.step}:${point.loss!.toFixed(3)}`).join(" ")}`;
+}
+
 /** up + submit + wait + down in one process: the quickest way to see Drover work. */
 async function commandDemo(args: string[]): Promise<number> {
-  const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
+  const { positionals, values } = parseArgs({ args, allowPositionals: true, options: { "no-failure": { type: "boolean" } } });
   const spec = await loadClusterSpec(positionals[0] ?? EMBEDDED_LOCAL_SPEC);
   if (!spec.job) throw new DroverError(`${spec.source} has no job: section for the demo to run`);
   preferProjectPython();
@@ -349,11 +400,14 @@ async function commandDemo(args: string[]): Promise<number> {
       if (line.rank < 0) print(`[drover] ${line.line}`);
       else if (line.rank === 0 || line.stream === "stderr") print(`[rank ${line.rank}] ${line.line}`);
     });
+    if (!values["no-failure"] && spec.provisioner === "local" && spec.local.nodes > 1 && head.checkpoints) injectNodeFailure(head, new StateDirectory(stateRoot), 10);
     const job = await head.submit({ command: spec.job.command, workingDir: spec.job.workingDir, env: spec.job.env });
     print(`submitted ${job.jobId}: ${spec.job.command.join(" ")}`);
     const final = await head.waitForJob(job.jobId, interrupted.signal);
     print("");
     for (const line of summarizeJob(final)) print(line);
+    const curve = await lossCurveLine(new StateDirectory(stateRoot), final);
+    if (curve) print(curve);
     return final.state === "succeeded" ? 0 : 1;
   } finally {
     print("shutting down the demo cluster");
@@ -377,6 +431,7 @@ async function main(argv: string[]): Promise<number> {
     case "sdl": return commandSdl(rest);
     case "bids": return commandBids(rest);
     case "akash-sim": return commandAkashSim(rest);
+    case "ckpt": return commandCkpt(rest);
     case undefined: case "help": case "--help": case "-h":
       print(USAGE);
       return command === undefined ? 2 : 0;
