@@ -11,7 +11,6 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { validateSdl } from "@drover/sdl";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { parse as parseYaml } from "yaml";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const cli = join(root, "orchestrator", "dist", "cli.js");
@@ -197,8 +196,8 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     expect(documents).toHaveLength(2);
     for (const document of documents) {
       const validated = validateSdl(document);
-      expect(validated.ok, JSON.stringify(validated)).toBe(true);
-      const parsed = parseYaml(document) as { services: Record<string, { params: { storage: Record<string, { mount: string }> } }>; profiles: { compute: Record<string, { resources: { storage: Array<{ name?: string; attributes?: { class?: string } }> } }> } };
+      if (!validated.ok) throw new Error(`drover sdl printed an invalid SDL: ${JSON.stringify(validated.issues)}`);
+      const parsed = validated.document as unknown as { services: Record<string, { params: { storage: Record<string, { mount: string }> } }>; profiles: { compute: Record<string, { resources: { storage: Array<{ name?: string; attributes?: { class?: string } }> } }> } };
       for (const service of Object.values(parsed.services)) expect(service.params.storage.shm!.mount).toBe("/dev/shm");
       for (const profile of Object.values(parsed.profiles.compute)) expect(profile.resources.storage).toContainEqual(expect.objectContaining({ name: "shm", attributes: expect.objectContaining({ class: "ram" }) }));
     }
