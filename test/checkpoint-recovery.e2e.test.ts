@@ -14,8 +14,7 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { CheckpointStore, startLocalS3Server, type LocalS3Server } from "@drover/storage";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import type { JobRecord } from "../orchestrator/src/job-controller.js";
-import { stitchAttempts, type MetricPoint } from "../orchestrator/src/job-view.js";
+import { stitchAttempts, type JobRecord, type MetricPoint } from "@drover/orchestrator";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const cli = join(root, "orchestrator", "dist", "cli.js");

@@ -2,7 +2,7 @@
 // background, which spawns real drover-worker processes that register over real gRPC
 // and launch the torchrun-style script (examples/minimal) with 2 nodes x 2 ranks.
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -87,6 +87,29 @@ describe("local cluster, end to end", { timeout: 180_000 }, () => {
     expect(status.stdout).toMatch(/job-\S+ succeeded/);
     const logs = drover(["logs"]);
     expect(logs.stdout).toContain("[rank 3] RESULT rank=3");
+  });
+
+  it("ships the working directory as a verified code bundle with --ship-code, leaving hidden directories behind", async () => {
+    const codeDir = join(stateDir, "shipped-code");
+    await mkdir(join(codeDir, "pkg"), { recursive: true });
+    await mkdir(join(codeDir, ".data"), { recursive: true });
+    await writeFile(join(codeDir, "pkg", "message.txt"), "shipped intact\n");
+    await writeFile(join(codeDir, ".data", "huge.bin"), "not code");
+    await writeFile(join(codeDir, "where.py"), [
+      "import os",
+      "rank = os.environ['RANK']",
+      "print(f'CWD rank={rank} {os.getcwd()}', flush=True)",
+      "print(f'MESSAGE rank={rank} ' + open('pkg/message.txt').read().strip(), flush=True)",
+      "print(f'HIDDEN rank={rank} {os.path.exists(\".data\")}', flush=True)",
+    ].join("\n") + "\n");
+    const submit = drover(["submit", "--ship-code", "--working-dir", codeDir, "--", "python", "where.py"]);
+    expect(submit.code, submit.stdout + submit.stderr).toBe(0);
+    expect(submit.stdout).toMatch(/shipped .*shipped-code as code bundle \w{12}: 2 files/);
+    const cwds = [...submit.stdout.matchAll(/CWD rank=(\d) (\S+)/g)];
+    expect(cwds, submit.stdout).toHaveLength(4);
+    for (const match of cwds) expect(match[2]).toMatch(new RegExp(`^${stateDir}/workers/local-[01]/jobs/job-[^/]+/code$`));
+    expect([...submit.stdout.matchAll(/MESSAGE rank=\d shipped intact/g)]).toHaveLength(4);
+    expect([...submit.stdout.matchAll(/HIDDEN rank=\d False/g)]).toHaveLength(4);
   });
 
   it("fails the job when a trainer exits non-zero, showing its last lines", () => {

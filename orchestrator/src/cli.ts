@@ -24,10 +24,12 @@ usage:
   drover up [SPEC]                         start a head in the background and provision nodes
                                            (SPEC defaults to examples/local.yaml)
   drover submit [--working-dir DIR] [--run-id ID [--from-step N]] [--nodes N] [--env K=V]...
-                [--max-restarts N] [--no-wait] -- CMD...
+                [--max-restarts N] [--ship-code] [--no-wait] -- CMD...
                                            run CMD on every rank; follows output until it ends; an
                                            existing --run-id resumes from its newest committed checkpoint;
-                                           after a node failure the job restarts from it (default 3 times)
+                                           after a node failure the job restarts from it (default 3 times);
+                                           remote nodes get the working dir as a verified code bundle
+                                           (--ship-code: local nodes too)
   drover status [--json]                   head, nodes and jobs
   drover logs [-f] [--job ID]              output of the latest (or given) job
   drover stop [--job ID]                   stop the running job
@@ -164,6 +166,7 @@ async function commandSubmit(args: string[]): Promise<number> {
       "no-wait": { type: "boolean" },
       "from-step": { type: "string" },
       "max-restarts": { type: "string" },
+      "ship-code": { type: "boolean" },
     },
   });
   const maxRestarts = values["max-restarts"] === undefined ? undefined : Number(values["max-restarts"]);
@@ -186,6 +189,7 @@ async function commandSubmit(args: string[]): Promise<number> {
       hasFromStep: fromStep !== undefined,
       maxRestarts: maxRestarts ?? 0,
       hasMaxRestarts: maxRestarts !== undefined,
+      shipCode: values["ship-code"] ?? false,
     }, new grpc.Metadata(), { timeoutMs: 30_000 });
     print(`submitted ${response.jobId} (run ${response.runId})`);
     if (values["no-wait"]) return 0;
@@ -209,9 +213,16 @@ async function latestJob(state: StateDirectory, jobId?: string): Promise<JobReco
   return jobId ? jobs.find((job) => job.jobId === jobId) : jobs.at(-1);
 }
 
-/** Prints a job's output file as it grows; returns the job once it is final and fully printed. */
+/**
+ * Prints a job's output file as it grows; returns the job once it is final and fully
+ * printed. The head appends output and snapshots job states separately, so a final state
+ * can be seen before the last lines land: the job's closing `[drover] job <state>` line
+ * (written after every rank's output) marks the end, waited for a few seconds at most.
+ */
 async function followJob(state: StateDirectory, jobId: string, options: { follow: boolean }): Promise<JobRecord> {
   let offset = 0;
+  let printed = "";
+  let finalSeenAt: number | undefined;
   const path = state.path("jobs", jobId, "output.log");
   for (;;) {
     const job = await latestJob(state, jobId);
@@ -226,18 +237,23 @@ async function followJob(state: StateDirectory, jobId: string, options: { follow
           const complete = text.lastIndexOf("\n") + 1;
           if (complete > 0) process.stdout.write(text.slice(0, complete));
           offset += Buffer.byteLength(text.slice(0, complete));
+          // Only the tail matters for the closing line; keep it bounded.
+          printed = (printed + text.slice(0, complete)).slice(-4096);
         }
       } finally {
         await handle.close();
       }
     }
-    if (job && (isFinal(job.state) || !options.follow)) {
-      if (isFinal(job.state)) return job;
-      return job;
-    }
+    if (job && !options.follow) return job;
     const head = await readHead(state);
-    if (!head || !processAlive(head.pid)) throw new HeadUnreachableError("the head stopped while the job was running; see drover status");
-    await new Promise((resolveDelay) => setTimeout(resolveDelay, 250));
+    const headAlive = head !== undefined && processAlive(head.pid);
+    if (job && isFinal(job.state)) {
+      finalSeenAt ??= Date.now();
+      if (printed.includes(`[drover] job ${job.state}`) || !headAlive || Date.now() - finalSeenAt > 5_000) return job;
+    } else if (!headAlive) {
+      throw new HeadUnreachableError("the head stopped while the job was running; see drover status");
+    }
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, 100));
   }
 }
 

@@ -1,10 +1,10 @@
 export { Head, type HeadState } from "./head.js";
 export { clusterSpecSchema, compileClusterSpec, parseClusterSpecYaml, loadClusterSpec, formatPath, EMBEDDED_LOCAL_SPEC, type ClusterSpec, type ClusterSpecInput } from "./cluster-spec.js";
-export { JobController, isFinal, type JobRecord, type JobRequest, type JobState } from "./job-controller.js";
+export { JobController, isFinal, type JobRecord, type JobRequest, type JobRestart, type JobState } from "./job-controller.js";
 export { WorkerRegistry, type RegisteredWorker, type Clock } from "./worker-registry.js";
 export { assignRanks, type NodeAssignment, type RankCandidate } from "./rank-assignment.js";
 export { StateDirectory, writeFileAtomic, processAlive } from "./state-store.js";
 export { provisionerBackends } from "./provisioners/index.js";
 export { createLogger, silentLogger, type Logger } from "./logger.js";
-export { summarizeJob, formatMetrics } from "./job-view.js";
+export { summarizeJob, formatMetrics, describeRestart, stitchAttempts, type MetricPoint } from "./job-view.js";
 export * from "./errors.js";

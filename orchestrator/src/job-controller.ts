@@ -21,6 +21,8 @@ export interface JobRequest {
   resumeStep?: number;
   /** Restarts after a node failure before the job fails; default: the controller's. */
   maxRestarts?: number;
+  /** The working directory shipped as a code bundle (runs/<run>/code/<id>/). */
+  codeBundleId?: string;
 }
 
 /** One automatic restart: why the attempt ended and where the next one resumed. */
@@ -254,6 +256,8 @@ export class JobController extends EventEmitter<JobEvents> {
           group: assignment.group,
           resume: job.resumeStep !== undefined,
           resumeStep: job.resumeStep ?? 0,
+          attempt: job.attempt,
+          codeBundleId: job.request.codeBundleId ?? "",
         },
       });
       if (!sent) {

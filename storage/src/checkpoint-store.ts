@@ -12,7 +12,7 @@ import {
   type TransferConfigInput,
 } from './config.js';
 import { runBounded, Semaphore } from './concurrency.js';
-import { CheckpointIncompleteError, CheckpointNotFoundError, InvalidManifestError, ObjectNotFoundError, StorageConfigError } from './errors.js';
+import { CheckpointIncompleteError, CheckpointNotFoundError, CodeBundleTooLargeError, InvalidManifestError, ObjectNotFoundError, StorageConfigError } from './errors.js';
 import { silentLogger, type Logger } from './logger.js';
 import { SHA256_METADATA_KEY, type ObjectStore } from './object-store.js';
 import { withRetry } from './retry.js';
@@ -549,12 +549,22 @@ export class CheckpointStore {
     run: string;
     dir: string;
     exclude?: (relativePath: string) => boolean;
+    /** Refuse (CodeBundleTooLargeError) a bundle whose files add up to more than this. */
+    maxBytes?: number;
     signal?: AbortSignal;
   }): Promise<CodeBundleManifest> {
     const run = checkRun(params.run);
     const skipped = new Set(['.git', 'node_modules', '__pycache__', '.venv']);
     const exclude = params.exclude ?? ((rel: string) => rel.split('/').some((segment) => skipped.has(segment)));
     const paths = (await listFilesRecursively(params.dir)).filter((rel) => !exclude(rel));
+    if (params.maxBytes !== undefined) {
+      let total = 0;
+      for (const rel of paths) total += (await stat(path.join(params.dir, ...rel.split('/')))).size;
+      if (total > params.maxBytes) {
+        const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+        throw new CodeBundleTooLargeError(`${params.dir} holds ${mib(total)} of files to ship, more than the ${mib(params.maxBytes)} a code bundle may have; keep data in object storage or in a hidden directory`, { dir: params.dir, bytes: total, maxBytes: params.maxBytes });
+      }
+    }
     const limiter = new Semaphore(this.transfer.concurrency);
     const files = await runBounded(paths, this.transfer.concurrency, async (rel) => {
       const release = await limiter.acquire(params.signal);

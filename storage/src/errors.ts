@@ -81,6 +81,11 @@ export class CheckpointNotFoundError extends StorageError {
   override readonly name = 'CheckpointNotFoundError';
 }
 
+/** A working directory too large to ship as a code bundle. */
+export class CodeBundleTooLargeError extends StorageError {
+  override readonly name = 'CodeBundleTooLargeError';
+}
+
 /** A manifest or report does not parse, or names a path that would escape its directory. */
 export class InvalidManifestError extends StorageError {
   override readonly name = 'InvalidManifestError';

@@ -202,12 +202,13 @@ export class WorkerAgent {
     }
   }
 
-  private async startJob(job: IStartJob): Promise<void> {
-    const jobId = job.jobId ?? "";
+  private async startJob(received: IStartJob): Promise<void> {
+    const jobId = received.jobId ?? "";
     if (this.jobs.has(jobId)) return; // a duplicate StartJob after a reconnect
     const jobDir = join(this.options.stateDir, "jobs", jobId);
     const ckptDir = join(jobDir, "ckpt");
     await mkdir(ckptDir, { recursive: true });
+    const job = received.codeBundleId ? { ...received, workingDir: await this.downloadCodeBundle(received, join(jobDir, "code")) } : received;
     const resumeDir = job.resume ? await this.downloadResumeCheckpoint(job, join(jobDir, "resume")) : undefined;
     const socket = await AgentSocketServer.listen(agentSocketPath(this.options.stateDir, jobId), this.logger);
     const env = TrainerSupervisor.jobEnvironment(job, { ckptDir, resumeDir, agentSocket: socket.path, pythonPath: PYTHON_HELPER_DIR });
@@ -219,10 +220,10 @@ export class WorkerAgent {
       throw error;
     }
     this.jobs.set(jobId, { job, supervisor, socket });
-    await this.writePidFile();
+    // Listeners go on before anything is awaited: a fast trainer's first lines (or its
+    // exit) would otherwise be emitted to no one.
     const ranks = [...supervisor.pids().keys()];
     this.send({ ranksStarted: { jobId, ranks, pids: ranks.map((rank) => supervisor.pids().get(rank) ?? 0) } });
-
     supervisor.on("line", ({ rank, stream, line }) => {
       this.send({ log: { jobId, rank, stream: stream === "stdout" ? LogStream.LOG_STREAM_STDOUT : LogStream.LOG_STREAM_STDERR, line, timeMs: Date.now() } });
     });
@@ -241,6 +242,16 @@ export class WorkerAgent {
     socket.on("checkpoint", (report) => {
       void this.reportCheckpoint(jobId, report);
     });
+    await this.writePidFile();
+  }
+
+  /** Fetches a job's shipped working directory; the trainers run in it. */
+  private async downloadCodeBundle(job: IStartJob, destDir: string): Promise<string> {
+    if (!this.checkpoints) throw new WorkerConfigError("the job's code was shipped as a bundle but this node has no storage configured (DROVER_STORAGE_CONFIG)");
+    const started = Date.now();
+    const bundle = await this.checkpoints.downloadCodeBundle({ run: job.runId ?? "", bundleId: job.codeBundleId ?? "", destDir, signal: this.stopController.signal });
+    this.agentLog(job.jobId ?? "", `code bundle ${bundle.bundleId.slice(0, 12)} verified: ${bundle.files.length} files, ${(bundle.totalBytes / 2 ** 20).toFixed(1)} MiB in ${((Date.now() - started) / 1000).toFixed(1)}s`);
+    return destDir;
   }
 
   /** Downloads the committed checkpoint a resumed job starts from; every byte is verified first. */

@@ -48,6 +48,7 @@ const RESPAWN_DELAY_MS = 1_000;
  */
 export class LocalProvisioner implements Provisioner {
   readonly name = "local";
+  readonly sharesFilesystem = true;
   private readonly children = new Map<string, ChildProcess>();
   private readonly records = new Map<string, LocalNodeRecord>();
   private readonly respawns = new Map<string, number>();

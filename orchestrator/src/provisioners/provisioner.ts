@@ -28,6 +28,11 @@ export interface ProvisionedNode {
  */
 export interface Provisioner {
   readonly name: string;
+  /**
+   * Whether nodes see the head's filesystem (local processes): a job's working directory
+   * is then used in place; otherwise it is shipped to them as a code bundle.
+   */
+  readonly sharesFilesystem?: boolean;
   /** Nodes a job on the whole cluster runs on. */
   expectedNodes(): number;
   provision(context: ProvisionContext): Promise<ProvisionedNode[]>;
