@@ -153,6 +153,8 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     expect(status.stdout).toMatch(/sim-4090-leader-\d+-0 \(w-\w+\) connected, group sim-4090/);
     const leasesFile = JSON.parse(await readFile(join(stateDir, "akash", "leases.json"), "utf8")) as Array<{ handle: string }>;
     expect(leasesFile.map((lease) => lease.handle)).toEqual(expect.arrayContaining(leased.leases.map((lease) => expect.stringContaining(`akash:${lease.dseq}/1/1@${lease.provider}`))));
+    // `drover status` shows each group's lease handle.
+    for (const lease of leased.leases) expect(status.stdout).toContain(`akash:${lease.dseq}/1/1@${lease.provider}`);
 
     const down = drover(["down"]);
     expect(down.code, down.stdout + down.stderr).toBe(0);

@@ -15,7 +15,7 @@ const at1 = join(root, "examples", "at1");
 const python = join(root, ".venv", "bin", "python");
 const steps = Number(process.env.BENCH_STEPS ?? 60);
 const batch = 32;
-const rounds = Number(process.env.BENCH_ROUNDS ?? 2);
+const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
 const work = mkdtempSync(join(os.tmpdir(), "drover-bench-"));
 const data = join(work, "data");
 const trainArgs = ["train.py", "--config", "tiny", "--data", data, "--steps", String(steps), "--batch-size", String(batch), "--ckpt-every", "0", "--val-every", "0", "--log-every", "20"];
@@ -55,7 +55,7 @@ async function direct() {
 function underDrover() {
   const spec = join(work, "bench.yaml");
   writeFileSync(spec, `name: bench\nlocal:\n  nodes: 1\n  ranksPerNode: 2\njob:\n  workingDir: ${at1}\n  command: [${["python", ...trainArgs].map((arg) => JSON.stringify(arg)).join(", ")}]\n`);
-  const result = spawnSync(process.execPath, [join(root, "orchestrator", "dist", "cli.js"), "demo", spec], {
+  const result = spawnSync(process.execPath, [join(root, "orchestrator", "dist", "cli.js"), "demo", "--no-failure", spec], {
     env: { ...process.env, DROVER_STATE_DIR: join(work, `state-${Date.now()}`) },
     encoding: "utf8",
     timeout: 600_000,
@@ -75,7 +75,11 @@ try {
     droverRuns.push(underDrover());
     process.stdout.write(`round ${round}: direct ${directRuns.at(-1).toFixed(1)} img/s, drover ${droverRuns.at(-1).toFixed(1)} img/s\n`);
   }
-  const median = (values) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
+  const median = (values) => {
+    const sorted = [...values].sort((a, b) => a - b);
+    const middle = Math.floor(sorted.length / 2);
+    return sorted.length % 2 === 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+  };
   const directMedian = median(directRuns);
   const droverMedian = median(droverRuns);
   process.stdout.write(`AT-1 tiny, 1 node x 2 CPU ranks, global batch ${batch}, ${steps} steps, ${rounds} rounds\n`);

@@ -33,7 +33,7 @@ interface StorageRecord {
   embedded: boolean;
 }
 
-interface OpenedStore {
+export interface OpenedStore {
   store: CheckpointStore;
   close(): Promise<void>;
 }
@@ -42,7 +42,7 @@ interface OpenedStore {
  * The cluster's checkpoint store. The embedded server of a running head is used as is;
  * one of a stopped head is served again from its directory, on a new loopback port.
  */
-async function openClusterStore(state: StateDirectory, logger: Logger, signal: AbortSignal): Promise<OpenedStore> {
+export async function openClusterStore(state: StateDirectory, logger: Logger, signal: AbortSignal): Promise<OpenedStore> {
   const record = await state.readJson<StorageRecord>("storage.json");
   if (!record) throw new StateError(`${state.path("storage.json")} does not exist: no head with checkpoint storage has run over ${state.root}`);
   const head = await state.readJson<HeadRecord>("head.json");

@@ -10,11 +10,13 @@ import { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions } from 
 import { akashProgress, commandAkashSim, commandBids, commandSdl, upExpectations } from "./akash-cli.js";
 import { EMBEDDED_LOCAL_SPEC, loadClusterSpec, type ClusterSpec } from "./cluster-spec.js";
 import { DroverError, HeadUnreachableError, StateError } from "./errors.js";
-import { commandCkpt } from "./ckpt-cli.js";
+import { commandCkpt, openClusterStore } from "./ckpt-cli.js";
+import { newRunId, shipWorkingDir } from "./code-bundle.js";
 import { Head } from "./head.js";
 import { isFinal, type JobRecord } from "./job-controller.js";
 import { formatMetrics, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
 import { createLogger } from "./logger.js";
+import { AKASH_LEASES_FILE, type AkashLeaseRecord } from "./provisioners/akash-provisioner.js";
 import { provisionerBackends } from "./provisioners/index.js";
 import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
 
@@ -175,21 +177,39 @@ async function commandSubmit(args: string[]): Promise<number> {
   if (fromStep !== undefined && (!Number.isInteger(fromStep) || fromStep < 0)) throw new UsageError(`--from-step ${values["from-step"]}: expected a step number`);
   if (positionals.length === 0) throw new UsageError("drover submit needs a command after --, e.g. drover submit -- python train.py");
   const state = new StateDirectory(StateDirectory.defaultRoot());
-  const { client, token } = await adminClient(state);
+  const { client, token, head } = await adminClient(state);
+  const workingDir = resolve(values["working-dir"] ?? ".");
+  let runId = values["run-id"];
+  let codeBundleId = "";
   try {
+    const hasStorage = existsSync(state.path("storage.json"));
+    if (head.sharesFilesystem === false && !values["ship-code"] && !hasStorage) {
+      print(`note: this cluster has no checkpoint storage, so ${workingDir} is not shipped; nodes run the command in --working-dir as it exists in their image`);
+    } else if (values["ship-code"] || head.sharesFilesystem === false) {
+      // Nodes elsewhere get the working directory through the checkpoint store.
+      runId ??= newRunId();
+      const opened = await openClusterStore(state, createLogger({ component: "submit", file: state.path("cli.log") }), AbortSignal.timeout(10 * 60_000));
+      try {
+        const bundle = await shipWorkingDir(opened.store, runId, workingDir, AbortSignal.timeout(10 * 60_000));
+        codeBundleId = bundle.bundleId;
+        print(`shipped ${workingDir} as code bundle ${bundle.bundleId.slice(0, 12)}: ${bundle.files.length} files, ${(bundle.totalBytes / 2 ** 20).toFixed(1)} MiB`);
+      } finally {
+        await opened.close();
+      }
+    }
     const response = await callUnary(client.submitJob.bind(client), {
       protocolVersion: PROTOCOL_VERSION,
       adminToken: token,
       command: positionals,
-      workingDir: resolve(values["working-dir"] ?? "."),
+      workingDir,
       env: parseEnvPairs(values.env ?? []),
-      runId: values["run-id"] ?? "",
+      runId: runId ?? "",
       nodes: values.nodes ? Number(values.nodes) : 0,
       fromStep: fromStep ?? 0,
       hasFromStep: fromStep !== undefined,
       maxRestarts: maxRestarts ?? 0,
       hasMaxRestarts: maxRestarts !== undefined,
-      shipCode: values["ship-code"] ?? false,
+      codeBundleId,
     }, new grpc.Metadata(), { timeoutMs: 30_000 });
     print(`submitted ${response.jobId} (run ${response.runId})`);
     if (values["no-wait"]) return 0;
@@ -263,8 +283,9 @@ async function commandStatus(args: string[]): Promise<number> {
   const head = await readHead(state);
   const cluster = await state.readJson<{ workers: Array<Record<string, any>>; jobs: JobRecord[] }>("cluster.json");
   const alive = head ? processAlive(head.pid) : false;
+  const leases = (await state.readJson<AkashLeaseRecord[]>(AKASH_LEASES_FILE).catch(() => undefined)) ?? [];
   if (values.json) {
-    print(JSON.stringify({ stateDir: state.root, head: head && { ...head, alive }, workers: cluster?.workers ?? [], jobs: cluster?.jobs ?? [] }, null, 2));
+    print(JSON.stringify({ stateDir: state.root, head: head && { ...head, alive }, workers: cluster?.workers ?? [], leases, jobs: cluster?.jobs ?? [] }, null, 2));
     return 0;
   }
   if (!head) {
@@ -279,6 +300,10 @@ async function commandStatus(args: string[]): Promise<number> {
     const shmMiB = Math.round(Number(resources.shmBytes ?? 0) / 2 ** 20);
     const ago = ((Date.now() - Number(worker.lastSeenMs)) / 1000).toFixed(1);
     print(`  ${worker.nodeName} (${worker.workerId}) ${worker.connection}, group ${worker.group}, ${worker.slots} ranks, ${resources.cpuCount} cpus, ${gpus} gpus, shm ${shmMiB} MiB, seen ${ago}s ago`);
+  }
+  if (leases.length > 0) {
+    print(`leases:`);
+    for (const lease of leases) print(`  ${lease.group}: ${lease.nodes} nodes, ${lease.handle}, ${lease.price} ${lease.denom}/block`);
   }
   const jobs = cluster?.jobs ?? [];
   print(`jobs: ${jobs.length === 0 ? "none" : ""}`);

@@ -10,6 +10,11 @@ describe("cluster spec", () => {
     expect(spec.head.heartbeatIntervalMs).toBe(1_000);
   });
 
+  it("reads head.advertise and refuses a URL there, naming the field", () => {
+    expect(parseClusterSpecYaml("head:\n  host: 0.0.0.0\n  port: 7070\n  advertise: head.example.org\n", "/tmp/a.yaml").head.advertise).toBe("head.example.org");
+    expect(() => parseClusterSpecYaml("head:\n  advertise: http://head.example.org\n", "/tmp/b.yaml")).toThrow(/head\.advertise: expected host or host:port/);
+  });
+
   it("names the failing field, the file, and every problem", () => {
     const bad = "name: Bad Name\nlocal:\n  nodes: 99\n  ranksPerNode: 0\nhead:\n  heartbeatTimeout: soon\n";
     let caught: unknown;

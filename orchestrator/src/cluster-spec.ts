@@ -59,6 +59,12 @@ export const clusterSpecSchema = z.object({
     host: z.string().default("127.0.0.1"),
     /** 0 = any free port. */
     port: z.number().int().min(0).max(65_535).default(0),
+    /**
+     * The address workers dial (`host` or `host:port`), when it is not the one the head
+     * listens on: a public name or a tunnel for Akash containers. Without a port, the
+     * head's own port is used.
+     */
+    advertise: z.string().regex(/^[A-Za-z0-9.-]+(:\d{1,5})?$/, "expected host or host:port").optional(),
     heartbeatInterval: durationMs.default(1_000),
     heartbeatTimeout: durationMs.default(10_000),
     /** How long to wait for the requested workers before a job fails. */
@@ -96,7 +102,7 @@ export type ClusterSpecInput = z.input<typeof clusterSpecSchema>;
 export interface ClusterSpec {
   name: string;
   provisioner: "local" | "akash";
-  head: { host: string; port: number; heartbeatIntervalMs: number; heartbeatTimeoutMs: number; workerWaitTimeoutMs: number };
+  head: { host: string; port: number; advertise?: string; heartbeatIntervalMs: number; heartbeatTimeoutMs: number; workerWaitTimeoutMs: number };
   local: { nodes: number; ranksPerNode: number };
   job?: { command: string[]; workingDir: string; env: Record<string, string>; prepare?: string[] };
   /** Validated storage config as written (secrets stay where the user put them); undefined = embedded. */
@@ -147,6 +153,7 @@ export function compileClusterSpec(raw: unknown, source: string): ClusterSpec {
     head: {
       host: spec.head.host,
       port: spec.head.port,
+      ...(spec.head.advertise === undefined ? {} : { advertise: spec.head.advertise }),
       heartbeatIntervalMs: spec.head.heartbeatInterval,
       heartbeatTimeoutMs: spec.head.heartbeatTimeout,
       workerWaitTimeoutMs: spec.head.workerWaitTimeout,

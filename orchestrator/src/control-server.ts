@@ -28,7 +28,7 @@ export interface ControlServerDeps {
   /** Called by Admin.Shutdown after the reply is sent. */
   onShutdownRequested: () => void;
   /** Admission of a job: resolves the resume step, then hands it to the job controller. */
-  submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number; maxRestarts?: number; shipCode?: boolean }) => Promise<JobRecord>;
+  submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number; maxRestarts?: number; codeBundleId?: string }) => Promise<JobRecord>;
 }
 
 function fail(callback: grpc.sendUnaryData<never>, code: grpc.status, details: string): void {
@@ -147,7 +147,7 @@ export class ControlServer {
           nodes: request.nodes || undefined,
           fromStep: request.hasFromStep ? Number(request.fromStep) : undefined,
           maxRestarts: request.hasMaxRestarts ? Number(request.maxRestarts) : undefined,
-          shipCode: request.shipCode ?? false,
+          codeBundleId: request.codeBundleId || undefined,
         }).then(
           (job) => callback(null, { jobId: job.jobId, runId: job.runId }),
           (error: Error) => {

@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto";
 import { EventEmitter } from "node:events";
 import { mkdir } from "node:fs/promises";
 import type { IMetricReport } from "@drover/proto";
-import { CheckpointStore, startLocalS3Server, type CodeBundleManifest, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
+import { CheckpointStore, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
 import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
 import type { ClusterSpec } from "./cluster-spec.js";
 import { ControlServer } from "./control-server.js";
@@ -12,9 +12,6 @@ import type { Logger } from "./logger.js";
 import { provisionerBackends, type Provisioner } from "./provisioners/index.js";
 import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
 import { WorkerRegistry } from "./worker-registry.js";
-
-/** Code belongs in a bundle, data in object storage: a larger working directory is refused. */
-const CODE_BUNDLE_MAX_BYTES = 256 * 2 ** 20;
 
 export type HeadState = "created" | "starting" | "provisioning" | "ready" | "stopping" | "stopped" | "failed";
 
@@ -134,7 +131,10 @@ export class Head extends EventEmitter<HeadEvents> {
     await this.writeHeadRecord();
   }
 
+  /** host:port workers dial: `head.advertise` when set, else where the server listens. */
   get controlAddress(): string {
+    const advertise = this.spec.head.advertise;
+    if (advertise) return advertise.includes(":") ? advertise : `${advertise}:${this.server.controlPort}`;
     const host = this.spec.head.host === "0.0.0.0" ? "127.0.0.1" : this.spec.head.host;
     return `${host}:${this.server.controlPort}`;
   }
@@ -147,6 +147,7 @@ export class Head extends EventEmitter<HeadEvents> {
       specSource: this.spec.source,
       controlAddress: this.controlAddress,
       adminAddress: `127.0.0.1:${this.server.adminPort}`,
+      sharesFilesystem: this.provisioner.sharesFilesystem ?? false,
       startedAt: this.startedAt,
       updatedAt: new Date().toISOString(),
     };
@@ -223,7 +224,7 @@ export class Head extends EventEmitter<HeadEvents> {
    * Admits a job. Given a run id with committed checkpoints, the job resumes from the
    * newest one (or from `fromStep`); a new run starts from scratch.
    */
-  async submit(request: Omit<JobRequest, "nodes" | "resumeStep" | "codeBundleId"> & { nodes?: number; fromStep?: number; shipCode?: boolean }): Promise<JobRecord> {
+  async submit(request: Omit<JobRequest, "nodes" | "resumeStep"> & { nodes?: number; fromStep?: number }): Promise<JobRecord> {
     let resumeStep: number | undefined;
     if (request.runId && this.checkpoints) {
       try {
@@ -234,38 +235,11 @@ export class Head extends EventEmitter<HeadEvents> {
     } else if (request.fromStep !== undefined) {
       throw new JobRequestError(request.runId ? "--from-step needs checkpoint storage, and this cluster has none" : "--from-step needs --run-id: checkpoints belong to a run");
     }
-    const { shipCode, ...jobRequest } = request;
-    let bundle: CodeBundleManifest | undefined;
-    if (shipCode || !this.provisioner.sharesFilesystem) {
-      if (this.checkpoints) {
-        jobRequest.runId ??= `run-${new Date().toISOString().replace(/[-:T]/g, "").slice(0, 14)}-${randomBytes(2).toString("hex")}`;
-        bundle = await this.shipCode(jobRequest.runId, request.workingDir);
-      } else if (shipCode) {
-        throw new JobRequestError("shipping the working directory needs checkpoint storage, and this cluster has none");
-      }
-    }
-    const job = this.jobs.submit({ ...jobRequest, nodes: request.nodes || this.provisioner.expectedNodes(), resumeStep, ...(bundle ? { codeBundleId: bundle.bundleId } : {}) });
-    if (bundle) this.jobs.note(job.jobId, `shipped ${request.workingDir} as code bundle ${bundle.bundleId.slice(0, 12)}: ${bundle.files.length} files, ${(bundle.totalBytes / 2 ** 20).toFixed(1)} MiB`);
+    if (request.codeBundleId && !this.checkpoints) throw new JobRequestError("the job names a code bundle but this cluster has no checkpoint storage to fetch it from");
+    const job = this.jobs.submit({ ...request, nodes: request.nodes || this.provisioner.expectedNodes(), resumeStep });
+    if (request.codeBundleId) this.jobs.note(job.jobId, `nodes fetch the working directory as code bundle ${request.codeBundleId.slice(0, 12)}`);
     if (resumeStep !== undefined) this.jobs.note(job.jobId, `resuming run ${job.runId} from committed checkpoint step ${resumeStep}`);
     return job;
-  }
-
-  /**
-   * Uploads a job's working directory to the checkpoint store, content-addressed (an
-   * unchanged directory is not uploaded again). Hidden directories (.git, .venv, .data),
-   * node_modules and __pycache__ stay behind: data belongs in object storage, not in
-   * the code, and a bundle above the cap is refused rather than copied to every node.
-   */
-  private async shipCode(runId: string, workingDir: string): Promise<CodeBundleManifest> {
-    const store = this.checkpoints!.store;
-    const exclude = (relative: string) => relative.split("/").some((segment) => segment.startsWith(".") || segment === "node_modules" || segment === "__pycache__");
-    let bundle: CodeBundleManifest;
-    try {
-      bundle = await store.uploadCodeBundle({ run: runId, dir: workingDir, exclude, maxBytes: CODE_BUNDLE_MAX_BYTES, signal: AbortSignal.timeout(10 * 60_000) });
-    } catch (error) {
-      throw new JobRequestError(`could not ship ${workingDir} to the nodes: ${(error as Error).message}`, { workingDir }, { cause: error });
-    }
-    return bundle;
   }
 
   waitForJob(jobId: string, signal: AbortSignal): Promise<JobRecord> {

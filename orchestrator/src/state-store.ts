@@ -88,6 +88,8 @@ export interface HeadRecord {
   specSource: string;
   controlAddress: string;
   adminAddress: string;
+  /** Whether nodes see this machine's files; if not, `drover submit` ships the working dir. */
+  sharesFilesystem?: boolean;
   startedAt: string;
   updatedAt: string;
 }
