@@ -23,6 +23,8 @@ let walletFile: string;
 let specFile: string;
 let simulator: ChildProcess;
 let simulatorOutput = "";
+/** A real S3 server (s3rver) in a process of its own: the CLI calls below block this one. */
+let s3Server: ChildProcess;
 let rpcUrl: string;
 let owner: string;
 const outputs: string[] = [];
@@ -69,7 +71,7 @@ async function waitFor(condition: () => boolean | Promise<boolean>, timeoutMs: n
 async function processesOfThisTest(): Promise<string[]> {
   const found: string[] = [];
   for (const entry of await readdir("/proc")) {
-    if (!/^\d+$/.test(entry) || Number(entry) === process.pid || Number(entry) === simulator.pid) continue;
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid || Number(entry) === simulator.pid || Number(entry) === s3Server?.pid) continue;
     const environ = await readFile(`/proc/${entry}/environ`, "utf8").catch(() => "");
     const cmdline = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "");
     if (environ.includes(work) || cmdline.includes(work)) found.push(`${entry}: ${cmdline.split("\0").join(" ")}`);
@@ -107,9 +109,20 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     // examples/akash-sim.yaml, pointed at this simulator, with short windows and polls.
     const example = await readFile(join(root, "examples", "akash-sim.yaml"), "utf8");
     const groups = example.slice(example.indexOf("  groups:\n"));
+    // Checkpoint storage, through which `drover submit` ships the working directory to the
+    // (fake) containers, as it must for real ones.
+    s3Server = spawn(process.execPath, ["--input-type=module", "-e",
+      `const { startLocalS3Server } = await import("@drover/storage");
+       const server = await startLocalS3Server({ directory: ${JSON.stringify(join(work, "s3"))} });
+       process.stdout.write(JSON.stringify(server.storeConfig()) + "\\n");
+       process.on("SIGTERM", () => server.stop().then(() => process.exit(0)));`], { cwd: root, stdio: ["ignore", "pipe", "inherit"] });
+    let s3Output = "";
+    s3Server.stdout!.on("data", (chunk) => (s3Output += chunk));
+    await waitFor(() => s3Output.includes("\n") || s3Server.exitCode !== null, 30_000, "the S3 server");
+    const storeConfig = s3Output.trim();
     specFile = join(work, "sim.yaml");
     await writeFile(specFile, [
-      "name: sim-e2e", "provisioner: akash", "head:", "  heartbeatTimeout: 10s", "akash:", `  rpc: ${rpcUrl}`,
+      "name: sim-e2e", "provisioner: akash", "head:", "  heartbeatTimeout: 10s", `storage: { store: ${storeConfig} }`, "akash:", `  rpc: ${rpcUrl}`,
       "  bidWindow: 800ms", "  pollInterval: 100ms", "  leaseReadyTimeout: 30s", "  providerStatusUrls:", ...providerUrls, groups,
     ].join("\n"));
   });
@@ -117,7 +130,9 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
   afterAll(async () => {
     if (existsSync(join(stateDir, "head.json"))) drover(["down"]);
     simulator.kill("SIGTERM");
+    s3Server?.kill("SIGTERM");
     await waitFor(() => simulator.exitCode !== null, 20_000, "the simulator to stop").catch(() => simulator.kill("SIGKILL"));
+    await waitFor(() => s3Server.exitCode !== null || s3Server.signalCode !== null, 10_000, "the S3 server to stop").catch(() => s3Server.kill("SIGKILL"));
     expect(simulatorOutput).toContain("stopped");
     expect(await processesOfThisTest()).toEqual([]);
     // The wallet's mnemonic never reaches output or logs.
@@ -137,6 +152,9 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
 
     const submit = drover(["submit", "--working-dir", minimalDir, "--", "python", "allreduce_train.py", "--steps", "3"]);
     expect(submit.code, submit.stdout + submit.stderr).toBe(0);
+    // The containers do not share this filesystem: the working dir went as a code bundle.
+    expect(submit.stdout).toMatch(/shipped .*examples\/minimal as code bundle \w{12}: \d+ files/);
+    expect([...submit.stdout.matchAll(/\[drover\] sim-[\w-]+: code bundle \w{12} verified/g)]).toHaveLength(3);
     const results = [...submit.stdout.matchAll(/\[rank (\d)\] RESULT rank=(\d) world=(\d) local_rank=\d rank_sum=(\d+) weights_agree=(\w+) checksum=(\S+)/g)];
     expect(results.map((match) => Number(match[1])).sort()).toEqual([0, 1, 2]);
     // Each provider group is its own torch world: sim-4090 (1 node) and sim-a100 (2 nodes).
