@@ -10,7 +10,9 @@ import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { validateSdl } from "@drover/sdl";
+import { processAlive } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { waitFor } from "./wait-for.js";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const cli = join(root, "orchestrator", "dist", "cli.js");
@@ -37,14 +39,6 @@ function drover(args: string[], timeoutMs = 90_000) {
   return { code: result.status, stdout: result.stdout, stderr: result.stderr };
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 interface Books {
   deployments: Array<{ dseq: string }>;
@@ -58,14 +52,6 @@ async function books(): Promise<Books> {
   return (await response.json()) as Books;
 }
 
-async function waitFor(condition: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (await condition()) return;
-    await new Promise((resolveDelay) => setTimeout(resolveDelay, 50));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
 /** Live processes whose environment or command line mentions this test's directory (head, fake containers, trainers). */
 async function processesOfThisTest(): Promise<string[]> {
@@ -179,7 +165,7 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     const after = await books();
     expect(after.deployments).toEqual([]);
     expect(after.leases).toEqual([]);
-    expect(after.containers.filter((container) => container.running || alive(container.pid))).toEqual([]);
+    expect(after.containers.filter((container) => container.running || processAlive(container.pid))).toEqual([]);
     expect(await processesOfThisTest()).toEqual([]);
   });
 
@@ -205,7 +191,7 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     const after = await books();
     expect(after.deployments).toEqual([]);
     expect(after.leases).toEqual([]);
-    await waitFor(async () => (await books()).containers.every((container) => !container.running && !alive(container.pid)), 10_000, "fake containers to stop");
+    await waitFor(async () => (await books()).containers.every((container) => !container.running && !processAlive(container.pid)), 10_000, "fake containers to stop");
     expect(await processesOfThisTest()).toEqual([]);
   });
 

@@ -6,7 +6,9 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { processAlive } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { waitFor } from "./wait-for.js";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const cli = join(root, "orchestrator", "dist", "cli.js");
@@ -21,27 +23,11 @@ function drover(args: string[], timeoutMs = 120_000) {
   return { code: result.status, stdout: result.stdout, stderr: result.stderr };
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 async function json<T>(file: string): Promise<T> {
   return JSON.parse(await readFile(join(stateDir, file), "utf8")) as T;
 }
 
-async function waitFor(condition: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (await condition()) return;
-    await new Promise((resolveDelay) => setTimeout(resolveDelay, 100));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
 
 describe("local cluster, end to end", { timeout: 180_000 }, () => {
   beforeAll(async () => {
@@ -143,17 +129,17 @@ describe("local cluster, end to end", { timeout: 180_000 }, () => {
     const head = await json<{ pid: number }>("head.json");
     const nodes = await json<Array<{ nodeName: string; pid: number }>>("local-nodes.json");
     expect(nodes).toHaveLength(2);
-    for (const node of nodes) expect(alive(node.pid)).toBe(true);
+    for (const node of nodes) expect(processAlive(node.pid)).toBe(true);
 
     process.kill(head.pid, "SIGKILL");
-    await waitFor(() => !alive(head.pid), 5_000, "the head to die");
-    for (const node of nodes) expect(alive(node.pid)).toBe(true); // orphaned, still running
+    await waitFor(() => !processAlive(head.pid), 5_000, "the head to die");
+    for (const node of nodes) expect(processAlive(node.pid)).toBe(true); // orphaned, still running
 
     const down = drover(["down"]);
     expect(down.code).toBe(0);
     expect(down.stdout).toContain("is not running");
     for (const node of nodes) expect(down.stdout).toContain(`stopped ${node.nodeName} (pid ${node.pid})`);
-    await waitFor(() => nodes.every((node) => !alive(node.pid)), 10_000, "the workers to stop");
+    await waitFor(() => nodes.every((node) => !processAlive(node.pid)), 10_000, "the workers to stop");
     const status = drover(["status"]);
     expect(status.stdout).toContain("NOT RUNNING");
   });

@@ -20,7 +20,7 @@ import { createLogger } from "./logger.js";
 import { AkashChainClient, type ChainBid } from "./market/akash-chain-client.js";
 import { BidStrategy, describeDiagnosis, whyBidRejected } from "./market/bid-strategy.js";
 import type { ProviderAdvertisement } from "./market/market-observations.js";
-import { readProviderAdvertisements, resolveAkashMnemonic, sendTracked, settleLedger, toObservedBids } from "./provisioners/akash-provisioner.js";
+import { readProviderAdvertisements, resolveAkashMnemonic, sendTracked, settleLedger, sleep, toObservedBids } from "./provisioners/akash-provisioner.js";
 import { StateDirectory } from "./state-store.js";
 
 function print(line = ""): void {
@@ -63,21 +63,6 @@ export async function commandSdl(args: string[]): Promise<number> {
     process.stdout.write(yaml.endsWith("\n") ? yaml : `${yaml}\n`);
   }
   return 0;
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolveSleep, reject) => {
-    signal.throwIfAborted();
-    const timer = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
-      resolveSleep();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
 }
 
 function table(rows: string[][]): string[] {

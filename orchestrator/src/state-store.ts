@@ -72,6 +72,22 @@ export function processAlive(pid: number): boolean {
   }
 }
 
+/**
+ * Signals the process group led by `pid` (every process Drover starts leads its own),
+ * or the process alone when it leads none; a process already gone is not an error.
+ */
+export function signalGroup(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(-pid, signal);
+  } catch {
+    try {
+      process.kill(pid, signal);
+    } catch {
+      // Gone already.
+    }
+  }
+}
+
 /** The command line of a live process, to make sure a pid from the state is still ours. */
 export async function processCommandLine(pid: number): Promise<string | undefined> {
   try {

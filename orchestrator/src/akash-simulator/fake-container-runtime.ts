@@ -22,6 +22,7 @@ import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { findWorkerProgram } from "../provisioners/local-provisioner.js";
+import { signalGroup } from "../state-store.js";
 
 /** The parts of a manifest service (akash.manifest.v2beta3.Service, as JSON) the fake reads. */
 export interface ManifestServiceJson {
@@ -221,17 +222,5 @@ async function recordedTrainers(stateDir: string): Promise<number[]> {
     return Array.isArray(record.trainerPids) ? record.trainerPids.filter((pid): pid is number => Number.isInteger(pid) && pid > 0) : [];
   } catch {
     return [];
-  }
-}
-
-function signalGroup(pid: number, signal: NodeJS.Signals): void {
-  try {
-    process.kill(-pid, signal);
-  } catch {
-    try {
-      process.kill(pid, signal);
-    } catch {
-      // Gone already.
-    }
   }
 }

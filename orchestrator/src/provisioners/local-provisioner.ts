@@ -7,7 +7,7 @@ import { fileURLToPath } from "node:url";
 import type { ClusterSpec } from "../cluster-spec.js";
 import { ProvisionError } from "../errors.js";
 import type { Logger } from "../logger.js";
-import { processAlive, processCommandLine, type StateDirectory } from "../state-store.js";
+import { processAlive, processCommandLine, signalGroup, type StateDirectory } from "../state-store.js";
 import type { ProvisionContext, ProvisionedNode, Provisioner, ProvisionerBackend } from "./provisioner.js";
 
 interface LocalNodeRecord {
@@ -225,18 +225,6 @@ async function processEnvironment(pid: number): Promise<string> {
     return await readFile(`/proc/${pid}/environ`, "utf8");
   } catch {
     return "";
-  }
-}
-
-function signalGroup(pid: number, signal: NodeJS.Signals): void {
-  try {
-    process.kill(-pid, signal);
-  } catch {
-    try {
-      process.kill(pid, signal);
-    } catch {
-      // Gone already.
-    }
   }
 }
 
