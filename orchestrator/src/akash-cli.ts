@@ -216,17 +216,19 @@ async function simulatorWallet(file: string): Promise<{ address: string; created
 }
 
 /**
- * `drover akash-sim [--providers FILE] [--port N] [--wallet FILE] [--containers-dir DIR]`:
+ * `drover akash-sim [--providers FILE] [--port N] [--wallet FILE] [--containers-dir DIR] [--block-time 6s]`:
  * a simulated Akash chain and providers on 127.0.0.1 in the foreground, with a FAKE
- * container runtime that runs leased groups as local drover-worker processes.
+ * container runtime that runs leased groups as local drover-worker processes. Leases draw
+ * their price from the escrow at every block (`--block-time`, default 6 s like Akash).
  */
 export async function commandAkashSim(args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
-    options: { providers: { type: "string" }, port: { type: "string" }, wallet: { type: "string" }, "containers-dir": { type: "string" } },
+    options: { providers: { type: "string" }, port: { type: "string" }, wallet: { type: "string" }, "containers-dir": { type: "string" }, "block-time": { type: "string" } },
   });
   const port = values.port === undefined ? 26657 : Number(values.port);
   if (!Number.isInteger(port) || port < 0 || port > 65_535) throw new SpecError(`--port ${values.port}: expected a port number (0 = any free port)`);
+  const blockTimeMs = values["block-time"] === undefined ? undefined : parseDuration(values["block-time"], "--block-time");
   const market = values.providers === undefined ? defaultSimulatedMarket() : await loadProviders(resolve(values.providers));
   const walletFile = resolve(values.wallet ?? join(dirname(StateDirectory.defaultRoot()), "akash-sim-wallet"));
   const wallet = await simulatorWallet(walletFile);
@@ -235,6 +237,7 @@ export async function commandAkashSim(args: string[]): Promise<number> {
     simulator = await AkashSimulator.start({
       providers: market.map((entry) => entry.config),
       port,
+      ...(blockTimeMs === undefined ? {} : { blockTimeMs }),
       ...(values["containers-dir"] === undefined ? {} : { containerRoot: resolve(values["containers-dir"]) }),
     });
   } catch (error) {
@@ -244,6 +247,7 @@ export async function commandAkashSim(args: string[]): Promise<number> {
   simulator.chain.fund(wallet.address, 10n ** 15n);
   print("Akash simulator: a FAKE chain, FAKE providers and a FAKE container runtime, on loopback only");
   print(`rpc: ${simulator.rpcUrl}`);
+  print(`blocks: one every ${simulator.chain.blockTimeMs} ms (and one per tx); at each, leases draw their price from their deployment's escrow`);
   print("providers:");
   for (const entry of market) print(`  ${entry.config.address} ${simulator.providerUrl(entry.config.address)}${entry.description ? `  ${entry.description}` : ""}`);
   print(`wallet: ${wallet.address} (funded${wallet.created ? ", new" : ""}); its mnemonic is in ${walletFile} (mode 0600). In the shell that runs drover:`);

@@ -66,6 +66,17 @@ describe("cluster spec", () => {
       expect(spec.akash!.groups[0]).toMatchObject({ name: "a100", nodes: 2, gpu: { perNode: 8, models: [{ model: "a100" }] }, maxPrice: { amount: "900", denom: "uact" } });
     });
 
+    it("compiles the escrow keeper's settings, defaults filled, and names the path of a target not above minRemaining", () => {
+      expect(parseClusterSpecYaml(akashSpec(), "/tmp/a.yaml").akash!.escrow).toEqual({ checkIntervalMs: 300_000, minRemainingMs: 7_200_000, targetMs: 21_600_000, blockTimeMs: 6_000 });
+      const written = parseClusterSpecYaml(akashSpec("  escrow: { checkInterval: 30s, minRemaining: 1h, target: 12h, blockTime: 5.5s }\n"), "/tmp/a.yaml");
+      expect(written.akash!.escrow).toEqual({ checkIntervalMs: 30_000, minRemainingMs: 3_600_000, targetMs: 43_200_000, blockTimeMs: 5_500 });
+      expect(() => parseClusterSpecYaml(akashSpec("  escrow: { minRemaining: 6h, target: 6h }\n"), "x.yaml")).toThrow(/^ {2}akash\.escrow\.target: .*must be longer than minRemaining/m);
+      expect(() => parseClusterSpecYaml(akashSpec("  escrow: { target: 1h }\n"), "x.yaml")).toThrow(/^ {2}akash\.escrow\.target: /m);
+      expect(() => parseClusterSpecYaml(akashSpec("  escrow: { checkInterval: 3h }\n"), "x.yaml")).toThrow(/^ {2}akash\.escrow\.checkInterval: .*shorter than minRemaining/m);
+      expect(() => parseClusterSpecYaml(akashSpec("  escrow: { checkInterval: 0s }\n"), "x.yaml")).toThrow(/akash\.escrow\.checkInterval: must be longer than 0/);
+      expect(() => parseClusterSpecYaml(akashSpec("  escrow: { topUp: 1h }\n"), "x.yaml")).toThrow(/akash\.escrow: .*topUp/);
+    });
+
     it("names the path of a bad group field", () => {
       const bad = group.replace("model: a100", "model: a1000");
       expect(() => parseClusterSpecYaml(akashSpec("", bad), "/tmp/bad.yaml")).toThrow(/^ {2}akash\.groups\[0\]\.gpu\.model: unknown GPU model "a1000"/m);

@@ -23,6 +23,30 @@ const jobSpecSchema = z.object({
 const akashAddress = z.string().regex(/^akash1[02-9ac-hj-np-z]{38}$/, "must be an akash1... bech32 address");
 const httpUrl = z.string().regex(/^https?:\/\/[^\s/]+/, "must be an http(s):// URL");
 
+/**
+ * Escrow top-ups while the cluster runs: the chain closes a deployment whose escrow runs
+ * dry, so the head deposits before it does.
+ */
+const akashEscrowSchema = z.object({
+  /** How often each leased deployment's escrow is read. */
+  checkInterval: durationMs.default(5 * 60_000),
+  /** Top up when the escrow would run dry within this. */
+  minRemaining: durationMs.default(2 * 3_600_000),
+  /** Each top-up deposits enough to last this long. */
+  target: durationMs.default(6 * 3_600_000),
+  /** Block time assumed until the head has measured the chain's (Akash: about 6 s). */
+  blockTime: durationMs.default(6_000),
+}).strict().superRefine((escrow, ctx) => {
+  if (escrow.checkInterval <= 0) ctx.addIssue({ code: "custom", path: ["checkInterval"], message: "must be longer than 0" });
+  if (escrow.blockTime <= 0) ctx.addIssue({ code: "custom", path: ["blockTime"], message: "must be longer than 0" });
+  if (escrow.target <= escrow.minRemaining) {
+    ctx.addIssue({ code: "custom", path: ["target"], message: `(${escrow.target} ms) must be longer than minRemaining (${escrow.minRemaining} ms): a top-up must lift the escrow above the line that triggers it` });
+  }
+  if (escrow.checkInterval >= escrow.minRemaining) {
+    ctx.addIssue({ code: "custom", path: ["checkInterval"], message: `(${escrow.checkInterval} ms) must be shorter than minRemaining (${escrow.minRemaining} ms), or the escrow may run dry between two checks` });
+  }
+});
+
 /** Akash: how to reach the chain, what to rent, and how patiently to ask (README, "Akash"). */
 const akashSpecSchema = z.object({
   /** CometBFT RPC of an Akash node, e.g. https://rpc.akashnet.net:443 (or the simulator's). */
@@ -49,6 +73,7 @@ const akashSpecSchema = z.object({
   masterPort: z.number().int().min(1).max(65_535).optional(),
   /** Provider status endpoints (address -> URL), read to explain missing bids. */
   providerStatusUrls: z.record(akashAddress, httpUrl).optional(),
+  escrow: akashEscrowSchema.prefault({}),
 }).strict();
 
 export const clusterSpecSchema = z.object({
@@ -126,6 +151,8 @@ export interface AkashSpec {
   initialPricePercent?: number;
   masterPort?: number;
   providerStatusUrls?: Record<string, string>;
+  /** Escrow top-ups while the cluster runs. */
+  escrow: { checkIntervalMs: number; minRemainingMs: number; targetMs: number; blockTimeMs: number };
 }
 
 /** Formats a zod path the way users read it: `groups[1].gpu.model`. */
@@ -179,6 +206,12 @@ export function compileClusterSpec(raw: unknown, source: string): ClusterSpec {
         ...(spec.akash.initialPricePercent === undefined ? {} : { initialPricePercent: spec.akash.initialPricePercent }),
         ...(spec.akash.masterPort === undefined ? {} : { masterPort: spec.akash.masterPort }),
         ...(spec.akash.providerStatusUrls === undefined ? {} : { providerStatusUrls: spec.akash.providerStatusUrls }),
+        escrow: {
+          checkIntervalMs: spec.akash.escrow.checkInterval,
+          minRemainingMs: spec.akash.escrow.minRemaining,
+          targetMs: spec.akash.escrow.target,
+          blockTimeMs: spec.akash.escrow.blockTime,
+        },
       },
     }),
     source,

@@ -77,10 +77,17 @@ describe("Akash simulator through chain-sdk's tx client", () => {
     expect(body.forwarded_ports["a100-leader"]).toEqual([expect.objectContaining({ port: 7077, externalPort: expect.any(Number) })]);
 
     await client.broadcast(await client.sign([client.depositMessage("1002", { amount: "1000000", denom: "uact" })], signal), signal);
-    expect(simulator.chain.deployment(client.owner, "1002")!.escrow.amount).toBe(6_000_000n);
+    // The lease draws its 800 per block from the escrow (at least the lease's and the deposit's blocks).
+    const escrow = simulator.chain.deployment(client.owner, "1002")!.escrow;
+    expect(escrow.amount + escrow.transferred).toBe(6_000_000n);
+    expect(escrow.transferred % 800n).toBe(0n);
+    expect(escrow.transferred).toBeGreaterThanOrEqual(1_600n);
+    expect(simulator.chain.balance(client.owner)).toBe(10n ** 12n - 6_000_000n);
 
     await client.broadcast(await client.sign([client.closeDeploymentMessage("1002")], signal), signal);
     expect(simulator.chain.books(client.owner)).toMatchObject({ deployments: [], leases: [] });
+    // What the lease did not draw comes back to the wallet.
+    expect(simulator.chain.balance(client.owner)).toBe(10n ** 12n - escrow.transferred);
     expect(simulator.providers.get(PROVIDER)!.simulated.advertisement().gpus[0]!.freeGpus).toBe(24);
   });
 
@@ -145,6 +152,74 @@ describe("Akash simulator through chain-sdk's tx client", () => {
     simulator.chain.loseLease(client.owner, "1007");
     expect(await client.leases(signal)).toMatchObject([{ dseq: "1007", state: "closed" }]);
     expect(simulator.chain.books(client.owner).deployments.map((d) => d.dseq)).toEqual(["1007"]);
+  });
+});
+
+describe("escrow on the block clock", () => {
+  let clocked: AkashSimulator;
+  let clockedClient: AkashChainClient;
+
+  beforeEach(async () => {
+    clocked = await AkashSimulator.start({ providers: [{ address: PROVIDER, gpuTag: "a100", machines: [{ gpus: 8 }, { gpus: 8 }], pricePerGpu: "100" }], containers: "none", blockTimeMs: 50 });
+    const wallet = await DirectSecp256k1HdWallet.generate(24, { prefix: "akash" });
+    clocked.chain.fund((await wallet.getAccounts())[0]!.address, 10n ** 9n);
+    clockedClient = await AkashChainClient.connect({ rpcUrl: clocked.rpcUrl, mnemonic: wallet.mnemonic, signal, broadcastPollIntervalMs: 10, broadcastTimeoutMs: 5_000 });
+  });
+
+  afterEach(async () => {
+    clockedClient.disconnect();
+    await clocked.stop();
+  });
+
+  async function leased(dseq: string, deposit: string): Promise<void> {
+    const { groupSpecs } = buildManifest(yaml);
+    await clockedClient.broadcast(await clockedClient.sign([clockedClient.createDeploymentMessage({ dseq, groupSpecs, hash: await deploymentVersion(yaml), deposit: { amount: deposit, denom: "uact" } })], signal), signal);
+    await clockedClient.broadcast(await clockedClient.sign([clockedClient.createLeaseMessage({ dseq, gseq: 1, oseq: 1, provider: PROVIDER })], signal), signal);
+  }
+
+  it("blocks come with wall time; each draws the lease's price until the escrow cannot pay, then the lease is insufficient_funds and the deployment closed", async () => {
+    const closed: Array<{ dseq: string; state: string }> = [];
+    clocked.chain.onLeaseClosed((lease) => closed.push({ dseq: lease.dseq, state: lease.state }));
+    const startedAt = Date.now();
+    // The bid (8 GPUs at 100) is 800 per block: 8000 lasts 10 blocks, about 0.5 s at 50 ms.
+    await leased("3001", "8000");
+    const early = await clockedClient.deploymentEscrow("3001", signal);
+    expect(early).toMatchObject({ dseq: "3001", deploymentState: "active", escrowState: "open", pricePerBlock: [{ denom: "uact", amount: "800" }] });
+    expect(Number(early.funds[0]!.amount)).toBeLessThan(8_000);
+    expect(Number(early.funds[0]!.amount) % 800).toBe(0);
+
+    const heightBefore = (await clockedClient.latestBlock(signal)).height;
+    for (;;) {
+      const [lease] = await clockedClient.leases(signal, "3001");
+      if (lease?.state !== "active") {
+        expect(lease?.state).toBe("insufficient_funds");
+        break;
+      }
+      expect(Date.now() - startedAt).toBeLessThan(5_000);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    // The wall clock made the blocks: no tx was sent while waiting.
+    expect((await clockedClient.latestBlock(signal)).height).toBeGreaterThan(heightBefore);
+    expect(await clockedClient.deploymentEscrow("3001", signal)).toMatchObject({ deploymentState: "closed", escrowState: "overdrawn", funds: [{ denom: "uact", amount: "0" }], pricePerBlock: [] });
+    expect(await clockedClient.deployments(signal)).toEqual([]);
+    // The providers hear of it as of any lost lease (the fake runtime stops containers on this).
+    expect(closed).toEqual([{ dseq: "3001", state: "insufficient_funds" }]);
+    expect(clocked.chain.deployment(clockedClient.owner, "3001")!.escrow.transferred).toBe(8_000n);
+  });
+
+  it("a deposit moves funds from the wallet to the escrow; a wallet that cannot pay is refused with the bank's code 5", async () => {
+    await leased("3002", "1000000");
+    await clockedClient.broadcast(await clockedClient.sign([clockedClient.depositMessage("3002", { amount: "500000", denom: "uact" })], signal), signal);
+    const escrow = clocked.chain.deployment(clockedClient.owner, "3002")!.escrow;
+    expect(escrow.amount + escrow.transferred).toBe(1_500_000n);
+    expect(clocked.chain.balance(clockedClient.owner)).toBe(10n ** 9n - 1_500_000n);
+
+    clocked.chain.setBalance(clockedClient.owner, 1_000n);
+    const refused = await clockedClient.broadcast(await clockedClient.sign([clockedClient.depositMessage("3002", { amount: "500000", denom: "uact" })], signal), signal).catch((error: unknown) => error);
+    expect(refused).toBeInstanceOf(ProvisionError);
+    expect((refused as ProvisionError).context.code).toBe(5);
+    expect((refused as ProvisionError).message).toMatch(/insufficient funds/);
+    expect(clocked.chain.balance(clockedClient.owner)).toBe(1_000n);
   });
 });
 
@@ -224,6 +299,17 @@ describe("the fake container runtime", () => {
     expect(lost.status).toBe(200);
     for (const container of containers) expect(alive(container.pid)).toBe(false);
     expect((await books()).containers.every((container) => !container.running)).toBe(true);
+  });
+
+  it("stops the containers when the escrow runs dry (lease insufficient_funds)", async () => {
+    await leaseAndSendManifest("2004", await deadHeadAddress());
+    const containers = (await books()).containers.filter((container) => container.dseq === "2004");
+    expect(containers.map((container) => alive(container.pid))).toEqual([true, true]);
+    // 5000000 at 800 per block: 6250 blocks, produced here rather than waited for.
+    for (let block = 0; block < 10_000 && runtimeSimulator.chain.activeLease(owner, "2004", 1, 1) !== undefined; block += 1) runtimeSimulator.chain.produceBlock();
+    expect((await runtimeClient.leases(signal, "2004")).map((lease) => lease.state)).toEqual(["insufficient_funds"]);
+    await runtimeSimulator.settled();
+    for (const container of containers) expect(alive(container.pid)).toBe(false);
   });
 
   it("stops the containers when the deployment is closed, and every container when the simulator stops", async () => {

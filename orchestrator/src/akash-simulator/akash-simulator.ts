@@ -26,6 +26,8 @@ export interface AkashSimulatorOptions {
   readonly containers?: "fake-runtime" | "none";
   /** Where fake containers keep their state and logs; default a temporary directory. */
   readonly containerRoot?: string;
+  /** Wall time between blocks, at each of which leases draw from their escrow (default 6 s; 0: a block per tx only). */
+  readonly blockTimeMs?: number;
 }
 
 export interface SimulatedProviderEntry {
@@ -47,7 +49,10 @@ export class AkashSimulator {
   static async start(options: AkashSimulatorOptions): Promise<AkashSimulator> {
     const simulated = options.providers.map((config) => new SimulatedProvider(config));
     const urls = new Map<string, string>();
-    const chain = new ChainSimulator({ chainId: options.chainId, providers: simulated, providerHostUri: (address) => urls.get(address) ?? "" });
+    const chain = new ChainSimulator({
+      chainId: options.chainId, providers: simulated, providerHostUri: (address) => urls.get(address) ?? "",
+      ...(options.blockTimeMs === undefined ? {} : { blockTimeMs: options.blockTimeMs }),
+    });
     const runtime = options.containers === "none" ? undefined : await FakeContainerRuntime.create(options.containerRoot === undefined ? {} : { root: options.containerRoot });
     const providers = new Map<string, SimulatedProviderEntry>();
     const basePort = options.port ?? 0;

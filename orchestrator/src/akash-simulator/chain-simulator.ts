@@ -8,22 +8,32 @@
 // account sequence, then applies MsgCreateDeployment (v1beta4), MsgCreateLease
 // (market v1beta5), MsgCloseDeployment and MsgAccountDeposit (escrow v1). Queries are
 // answered as protobuf over abci_query, on the gRPC query paths a real node serves.
-// What is simulated: consensus (one block per tx), gas (a constant), fees (not charged),
-// and the providers' bid engines (SimulatedProvider).
+// What is simulated: consensus (a block per tx, and one every `blockTimeMs` of wall
+// time), gas (a constant), fees (not charged), balances (one per account, whatever the
+// denomination), and the providers' bid engines (SimulatedProvider).
+//
+// Escrow: at every block each active lease draws its price per block (rounded up to whole
+// units) from its deployment's escrow account, and when the account cannot pay, the
+// deployment's leases go insufficient_funds and the deployment closes, as on Akash. A
+// deposit moves funds from the wallet's balance into the escrow; closing a deployment
+// returns what is left of it.
 
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { Secp256k1, Secp256k1Signature, ripemd160, sha256 } from "@cosmjs/crypto";
 import { fromBase64, fromHex, toBase64, toBech32, toHex } from "@cosmjs/encoding";
-import { Deployment_State, Lease_State, MsgAccountDeposit } from "@akashnetwork/chain-sdk/private-types/akash.v1";
-import { MsgCloseDeployment, MsgCreateDeployment, QueryDeploymentsRequest, QueryDeploymentsResponse, type GroupSpec } from "@akashnetwork/chain-sdk/private-types/akash.v1beta4";
+import { Deployment_State, Lease_State, MsgAccountDeposit, Scope, Types_State } from "@akashnetwork/chain-sdk/private-types/akash.v1";
+import { MsgCloseDeployment, MsgCreateDeployment, QueryDeploymentRequest, QueryDeploymentResponse, QueryDeploymentsRequest, QueryDeploymentsResponse, type GroupSpec } from "@akashnetwork/chain-sdk/private-types/akash.v1beta4";
 import { Bid_State, MsgCreateLease, QueryBidsRequest, QueryBidsResponse, QueryLeasesRequest, QueryLeasesResponse } from "@akashnetwork/chain-sdk/private-types/akash.v1beta5";
 import { QueryProviderRequest, QueryProviderResponse } from "@akashnetwork/chain-sdk/private-types/akash.v1beta4";
 import { PubKey } from "@akashnetwork/chain-sdk/private-types/cosmos.secp256k1";
 import { AuthInfo, BaseAccount, QueryAccountRequest, QueryAccountResponse, SignDoc, SimulateResponse, TxBody, TxRaw } from "@akashnetwork/chain-sdk/private-types/cosmos.v1beta1";
+import { parseDecimal } from "../market/decimal-price.js";
 import type { SimulatedAsk, SimulatedProvider } from "./simulated-provider.js";
 
 export const SIMULATED_GAS_USED = 200_000;
+/** Akash's block time, roughly. */
+export const DEFAULT_BLOCK_TIME_MS = 6_000;
 
 /** Cosmos SDK error codes (codespace "sdk") the client may switch on. */
 export const TxCode = {
@@ -43,7 +53,8 @@ export interface SimulatedDeployment {
   state: "active" | "closed";
   readonly hash: Uint8Array;
   readonly groups: Array<{ readonly gseq: number; readonly spec: GroupSpec; readonly ask: SimulatedAsk; orderState: "open" | "active" | "closed" }>;
-  escrow: { amount: bigint; denom: string };
+  /** The escrow account: what is left (`amount`), what the leases drew so far, and whether it ran dry. */
+  escrow: { amount: bigint; denom: string; transferred: bigint; state: "open" | "closed" | "overdrawn"; settledHeight: number };
   readonly createdHeight: number;
 }
 
@@ -102,6 +113,11 @@ export interface ChainSimulatorOptions {
   readonly providers: readonly SimulatedProvider[];
   /** Host URI each provider publishes on chain (its endpoint server). */
   readonly providerHostUri?: (provider: string) => string;
+  /**
+   * Wall time between blocks (default 6 s, like Akash); 0: blocks only come with txs.
+   * Leases draw their price from the escrow at every block.
+   */
+  readonly blockTimeMs?: number;
 }
 
 /** Open deployments and leases of one owner, as the chain holds them. */
@@ -121,6 +137,9 @@ export class ChainSimulator {
   private readonly providers: Map<string, SimulatedProvider>;
   private readonly timers = new Set<NodeJS.Timeout>();
   private height = 1;
+  private lastBlockAtMs = Date.now();
+  private blockClock: NodeJS.Timeout | undefined;
+  readonly blockTimeMs: number;
   private server: Server | undefined;
   private dropBroadcasts = 0;
   /** Every tx hash seen by broadcast_tx_sync, in order, included or not. */
@@ -135,6 +154,44 @@ export class ChainSimulator {
   constructor(private readonly options: ChainSimulatorOptions) {
     this.chainId = options.chainId ?? "akash-simulator-1";
     this.providers = new Map(options.providers.map((provider) => [provider.address, provider]));
+    this.blockTimeMs = options.blockTimeMs ?? DEFAULT_BLOCK_TIME_MS;
+    if (!Number.isFinite(this.blockTimeMs) || this.blockTimeMs < 0) throw new RangeError(`chain simulator: blockTimeMs must be a finite number >= 0, got ${this.blockTimeMs}`);
+  }
+
+  /** The latest block's height. */
+  get latestHeight(): number {
+    return this.height;
+  }
+
+  /**
+   * Produces one block: every active lease draws its price from its deployment's escrow.
+   * Called by the block clock, after each tx, and by tests that want a block now.
+   */
+  produceBlock(): void {
+    this.height += 1;
+    this.lastBlockAtMs = Date.now();
+    this.settleEscrows();
+  }
+
+  private settleEscrows(): void {
+    for (const deployment of this.deployments.values()) {
+      if (deployment.state !== "active") continue;
+      const leases = this.leaseList.filter((lease) => lease.owner === deployment.owner && lease.dseq === deployment.dseq && lease.state === "active");
+      if (leases.length === 0) continue;
+      const owed = leases.reduce((sum, lease) => sum + wholeUnitsUp(lease.price), 0n);
+      if (deployment.escrow.amount >= owed) {
+        deployment.escrow.amount -= owed;
+        deployment.escrow.transferred += owed;
+        deployment.escrow.settledHeight = this.height;
+        continue;
+      }
+      // Overdrawn: the providers get what is left and the chain closes the deployment.
+      deployment.escrow.transferred += deployment.escrow.amount;
+      deployment.escrow.amount = 0n;
+      deployment.escrow.state = "overdrawn";
+      deployment.escrow.settledHeight = this.height;
+      this.closeDeployment(deployment, "insufficient_funds");
+    }
   }
 
   /** Listens on 127.0.0.1 (port 0: any free one); returns the RPC URL. */
@@ -151,10 +208,17 @@ export class ChainSimulator {
         resolve();
       });
     });
+    if (this.blockTimeMs > 0 && this.blockClock === undefined) {
+      this.blockClock = setInterval(() => this.produceBlock(), this.blockTimeMs);
+      // The clock alone must not keep a test or the CLI's process alive.
+      this.blockClock.unref();
+    }
     return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   }
 
   async close(): Promise<void> {
+    if (this.blockClock !== undefined) clearInterval(this.blockClock);
+    this.blockClock = undefined;
     for (const timer of this.timers) clearTimeout(timer);
     this.timers.clear();
     const server = this.server;
@@ -168,6 +232,18 @@ export class ChainSimulator {
     const existing = this.accounts.get(address);
     if (existing) existing.balance += amount;
     else this.accounts.set(address, { address, accountNumber: this.accounts.size + 7, sequence: 0, pubkey: undefined, balance: amount });
+  }
+
+  /** Fault: the account's balance becomes `amount` (a wallet spent elsewhere, too poor for the next deposit). */
+  setBalance(address: string, amount: bigint): void {
+    const account = this.accounts.get(address);
+    if (account === undefined) this.fund(address, amount);
+    else account.balance = amount;
+  }
+
+  /** The account's spendable balance (one balance per account in the simulator, whatever the denomination). */
+  balance(address: string): bigint {
+    return this.accounts.get(address)?.balance ?? 0n;
   }
 
   accountSequence(address: string): number {
@@ -220,8 +296,18 @@ export class ChainSimulator {
     return () => this.leaseClosedListeners.delete(listener);
   }
 
-  private closeLease(lease: SimulatedLease): void {
-    lease.state = "closed";
+  private closeDeployment(deployment: SimulatedDeployment, leaseState: "closed" | "insufficient_funds"): void {
+    deployment.state = "closed";
+    for (const group of deployment.groups) group.orderState = "closed";
+    for (const bid of this.bidList) if (bid.owner === deployment.owner && bid.dseq === deployment.dseq && bid.state === "open") bid.state = "closed";
+    for (const lease of this.leaseList) {
+      if (lease.owner !== deployment.owner || lease.dseq !== deployment.dseq || lease.state !== "active") continue;
+      this.closeLease(lease, leaseState);
+    }
+  }
+
+  private closeLease(lease: SimulatedLease, state: "closed" | "insufficient_funds" = "closed"): void {
+    lease.state = state;
     this.providers.get(lease.provider)?.release(lease.nodes, lease.gpusPerNode);
     for (const listener of this.leaseClosedListeners) listener(lease);
   }
@@ -286,7 +372,7 @@ export class ChainSimulator {
         latest_block_hash: fakeHash,
         latest_app_hash: fakeHash,
         latest_block_height: String(this.height),
-        latest_block_time: new Date().toISOString(),
+        latest_block_time: new Date(this.lastBlockAtMs).toISOString(),
         catching_up: false,
       },
       validator_info: { address: "0".repeat(40), pub_key: { type: "tendermint/PubKeyEd25519", value: toBase64(new Uint8Array(32)) }, voting_power: "10" },
@@ -331,7 +417,28 @@ export class ChainSimulator {
                   createdAt: deployment.createdHeight,
                 },
                 groups: [],
+                escrowAccount: escrowAccountOf(deployment),
               })),
+            }),
+          ).finish(),
+        );
+      }
+      case "/akash.deployment.v1beta4.Query/Deployment": {
+        const { id } = QueryDeploymentRequest.decode(data);
+        const deployment = this.deployments.get(`${id?.owner ?? ""}/${id?.dseq?.toString() ?? "0"}`);
+        // The code and log a real node answers for an unknown deployment (x/deployment ErrDeploymentNotFound).
+        if (deployment === undefined) return failure(2, "deployment not found");
+        return answer(
+          QueryDeploymentResponse.encode(
+            QueryDeploymentResponse.fromPartial({
+              deployment: {
+                id: { owner: deployment.owner, dseq: deployment.dseq },
+                state: deployment.state === "active" ? Deployment_State.active : Deployment_State.closed,
+                hash: deployment.hash,
+                createdAt: deployment.createdHeight,
+              },
+              groups: [],
+              escrowAccount: escrowAccountOf(deployment),
             }),
           ).finish(),
         );
@@ -455,7 +562,9 @@ export class ChainSimulator {
       return reply(0, "[]");
     }
     signer.sequence += 1;
+    // The tx's block: applied first, then the leases draw (a deposit in it counts at once).
     this.height += 1;
+    this.lastBlockAtMs = Date.now();
     let code: number = TxCode.ok;
     let log = "[]";
     let codespace = "";
@@ -467,6 +576,7 @@ export class ChainSimulator {
       log = `failed to execute message; message index: 0: ${error.message}`;
     }
     this.txIndex.set(hash, { hash, height: this.height, tx: txBytes, code, log, codespace });
+    this.settleEscrows();
     return reply(0, "[]");
   }
 
@@ -528,15 +638,17 @@ export class ChainSimulator {
         const amount = BigInt(message.deposit?.amount?.amount ?? "0");
         const denom = message.deposit?.amount?.denom ?? "";
         if (amount <= 0n) throw new TxRejected(TxCode.insufficientFunds, "deployment deposit is required");
+        const account = this.spendable(signer, amount, denom);
         const asks = message.groups.map((group) => askFromGroupSpec(group));
         return () => {
+          account.balance -= amount;
           const deployment: SimulatedDeployment = {
             owner,
             dseq,
             state: "active",
             hash: message.hash,
             groups: message.groups.map((spec, index) => ({ gseq: index + 1, spec, ask: asks[index]!, orderState: "open" })),
-            escrow: { amount, denom },
+            escrow: { amount, denom, transferred: 0n, state: "open", settledHeight: this.height },
             createdHeight: this.height,
           };
           this.deployments.set(`${owner}/${dseq}`, deployment);
@@ -581,13 +693,12 @@ export class ChainSimulator {
         if (deployment === undefined) throw new TxRejected(TxCode.moduleError, "deployment not found", "deployment");
         if (deployment.state !== "active") throw new TxRejected(TxCode.moduleError, "deployment closed", "deployment");
         return () => {
-          deployment.state = "closed";
-          for (const group of deployment.groups) group.orderState = "closed";
-          for (const bid of this.bidList) if (bid.owner === owner && bid.dseq === dseq && bid.state === "open") bid.state = "closed";
-          for (const lease of this.leaseList) {
-            if (lease.owner !== owner || lease.dseq !== dseq || lease.state !== "active") continue;
-            this.closeLease(lease);
-          }
+          // What the leases did not draw goes back to the owner.
+          const account = this.accounts.get(owner);
+          if (account !== undefined) account.balance += deployment.escrow.amount;
+          deployment.escrow.amount = 0n;
+          deployment.escrow.state = "closed";
+          this.closeDeployment(deployment, "closed");
         };
       }
       case "/akash.escrow.v1.MsgAccountDeposit": {
@@ -596,14 +707,25 @@ export class ChainSimulator {
         const deployment = this.deployments.get(message.id?.xid ?? "");
         if (deployment === undefined || deployment.state !== "active") throw new TxRejected(TxCode.moduleError, "escrow account not found or closed", "escrow");
         const amount = BigInt(message.deposit?.amount?.amount ?? "0");
+        if (amount <= 0n) throw new TxRejected(TxCode.invalidRequest, "deposit amount must be positive");
         if (message.deposit?.amount?.denom !== deployment.escrow.denom) throw new TxRejected(TxCode.invalidRequest, `deposit denom ${message.deposit?.amount?.denom} does not match ${deployment.escrow.denom}`);
+        const account = this.spendable(signer, amount, deployment.escrow.denom);
         return () => {
+          account.balance -= amount;
           deployment.escrow.amount += amount;
         };
       }
       default:
         throw new TxRejected(TxCode.invalidRequest, `message ${typeUrl} is not simulated`);
     }
+  }
+
+  /** The signer's account when it can pay `amount`; the bank module's error otherwise. */
+  private spendable(address: string, amount: bigint, denom: string): SimulatedAccount {
+    const account = this.accounts.get(address);
+    const balance = account?.balance ?? 0n;
+    if (account === undefined || balance < amount) throw new TxRejected(TxCode.insufficientFunds, `spendable balance ${balance}${denom} is smaller than ${amount}${denom}: insufficient funds`);
+    return account;
   }
 
   private solicitBids(deployment: SimulatedDeployment, gseq: number, ask: SimulatedAsk): void {
@@ -630,6 +752,29 @@ export class ChainSimulator {
       this.timers.add(timer);
     }
   }
+}
+
+const DECIMAL_SCALE = 10n ** 18n;
+
+/** A lease price (decimal string) in whole units, rounded up: a simulated escrow errs towards running dry sooner. */
+function wholeUnitsUp(price: string): bigint {
+  return (parseDecimal(price) + DECIMAL_SCALE - 1n) / DECIMAL_SCALE;
+}
+
+/** A deployment's escrow account as QueryDeploymentResponse.escrowAccount (akash.escrow.types.v1.Account) carries it. */
+function escrowAccountOf(deployment: SimulatedDeployment) {
+  const { escrow } = deployment;
+  return {
+    id: { scope: Scope.deployment, xid: `${deployment.owner}/${deployment.dseq}` },
+    state: {
+      owner: deployment.owner,
+      state: { open: Types_State.open, closed: Types_State.closed, overdrawn: Types_State.overdrawn }[escrow.state],
+      transferred: [{ denom: escrow.denom, amount: escrow.transferred.toString() }],
+      settledAt: escrow.settledHeight,
+      funds: [{ denom: escrow.denom, amount: escrow.amount.toString() }],
+      deposits: [],
+    },
+  };
 }
 
 /** What a provider's bid engine reads from an order's GroupSpec. */

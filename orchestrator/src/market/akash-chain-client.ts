@@ -9,8 +9,8 @@
 // request itself may still complete on the node, which the ledger's reconcile handles).
 
 import { JwtTokenManager, createStargateClient } from "@akashnetwork/chain-sdk";
-import { Deployment_State, Lease_State, MsgAccountDeposit, Scope, Source } from "@akashnetwork/chain-sdk/private-types/akash.v1";
-import { MsgCloseDeployment, MsgCreateDeployment, QueryDeploymentsRequest, QueryDeploymentsResponse, QueryProviderRequest, QueryProviderResponse } from "@akashnetwork/chain-sdk/private-types/akash.v1beta4";
+import { Deployment_State, Lease_State, MsgAccountDeposit, Scope, Source, Types_State } from "@akashnetwork/chain-sdk/private-types/akash.v1";
+import { MsgCloseDeployment, MsgCreateDeployment, QueryDeploymentRequest, QueryDeploymentResponse, QueryDeploymentsRequest, QueryDeploymentsResponse, QueryProviderRequest, QueryProviderResponse } from "@akashnetwork/chain-sdk/private-types/akash.v1beta4";
 import { Bid_State, MsgCreateLease, QueryBidsRequest, QueryBidsResponse, QueryLeasesRequest, QueryLeasesResponse } from "@akashnetwork/chain-sdk/private-types/akash.v1beta5";
 import { BaseAccount, QueryAccountRequest, QueryAccountResponse, TxRaw } from "@akashnetwork/chain-sdk/private-types/cosmos.v1beta1";
 import { Secp256k1HdWallet } from "@cosmjs/amino";
@@ -20,6 +20,7 @@ import { DirectSecp256k1HdWallet, type EncodeObject, type GeneratedType } from "
 import { GasPrice, QueryClient, calculateFee, type StdFee } from "@cosmjs/stargate";
 import { connectComet, type CometClient } from "@cosmjs/tendermint-rpc";
 import { ProvisionError } from "../errors.js";
+import { formatDecimal, parseDecimal } from "./decimal-price.js";
 
 type StargateTxClient = ReturnType<typeof createStargateClient>;
 
@@ -65,6 +66,21 @@ export interface ChainLease {
   readonly price: string;
   readonly denom: string;
 }
+
+/** A deployment's escrow account and what its leases draw from it per block. */
+export interface DeploymentEscrow {
+  readonly dseq: string;
+  readonly deploymentState: "active" | "closed" | "invalid";
+  /** escrowAccount.state.state: overdrawn once the leases drew more than it held. */
+  readonly escrowState: "open" | "closed" | "overdrawn" | "invalid";
+  /** escrowAccount.state.funds: unspent funds per denomination, as decimal strings (negative when overdrawn). */
+  readonly funds: ReadonlyArray<{ readonly denom: string; readonly amount: string }>;
+  /** Sum of the prices of the deployment's active leases (decimal string per block), per denomination. */
+  readonly pricePerBlock: ReadonlyArray<{ readonly denom: string; readonly amount: string }>;
+}
+
+/** Cosmos SDK code for "insufficient funds" (bank): the wallet cannot pay a deposit. */
+export const INSUFFICIENT_FUNDS_CODE = 5;
 
 /** Cosmos SDK code for "account sequence mismatch": another tx of the wallet got in first. */
 export const WRONG_SEQUENCE_CODE = 32;
@@ -159,6 +175,35 @@ export class AkashChainClient {
       dseq: deployment?.id?.dseq.toString() ?? "0",
       state: deployment?.state === Deployment_State.active ? "active" : deployment?.state === Deployment_State.closed ? "closed" : "invalid",
     }));
+  }
+
+  /**
+   * The deployment's escrow balance (QueryDeploymentResponse.escrowAccount, escrow types v1)
+   * and the sum of its active leases' prices per block.
+   */
+  async deploymentEscrow(dseq: string, signal: AbortSignal): Promise<DeploymentEscrow> {
+    const request = QueryDeploymentRequest.encode(QueryDeploymentRequest.fromPartial({ id: { owner: this.owner, dseq } })).finish();
+    const response = QueryDeploymentResponse.decode(await this.abciQuery("/akash.deployment.v1beta4.Query/Deployment", request, signal));
+    const account = response.escrowAccount?.state;
+    const escrowStates: Record<number, DeploymentEscrow["escrowState"]> = { [Types_State.open]: "open", [Types_State.closed]: "closed", [Types_State.overdrawn]: "overdrawn" };
+    const prices = new Map<string, bigint>();
+    for (const lease of await this.leases(signal, dseq)) {
+      if (lease.state !== "active") continue;
+      prices.set(lease.denom, (prices.get(lease.denom) ?? 0n) + parseDecimal(lease.price));
+    }
+    return {
+      dseq,
+      deploymentState: response.deployment?.state === Deployment_State.active ? "active" : response.deployment?.state === Deployment_State.closed ? "closed" : "invalid",
+      escrowState: escrowStates[account?.state ?? Types_State.invalid] ?? "invalid",
+      funds: (account?.funds ?? []).map((balance) => ({ denom: balance.denom, amount: balance.amount })),
+      pricePerBlock: [...prices.entries()].map(([denom, amount]) => ({ denom, amount: formatDecimal(amount) })),
+    };
+  }
+
+  /** The latest block's height and time, from the node's status (the chain's own clock). */
+  async latestBlock(signal: AbortSignal): Promise<{ height: number; timeMs: number }> {
+    const status = await abortable(this.comet.status(), signal);
+    return { height: status.syncInfo.latestBlockHeight, timeMs: status.syncInfo.latestBlockTime.getTime() };
   }
 
   async bids(dseq: string, signal: AbortSignal): Promise<ChainBid[]> {

@@ -2,7 +2,9 @@
 // an Akash node through chain-sdk's tx client, writes every transaction to the lease
 // ledger before sending it, sends each leased group its manifest, and waits until the
 // provider reports the group's services running. One attempt per call: retries and
-// cleanup after a failure are the head's (it calls shutdown()).
+// cleanup after a failure are the head's (it calls shutdown()). Once the groups run, an
+// escrow keeper tops up each leased deployment's escrow before the leases drain it (the
+// chain closes a deployment whose escrow runs dry), until shutdown() or the head's abort.
 //
 // The wallet comes from DROVER_AKASH_MNEMONIC or the file named by
 // DROVER_AKASH_MNEMONIC_FILE; the mnemonic lives only inside the cosmjs wallets.
@@ -14,7 +16,8 @@ import type { ClusterSpec } from "../cluster-spec.js";
 import { ProvisionError } from "../errors.js";
 import { LeaseLedger, reconcile, type LedgerOperation, type ReconcileDecision } from "../lease-ledger.js";
 import type { Logger } from "../logger.js";
-import { AkashChainClient, type ChainBid } from "../market/akash-chain-client.js";
+import { AkashChainClient, INSUFFICIENT_FUNDS_CODE, type ChainBid, type DeploymentEscrow } from "../market/akash-chain-client.js";
+import { parseDecimal } from "../market/decimal-price.js";
 import { BidStrategy, type Placement } from "../market/bid-strategy.js";
 import type { ProviderAdvertisement } from "../market/market-observations.js";
 import type { StateDirectory } from "../state-store.js";
@@ -40,8 +43,26 @@ export interface AkashProvisionerConfig {
   /** MASTER_PORT inside a group; the group's `ports` must expose it leader -> workers. */
   readonly masterPort?: number;
   readonly broadcastPollIntervalMs?: number;
+  /** Escrow top-ups while the cluster runs; false: none (the deployments live as long as their deposit). */
+  readonly escrow?: EscrowKeeperOptions | false;
   readonly now?: () => number;
 }
+
+export interface EscrowKeeperOptions {
+  /** How often each leased deployment's escrow is read. */
+  readonly checkIntervalMs?: number;
+  /** Top up when the escrow would run dry within this. */
+  readonly minRemainingMs?: number;
+  /** A top-up deposits enough to last this long. */
+  readonly targetMs?: number;
+  /**
+   * The block time assumed until the keeper has measured the chain's (it then uses the
+   * shorter of the two: a shorter block time drains faster, so it is the safe guess).
+   */
+  readonly blockTimeMs?: number;
+}
+
+export const DEFAULT_ESCROW_KEEPER = { checkIntervalMs: 5 * 60_000, minRemainingMs: 2 * 3_600_000, targetMs: 6 * 3_600_000, blockTimeMs: 6_000 } as const;
 
 export const AKASH_CONNECTION_FILE = "akash/connection.json";
 /** The leases the head runs on, with their handles, for `drover status` and people. */
@@ -79,6 +100,7 @@ export class AkashProvisioner implements Provisioner {
   readonly name = "akash";
   private readonly now: () => number;
   private dseqCounter = 0;
+  private keeper: EscrowKeeper | undefined;
 
   constructor(
     private readonly config: AkashProvisionerConfig,
@@ -119,6 +141,18 @@ export class AkashProvisioner implements Provisioner {
         });
         await context.state.writeJson(AKASH_LEASES_FILE, records);
       }
+      if (this.config.escrow !== false) {
+        await this.keeper?.stop();
+        this.keeper = new EscrowKeeper({
+          deployments: records.map((record) => ({ dseq: record.dseq, denom: record.denom })),
+          ledger,
+          logger: logger.child({ component: "escrow-keeper" }),
+          // Its own connection: the one of provision() closes below, and the keeper outlives it.
+          connect: (keeperSignal) => this.connect(keeperSignal),
+          options: { ...DEFAULT_ESCROW_KEEPER, ...(this.config.escrow ?? {}) },
+          signal,
+        });
+      }
       return nodes;
     } finally {
       client.disconnect();
@@ -126,6 +160,9 @@ export class AkashProvisioner implements Provisioner {
   }
 
   async shutdown(context: Pick<ProvisionContext, "state" | "logger" | "signal">): Promise<void> {
+    // First the keeper: a top-up signed concurrently with the closes would race their sequences.
+    await this.keeper?.stop();
+    this.keeper = undefined;
     const ledger = await LeaseLedger.open(context.state, { now: this.now });
     if (ledger.entries().length === 0) return;
     const client = await this.connect(context.signal);
@@ -385,6 +422,168 @@ async function providerRequest(url: string, options: { method: "GET" | "PUT"; bo
     if (options.signal.aborted) throw error;
     throw new ProvisionError(`provider request ${options.method} ${new URL(url).pathname} failed: ${(error as Error).message}`, true, { url }, { cause: error });
   }
+}
+
+/** How long an escrow lasts at a price, and what to deposit so that it lasts `targetMs`. Pure. */
+export function planTopUp(input: { balance: string; pricePerBlock: string; blockTimeMs: number; minRemainingMs: number; targetMs: number }): { remainingMs: number; deposit: bigint; remainingAfterMs: number } {
+  const price = parseDecimal(input.pricePerBlock);
+  // An overdrawn account reports negative funds: nothing is left.
+  const balance = input.balance.trim().startsWith("-") ? 0n : parseDecimal(input.balance);
+  if (price === 0n) return { remainingMs: Number.POSITIVE_INFINITY, deposit: 0n, remainingAfterMs: Number.POSITIVE_INFINITY };
+  const lasts = (funds: bigint) => Number((funds * 1_000n) / price) / 1_000 * input.blockTimeMs;
+  const remainingMs = lasts(balance);
+  if (remainingMs >= input.minRemainingMs) return { remainingMs, deposit: 0n, remainingAfterMs: remainingMs };
+  const targetBlocks = BigInt(Math.ceil(input.targetMs / input.blockTimeMs));
+  const missing = targetBlocks * price - balance;
+  // Coins are whole units; round up so the target is met.
+  const deposit = missing <= 0n ? 0n : (missing + DECIMAL_UNIT - 1n) / DECIMAL_UNIT;
+  return { remainingMs, deposit, remainingAfterMs: lasts(balance + deposit * DECIMAL_UNIT) };
+}
+
+const DECIMAL_UNIT = 10n ** 18n;
+
+/**
+ * The chain's block time, measured from the node's latest block between checks; until
+ * then (and whenever the chain is slower than assumed) the assumed one.
+ */
+export class BlockTimeEstimate {
+  private first: { height: number; timeMs: number } | undefined;
+  private latest: { height: number; timeMs: number } | undefined;
+
+  constructor(private readonly assumedMs: number) {}
+
+  observe(block: { height: number; timeMs: number }): void {
+    this.first ??= block;
+    this.latest = block;
+  }
+
+  valueMs(): number {
+    const { first, latest } = this;
+    // A few blocks at least: one block's time says little.
+    if (first === undefined || latest === undefined || latest.height - first.height < 3) return this.assumedMs;
+    const measured = (latest.timeMs - first.timeMs) / (latest.height - first.height);
+    return measured > 0 ? Math.min(this.assumedMs, measured) : this.assumedMs;
+  }
+}
+
+/**
+ * Keeps the escrow of the leased deployments funded: every check interval it reads each
+ * one's balance and its leases' price per block, and when the escrow would run dry within
+ * `minRemainingMs` deposits enough to last `targetMs` (through the ledger, like every tx).
+ * Runs until stop() or the head's signal; its timers never keep the process alive.
+ */
+class EscrowKeeper {
+  private readonly controller = new AbortController();
+  private readonly done: Promise<void>;
+
+  constructor(private readonly input: {
+    deployments: ReadonlyArray<{ dseq: string; denom: string }>;
+    ledger: LeaseLedger;
+    logger: Logger;
+    connect: (signal: AbortSignal) => Promise<AkashChainClient>;
+    options: Required<EscrowKeeperOptions>;
+    signal: AbortSignal;
+  }) {
+    this.done = this.run(AbortSignal.any([input.signal, this.controller.signal]));
+  }
+
+  async stop(): Promise<void> {
+    this.controller.abort(new Error("escrow keeper stopped"));
+    await this.done;
+  }
+
+  private async run(signal: AbortSignal): Promise<void> {
+    const { logger, options } = this.input;
+    const watched = new Map(this.input.deployments.map((deployment) => [deployment.dseq, deployment]));
+    const blockTime = new BlockTimeEstimate(options.blockTimeMs);
+    let client: AkashChainClient | undefined;
+    logger.info("escrow keeper started", { deployments: [...watched.keys()], checkIntervalMs: options.checkIntervalMs, minRemainingMs: options.minRemainingMs, targetMs: options.targetMs });
+    try {
+      while (watched.size > 0) {
+        try {
+          client ??= await this.input.connect(signal);
+          blockTime.observe(await client.latestBlock(signal));
+          for (const deployment of [...watched.values()]) {
+            if (!(await this.keep(client, deployment, blockTime.valueMs(), signal))) watched.delete(deployment.dseq);
+          }
+        } catch (error) {
+          if (signal.aborted) throw error;
+          // A node that does not answer now may answer at the next check; the leases have hours.
+          logger.warn("escrow check failed; trying again at the next check", { error: (error as Error).message });
+        }
+        await unrefSleep(options.checkIntervalMs, signal);
+      }
+      logger.info("escrow keeper has no deployment left to keep");
+    } catch (error) {
+      if (!signal.aborted) logger.error("escrow keeper stopped unexpectedly", { error: (error as Error).message });
+    } finally {
+      client?.disconnect();
+    }
+  }
+
+  /** One deployment's check; false when it is closed and no longer kept. */
+  private async keep(client: AkashChainClient, deployment: { dseq: string; denom: string }, blockTimeMs: number, signal: AbortSignal): Promise<boolean> {
+    const { logger, options, ledger } = this.input;
+    const { dseq, denom } = deployment;
+    let escrow: DeploymentEscrow;
+    try {
+      escrow = await client.deploymentEscrow(dseq, signal);
+    } catch (error) {
+      if (signal.aborted || !(error instanceof ProvisionError)) throw error;
+      logger.warn(`escrow of deployment ${dseq} unreadable; trying again at the next check`, { dseq, error: error.message });
+      return true;
+    }
+    if (escrow.deploymentState !== "active") {
+      const why = escrow.escrowState === "overdrawn" ? "its escrow ran dry (insufficient_funds)" : "it is closed";
+      logger.warn(`deployment ${dseq} is no longer active: ${why}; its escrow is no longer kept`, { dseq, escrowState: escrow.escrowState });
+      return false;
+    }
+    const price = escrow.pricePerBlock.find((entry) => entry.denom === denom)?.amount ?? "0";
+    const balance = escrow.funds.find((entry) => entry.denom === denom)?.amount ?? "0";
+    const plan = planTopUp({ balance, pricePerBlock: price, blockTimeMs, minRemainingMs: options.minRemainingMs, targetMs: options.targetMs });
+    if (plan.deposit === 0n) return true;
+    const amount = plan.deposit.toString();
+    const fields = { dseq, amount, denom, balance, pricePerBlock: price, blockTimeMs: Math.round(blockTimeMs), remainingBefore: formatDuration(plan.remainingMs), remainingAfter: formatDuration(plan.remainingAfterMs) };
+    try {
+      await sendTracked(ledger, client, { op: "deposit", dseq, amount, denom }, [client.depositMessage(dseq, { amount, denom })], signal);
+    } catch (error) {
+      if (signal.aborted || !(error instanceof ProvisionError)) throw error;
+      if (error.context.code === INSUFFICIENT_FUNDS_CODE) {
+        logger.warn(`escrow top-up of deployment ${dseq} refused: the wallet ${client.owner} cannot pay ${amount}${denom}; fund it, or the chain closes the deployment in about ${fields.remainingBefore}`, { ...fields, owner: client.owner, error: error.message });
+      } else {
+        logger.warn(`escrow top-up of deployment ${dseq} failed; trying again at the next check`, { ...fields, error: error.message });
+      }
+      return true;
+    }
+    logger.info("escrow topped up", fields);
+    return true;
+  }
+}
+
+/** "1h 5m", "42s", "850ms": for people reading the log. */
+function formatDuration(ms: number): string {
+  if (!Number.isFinite(ms)) return "forever";
+  if (ms < 1_000) return `${Math.round(ms)}ms`;
+  if (ms < 60_000) return `${Math.round(ms / 100) / 10}s`;
+  const minutes = Math.round(ms / 60_000);
+  return minutes < 60 ? `${minutes}m` : `${Math.floor(minutes / 60)}h ${minutes % 60}m`;
+}
+
+/** sleep() whose timer does not keep the process alive (the keeper waits for hours). */
+function unrefSleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    signal.throwIfAborted();
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    timer.unref();
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    };
+    signal.addEventListener("abort", onAbort, { once: true });
+  });
 }
 
 /** Waits `ms`, rejecting with the signal's reason when it aborts first. */

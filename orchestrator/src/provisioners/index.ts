@@ -21,6 +21,8 @@ export const provisionerBackends: Record<ClusterSpec["provisioner"], Provisioner
       // Inclusion is checked as often as bids: a second poll cadence would be one more knob.
       broadcastPollIntervalMs: akash.pollIntervalMs,
       leaseReadyTimeoutMs: akash.leaseReadyTimeoutMs,
+      // A hand-built spec may leave it out: the keeper's defaults then apply.
+      ...(akash.escrow === undefined ? {} : { escrow: akash.escrow }),
       ...(akash.priceSteps === undefined ? {} : { priceSteps: akash.priceSteps }),
       ...(akash.initialPricePercent === undefined ? {} : { initialPricePercent: akash.initialPricePercent }),
       ...(akash.masterPort === undefined ? {} : { masterPort: akash.masterPort }),
