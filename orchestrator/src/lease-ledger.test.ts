@@ -170,6 +170,27 @@ describe("reconcile after a crash", () => {
     ]);
   });
 
+  it("settles the escrow keeper's deposits: a landed one is ok, an unsent one is rebroadcast, one on a deployment that ran dry is abandoned", async () => {
+    const deposits = await ledgerWith(async (ledger) => {
+      await deploymentCreated(ledger);
+      const id = await ledger.recordIntent({ owner: OWNER, sequence: 2, txHash: "L1", operation: { op: "create-lease", group: "a100", ...lease } });
+      await ledger.recordResult(id, { outcome: "ok" });
+      await ledger.recordIntent({ owner: OWNER, sequence: 3, txHash: "D1", txBytes: "ZDE=", operation: { op: "deposit", dseq: "100", amount: "20000", denom: "uact" } });
+    });
+    const live = { deployments: [{ dseq: "100", state: "active" as const }], leases: [{ ...lease, state: "active" as const }] };
+    expect(reconcile(deposits, chain({ ...live, accountSequence: 4, landedTxHashes: new Set(["D1"]) }))).toEqual([
+      { action: "mark-result", intentId: expect.any(String), outcome: "ok", why: expect.any(String) },
+      { action: "adopt-lease", group: "a100", ...lease },
+    ]);
+    expect(reconcile(deposits, chain({ ...live, accountSequence: 3 })).map((d) => d.action)).toEqual(["rebroadcast", "adopt-lease"]);
+    // The escrow ran dry before the top-up landed: the chain closed the deployment.
+    const dry = reconcile(deposits, chain({ accountSequence: 3, leases: [{ ...lease, state: "insufficient_funds" }] }));
+    expect(dry).toEqual([
+      { action: "mark-result", intentId: expect.any(String), outcome: "abandoned", why: "deployment 100 is closed on chain; the deposit could only fail" },
+      { action: "lease-lost", group: "a100", ...lease },
+    ]);
+  });
+
   it("leaves deployments it never made alone unless the wallet is dedicated", () => {
     const view = chain({ deployments: [{ dseq: "777", state: "active" }] });
     expect(reconcile([], view)).toEqual([{ action: "foreign-deployment", dseq: "777" }]);

@@ -189,6 +189,8 @@ export function reconcile(entries: readonly LedgerEntry[], chain: ChainView, opt
   const results = new Map(entries.filter((entry): entry is LedgerResult => entry.kind === "result").map((entry) => [entry.id, entry.outcome]));
   const intents = entries.filter((entry): entry is LedgerIntent => entry.kind === "intent");
 
+  const openDeployments = new Set(chain.deployments.filter((deployment) => deployment.state === "active").map((deployment) => deployment.dseq));
+
   // 1. Settle what was in flight. An intent is "effective" when its tx landed.
   const effective = new Set<string>();
   const stillInFlight = new Set<string>();
@@ -205,6 +207,11 @@ export function reconcile(entries: readonly LedgerEntry[], chain: ChainView, opt
     } else if (intent.sequence !== undefined && intent.sequence < chain.accountSequence) {
       abandonedNow.add(intent.id);
       decisions.push({ action: "mark-result", intentId: intent.id, outcome: "abandoned", why: `sequence ${intent.sequence} is used (account is at ${chain.accountSequence}) and the tx is not on chain` });
+    } else if (intent.operation.op === "deposit" && !openDeployments.has(intent.operation.dseq)) {
+      // An escrow top-up of a deployment that closed meanwhile (ran dry, or was closed)
+      // can only fail on chain; sending it again would just cost a fee.
+      abandonedNow.add(intent.id);
+      decisions.push({ action: "mark-result", intentId: intent.id, outcome: "abandoned", why: `deployment ${intent.operation.dseq} is closed on chain; the deposit could only fail` });
     } else if (intent.txBytes !== undefined) {
       stillInFlight.add(intent.id);
       decisions.push({ action: "rebroadcast", intentId: intent.id, txBytes: intent.txBytes });
@@ -230,7 +237,6 @@ export function reconcile(entries: readonly LedgerEntry[], chain: ChainView, opt
     }
     else if (operation.op === "deposit") entry.deposits.push(intent);
   }
-  const openDeployments = new Set(chain.deployments.filter((deployment) => deployment.state === "active").map((deployment) => deployment.dseq));
   const sameLease = (a: LeaseId, b: LeaseId) => a.dseq === b.dseq && a.gseq === b.gseq && a.oseq === b.oseq && a.provider === b.provider;
 
   for (const [dseq, mine] of ours) {

@@ -385,8 +385,11 @@ async function applyDecision(decision: ReconcileDecision, ledger: LeaseLedger, c
     case "retry-lease":
       if (options.closeAdopted) await closeQuietly(ledger, client, decision.dseq, `left by a previous head (${decision.action})`, logger, signal);
       return;
-    case "lease-lost":
     case "retry-deposit":
+      // Not replayed: the escrow keeper reads the balance and deposits what is missing
+      // then; sending an old amount again could pay twice for the same hours.
+      return;
+    case "lease-lost":
     case "wait-for-tx":
     case "foreign-deployment":
       return;
