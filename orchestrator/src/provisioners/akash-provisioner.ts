@@ -514,7 +514,8 @@ class EscrowKeeper {
           // A node that does not answer now may answer at the next check; the leases have hours.
           logger.warn("escrow check failed; trying again at the next check", { error: (error as Error).message });
         }
-        await unrefSleep(options.checkIntervalMs, signal);
+        // Unref'd: waiting for the next check must not keep the head process alive.
+        await sleep(options.checkIntervalMs, signal, { unref: true });
       }
       logger.info("escrow keeper has no deployment left to keep");
     } catch (error) {
@@ -572,31 +573,15 @@ function formatDuration(ms: number): string {
   return minutes < 60 ? `${minutes}m` : `${Math.floor(minutes / 60)}h ${minutes % 60}m`;
 }
 
-/** sleep() whose timer does not keep the process alive (the keeper waits for hours). */
-function unrefSleep(ms: number, signal: AbortSignal): Promise<void> {
+/** Waits `ms`, rejecting with the signal's reason when it aborts first; `unref`: the timer alone keeps no process alive. */
+export function sleep(ms: number, signal: AbortSignal, options: { unref?: boolean } = {}): Promise<void> {
   return new Promise((resolve, reject) => {
     signal.throwIfAborted();
     const timer = setTimeout(() => {
       signal.removeEventListener("abort", onAbort);
       resolve();
     }, ms);
-    timer.unref();
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
-}
-
-/** Waits `ms`, rejecting with the signal's reason when it aborts first. */
-export function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    signal.throwIfAborted();
-    const timer = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
+    if (options.unref) timer.unref();
     const onAbort = () => {
       clearTimeout(timer);
       reject(signal.reason);
