@@ -169,6 +169,32 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     expect(await processesOfThisTest()).toEqual([]);
   });
 
+  it("after the head is killed with SIGKILL mid-provisioning, a new `drover up` closes what it left and leases afresh, never twice", async () => {
+    const up = spawn(process.execPath, [cli, "up", specFile], { env: env(), stdio: ["ignore", "pipe", "pipe"] });
+    await waitFor(async () => (await ledgerOps()).includes("create-deployment") && (await books()).deployments.length > 0, 30_000, "the first ask on chain");
+    const head = JSON.parse(await readFile(join(stateDir, "head.json"), "utf8")) as { pid: number };
+    process.kill(head.pid, "SIGKILL");
+    await waitFor(() => up.exitCode !== null, 10_000, "drover up to notice");
+    const orphaned = (await books()).deployments.map((deployment) => deployment.dseq);
+    expect(orphaned.length).toBeGreaterThan(0);
+
+    const again = drover(["up", specFile]);
+    expect(again.code, again.stdout + again.stderr).toBe(0);
+    expect(again.stdout).toContain("3/3 nodes connected");
+    const now = await books();
+    // Nothing of the killed head's is still open; the new head holds one lease per group.
+    for (const dseq of orphaned) expect(now.deployments.map((deployment) => deployment.dseq)).not.toContain(dseq);
+    expect(now.leases).toHaveLength(2);
+    expect(now.deployments).toHaveLength(2);
+    expect(now.containers.filter((container) => container.running)).toHaveLength(3);
+
+    expect(drover(["down"]).code).toBe(0);
+    const after = await books();
+    expect(after.deployments).toEqual([]);
+    expect(after.leases).toEqual([]);
+    await waitFor(async () => (await books()).containers.every((container) => !container.running && !processAlive(container.pid)), 10_000, "fake containers to stop");
+  });
+
   it("after the head is killed with SIGKILL mid-provisioning, `drover down` closes what it left on chain", async () => {
     const up = spawn(process.execPath, [cli, "up", specFile], { env: env(), stdio: ["ignore", "pipe", "pipe"] });
     let upOutput = "";
