@@ -8,6 +8,9 @@
 // account sequence, then applies MsgCreateDeployment (v1beta4), MsgCreateLease
 // (market v1beta5), MsgCloseDeployment and MsgAccountDeposit (escrow v1). Queries are
 // answered as protobuf over abci_query, on the gRPC query paths a real node serves.
+// LegacyDec amounts (prices, escrow funds) cross the wire as 18-digit atomics, as on a
+// real node: chain-sdk's generated DecCoin and Balance convert in encode/decode, so the
+// books in here hold plain decimals (legacy-dec-wire.test.ts pins the bytes).
 // What is simulated: consensus (a block per tx, and one every `blockTimeMs` of wall
 // time), gas (a constant), fees (not charged), balances (one per account, whatever the
 // denomination), and the providers' bid engines (SimulatedProvider).

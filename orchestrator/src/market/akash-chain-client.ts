@@ -4,6 +4,13 @@
 // chain-sdk's generated types. Signing and broadcasting are separate steps so that the
 // lease ledger can record the signed tx (sequence, hash, bytes) before it is sent.
 //
+// Prices and escrow balances (DecCoin, escrow Balance) are cosmossdk.io/math.LegacyDec,
+// which travels as 18-digit atomics ("1.5" is "1500000000000000000"). chain-sdk's
+// `private-types/*` already convert: their DecCoin and Balance are patched with LegacyDec
+// encode/decode (dist/esm/chunk-ESEV5MX6.js, chunk-CT7AHZAH.js, chunk-WEZWIYX4.js), so we
+// pass and read plain decimals and must not scale them again
+// (akash-simulator/legacy-dec-wire.test.ts pins the bytes).
+//
 // cosmjs calls take no AbortSignal; every method checks the signal before and after
 // each network step and races the step against it, so an abort returns promptly (the
 // request itself may still complete on the node, which the ledger's reconcile handles).
