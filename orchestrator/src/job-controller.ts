@@ -117,6 +117,7 @@ export class JobController extends EventEmitter<JobEvents> {
   private readonly byWireId = new Map<string, JobRecord>();
   private readonly draining = new Map<string, DrainingAttempt>();
   private starting = false;
+  private startAgain = false;
 
   constructor(private readonly deps: {
     registry: WorkerRegistry;
@@ -201,15 +202,23 @@ export class JobController extends EventEmitter<JobEvents> {
   }
 
   private async startPendingJobs(): Promise<void> {
-    if (this.starting) return;
+    // A call while a pass runs asks for another pass: the running one may already have
+    // looked at a job that became pending since (a restart), and no later event may come.
+    if (this.starting) {
+      this.startAgain = true;
+      return;
+    }
     this.starting = true;
     try {
-      for (const job of this.jobs.values()) {
-        if (job.state !== "pending") continue;
-        const connected = this.deps.registry.connected();
-        if (connected.length < job.request.nodes) continue;
-        await this.start(job, connected.sort((a, b) => a.nodeName.localeCompare(b.nodeName)).slice(0, job.request.nodes));
-      }
+      do {
+        this.startAgain = false;
+        for (const job of this.jobs.values()) {
+          if (job.state !== "pending") continue;
+          const connected = this.deps.registry.connected();
+          if (connected.length < job.request.nodes) continue;
+          await this.start(job, connected.sort((a, b) => a.nodeName.localeCompare(b.nodeName)).slice(0, job.request.nodes));
+        }
+      } while (this.startAgain);
     } finally {
       this.starting = false;
     }
