@@ -215,6 +215,10 @@ describe("checkpoints survive dead nodes, end to end", { timeout: 300_000 }, () 
       expect(await direct.listCommitted(run)).toEqual([15, 30, 45, 60]);
       for (const [step, committedAtMs] of firstSeenCommit) expect((await direct.readManifest(run, step))?.committedAtMs, `step ${step}`).toBe(committedAtMs);
 
+      const status = await drover(stateDir, ["status"]);
+      expect(status.stdout).toContain(`${jobId} succeeded (attempt 3, 2 restarts)`);
+      expect(status.stdout).toMatch(/restart 1: attempt 1 ended at step \d+ \(.*local-1.*\); attempt 2 resumed from checkpoint step (15|30|45)/);
+
       const verify = await drover(stateDir, ["ckpt", "verify", "--run", run]);
       expect(verify.code, verify.stdout + verify.stderr).toBe(0);
       expect(verify.stdout).toContain("4 checkpoint(s) verified");

@@ -14,7 +14,7 @@ import { commandCkpt, openClusterStore } from "./ckpt-cli.js";
 import { newRunId, shipWorkingDir } from "./code-bundle.js";
 import { Head } from "./head.js";
 import { isFinal, type JobRecord } from "./job-controller.js";
-import { formatMetrics, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
+import { describeRestart, formatMetrics, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
 import { createLogger } from "./logger.js";
 import { AKASH_LEASES_FILE, type AkashLeaseRecord } from "./provisioners/akash-provisioner.js";
 import { provisionerBackends } from "./provisioners/index.js";
@@ -309,7 +309,10 @@ async function commandStatus(args: string[]): Promise<number> {
   print(`jobs: ${jobs.length === 0 ? "none" : ""}`);
   for (const job of jobs.slice(-5)) {
     const rank0 = job.latestMetrics[0];
-    print(`  ${job.jobId} ${job.state}${rank0 ? `, ${formatMetrics(rank0.step, rank0.values)}` : ""}${job.failure ? `: ${job.failure.reason}` : ""}`);
+    const attempt = job.attempt > 1 ? ` (attempt ${job.attempt}, ${job.restarts.length} restart${job.restarts.length === 1 ? "" : "s"})` : "";
+    const committed = job.lastCommittedStep === undefined ? "" : `, committed step ${job.lastCommittedStep}`;
+    print(`  ${job.jobId} ${job.state}${attempt}${rank0 ? `, ${formatMetrics(rank0.step, rank0.values)}` : ""}${committed}${job.failure ? `: ${job.failure.reason}` : ""}`);
+    for (const restart of job.restarts ?? []) print(`    ${describeRestart(restart)}`);
   }
   return 0;
 }

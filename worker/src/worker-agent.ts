@@ -54,6 +54,12 @@ interface RunningJob {
   job: IStartJob;
   supervisor: TrainerSupervisor;
   socket: AgentSocketServer;
+  /**
+   * Aborted when the head stops the job: a stopped attempt's uploads are dropped by the
+   * head anyway, and one finishing late could overwrite the same step's objects written
+   * by the next attempt.
+   */
+  uploads: AbortController;
 }
 
 /**
@@ -197,6 +203,7 @@ export class WorkerAgent {
       const running = this.jobs.get(message.stopJob.jobId ?? "");
       if (running) {
         this.logger.info("stopping job", { jobId: message.stopJob.jobId, reason: message.stopJob.reason });
+        running.uploads.abort(new Error(`job stopped: ${message.stopJob.reason}`));
         void running.supervisor.stop(message.stopJob.graceMs || this.options.stopGraceMs);
       }
     }
@@ -219,7 +226,9 @@ export class WorkerAgent {
       await socket.close();
       throw error;
     }
-    this.jobs.set(jobId, { job, supervisor, socket });
+    const uploads = new AbortController();
+    setMaxListeners(256, uploads.signal);
+    this.jobs.set(jobId, { job, supervisor, socket, uploads });
     // Listeners go on before anything is awaited: a fast trainer's first lines (or its
     // exit) would otherwise be emitted to no one.
     const ranks = [...supervisor.pids().keys()];
@@ -281,13 +290,15 @@ export class WorkerAgent {
     if (this.checkpoints && running) {
       try {
         const started = Date.now();
+        const signal = AbortSignal.any([this.stopController.signal, running.uploads.signal]);
+        setMaxListeners(256, signal); // every concurrent part transfer listens on it
         const uploaded = await this.checkpoints.uploadRank({
           run: running.job.runId ?? "",
           step: report.step,
           rank: report.rank,
           dir: report.dir,
           files: report.files,
-          signal: this.stopController.signal,
+          signal,
         });
         const bytes = uploaded.files.reduce((sum, file) => sum + file.size, 0);
         this.logger.info("checkpoint files uploaded", { jobId, step: report.step, rank: report.rank, bytes, ms: Date.now() - started });
