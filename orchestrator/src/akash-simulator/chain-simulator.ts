@@ -21,8 +21,7 @@
 // deposit moves funds from the wallet's balance into the escrow; closing a deployment
 // returns what is left of it.
 
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
-import type { AddressInfo } from "node:net";
+import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import { Secp256k1, Secp256k1Signature, ripemd160, sha256 } from "@cosmjs/crypto";
 import { fromBase64, fromHex, toBase64, toBech32, toHex } from "@cosmjs/encoding";
 import { Deployment_State, Lease_State, MsgAccountDeposit, Scope, Types_State } from "@akashnetwork/chain-sdk/private-types/akash.v1";
@@ -33,6 +32,7 @@ import { PubKey } from "@akashnetwork/chain-sdk/private-types/cosmos.secp256k1";
 import { AuthInfo, BaseAccount, QueryAccountRequest, QueryAccountResponse, SignDoc, SimulateResponse, TxBody, TxRaw } from "@akashnetwork/chain-sdk/private-types/cosmos.v1beta1";
 import { parseDecimal } from "../market/decimal-price.js";
 import type { SimulatedAsk, SimulatedProvider } from "./simulated-provider.js";
+import { listenOnLoopback } from "./loopback-http.js";
 
 export const SIMULATED_GAS_USED = 200_000;
 /** Akash's block time, roughly. */
@@ -199,24 +199,14 @@ export class ChainSimulator {
 
   /** Listens on 127.0.0.1 (port 0: any free one); returns the RPC URL. */
   async listen(port = 0): Promise<string> {
-    const server = createServer((request, response) => void this.handleHttp(request, response));
-    // Longer than clients keep idle sockets (undici: 4 s), so a client never reuses a
-    // socket the server is closing at that moment ("other side closed").
-    server.keepAliveTimeout = 60_000;
+    const { server, url } = await listenOnLoopback((request, response) => void this.handleHttp(request, response), port);
     this.server = server;
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(port, "127.0.0.1", () => {
-        server.off("error", reject);
-        resolve();
-      });
-    });
     if (this.blockTimeMs > 0 && this.blockClock === undefined) {
       this.blockClock = setInterval(() => this.produceBlock(), this.blockTimeMs);
       // The clock alone must not keep a test or the CLI's process alive.
       this.blockClock.unref();
     }
-    return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    return url;
   }
 
   async close(): Promise<void> {
@@ -412,16 +402,7 @@ export class ChainSimulator {
         return answer(
           QueryDeploymentsResponse.encode(
             QueryDeploymentsResponse.fromPartial({
-              deployments: deployments.map((deployment) => ({
-                deployment: {
-                  id: { owner: deployment.owner, dseq: deployment.dseq },
-                  state: deployment.state === "active" ? Deployment_State.active : Deployment_State.closed,
-                  hash: deployment.hash,
-                  createdAt: deployment.createdHeight,
-                },
-                groups: [],
-                escrowAccount: escrowAccountOf(deployment),
-              })),
+              deployments: deployments.map(deploymentAnswerOf),
             }),
           ).finish(),
         );
@@ -433,16 +414,7 @@ export class ChainSimulator {
         if (deployment === undefined) return failure(2, "deployment not found");
         return answer(
           QueryDeploymentResponse.encode(
-            QueryDeploymentResponse.fromPartial({
-              deployment: {
-                id: { owner: deployment.owner, dseq: deployment.dseq },
-                state: deployment.state === "active" ? Deployment_State.active : Deployment_State.closed,
-                hash: deployment.hash,
-                createdAt: deployment.createdHeight,
-              },
-              groups: [],
-              escrowAccount: escrowAccountOf(deployment),
-            }),
+            QueryDeploymentResponse.fromPartial(deploymentAnswerOf(deployment)),
           ).finish(),
         );
       }
@@ -762,6 +734,20 @@ const DECIMAL_SCALE = 10n ** 18n;
 /** A lease price (decimal string) in whole units, rounded up: a simulated escrow errs towards running dry sooner. */
 function wholeUnitsUp(price: string): bigint {
   return (parseDecimal(price) + DECIMAL_SCALE - 1n) / DECIMAL_SCALE;
+}
+
+/** One deployment as the deployment queries answer it (groups are not modelled). */
+function deploymentAnswerOf(deployment: SimulatedDeployment) {
+  return {
+    deployment: {
+      id: { owner: deployment.owner, dseq: deployment.dseq },
+      state: deployment.state === "active" ? Deployment_State.active : Deployment_State.closed,
+      hash: deployment.hash,
+      createdAt: deployment.createdHeight,
+    },
+    groups: [],
+    escrowAccount: escrowAccountOf(deployment),
+  };
 }
 
 /** A deployment's escrow account as QueryDeploymentResponse.escrowAccount (akash.escrow.types.v1.Account) carries it. */

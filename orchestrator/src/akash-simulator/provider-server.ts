@@ -12,8 +12,7 @@
 // processes, see fake-container-runtime.ts) and lease status counts the running ones;
 // without one, services count as running the moment the manifest is accepted.
 
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
-import type { AddressInfo } from "node:net";
+import type { IncomingMessage, Server, ServerResponse } from "node:http";
 import { generateManifestVersion } from "@akashnetwork/chain-sdk";
 import { makeSignDoc, serializeSignDoc } from "@cosmjs/amino";
 import { Secp256k1, Secp256k1Signature, ripemd160, sha256 } from "@cosmjs/crypto";
@@ -21,6 +20,7 @@ import { toBase64, toBech32 } from "@cosmjs/encoding";
 import type { ChainSimulator } from "./chain-simulator.js";
 import type { FakeContainerRuntime, ManifestGroupJson } from "./fake-container-runtime.js";
 import type { SimulatedProvider } from "./simulated-provider.js";
+import { listenOnLoopback } from "./loopback-http.js";
 
 interface ManifestService {
   name: string;
@@ -61,23 +61,13 @@ export class ProviderServer {
   }
 
   async listen(port = 0): Promise<string> {
-    const server = createServer((request, response) => {
+    const { server, url } = await listenOnLoopback((request, response) => {
       this.handle(request, response).catch((error: unknown) => {
         if (!response.headersSent) response.writeHead(500).end(String(error));
       });
-    });
-    // Longer than clients keep idle sockets (undici: 4 s), so a client never reuses a
-    // socket the server is closing at that moment ("other side closed").
-    server.keepAliveTimeout = 60_000;
+    }, port);
     this.server = server;
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(port, "127.0.0.1", () => {
-        server.off("error", reject);
-        resolve();
-      });
-    });
-    return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    return url;
   }
 
   async close(): Promise<void> {
