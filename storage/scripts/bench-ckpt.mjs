@@ -9,7 +9,7 @@
 //
 // Options (env): BENCH_FILES (8), BENCH_FILE_MIB (128), BENCH_SERVERS (s3rver,minio),
 // BENCH_PART_MIB (32), BENCH_CONCURRENCY (8), BENCH_MULTIPART_THRESHOLD_MIB, BENCH_PART_MD5 (0|1),
-// BENCH_ROUNDS (3, medians reported), BENCH_SKIP_RCLONE=1 (Drover only, for quick tuning).
+// BENCH_ROUNDS (5, medians reported), BENCH_SKIP_RCLONE=1 (Drover only, for quick tuning).
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
@@ -30,7 +30,7 @@ const concurrency = Number(process.env.BENCH_CONCURRENCY ?? 8);
 const thresholdMiB = process.env.BENCH_MULTIPART_THRESHOLD_MIB ? Number(process.env.BENCH_MULTIPART_THRESHOLD_MIB) : undefined;
 const partMd5 = process.env.BENCH_PART_MD5 === undefined ? undefined : process.env.BENCH_PART_MD5 !== '0';
 const skipRclone = process.env.BENCH_SKIP_RCLONE === '1';
-const rounds = Number(process.env.BENCH_ROUNDS ?? 3);
+const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
 const servers = (process.env.BENCH_SERVERS ?? 's3rver,minio').split(',').map((s) => s.trim());
 const totalBytes = fileCount * fileMiB * MiB;
 
@@ -129,12 +129,14 @@ const fmt = (n) => n.toFixed(1).padStart(8);
 
 const median = (values) => {
   const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)];
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
 };
 
 /**
  * One server, `rounds` rounds; each round runs Drover and rclone back to back (upload,
- * then download) so that both see the same background load. Medians are reported.
+ * then download; the order alternates) so that both see the same background load.
+ * Medians are reported.
  */
 async function benchServer(kind, root, sourceDir) {
   const serverDir = path.join(root, `${kind}-data`);
@@ -150,8 +152,7 @@ async function benchServer(kind, root, sourceDir) {
     };
     const store = createObjectStore(parseObjectStoreConfig(config), parseTransferConfig(transfer));
     const checkpoints = new CheckpointStore({ store, transfer, resumeStateDir: path.join(root, 'journal') });
-    for (let round = 0; round < rounds; round++) {
-      const step = round + 1;
+    const droverRound = async (step) => {
       let report;
       times.droverUp.push(
         await timed(async () => {
@@ -162,13 +163,28 @@ async function benchServer(kind, root, sourceDir) {
       const droverDest = path.join(root, `${kind}-drover-down`);
       times.droverDown.push(await timed(() => checkpoints.download({ run: 'bench', step, destDir: droverDest })));
       await rm(droverDest, { recursive: true, force: true });
-      if (!skipRclone) {
-        const remote = `droverbench:${config.bucket}/rclone-bench-${round}`;
-        times.rcloneUp.push(await timed(() => runRclone(['copy', sourceDir, remote], config)));
-        const rcloneDest = path.join(root, `${kind}-rclone-down`);
-        times.rcloneDown.push(await timed(() => runRclone(['copy', remote, rcloneDest], config)));
-        await rm(rcloneDest, { recursive: true, force: true });
+    };
+    const rcloneRound = async (round) => {
+      const remote = `droverbench:${config.bucket}/rclone-bench-${round}`;
+      times.rcloneUp.push(await timed(() => runRclone(['copy', sourceDir, remote], config)));
+      const rcloneDest = path.join(root, `${kind}-rclone-down`);
+      times.rcloneDown.push(await timed(() => runRclone(['copy', remote, rcloneDest], config)));
+      await rm(rcloneDest, { recursive: true, force: true });
+    };
+    for (let round = 0; round < rounds; round++) {
+      // The two take turns going first: whichever follows the other reuses the memory
+      // the other's files just freed, which on this kind of VM is measurably faster
+      // than memory the kernel hands out for the first time.
+      if (skipRclone) await droverRound(round + 1);
+      else if (round % 2 === 0) {
+        await droverRound(round + 1);
+        await rcloneRound(round);
+      } else {
+        await rcloneRound(round);
+        await droverRound(round + 1);
       }
+      const last = (list) => (list.length ? fmt(rate(list.at(-1))) : '     n/a');
+      say(`[bench] ${kind} round ${round + 1}: MiB/s drover up ${last(times.droverUp)} down ${last(times.droverDown)}; rclone up ${last(times.rcloneUp)} down ${last(times.rcloneDown)}`);
       // Keep the server's disk use to one copy of each.
       await checkpoints.prune({ run: 'bench', retention: { keepLast: 1, keepEvery: 0 } });
       if (!skipRclone) await runRclone(['purge', `droverbench:${config.bucket}/rclone-bench-${round}`], config);
@@ -192,7 +208,7 @@ const rcloneVersion = spawnSync('rclone', ['version'], { encoding: 'utf8' }).std
 const root = await mkdtemp(path.join(os.tmpdir(), 'drover-bench-'));
 try {
   const sourceDir = path.join(root, 'source');
-  say(`[bench] ${fileCount} x ${fileMiB} MiB = ${(totalBytes / MiB).toFixed(0)} MiB; drover part ${partMiB} MiB x ${concurrency}; ${rcloneVersion} with default flags; median of ${rounds} interleaved rounds`);
+  say(`[bench] ${fileCount} x ${fileMiB} MiB = ${(totalBytes / MiB).toFixed(0)} MiB; drover part ${partMiB} MiB x ${concurrency}; ${rcloneVersion} with default flags; median of ${rounds} rounds, taking turns going first`);
   await makeFiles(sourceDir);
   const results = [];
   for (const kind of servers) {

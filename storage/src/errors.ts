@@ -95,3 +95,33 @@ export class InvalidManifestError extends StorageError {
 export class LocalServerError extends StorageError {
   override readonly name = 'LocalServerError';
 }
+
+// Error codes some S3-compatible stores answer for an operation they lack (s3rver has
+// no ListParts, ListMultipartUploads or AbortMultipartUpload).
+const UNSUPPORTED_CODES = new Set(['NotImplemented', 'MethodNotAllowed']);
+const RETRYABLE_CODES = new Set(['RequestTimeout', 'SlowDown', 'InternalError', 'ServiceUnavailable', 'RequestTimeTooSkewed', 'OperationAborted']);
+
+/**
+ * The error for an S3 error answer (status and code), the same whichever HTTP client got
+ * it: 404 is ObjectNotFoundError; NotImplemented, 405 and 501 are
+ * OperationNotSupportedError; 5xx, 408, 429 and throttling codes are retryable.
+ */
+export function errorOfS3Answer(
+  answer: { operation: string; key: string; statusCode: number | undefined; code: string },
+  cause?: unknown,
+): ObjectNotFoundError | OperationNotSupportedError | ObjectStoreRequestError {
+  const { operation, key, statusCode, code } = answer;
+  const options = cause === undefined ? undefined : { cause };
+  if (statusCode === 404 || code === 'NoSuchKey' || code === 'NoSuchUpload') {
+    return new ObjectNotFoundError(`${operation}: ${key} not found (${code})`, { operation, key, code }, options);
+  }
+  if (UNSUPPORTED_CODES.has(code) || statusCode === 501 || statusCode === 405) {
+    return new OperationNotSupportedError(`${operation} is not supported by this store`, { operation, key, code }, options);
+  }
+  const retryable = statusCode === undefined || statusCode >= 500 || statusCode === 429 || statusCode === 408 || RETRYABLE_CODES.has(code);
+  return new ObjectStoreRequestError(
+    `${operation} ${key} failed: ${code}${statusCode ? ` (HTTP ${statusCode})` : ''}`,
+    { operation, key, retryable, code, ...(statusCode !== undefined ? { statusCode } : {}) },
+    options,
+  );
+}

@@ -29,6 +29,12 @@ export interface FaultPlan {
   stallMs?: number;
   /** Leave the first N requests alone (setup calls). */
   skipFirst?: number;
+  /**
+   * Rewrites every answer to a ranged GET, as odd servers and proxies do: `range-ignored`
+   * turns 206 into 200 without Content-Range (a server that ignored Range), `chunked`
+   * drops Content-Length so the body goes out chunked.
+   */
+  rangedGetAnswer?: 'range-ignored' | 'chunked';
 }
 
 export interface FaultProxy {
@@ -114,7 +120,17 @@ export async function startFaultProxy(options: { target: string; plan: FaultPlan
           upstreamRes.on('end', () => req.socket.destroy());
           return;
         }
-        res.writeHead(upstreamRes.statusCode ?? 502, upstreamRes.headers);
+        let statusCode = upstreamRes.statusCode ?? 502;
+        const headers = { ...upstreamRes.headers };
+        if (req.method === 'GET' && req.headers.range !== undefined && statusCode === 206) {
+          if (plan.rangedGetAnswer === 'range-ignored') {
+            statusCode = 200;
+            delete headers['content-range'];
+          } else if (plan.rangedGetAnswer === 'chunked') {
+            delete headers['content-length'];
+          }
+        }
+        res.writeHead(statusCode, headers);
         if (fault === 'truncate') {
           const length = Number(upstreamRes.headers['content-length'] ?? 0);
           let sent = 0;

@@ -10,9 +10,19 @@ const WORKER_SOURCE = `
 const { parentPort } = require('node:worker_threads');
 const { createHash } = require('node:crypto');
 const { createReadStream } = require('node:fs');
+const streams = new Map();
 parentPort.on('message', async (task) => {
   try {
-    if (task.kind === 'md5') {
+    if (task.kind === 'stream-update') {
+      let hash = streams.get(task.stream);
+      if (!hash) streams.set(task.stream, (hash = createHash('sha256')));
+      hash.update(new Uint8Array(task.buffer, task.offset, task.length));
+      parentPort.postMessage({ id: task.id, ok: true, value: '' });
+    } else if (task.kind === 'stream-end') {
+      const hash = streams.get(task.stream) ?? createHash('sha256');
+      streams.delete(task.stream);
+      parentPort.postMessage({ id: task.id, ok: true, value: task.digest ? hash.digest('hex') : '' });
+    } else if (task.kind === 'md5') {
       const digest = createHash('md5').update(new Uint8Array(task.buffer, task.offset, task.length)).digest('base64');
       parentPort.postMessage({ id: task.id, ok: true, value: digest, buffer: task.buffer }, [task.buffer]);
     } else {
@@ -76,14 +86,47 @@ class HashPool {
     return best as PooledWorker;
   }
 
-  #run(task: Record<string, unknown>, transfer: ArrayBuffer[] = []): Promise<{ value: string; buffer?: ArrayBuffer }> {
-    const pooled = this.#pick();
+  #run(task: Record<string, unknown>, transfer: ArrayBuffer[] = [], pooled: PooledWorker = this.#pick()): Promise<{ value: string; buffer?: ArrayBuffer }> {
     const id = this.#nextId++;
     if (pooled.busy++ === 0) pooled.worker.ref();
     return new Promise((resolve, reject) => {
       this.#pending.set(id, { resolve, reject, worker: pooled });
       pooled.worker.postMessage({ ...task, id }, transfer);
     });
+  }
+
+  /**
+   * A sha256 computed on one worker thread from chunks handed over in order, so that
+   * hashing a download runs beside the event loop instead of on it. Chunks backed by a
+   * SharedArrayBuffer are read in place (the caller keeps them untouched until
+   * `update` resolves); others are copied.
+   */
+  sha256Stream(): Sha256Stream {
+    const pooled = this.#pick();
+    const stream = this.#nextId++;
+    let ended = false;
+    const run = (task: Record<string, unknown>, transfer?: ArrayBuffer[]): Promise<{ value: string }> => this.#run({ ...task, stream }, transfer, pooled);
+    return {
+      update: async (chunk: Uint8Array): Promise<void> => {
+        if (ended) throw new Error('sha256 stream already ended');
+        if (chunk.buffer instanceof SharedArrayBuffer) {
+          await run({ kind: 'stream-update', buffer: chunk.buffer, offset: chunk.byteOffset, length: chunk.byteLength });
+        } else {
+          const copy = new Uint8Array(chunk).buffer;
+          await run({ kind: 'stream-update', buffer: copy, offset: 0, length: chunk.byteLength }, [copy]);
+        }
+      },
+      digest: async (): Promise<string> => {
+        if (ended) throw new Error('sha256 stream already ended');
+        ended = true;
+        return (await run({ kind: 'stream-end', digest: true })).value;
+      },
+      discard: (): void => {
+        if (ended) return;
+        ended = true;
+        run({ kind: 'stream-end', digest: false }).catch(() => {});
+      },
+    };
   }
 
   async sha256File(path: string): Promise<string> {
@@ -114,6 +157,14 @@ class HashPool {
     const result = await this.#run({ kind: 'md5', buffer, offset: 0, length }, [buffer]);
     return { digest: result.value, body: Buffer.from(result.buffer as ArrayBuffer, 0, length) };
   }
+}
+
+export interface Sha256Stream {
+  /** Resolves once the worker has hashed `chunk`; call in order, one at a time or queued. */
+  update(chunk: Uint8Array): Promise<void>;
+  digest(): Promise<string>;
+  /** Drops the worker's state of an abandoned stream. */
+  discard(): void;
 }
 
 let shared: HashPool | undefined;

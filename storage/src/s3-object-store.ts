@@ -1,4 +1,5 @@
 import http from 'node:http';
+import { isIP } from 'node:net';
 import https from 'node:https';
 import { createReadStream } from 'node:fs';
 import type { Duplex, Readable } from 'node:stream';
@@ -18,7 +19,7 @@ import {
   UploadPartCommand,
 } from '@aws-sdk/client-s3';
 import { describeStore, resolveS3Credentials, type S3StoreConfig, type TransferConfig } from './config.js';
-import { ObjectNotFoundError, ObjectStoreRequestError, OperationNotSupportedError } from './errors.js';
+import { errorOfS3Answer, ObjectNotFoundError, ObjectStoreRequestError, OperationNotSupportedError } from './errors.js';
 import type {
   CompletedPart,
   ListedObject,
@@ -32,6 +33,7 @@ import type {
   UploadedPart,
 } from './object-store.js';
 import { runBounded } from './concurrency.js';
+import { PlainHttpRangeReader, PlainHttpUnsupportedError } from './plain-http-range-reader.js';
 
 /**
  * Sockets that hand the response body over in chunks of up to 1 MiB. With the default
@@ -58,13 +60,15 @@ export interface S3ObjectStoreOptions {
   /** Only the timeouts and the concurrency (socket pool size) are read from here. */
   transfer: Pick<TransferConfig, 'stallTimeoutMs' | 'connectTimeoutMs' | 'concurrency'>;
   env?: NodeJS.ProcessEnv;
+  /**
+   * How readRange (the bulk download path) talks to an http: endpoint: `plain-http`
+   * (default) reads sockets straight into reused buffers, `sdk` goes through the AWS
+   * SDK like every other call. https endpoints always use the SDK.
+   */
+  rangeReads?: 'plain-http' | 'sdk';
 }
 
-// Error codes some S3-compatible stores answer for an operation they lack (s3rver has
-// no ListParts, ListMultipartUploads or AbortMultipartUpload).
-const UNSUPPORTED_CODES = new Set(['NotImplemented', 'MethodNotAllowed']);
 const UNSIGNED_PAYLOAD_COMMANDS = new Set(['PutObjectCommand', 'UploadPartCommand']);
-const RETRYABLE_CODES = new Set(['RequestTimeout', 'SlowDown', 'InternalError', 'ServiceUnavailable', 'RequestTimeTooSkewed', 'OperationAborted']);
 
 export class S3ObjectStore implements ObjectStore {
   readonly description: string;
@@ -74,6 +78,7 @@ export class S3ObjectStore implements ObjectStore {
   readonly #prefix: string;
   readonly #stallTimeoutMs: number;
   readonly #agents: Array<http.Agent>;
+  #plainReader: PlainHttpRangeReader | undefined;
 
   constructor(options: S3ObjectStoreOptions) {
     const { config, transfer } = options;
@@ -112,6 +117,22 @@ export class S3ObjectStore implements ObjectStore {
       },
     });
     this.#sendUnsignedPayloads();
+    if (plainHttpRangeReadsApply(config) && options.rangeReads !== 'sdk') {
+      this.#plainReader = new PlainHttpRangeReader({
+        endpoint: config.endpoint as string,
+        bucket: config.bucket,
+        region: config.region,
+        credentials: {
+          accessKeyId: credentials.accessKeyId.reveal(),
+          secretAccessKey: credentials.secretAccessKey.reveal(),
+          ...(credentials.sessionToken ? { sessionToken: credentials.sessionToken.reveal() } : {}),
+        },
+        stallTimeoutMs: transfer.stallTimeoutMs,
+        connectTimeoutMs: transfer.connectTimeoutMs,
+        maxIdleConnections: maxSockets,
+        batchBytes: PLAIN_READ_BATCH_BYTES,
+      });
+    }
   }
 
   /**
@@ -253,8 +274,9 @@ export class S3ObjectStore implements ObjectStore {
         { abortSignal: options.signal },
       );
       // A server that ignores Range answers 200 with the whole object: refuse rather than
-      // silently read the wrong bytes.
-      if (out.ContentRange === undefined && out.ContentLength !== length) {
+      // silently read the wrong bytes. (A 200 can only be the range asked for when the
+      // range is the whole object.)
+      if (out.ContentRange === undefined && (start !== 0 || out.ContentLength !== length)) {
         throw new ObjectStoreRequestError('server ignored the Range header', {
           operation: 'GetObject',
           key,
@@ -267,12 +289,25 @@ export class S3ObjectStore implements ObjectStore {
 
   async readRange(key: string, start: number, length: number, sink: RangeSink, options: RequestOptions = {}): Promise<void> {
     if (length === 0) return;
+    const plainReader = this.#plainReader;
+    if (plainReader) {
+      try {
+        await plainReader.read(this.#key(key), key, start, length, sink, options.signal);
+        return;
+      } catch (error) {
+        if (!(error instanceof PlainHttpUnsupportedError)) throw toStoreError(error, 'GetObject', key, options.signal);
+        // A proxy or store that answers GETs without a length: the SDK copes with that,
+        // from now on for every range of this store.
+        this.#plainReader = undefined;
+        plainReader.close();
+      }
+    }
     await this.#send('GetObject', key, options.signal, async () => {
       const out = await this.#client.send(
         new GetObjectCommand({ Bucket: this.#bucket, Key: this.#key(key), Range: `bytes=${start}-${start + length - 1}` }),
         { abortSignal: options.signal },
       );
-      if (out.ContentRange === undefined && out.ContentLength !== length) {
+      if (out.ContentRange === undefined && (start !== 0 || out.ContentLength !== length)) {
         throw new ObjectStoreRequestError('server ignored the Range header', { operation: 'GetObject', key, retryable: false });
       }
       await streamBody(out.Body as Readable | undefined, length, this.#stallTimeoutMs, options.signal, sink);
@@ -424,7 +459,19 @@ export class S3ObjectStore implements ObjectStore {
   close(): void {
     this.#client.destroy();
     for (const agent of this.#agents) agent.destroy();
+    this.#plainReader?.close();
   }
+}
+
+/**
+ * Plain-HTTP range reads serve http: endpoints addressed path-style (forcePathStyle, or an
+ * IP address, which the SDK addresses path-style too). https and virtual-hosted
+ * endpoints stay with the SDK.
+ */
+function plainHttpRangeReadsApply(config: S3StoreConfig): boolean {
+  if (!config.endpoint) return false;
+  const url = new URL(config.endpoint);
+  return url.protocol === 'http:' && (config.forcePathStyle || isIP(url.hostname.replace(/^\[|\]$/g, '')) !== 0);
 }
 
 /** AWS (no endpoint) and https are TLS; loopback never leaves the machine. */
@@ -521,6 +568,10 @@ function sanitizeServiceError(error: S3ServiceException): Error {
 }
 
 const SINK_BATCH_BYTES = 4 * 1024 * 1024;
+// Smaller batches for the plain-HTTP reader: each is received, hashed and written while
+// it is still in cache. On the 2-core bench machine against MinIO (3 rounds each, noisy)
+// 1 MiB averaged about 650 MiB/s, 4 MiB 620 and 256 KiB 490 (more sink calls).
+const PLAIN_READ_BATCH_BYTES = 1024 * 1024;
 
 /**
  * Hands the body to `sink` in batches of about 4 MiB (writev-friendly, no concatenation).
@@ -579,20 +630,7 @@ export function toStoreError(error: unknown, operation: string, key: string, sig
     return error;
   }
   if (error instanceof S3ServiceException) {
-    const statusCode = error.$metadata?.httpStatusCode;
-    const code = error.name;
-    if (statusCode === 404 || code === 'NoSuchKey' || code === 'NoSuchUpload') {
-      return new ObjectNotFoundError(`${operation}: ${key} not found (${code})`, { operation, key, code }, { cause: sanitizeServiceError(error) });
-    }
-    if (UNSUPPORTED_CODES.has(code) || statusCode === 501 || statusCode === 405) {
-      return new OperationNotSupportedError(`${operation} is not supported by this store`, { operation, key, code }, { cause: sanitizeServiceError(error) });
-    }
-    const retryable = statusCode === undefined || statusCode >= 500 || statusCode === 429 || statusCode === 408 || RETRYABLE_CODES.has(code);
-    return new ObjectStoreRequestError(
-      `${operation} ${key} failed: ${code}${statusCode ? ` (HTTP ${statusCode})` : ''}`,
-      { operation, key, retryable, code, ...(statusCode !== undefined ? { statusCode } : {}) },
-      { cause: sanitizeServiceError(error) },
-    );
+    return errorOfS3Answer({ operation, key, statusCode: error.$metadata?.httpStatusCode, code: error.name }, sanitizeServiceError(error));
   }
   const err = error as { name?: string; code?: string; message?: string } | undefined;
   const code = err?.code ?? err?.name ?? 'Error';

@@ -1,3 +1,4 @@
+import { createHash, randomBytes, randomFillSync } from 'node:crypto';
 import { inspect } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { choosePartSize } from './transfer.js';
@@ -6,6 +7,7 @@ import { StorageConfigError, ObjectStoreRequestError } from './errors.js';
 import { backoffDelayMs, withRetry } from './retry.js';
 import { planRetention, formatStep, checkRelativePath } from './checkpoint-store.js';
 import { seededRandom } from './fault-proxy.js';
+import { hashPool } from './hash-pool.js';
 
 describe('storage config', () => {
   it('fills defaults and normalises the prefix', () => {
@@ -139,5 +141,24 @@ describe('fault proxy randomness', () => {
     const a = seededRandom(7);
     const b = seededRandom(7);
     expect(Array.from({ length: 5 }, a)).toEqual(Array.from({ length: 5 }, b));
+  });
+});
+
+describe('sha256 stream on the hash pool', () => {
+  it('hashes shared and ordinary chunks in order, like one createHash', async () => {
+    const shared = Buffer.from(new SharedArrayBuffer(3 * 1024 * 1024));
+    randomFillSync(shared);
+    const ordinary = randomBytes(777_777);
+    const stream = hashPool().sha256Stream();
+    await Promise.all([stream.update(shared.subarray(0, 1024 * 1024)), stream.update(ordinary), stream.update(shared.subarray(1024 * 1024))]);
+    const expected = createHash('sha256').update(shared.subarray(0, 1024 * 1024)).update(ordinary).update(shared.subarray(1024 * 1024)).digest('hex');
+    expect(await stream.digest()).toBe(expected);
+    await expect(stream.update(ordinary)).rejects.toThrowError(/already ended/);
+    // The ordinary chunk was copied, not transferred: the caller's buffer is intact.
+    expect(ordinary.byteLength).toBe(777_777);
+    const abandoned = hashPool().sha256Stream();
+    await abandoned.update(ordinary);
+    abandoned.discard();
+    expect(await hashPool().sha256Stream().digest()).toBe(createHash('sha256').digest('hex'));
   });
 });

@@ -446,6 +446,21 @@ export async function abortStaleUploads(
  * naming the key and the file.
  */
 export async function downloadFile(options: DownloadFileOptions): Promise<DownloadedFile> {
+  return verifyAndPlace(await fetchToPartial(options), options.signal);
+}
+
+/** An object on local disk, not yet checked against its sha256. */
+interface FetchedObject {
+  key: string;
+  localPath: string;
+  partialPath: string;
+  size: number;
+  expectedSha256: string;
+  /** The sha256 of the bytes as they arrived, when the object came in one range. */
+  streamedSha256: string | undefined;
+}
+
+async function fetchToPartial(options: DownloadFileOptions): Promise<FetchedObject> {
   const { store, transfer, key, localPath, signal } = options;
   const limiter = options.limiter ?? new Semaphore(transfer.concurrency);
   const info = await withRetry('HeadObject', () => store.headObject(key, { signal }), retryOptions(options, { key }));
@@ -468,15 +483,19 @@ export async function downloadFile(options: DownloadFileOptions): Promise<Downlo
   await mkdir(path.dirname(localPath), { recursive: true });
   const partialPath = `${localPath}.drover-partial`;
   const handle = await open(partialPath, 'w');
-  let actual: string;
+  let streamedSha256: string | undefined;
   try {
     // Like uploads: small files in one GET, large ones in parallel ranges.
     const partSize = size <= transfer.multipartThresholdBytes ? Math.max(1, size) : choosePartSize(size, transfer.partSizeBytes);
     const partCount = Math.max(1, Math.ceil(size / partSize));
+    // One range arrives in order: hash it on the way to disk rather than read it back
+    // afterwards (on a small machine, copying a GiB once more is a good part of the
+    // download). Parallel ranges arrive out of order and are hashed from the file.
+    const hashInStream = partCount === 1 && size > 0;
     let bytesDone = 0;
     const parts = Array.from({ length: size === 0 ? 0 : partCount }, (_, index) => index);
     await runBounded(parts, transfer.concurrency, async (index) => {
-      // The permit covers the part's buffer from request to disk: memory stays bounded
+      // The permit covers the part's buffers from request to disk: memory stays bounded
       // across every file sharing the limiter.
       const release = await limiter.acquire(signal);
       try {
@@ -486,22 +505,36 @@ export async function downloadFile(options: DownloadFileOptions): Promise<Downlo
         await withRetry(
           'GetObject',
           async () => {
-            // A retry rewrites the range from its start; progress only counts new bytes.
-            await store.readRange(
-              key,
-              start,
-              length,
-              async (chunks, offset) => {
-                const written = await writeAllAt(handle, chunks, start + offset);
-                const end = offset + written;
-                if (end > landed) {
-                  bytesDone += end - landed;
-                  landed = end;
-                  report(bytesDone);
-                }
-              },
-              { signal },
-            );
+            // A retry rewrites the range from its start (and hashes it anew); progress
+            // only counts new bytes. The hash runs on a worker thread beside the write:
+            // on the event loop it would hold up the sockets.
+            const hash = hashInStream ? hashPool().sha256Stream() : undefined;
+            try {
+              await store.readRange(
+                key,
+                start,
+                length,
+                async (chunks, offset) => {
+                  // Both finish before the sink returns: the reader reuses the chunks' memory.
+                  const [write, hashing] = await Promise.allSettled([
+                    writeAllAt(handle, chunks, start + offset),
+                    hash ? Promise.all(chunks.map((chunk) => hash.update(chunk))) : undefined,
+                  ]);
+                  if (write.status === 'rejected') throw write.reason;
+                  if (hashing.status === 'rejected') throw hashing.reason;
+                  const end = offset + write.value;
+                  if (end > landed) {
+                    bytesDone += end - landed;
+                    landed = end;
+                    report(bytesDone);
+                  }
+                },
+                { signal },
+              );
+              if (hash) streamedSha256 = await hash.digest();
+            } finally {
+              hash?.discard();
+            }
           },
           retryOptions(options, { key, start, length }),
         );
@@ -510,11 +543,25 @@ export async function downloadFile(options: DownloadFileOptions): Promise<Downlo
       }
     });
     await handle.close();
-    // Hashed from the page cache on a worker thread, while other files keep downloading.
-    actual = await hashPool().sha256File(partialPath);
-    signal?.throwIfAborted();
   } catch (error) {
     await handle.close().catch(() => {});
+    await rm(partialPath, { force: true });
+    throw error;
+  }
+  return { key, localPath, partialPath, size, expectedSha256, streamedSha256 };
+}
+
+/**
+ * Checks the partial file's sha256 (hashed on the way in, or now on a worker thread from
+ * the page cache) and renames it into place if it matches.
+ */
+async function verifyAndPlace(fetched: FetchedObject, signal: AbortSignal | undefined): Promise<DownloadedFile> {
+  const { key, localPath, partialPath, size, expectedSha256 } = fetched;
+  let actual: string;
+  try {
+    actual = fetched.streamedSha256 ?? (await hashPool().sha256File(partialPath));
+    signal?.throwIfAborted();
+  } catch (error) {
     await rm(partialPath, { force: true });
     throw error;
   }
@@ -589,17 +636,45 @@ export async function downloadFiles(options: DownloadFilesOptions): Promise<Down
   const limiter = options.limiter ?? new Semaphore(options.transfer.concurrency);
   const total = options.files.reduce((sum, file) => sum + (file.expectedSize ?? 0), 0);
   const reporter = batchReporter(total, options.files.length, options.onProgress);
-  return runBounded(options.files, Math.max(2, Math.min(4, options.transfer.concurrency)), async (file) => {
-    const downloaded = await downloadFile({
-      ...options,
-      limiter,
-      key: file.key,
-      localPath: file.localPath,
-      expectedSize: file.expectedSize,
-      expectedSha256: file.expectedSha256,
-      onProgress: (event) => reporter.progress(event),
+  // A file leaves its network slot as soon as its bytes are on disk: its sha256 runs on
+  // the hash pool while the next file downloads, instead of holding the slot (with four
+  // slots, downloading and hashing would otherwise take turns).
+  const verifications: Array<Promise<DownloadedFile>> = [];
+  let fetchFailure: { error: unknown } | undefined;
+  let verifyFailure: { error: unknown } | undefined;
+  try {
+    await runBounded(options.files, Math.max(2, Math.min(4, options.transfer.concurrency)), async (file, index) => {
+      // A file that failed its checksum fails the batch: start nothing more.
+      if (verifyFailure) throw verifyFailure.error;
+      const fetched = await fetchToPartial({
+        ...options,
+        limiter,
+        key: file.key,
+        localPath: file.localPath,
+        expectedSize: file.expectedSize,
+        expectedSha256: file.expectedSha256,
+        onProgress: (event) => reporter.progress(event),
+      });
+      verifications[index] = verifyAndPlace(fetched, options.signal).then(
+        (downloaded) => {
+          reporter.fileDone();
+          return downloaded;
+        },
+        (error: unknown) => {
+          verifyFailure ??= { error };
+          throw error;
+        },
+      );
     });
-    reporter.fileDone();
-    return downloaded;
+  } catch (error) {
+    fetchFailure = { error };
+  }
+  // Every started verification settles before this returns, so no hash or rename runs
+  // on after the caller has cleaned up.
+  const settled = await Promise.allSettled(verifications);
+  if (fetchFailure) throw fetchFailure.error;
+  return settled.map((result) => {
+    if (result.status === 'rejected') throw result.reason;
+    return result.value;
   });
 }
