@@ -253,11 +253,24 @@ describe.each(factories.filter((f) => !f.skipReason))('storage against $name', (
     const ckpt = new CheckpointStore({ store, resumeStateDir: path.join(root, 'journal') });
     const dir = path.join(root, 'corrupt-src');
     await makeFile(path.join(dir, 'weights.bin'), 64 * 1024, 3);
+    // Larger siblings still downloading when the small file fails its check.
+    for (const name of ['optim-a.bin', 'optim-b.bin', 'optim-c.bin']) await makeFile(path.join(dir, name), 12 * MiB, name.length);
     const report = await ckpt.uploadRank({ run: 'run-c', step: 1, rank: 0, dir });
     await ckpt.commit({ run: 'run-c', step: 1, world: { worldSize: 1 }, reports: [report] });
     await backend.corrupt(`${ckpt.stepPrefix('run-c', 1)}weights.bin`);
     const dest = path.join(root, 'corrupt-dest');
-    const failure = await ckpt.download({ run: 'run-c', step: 1, destDir: dest }).catch((error: unknown) => error);
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown): void => void unhandled.push(reason);
+    process.on('unhandledRejection', onUnhandled);
+    let failure: unknown;
+    try {
+      failure = await ckpt.download({ run: 'run-c', step: 1, destDir: dest }).catch((error: unknown) => error);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    } finally {
+      process.off('unhandledRejection', onUnhandled);
+    }
+    // One error, from the call: a CLI would otherwise die of the unhandled rejection.
+    expect(unhandled).toEqual([]);
     expect(failure).toBeInstanceOf(ChecksumMismatchError);
     expect((failure as Error).message).toContain('weights.bin');
     // Nothing unverified is left where the caller would look.

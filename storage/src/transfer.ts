@@ -655,7 +655,7 @@ export async function downloadFiles(options: DownloadFilesOptions): Promise<Down
         expectedSha256: file.expectedSha256,
         onProgress: (event) => reporter.progress(event),
       });
-      verifications[index] = verifyAndPlace(fetched, options.signal).then(
+      const verification = verifyAndPlace(fetched, options.signal).then(
         (downloaded) => {
           reporter.fileDone();
           return downloaded;
@@ -665,6 +665,10 @@ export async function downloadFiles(options: DownloadFilesOptions): Promise<Down
           throw error;
         },
       );
+      // Handled here and reported below: a failure while other files still download
+      // must not surface as an unhandled rejection (which ends the process).
+      verification.catch(() => {});
+      verifications[index] = verification;
     });
   } catch (error) {
     fetchFailure = { error };
