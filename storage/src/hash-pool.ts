@@ -60,7 +60,9 @@ class HashPool {
   #pick(): PooledWorker {
     let best = this.#workers.reduce<PooledWorker | undefined>((min, w) => (min === undefined || w.busy < min.busy ? w : min), undefined);
     if ((best === undefined || best.busy > 0) && this.#workers.length < this.#size) {
-      const worker = new Worker(WORKER_SOURCE, { eval: true });
+      // execArgv: [] because a worker inherits the parent's flags, and under
+      // `node --input-type=module` the CommonJS source above would not load.
+      const worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [] });
       const pooled: PooledWorker = { worker, busy: 0 };
       worker.unref();
       worker.on('message', (message: { id: number; ok: boolean; value?: string; buffer?: ArrayBuffer; message?: string; code?: string }) => {

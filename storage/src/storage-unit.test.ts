@@ -1,4 +1,8 @@
 import { createHash, randomBytes, randomFillSync } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
+import { rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import { inspect } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { choosePartSize } from './transfer.js';
@@ -160,5 +164,21 @@ describe('sha256 stream on the hash pool', () => {
     await abandoned.update(ordinary);
     abandoned.discard();
     expect(await hashPool().sha256Stream().digest()).toBe(createHash('sha256').digest('hex'));
+  });
+});
+
+describe('hash pool under --input-type=module', () => {
+  it('hashes in a process started with ESM eval flags (workers inherit them)', () => {
+    // The built module (bootstrap builds before the tests run): a plain node process
+    // cannot load the TypeScript source.
+    const built = new URL('../dist/hash-pool.js', import.meta.url).pathname;
+    const file = path.join(os.tmpdir(), `drover-hash-esm-${process.pid}.bin`);
+    writeFileSync(file, 'abc');
+    const script = `const { hashPool } = await import(${JSON.stringify(built)});
+      process.stdout.write(await hashPool().sha256File(${JSON.stringify(file)}));`;
+    const result = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
+    expect(result.stderr).not.toMatch(/require is not defined/);
+    rmSync(file, { force: true });
+    expect(result.stdout).toBe(createHash('sha256').update('abc').digest('hex'));
   });
 });
