@@ -62,6 +62,11 @@ function toBinary(data: string | ArrayBuffer | ArrayBufferView): string | Uint8A
   return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
 }
 
+/** A URL's host name as a socket wants it: IPv6 without its brackets. */
+export function bareHostname(url: URL): string {
+  return url.hostname.replace(/^\[|\]$/g, '');
+}
+
 /** RFC 3986 encoding of one path segment, as SigV4 canonicalises it. */
 function encodeSegment(segment: string): string {
   return encodeURIComponent(segment).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
@@ -94,7 +99,7 @@ export class PlainHttpRangeReader {
     const url = new URL(options.endpoint);
     if (url.protocol !== 'http:') throw new TypeError(`PlainHttpRangeReader needs an http: endpoint, got ${url.protocol}`);
     this.#options = options;
-    this.#connectHost = url.hostname.replace(/^\[|\]$/g, '');
+    this.#connectHost = bareHostname(url);
     this.#port = url.port ? Number(url.port) : 80;
     this.#host = url.host;
     this.#basePath = url.pathname.replace(/\/+$/, '');

@@ -33,7 +33,7 @@ import type {
   UploadedPart,
 } from './object-store.js';
 import { runBounded } from './concurrency.js';
-import { PlainHttpRangeReader, PlainHttpUnsupportedError } from './plain-http-range-reader.js';
+import { bareHostname, PlainHttpRangeReader, PlainHttpUnsupportedError } from './plain-http-range-reader.js';
 
 /**
  * Sockets that hand the response body over in chunks of up to 1 MiB. With the default
@@ -94,15 +94,17 @@ export class S3ObjectStore implements ObjectStore {
     const httpsAgent = new LargeReadHttpsAgent({ keepAlive: true, maxSockets });
     this.#agents = [httpAgent, httpsAgent];
     const checksumMode = config.checksums === 'when_required' ? 'WHEN_REQUIRED' : 'WHEN_SUPPORTED';
+    // Revealed once, for the two signers (the SDK's and the plain-HTTP reader's).
+    const revealed = {
+      accessKeyId: credentials.accessKeyId.reveal(),
+      secretAccessKey: credentials.secretAccessKey.reveal(),
+      ...(credentials.sessionToken ? { sessionToken: credentials.sessionToken.reveal() } : {}),
+    };
     this.#client = new S3Client({
       ...(config.endpoint ? { endpoint: config.endpoint } : {}),
       region: config.region,
       forcePathStyle: config.forcePathStyle,
-      credentials: {
-        accessKeyId: credentials.accessKeyId.reveal(),
-        secretAccessKey: credentials.secretAccessKey.reveal(),
-        ...(credentials.sessionToken ? { sessionToken: credentials.sessionToken.reveal() } : {}),
-      },
+      credentials: revealed,
       requestChecksumCalculation: checksumMode,
       responseChecksumValidation: checksumMode,
       // Retries happen once, in retry.ts, with knowledge of parts and resumption.
@@ -122,11 +124,7 @@ export class S3ObjectStore implements ObjectStore {
         endpoint: config.endpoint as string,
         bucket: config.bucket,
         region: config.region,
-        credentials: {
-          accessKeyId: credentials.accessKeyId.reveal(),
-          secretAccessKey: credentials.secretAccessKey.reveal(),
-          ...(credentials.sessionToken ? { sessionToken: credentials.sessionToken.reveal() } : {}),
-        },
+        credentials: revealed,
         stallTimeoutMs: transfer.stallTimeoutMs,
         connectTimeoutMs: transfer.connectTimeoutMs,
         maxIdleConnections: maxSockets,
@@ -471,7 +469,7 @@ export class S3ObjectStore implements ObjectStore {
 function plainHttpRangeReadsApply(config: S3StoreConfig): boolean {
   if (!config.endpoint) return false;
   const url = new URL(config.endpoint);
-  return url.protocol === 'http:' && (config.forcePathStyle || isIP(url.hostname.replace(/^\[|\]$/g, '')) !== 0);
+  return url.protocol === 'http:' && (config.forcePathStyle || isIP(bareHostname(url)) !== 0);
 }
 
 /** AWS (no endpoint) and https are TLS; loopback never leaves the machine. */
@@ -479,7 +477,7 @@ export function endpointIsProtected(endpoint: string | undefined): boolean {
   if (endpoint === undefined) return true;
   const url = new URL(endpoint);
   if (url.protocol === 'https:') return true;
-  const host = url.hostname.replace(/^\[|\]$/g, '');
+  const host = bareHostname(url);
   return host === 'localhost' || host === '::1' || /^127\./.test(host);
 }
 
