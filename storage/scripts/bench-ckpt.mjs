@@ -9,9 +9,13 @@
 //
 // Options (env): BENCH_FILES (8), BENCH_FILE_MIB (128), BENCH_SERVERS (s3rver,minio),
 // BENCH_PART_MIB (32), BENCH_CONCURRENCY (8), BENCH_MULTIPART_THRESHOLD_MIB, BENCH_PART_MD5 (0|1),
-// BENCH_ROUNDS (5, medians reported), BENCH_SKIP_RCLONE=1 (Drover only, for quick tuning).
+// BENCH_ROUNDS (6; an odd count is rounded up so that both tools go first equally
+// often), BENCH_SKIP_RCLONE=1 (Drover only, for quick tuning).
+//
+// Two ratios are printed: of the medians, and "paired", the geometric mean of each
+// round's own ratio; the paired one cancels load that drifts from round to round.
 import { spawn, spawnSync } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
@@ -20,7 +24,7 @@ import { fileURLToPath } from 'node:url';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const dist = path.join(here, '..', 'dist', 'index.js');
-const { CheckpointStore, createObjectStore, parseObjectStoreConfig, parseTransferConfig, startMinioServer, findMinioBinary } = await import(dist);
+const { CheckpointStore, createObjectStore, parseObjectStoreConfig, parseTransferConfig, startMinioServer, findMinioBinary, withRetry } = await import(dist);
 
 const MiB = 1024 * 1024;
 const fileCount = Number(process.env.BENCH_FILES ?? 8);
@@ -30,7 +34,9 @@ const concurrency = Number(process.env.BENCH_CONCURRENCY ?? 8);
 const thresholdMiB = process.env.BENCH_MULTIPART_THRESHOLD_MIB ? Number(process.env.BENCH_MULTIPART_THRESHOLD_MIB) : undefined;
 const partMd5 = process.env.BENCH_PART_MD5 === undefined ? undefined : process.env.BENCH_PART_MD5 !== '0';
 const skipRclone = process.env.BENCH_SKIP_RCLONE === '1';
-const rounds = Number(process.env.BENCH_ROUNDS ?? 5);
+// Even, so that each tool goes first in as many rounds as the other.
+const requestedRounds = Number(process.env.BENCH_ROUNDS ?? 6);
+const rounds = requestedRounds + (requestedRounds % 2);
 const servers = (process.env.BENCH_SERVERS ?? 's3rver,minio').split(',').map((s) => s.trim());
 const totalBytes = fileCount * fileMiB * MiB;
 
@@ -127,6 +133,9 @@ function runRclone(args, config) {
 const rate = (seconds) => totalBytes / MiB / seconds;
 const fmt = (n) => n.toFixed(1).padStart(8);
 
+/** exp(mean(log)) of the per-round ratios rclone time / Drover time (= Drover speed / rclone speed). */
+const pairedRatio = (drover, rclone) => Math.exp(drover.reduce((sum, d, i) => sum + Math.log(rclone[i] / d), 0) / drover.length);
+
 const median = (values) => {
   const sorted = [...values].sort((a, b) => a - b);
   const middle = Math.floor(sorted.length / 2);
@@ -135,8 +144,8 @@ const median = (values) => {
 
 /**
  * One server, `rounds` rounds; each round runs Drover and rclone back to back (upload,
- * then download; the order alternates) so that both see the same background load.
- * Medians are reported.
+ * then download, then removing both copies; the order alternates) so that both see the
+ * same background load. Medians and the paired ratio are reported.
  */
 async function benchServer(kind, root, sourceDir) {
   const serverDir = path.join(root, `${kind}-data`);
@@ -162,7 +171,13 @@ async function benchServer(kind, root, sourceDir) {
       await checkpoints.commit({ run: 'bench', step, world: { worldSize: 1 }, reports: [report] });
       const droverDest = path.join(root, `${kind}-drover-down`);
       times.droverDown.push(await timed(() => checkpoints.download({ run: 'bench', step, destDir: droverDest })));
+      // Each tool cleans up after itself before the other starts (local copy and server
+      // objects), so that both start from the same amount of just-freed memory.
       await rm(droverDest, { recursive: true, force: true });
+      const keys = [];
+      for await (const object of store.listObjects('runs/bench/')) keys.push(object.key);
+      // s3rver answers 500 now and then to deletes in one directory at once.
+      await withRetry('DeleteObject', () => store.deleteObjects(keys), { policy: { maxAttempts: 5, backoffBaseMs: 50, backoffMaxMs: 1000 } });
     };
     const rcloneRound = async (round) => {
       const remote = `droverbench:${config.bucket}/rclone-bench-${round}`;
@@ -170,11 +185,13 @@ async function benchServer(kind, root, sourceDir) {
       const rcloneDest = path.join(root, `${kind}-rclone-down`);
       times.rcloneDown.push(await timed(() => runRclone(['copy', remote, rcloneDest], config)));
       await rm(rcloneDest, { recursive: true, force: true });
+      await runRclone(['purge', remote], config);
     };
     for (let round = 0; round < rounds; round++) {
-      // The two take turns going first: whichever follows the other reuses the memory
-      // the other's files just freed, which on this kind of VM is measurably faster
-      // than memory the kernel hands out for the first time.
+      // The two take turns going first. On a VM with free page reporting (this dev
+      // machine: page_reporting_order=11) memory freed a moment ago is back with the
+      // host, and the first write into each such page is slow; which tool gets the
+      // warmer memory depends on the order, so each goes first in half the rounds.
       if (skipRclone) await droverRound(round + 1);
       else if (round % 2 === 0) {
         await droverRound(round + 1);
@@ -184,10 +201,7 @@ async function benchServer(kind, root, sourceDir) {
         await droverRound(round + 1);
       }
       const last = (list) => (list.length ? fmt(rate(list.at(-1))) : '     n/a');
-      say(`[bench] ${kind} round ${round + 1}: MiB/s drover up ${last(times.droverUp)} down ${last(times.droverDown)}; rclone up ${last(times.rcloneUp)} down ${last(times.rcloneDown)}`);
-      // Keep the server's disk use to one copy of each.
-      await checkpoints.prune({ run: 'bench', retention: { keepLast: 1, keepEvery: 0 } });
-      if (!skipRclone) await runRclone(['purge', `droverbench:${config.bucket}/rclone-bench-${round}`], config);
+      say(`[bench] ${kind} round ${round + 1} (${skipRclone ? 'drover only' : round % 2 === 0 ? 'drover first' : 'rclone first'}): MiB/s drover up ${last(times.droverUp)} down ${last(times.droverDown)}; rclone up ${last(times.rcloneUp)} down ${last(times.rcloneDown)}`);
     }
     store.close();
   } finally {
@@ -200,6 +214,8 @@ async function benchServer(kind, root, sourceDir) {
     droverDown: median(times.droverDown),
     rcloneUp: skipRclone ? NaN : median(times.rcloneUp),
     rcloneDown: skipRclone ? NaN : median(times.rcloneDown),
+    pairedUp: skipRclone ? NaN : pairedRatio(times.droverUp, times.rcloneUp),
+    pairedDown: skipRclone ? NaN : pairedRatio(times.droverDown, times.rcloneDown),
   };
 }
 
@@ -208,7 +224,7 @@ const rcloneVersion = spawnSync('rclone', ['version'], { encoding: 'utf8' }).std
 const root = await mkdtemp(path.join(os.tmpdir(), 'drover-bench-'));
 try {
   const sourceDir = path.join(root, 'source');
-  say(`[bench] ${fileCount} x ${fileMiB} MiB = ${(totalBytes / MiB).toFixed(0)} MiB; drover part ${partMiB} MiB x ${concurrency}; ${rcloneVersion} with default flags; median of ${rounds} rounds, taking turns going first`);
+  say(`[bench] ${fileCount} x ${fileMiB} MiB = ${(totalBytes / MiB).toFixed(0)} MiB; drover part ${partMiB} MiB x ${concurrency}; ${rcloneVersion} with default flags; median of ${rounds} rounds, taking turns going first${rounds !== requestedRounds ? ` (BENCH_ROUNDS=${requestedRounds} rounded up to even)` : ''}`);
   await makeFiles(sourceDir);
   const results = [];
   for (const kind of servers) {
@@ -220,13 +236,15 @@ try {
     results.push(await benchServer(kind, root, sourceDir));
   }
   say('');
-  say('server   op         drover MiB/s  rclone MiB/s   ratio');
+  // ratio: of the medians; paired: geometric mean of the rounds' own ratios, which
+  // cancels load that both tools of a round shared.
+  say('server   op         drover MiB/s  rclone MiB/s   ratio  paired');
   for (const r of results) {
-    for (const [op, d, c] of [
-      ['upload', r.droverUp, r.rcloneUp],
-      ['download', r.droverDown, r.rcloneDown],
+    for (const [op, d, c, paired] of [
+      ['upload', r.droverUp, r.rcloneUp, r.pairedUp],
+      ['download', r.droverDown, r.rcloneDown, r.pairedDown],
     ]) {
-      say(`${r.kind.padEnd(8)} ${op.padEnd(10)} ${fmt(rate(d))}      ${fmt(rate(c))}    ${(c / d).toFixed(2).padStart(5)}`);
+      say(`${r.kind.padEnd(8)} ${op.padEnd(10)} ${fmt(rate(d))}      ${fmt(rate(c))}    ${(c / d).toFixed(2).padStart(5)}   ${paired.toFixed(2).padStart(5)}`);
     }
   }
 } finally {
