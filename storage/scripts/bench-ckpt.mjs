@@ -159,7 +159,8 @@ async function benchServer(kind, root, sourceDir) {
       ...(thresholdMiB !== undefined ? { multipartThresholdBytes: thresholdMiB * MiB } : {}),
       ...(partMd5 !== undefined ? { partContentMd5: partMd5 } : {}),
     };
-    const store = createObjectStore(parseObjectStoreConfig(config), parseTransferConfig(transfer));
+    const transferConfig = parseTransferConfig(transfer);
+    const store = createObjectStore(parseObjectStoreConfig(config), transferConfig);
     const checkpoints = new CheckpointStore({ store, transfer, resumeStateDir: path.join(root, 'journal') });
     const droverRound = async (step) => {
       let report;
@@ -176,8 +177,9 @@ async function benchServer(kind, root, sourceDir) {
       await rm(droverDest, { recursive: true, force: true });
       const keys = [];
       for await (const object of store.listObjects('runs/bench/')) keys.push(object.key);
-      // s3rver answers 500 now and then to deletes in one directory at once.
-      await withRetry('DeleteObject', () => store.deleteObjects(keys), { policy: { maxAttempts: 5, backoffBaseMs: 50, backoffMaxMs: 1000 } });
+      // Retried like every transfer (the parsed config is the retry policy): s3rver
+      // answers 500 now and then to deletes in one directory at once.
+      await withRetry('DeleteObject', () => store.deleteObjects(keys), { policy: transferConfig });
     };
     const rcloneRound = async (round) => {
       const remote = `droverbench:${config.bucket}/rclone-bench-${round}`;
@@ -236,8 +238,6 @@ try {
     results.push(await benchServer(kind, root, sourceDir));
   }
   say('');
-  // ratio: of the medians; paired: geometric mean of the rounds' own ratios, which
-  // cancels load that both tools of a round shared.
   say('server   op         drover MiB/s  rclone MiB/s   ratio  paired');
   for (const r of results) {
     for (const [op, d, c, paired] of [
