@@ -1,6 +1,7 @@
 import { createHash, randomBytes, randomFillSync } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
-import { rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { inspect } from 'node:util';
@@ -11,7 +12,7 @@ import { StorageConfigError, ObjectStoreRequestError } from './errors.js';
 import { backoffDelayMs, withRetry } from './retry.js';
 import { planRetention, formatStep, checkRelativePath } from './checkpoint-store.js';
 import { seededRandom } from './fault-proxy.js';
-import { hashPool } from './hash-pool.js';
+import { hashPool, WRITE_SLICE_BYTES } from './hash-pool.js';
 
 describe('storage config', () => {
   it('fills defaults and normalises the prefix', () => {
@@ -164,6 +165,48 @@ describe('sha256 stream on the hash pool', () => {
     await abandoned.update(ordinary);
     abandoned.discard();
     expect(await hashPool().sha256Stream().digest()).toBe(createHash('sha256').digest('hex'));
+  });
+});
+
+describe('writes on the hash pool', () => {
+  it('writes shared chunks where they belong and hashes them in order', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'drover-pool-write-'));
+    const handle = await open(path.join(dir, 'out.bin'), 'w');
+    try {
+      // Spans several write slices and ends in a partial one.
+      const shared = Buffer.from(new SharedArrayBuffer(WRITE_SLICE_BYTES * 5 + 1234));
+      randomFillSync(shared);
+      const half = WRITE_SLICE_BYTES * 2 + 77;
+      const stream = hashPool().sha256Stream();
+      await Promise.all([stream.writeAt(handle.fd, shared.subarray(0, half), 0), stream.writeAt(handle.fd, shared.subarray(half), half)]);
+      expect(await stream.digest()).toBe(createHash('sha256').update(shared).digest('hex'));
+      // Out of order and without a stream, as parallel ranges arrive.
+      const tail = Buffer.from(new SharedArrayBuffer(4096)).fill(7);
+      await hashPool().writeAt(handle.fd, tail, shared.byteLength + 4096);
+      await hashPool().writeAt(handle.fd, tail.subarray(0, 4096).fill(9), shared.byteLength);
+      await handle.close();
+      const written = readFileSync(path.join(dir, 'out.bin'));
+      expect(written.subarray(0, shared.byteLength).equals(shared)).toBe(true);
+      expect(written.subarray(shared.byteLength)).toEqual(Buffer.concat([Buffer.alloc(4096, 9), Buffer.alloc(4096, 7)]));
+    } finally {
+      await handle.close().catch(() => {});
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('reports a failed write with its errno code and refuses memory a worker cannot share', async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'drover-pool-write-'));
+    const file = path.join(dir, 'read-only.bin');
+    writeFileSync(file, 'x');
+    const handle = await open(file, 'r');
+    try {
+      const chunk = Buffer.from(new SharedArrayBuffer(1024));
+      await expect(hashPool().writeAt(handle.fd, chunk, 0)).rejects.toMatchObject({ code: 'EBADF' });
+      await expect(hashPool().writeAt(handle.fd, Buffer.alloc(1024), 0)).rejects.toThrowError(/shared memory/);
+    } finally {
+      await handle.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

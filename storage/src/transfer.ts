@@ -9,7 +9,7 @@ import { ChecksumMismatchError, ObjectNotFoundError, ObjectStoreRequestError, Op
 import { silentLogger, type Logger } from './logger.js';
 import { SHA256_METADATA_KEY, type CompletedPart, type ObjectStore } from './object-store.js';
 import { withRetry } from './retry.js';
-import { hashPool } from './hash-pool.js';
+import { hashPool, isShared, type Sha256Stream } from './hash-pool.js';
 
 const MiB = 1024 * 1024;
 const MAX_PARTS = 10_000;
@@ -121,6 +121,30 @@ async function writeAllAt(handle: FileHandle, chunks: readonly Buffer[], positio
     }
   }
   return total;
+}
+
+/**
+ * Writes `chunks` at `position` and feeds them to `hash` in order; returns the byte count.
+ * Chunks in shared memory (the plain-HTTP reader's) are written and hashed on the hash
+ * pool, in slices that suit the page cache (WRITE_SLICE_BYTES); others are written with
+ * one writev while the pool hashes a copy.
+ */
+async function writeAndHash(handle: FileHandle, chunks: readonly Buffer[], position: number, hash: Sha256Stream | undefined): Promise<number> {
+  if (chunks.every(isShared)) {
+    let at = position;
+    const writes = chunks.map((chunk) => {
+      const write = hash ? hash.writeAt(handle.fd, chunk, at) : hashPool().writeAt(handle.fd, chunk, at);
+      at += chunk.byteLength;
+      return write;
+    });
+    const settled = await Promise.allSettled(writes);
+    for (const result of settled) if (result.status === 'rejected') throw result.reason;
+    return at - position;
+  }
+  const [write, hashing] = await Promise.allSettled([writeAllAt(handle, chunks, position), hash ? Promise.all(chunks.map((chunk) => hash.update(chunk))) : undefined]);
+  if (write.status === 'rejected') throw write.reason;
+  if (hashing.status === 'rejected') throw hashing.reason;
+  return write.value;
 }
 
 async function readExactly(handle: FileHandle, length: number, position: number): Promise<Buffer> {
@@ -506,8 +530,8 @@ async function fetchToPartial(options: DownloadFileOptions): Promise<FetchedObje
           'GetObject',
           async () => {
             // A retry rewrites the range from its start (and hashes it anew); progress
-            // only counts new bytes. The hash runs on a worker thread beside the write:
-            // on the event loop it would hold up the sockets.
+            // only counts new bytes. The hash (and the write, for shared batches) runs
+            // on a worker thread: on the event loop it would hold up the sockets.
             const hash = hashInStream ? hashPool().sha256Stream() : undefined;
             try {
               await store.readRange(
@@ -515,14 +539,9 @@ async function fetchToPartial(options: DownloadFileOptions): Promise<FetchedObje
                 start,
                 length,
                 async (chunks, offset) => {
-                  // Both finish before the sink returns: the reader reuses the chunks' memory.
-                  const [write, hashing] = await Promise.allSettled([
-                    writeAllAt(handle, chunks, start + offset),
-                    hash ? Promise.all(chunks.map((chunk) => hash.update(chunk))) : undefined,
-                  ]);
-                  if (write.status === 'rejected') throw write.reason;
-                  if (hashing.status === 'rejected') throw hashing.reason;
-                  const end = offset + write.value;
+                  // Everything finishes before the sink returns: the reader reuses the
+                  // chunks' memory, and the file closes only after the last write.
+                  const end = offset + (await writeAndHash(handle, chunks, start + offset, hash));
                   if (end > landed) {
                     bytesDone += end - landed;
                     landed = end;
