@@ -43,6 +43,15 @@ import { bareHostname, PlainHttpRangeReader, PlainHttpUnsupportedError } from '.
  */
 const SOCKET_READ_CHUNK_BYTES = 1 << 20;
 
+/**
+ * A file sent by one PutObject is read in chunks of this size (the stream default is
+ * 64 KiB). Each chunk is a fresh buffer handed to the socket, and fewer, larger ones cost
+ * less system time: uploading 8 x 128 MiB to MinIO on the dev machine, 0.8-0.9 s per GiB
+ * against 0.9-1.5 s, and about 15% more throughput (three alternating loops of 3 rounds;
+ * 256 KiB and 4 MiB did about as well as 1 MiB).
+ */
+const PUT_FILE_READ_CHUNK_BYTES = 1 << 20;
+
 class LargeReadHttpAgent extends http.Agent {
   override createConnection(options: http.ClientRequestArgs, callback?: (error: Error | null, stream: Duplex) => void): Duplex {
     return super.createConnection({ ...options, highWaterMark: SOCKET_READ_CHUNK_BYTES } as http.ClientRequestArgs, callback);
@@ -241,7 +250,7 @@ export class S3ObjectStore implements ObjectStore {
         new PutObjectCommand({
           Bucket: this.#bucket,
           Key: this.#key(key),
-          Body: inMemory ? body : createReadStream(body.filePath),
+          Body: inMemory ? body : createReadStream(body.filePath, { highWaterMark: PUT_FILE_READ_CHUNK_BYTES }),
           ContentLength: inMemory ? body.byteLength : body.size,
           ...(options.metadata ? { Metadata: { ...options.metadata } } : {}),
           ...(options.contentType ? { ContentType: options.contentType } : {}),
