@@ -53,7 +53,10 @@ def denoising_loss(model, x0: torch.Tensor, text: torch.Tensor, noise: NoiseDraw
     sigma, eps, keep = noise.sigma.to(device), noise.eps.to(device), noise.keep_text.to(device)
     x_noisy = add_noise(x0, sigma, eps)
     prediction = model(x_noisy, sigma, text * keep[:, None])
-    return torch.nn.functional.mse_loss(prediction.float(), x0.float())
+    # At least fp32 (a bf16 prediction is promoted), never less than the model computes
+    # in: a float64 model keeps a float64 loss and gradient.
+    loss_dtype = torch.promote_types(prediction.dtype, torch.float32)
+    return torch.nn.functional.mse_loss(prediction.to(loss_dtype), x0.to(loss_dtype))
 
 
 def validation_noise(sample_index: int, seed: int, latent_shape: tuple[int, ...]) -> tuple[float, np.ndarray]:

@@ -2,7 +2,7 @@ import { randomBytes } from "node:crypto";
 import { EventEmitter } from "node:events";
 import { mkdir } from "node:fs/promises";
 import type { IMetricReport } from "@drover/proto";
-import { CheckpointStore, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
+import { CheckpointStore, registerSecretValue, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
 import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
 import type { ClusterSpec } from "./cluster-spec.js";
 import { ControlServer } from "./control-server.js";
@@ -121,6 +121,8 @@ export class Head extends EventEmitter<HeadEvents> {
     }
     const joinToken = options.joinToken ?? randomBytes(24).toString("base64url");
     const adminToken = randomBytes(24).toString("base64url");
+    registerSecretValue(joinToken);
+    registerSecretValue(adminToken);
     return new Head(spec, state, options.logger, joinToken, adminToken);
   }
 

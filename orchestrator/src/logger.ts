@@ -1,3 +1,4 @@
+import { isSecretFieldName, REDACTED, redactValue } from "@drover/storage";
 import winston from "winston";
 
 /** The one logging interface of the orchestrator; winston lives only in this file. */
@@ -9,12 +10,14 @@ export interface Logger {
   child(fields: Record<string, unknown>): Logger;
 }
 
-// Field names whose values must never reach a log: join/admin tokens, keys, mnemonics.
-const SECRET_FIELD = /token|secret|password|mnemonic|credential|key$/i;
-
+// Secret fields (an exact list of names, at any depth) and values known to be secret
+// (S3 keys, tokens: registerSecretValue) never reach a log; the rules live in
+// @drover/storage so the head and the worker redact alike.
 const redactSecrets = winston.format((info) => {
-  for (const field of Object.keys(info)) {
-    if (SECRET_FIELD.test(field)) info[field] = "[redacted]";
+  const fields = info as Record<string, unknown>;
+  for (const [name, value] of Object.entries(fields)) {
+    if (name === "level") continue;
+    fields[name] = isSecretFieldName(name) ? REDACTED : redactValue(value);
   }
   return info;
 });

@@ -19,6 +19,8 @@ import { withRetry } from './retry.js';
 import { createObjectStore } from './store-factory.js';
 import { abortStaleUploads, downloadFiles, sha256File, uploadFiles, type BatchProgress } from './transfer.js';
 
+const LOGGED_KEYS_MAX = 16;
+
 // Layout (under the store's prefix):
 //   runs/<run>/ckpt/<step, 12 digits zero-padded>/<file path as the trainer wrote it>
 //   runs/<run>/ckpt/<step>/MANIFEST.json        written last, by the head
@@ -229,7 +231,15 @@ export class CheckpointStore {
       files: relativePaths.map((rel) => ({ localPath: path.join(params.dir, ...rel.split('/')), key: prefix + rel })),
       onProgress: params.onProgress,
     });
-    this.#logger.info('uploaded rank checkpoint files', { run: params.run, step: params.step, rank: params.rank, files: uploaded.length });
+    // The object keys are what a user needs to find an upload in the bucket; a rank has a
+    // handful of files, and the list is capped for the rare rank with many.
+    this.#logger.info('uploaded rank checkpoint files', {
+      run: params.run,
+      step: params.step,
+      rank: params.rank,
+      files: uploaded.length,
+      keys: uploaded.slice(0, LOGGED_KEYS_MAX).map((file) => file.key),
+    });
     return {
       run: params.run,
       step: params.step,

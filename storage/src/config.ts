@@ -1,6 +1,7 @@
 import { inspect } from 'node:util';
 import { z } from 'zod';
 import { StorageConfigError } from './errors.js';
+import { registerSecretValue } from './logger.js';
 
 const MiB = 1024 * 1024;
 
@@ -12,6 +13,8 @@ export class SecretString {
   readonly #value: string;
   constructor(value: string) {
     this.#value = value;
+    // Known to the log redaction from now on, wherever the value turns up in a log line.
+    registerSecretValue(value);
   }
   reveal(): string {
     return this.#value;

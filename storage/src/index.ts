@@ -1,6 +1,16 @@
 // Public surface of @drover/storage. Other packages import from here only.
 export * from './errors.js';
-export { silentLogger, type Logger, type LogFields } from './logger.js';
+export {
+  silentLogger,
+  REDACTED,
+  isSecretFieldName,
+  registerSecretValue,
+  redactText,
+  redactValue,
+  redactFields,
+  type Logger,
+  type LogFields,
+} from './logger.js';
 export {
   SecretString,
   transferConfigSchema,

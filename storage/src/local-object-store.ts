@@ -1,8 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { pipeline } from 'node:stream/promises';
 import { ObjectNotFoundError, ObjectStoreRequestError, StorageConfigError } from './errors.js';
 import type {
   CompletedPart,
@@ -240,20 +238,24 @@ export class LocalObjectStore implements ObjectStore {
     const upload = await this.#readUpload(uploadId);
     const dir = this.#uploadDir(uploadId);
     const temp = await this.#tempPath();
-    const out = createWriteStream(temp);
+    // One file handle, each part read once (hashed, then appended). A write stream fed by
+    // one pipeline({ end: false }) per part kept every pipeline's listeners on the stream
+    // until it ended: 11 parts were a MaxListenersExceededWarning.
+    const out = await open(temp, 'w');
     const etags = createHash('md5');
     try {
       for (const part of [...parts].sort((a, b) => a.partNumber - b.partNumber)) {
-        const partPath = path.join(dir, `part-${part.partNumber}`);
-        const actual = `"${createHash('md5').update(await readFile(partPath).catch(() => Buffer.alloc(0))).digest('hex')}"`;
+        options.signal?.throwIfAborted();
+        const body = await readFile(path.join(dir, `part-${part.partNumber}`)).catch(() => Buffer.alloc(0));
+        const actual = `"${createHash('md5').update(body).digest('hex')}"`;
         if (actual !== part.etag) {
           throw new ObjectStoreRequestError(`InvalidPart ${part.partNumber} of ${key}`, { operation: 'CompleteMultipartUpload', key, retryable: false });
         }
         etags.update(Buffer.from(part.etag.replaceAll('"', ''), 'hex'));
-        await pipeline(createReadStream(partPath), out, { end: false });
+        await out.writeFile(body);
       }
     } finally {
-      await new Promise<void>((resolve) => out.end(resolve));
+      await out.close();
     }
     const etag = `"${etags.digest('hex')}-${parts.length}"`;
     await this.#commit(key, temp, { etag, metadata: upload.metadata });

@@ -53,13 +53,13 @@ const SOCKET_READ_CHUNK_BYTES = 1 << 20;
 const PUT_FILE_READ_CHUNK_BYTES = 1 << 20;
 
 class LargeReadHttpAgent extends http.Agent {
-  override createConnection(options: http.ClientRequestArgs, callback?: (error: Error | null, stream: Duplex) => void): Duplex {
+  override createConnection(options: http.ClientRequestArgs, callback?: (error: Error | null, stream: Duplex) => void): Duplex | null | undefined {
     return super.createConnection({ ...options, highWaterMark: SOCKET_READ_CHUNK_BYTES } as http.ClientRequestArgs, callback);
   }
 }
 
 class LargeReadHttpsAgent extends https.Agent {
-  override createConnection(options: http.ClientRequestArgs, callback?: (error: Error | null, stream: Duplex) => void): Duplex {
+  override createConnection(options: http.ClientRequestArgs, callback?: (error: Error | null, stream: Duplex) => void): Duplex | null | undefined {
     return super.createConnection({ ...options, highWaterMark: SOCKET_READ_CHUNK_BYTES } as http.ClientRequestArgs, callback);
   }
 }

@@ -225,3 +225,27 @@ describe('hash pool under --input-type=module', () => {
     expect(result.stdout).toBe(createHash('sha256').update('abc').digest('hex'));
   });
 });
+
+describe('local object store multipart completion', () => {
+  it('assembles many parts in order without leaking listeners', async () => {
+    const { LocalObjectStore } = await import('./local-object-store.js');
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'drover-local-mpu-'));
+    const warnings: Error[] = [];
+    const onWarning = (warning: Error): void => void warnings.push(warning);
+    process.on('warning', onWarning);
+    try {
+      const store = new LocalObjectStore({ directory: dir });
+      const uploadId = await store.createMultipartUpload('many/parts.bin');
+      const bodies = Array.from({ length: 24 }, (_, index) => Buffer.from(`part ${index} `.repeat(100 + index)));
+      // Uploaded out of order: completion sorts by part number.
+      const parts = await Promise.all(bodies.map(async (body, index) => ({ partNumber: index + 1, etag: await store.uploadPart('many/parts.bin', uploadId, index + 1, body) })));
+      await store.completeMultipartUpload('many/parts.bin', uploadId, [...parts].reverse());
+      expect((await store.getObject('many/parts.bin')).equals(Buffer.concat(bodies))).toBe(true);
+      await new Promise((resolve) => setImmediate(resolve)); // warnings are emitted on the next tick
+      expect(warnings.filter((warning) => warning.name === 'MaxListenersExceededWarning')).toEqual([]);
+    } finally {
+      process.off('warning', onWarning);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

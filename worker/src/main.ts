@@ -3,7 +3,7 @@ import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { parseArgs } from "node:util";
-import type { StorageConfigInput } from "@drover/storage";
+import { registerSecretValue, type StorageConfigInput } from "@drover/storage";
 import { JoinRefusedError, WorkerConfigError, WorkerError } from "./errors.js";
 import { createLogger } from "./logger.js";
 import { WorkerAgent } from "./worker-agent.js";
@@ -60,6 +60,7 @@ async function main(): Promise<number> {
   }
   const logger = createLogger({ component: "worker" });
   const joinToken = values["join-token-file"] ? readFileSync(values["join-token-file"], "utf8").trim() : process.env.DROVER_JOIN_TOKEN ?? "";
+  registerSecretValue(joinToken);
   let agent: WorkerAgent;
   try {
     agent = WorkerAgent.create({

@@ -11,7 +11,7 @@ import {
   ControlClient, LogStream, PROTOCOL_VERSION, callUnary, controlChannelOptions,
   type HeadMessage, type ICheckpointFile, type IStartJob, type IWorkerMessage,
 } from "@drover/proto";
-import { CheckpointStore, type StorageConfigInput } from "@drover/storage";
+import { CheckpointStore, registerSecretValue, type StorageConfigInput } from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
 import { JoinRefusedError, WorkerConfigError } from "./errors.js";
 import type { Logger } from "./logger.js";
@@ -164,6 +164,7 @@ export class WorkerAgent {
     this.lastContact = Date.now();
     const metadata = new grpc.Metadata();
     metadata.set("x-drover-worker-id", registered.workerId);
+    registerSecretValue(registered.sessionToken);
     metadata.set("x-drover-session-token", registered.sessionToken);
     const stream = client.session(metadata);
     this.stream = stream;

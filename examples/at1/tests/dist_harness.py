@@ -22,9 +22,10 @@ def _join(rank: int, world_size: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def global_batches(steps: int, global_batch: int, latent_size: int, text_dim: int, seed: int = 7):
+def global_batches(steps: int, global_batch: int, latent_size: int, text_dim: int, seed: int = 7,
+                   dtype: torch.dtype = torch.float32):
     """The same global batches and noise for every world size."""
-    from objective import NoiseSource
+    from objective import NoiseDraw, NoiseSource
 
     rng = np.random.default_rng(seed)
     noise = NoiseSource(seed=seed, text_drop_prob=0.15)
@@ -32,13 +33,35 @@ def global_batches(steps: int, global_batch: int, latent_size: int, text_dim: in
     for _ in range(steps):
         x0 = torch.from_numpy(rng.standard_normal((global_batch, 4, latent_size, latent_size), dtype=np.float32))
         text = torch.from_numpy(rng.standard_normal((global_batch, text_dim), dtype=np.float32))
-        batches.append((x0, text, noise.draw(global_batch, (4, latent_size, latent_size))))
+        draw = noise.draw(global_batch, (4, latent_size, latent_size))
+        batches.append((x0.to(dtype), text.to(dtype), NoiseDraw(draw.sigma.to(dtype), draw.eps.to(dtype), draw.keep_text.to(dtype))))
     return batches
 
 
-def run_fixed_steps(ctx, steps: int = 2, global_batch: int = 8) -> dict:
+# Equivalence runs are in float64. Different world sizes sum gradients in a different
+# order; in float32 that rounding is ~1e-7 relative, and Adam, which divides each update
+# by the gradient's own magnitude, turns it into weight differences of up to ~1e-5 after
+# two steps, how much depending on the CPU's kernels. In float64 the same rounding is
+# ~1e-16 relative, so the two paths agree to ~1e-12 and a tight tolerance is meaningful.
+EQUIVALENCE_DTYPE = torch.float64
+EQUIVALENCE_LR = 1e-3
+
+
+def equivalence_tolerance(lr: float = EQUIVALENCE_LR) -> float:
+    """Absolute tolerance on weights after a few Adam steps: a millionth of one step's
+    largest update (Adam moves each weight by at most about lr per step). Float64
+    rounding stays four orders of magnitude below it; a real difference in what the
+    two paths compute (a missing average, a wrong batch slice, a skipped shard) is a
+    sizeable fraction of lr."""
+    return 1e-6 * lr
+
+
+def run_fixed_steps(ctx, steps: int = 2, global_batch: int = 8, dtype: torch.dtype = EQUIVALENCE_DTYPE,
+                    order: list[int] | None = None) -> dict:
     """Train `tiny` for a few steps on fixed global batches, this rank taking its slice.
-    Returns per-step losses and grad norms and the full parameters afterwards."""
+    Returns per-step losses and grad norms and the full parameters afterwards. `order`
+    permutes the samples of each global batch (the same samples, summed in another
+    order), to check that the tolerance absorbs reduction order."""
     import argparse
 
     from configs import get_config
@@ -48,18 +71,27 @@ def run_fixed_steps(ctx, steps: int = 2, global_batch: int = 8) -> dict:
     from train import build_model, build_optimizer, train_step
 
     cfg = get_config("tiny")
-    model = build_model(cfg, seed=0, ctx=ctx)
-    optimizer = build_optimizer(model, argparse.Namespace(lr=1e-3, weight_decay=0.01))
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = build_model(cfg, seed=0, ctx=ctx)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    optimizer = build_optimizer(model, argparse.Namespace(lr=EQUIVALENCE_LR, weight_decay=0.01))
     ema = ShardedEMA(model, 0.999)
     per_rank = global_batch // ctx.world_size
     mine = slice(ctx.rank * per_rank, (ctx.rank + 1) * per_rank)
     losses, grad_norms = [], []
-    for step, (x0, text, draw) in enumerate(global_batches(steps, global_batch, cfg.latent_size, cfg.text_dim)):
+    for step, (x0, text, draw) in enumerate(global_batches(steps, global_batch, cfg.latent_size, cfg.text_dim, dtype=dtype)):
+        if order is not None:
+            x0, text = x0[order], text[order]
+            draw = NoiseDraw(draw.sigma[order], draw.eps[order], draw.keep_text[order])
         local_draw = NoiseDraw(draw.sigma[mine], draw.eps[mine], draw.keep_text[mine])
-        loss, grad_norm = train_step(model, optimizer, ema, x0[mine], text[mine], local_draw, 1e-3, 1.0, step, ctx)
+        loss, grad_norm = train_step(model, optimizer, ema, x0[mine], text[mine], local_draw, EQUIVALENCE_LR, 1.0, step, ctx)
         losses.append(loss)
         grad_norms.append(grad_norm)
     params = {name: full_value(p).detach().clone() for name, p in model.named_parameters()}
+    assert all(p.dtype == dtype for p in params.values()), "the equivalence run must train in its own dtype"
     return {"losses": losses, "grad_norms": grad_norms, "params": params}
 
 

@@ -26,6 +26,7 @@ import { toHex } from "@cosmjs/encoding";
 import { DirectSecp256k1HdWallet, type EncodeObject, type GeneratedType } from "@cosmjs/proto-signing";
 import { GasPrice, QueryClient, calculateFee, type StdFee } from "@cosmjs/stargate";
 import { connectComet, type CometClient } from "@cosmjs/tendermint-rpc";
+import { registerSecretValue } from "@drover/storage";
 import { ProvisionError } from "../errors.js";
 import { formatDecimal, parseDecimal } from "./decimal-price.js";
 
@@ -106,6 +107,7 @@ export class AkashChainClient {
   static async connect(options: AkashChainClientOptions): Promise<AkashChainClient> {
     const { signal } = options;
     signal.throwIfAborted();
+    registerSecretValue(options.mnemonic);
     const directWallet = await DirectSecp256k1HdWallet.fromMnemonic(options.mnemonic, { prefix: "akash" });
     // JwtTokenManager signs ADR-36 amino documents, which the direct wallet cannot.
     const aminoWallet = await Secp256k1HdWallet.fromMnemonic(options.mnemonic, { prefix: "akash" });
