@@ -1,5 +1,6 @@
 import { setMaxListeners } from "node:events";
-import { CheckpointStore, type RankUploadReport } from "@drover/storage";
+import { setTimeout as sleep } from "node:timers/promises";
+import { CheckpointStore, isStoreOutage, type RankUploadReport } from "@drover/storage";
 import type { ICheckpointReport } from "@drover/proto";
 import type { JobController, JobRecord } from "./job-controller.js";
 import type { Logger } from "./logger.js";
@@ -9,13 +10,29 @@ import type { Logger } from "./logger.js";
  * and, once all ranks of the job have reported, asks the store to verify the objects
  * and write MANIFEST.json. A step some rank never reported stays invisible.
  */
+export interface CommitRetryPolicy {
+  /** A commit failing because the store is unreachable is tried again this long. */
+  retryForMs: number;
+  backoffBaseMs: number;
+  backoffMaxMs: number;
+}
+
+const DEFAULT_COMMIT_RETRY: CommitRetryPolicy = { retryForMs: 15 * 60_000, backoffBaseMs: 1_000, backoffMaxMs: 30_000 };
+/** One commit try (it checks every object of the step) is abandoned after this long. */
+const COMMIT_TRY_TIMEOUT_MS = 120_000;
+
 export class CheckpointCoordinator {
   /** Reports per attempt (a failed attempt's partial reports must never mix with the next one's). */
   private readonly pending = new Map<string, Map<number, RankUploadReport[]>>();
   /** Commits running per job, which a restart waits for before it picks its step. */
   private readonly inFlight = new Map<string, Set<Promise<void>>>();
 
-  constructor(readonly store: CheckpointStore, private readonly jobs: JobController, private readonly logger: Logger) {
+  constructor(
+    readonly store: CheckpointStore,
+    private readonly jobs: JobController,
+    private readonly logger: Logger,
+    private readonly retry: CommitRetryPolicy = DEFAULT_COMMIT_RETRY,
+  ) {
     jobs.on("checkpoint", (job, report) => {
       const commit = this.onReport(job, report);
       const running = this.inFlight.get(job.jobId) ?? new Set();
@@ -39,24 +56,57 @@ export class CheckpointCoordinator {
     });
     if (reports.length < job.worldSize) return;
     byStep.delete(step);
-    const signal = AbortSignal.timeout(120_000);
+    const deadline = Date.now() + this.retry.retryForMs;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.commitOnce(job, step, reports);
+        return;
+      } catch (error) {
+        const delayMs = Math.min(this.retry.backoffMaxMs, this.retry.backoffBaseMs * 2 ** (attempt - 1));
+        if (isStoreOutage(error) && Date.now() + delayMs <= deadline) {
+          this.jobs.note(job.jobId, `checkpoint step ${step}: commit failed (${(error as Error).message}); trying again in ${Math.round(delayMs / 1000)}s`);
+          this.logger.warn("checkpoint commit failed; retrying", { run: job.runId, step, attempt, delayMs, error: (error as Error).message });
+          await sleep(delayMs);
+          continue;
+        }
+        const problems = (error as { problems?: string[] }).problems;
+        this.jobs.checkpointLost(job.jobId, step, `its commit failed: ${(error as Error).message}${problems ? ` (${problems.slice(0, 3).join("; ")})` : ""}`);
+        this.logger.warn("checkpoint commit failed", { run: job.runId, step, error: (error as Error).message });
+        return;
+      }
+    }
+  }
+
+  private async commitOnce(job: JobRecord, step: number, reports: RankUploadReport[]): Promise<void> {
+    const signal = AbortSignal.timeout(COMMIT_TRY_TIMEOUT_MS);
     // The commit checks every object concurrently, each request listening on this signal.
     setMaxListeners(256, signal);
+    await this.store.commit({
+      run: job.runId,
+      step,
+      world: { worldSize: job.worldSize, nodes: job.assignments.length, localWorldSize: job.assignments[0]?.localWorldSize },
+      reports,
+      signal,
+    });
+    this.jobs.markCommitted(job.jobId, step);
     try {
-      await this.store.commit({
-        run: job.runId,
-        step,
-        world: { worldSize: job.worldSize, nodes: job.assignments.length, localWorldSize: job.assignments[0]?.localWorldSize },
-        reports,
-        signal,
-      });
-      this.jobs.markCommitted(job.jobId, step);
       const pruned = await this.store.prune({ run: job.runId, signal });
       if (pruned.deleted.length > 0) this.logger.info("pruned checkpoints", { run: job.runId, steps: pruned.deleted });
     } catch (error) {
-      const problems = (error as { problems?: string[] }).problems;
-      this.jobs.note(job.jobId, `checkpoint step ${step} NOT committed: ${(error as Error).message}${problems ? ` (${problems.slice(0, 3).join("; ")})` : ""}`);
-      this.logger.warn("checkpoint commit failed", { run: job.runId, step, error: (error as Error).message });
+      // The step is committed; old steps are pruned again after the next commit.
+      this.logger.warn("could not prune checkpoints", { run: job.runId, error: (error as Error).message });
+    }
+  }
+
+  /**
+   * Resolves once no commit of the job is running, including commits that start while
+   * waiting (a rank's last report can arrive just before its exit).
+   */
+  async settle(job: JobRecord): Promise<void> {
+    for (;;) {
+      const running = [...(this.inFlight.get(job.jobId) ?? [])];
+      if (running.length === 0) return;
+      await Promise.allSettled(running);
     }
   }
 

@@ -75,6 +75,11 @@ export class Head extends EventEmitter<HeadEvents> {
       stopGraceMs: 5_000,
       defaultMaxRestarts: 3,
       restartStep: async (job) => this.checkpoints ? this.checkpoints.restartStep(job, AbortSignal.timeout(60_000)) : job.lastCommittedStep ?? job.resumeStep,
+      settleCheckpoints: async (job) => {
+        if (!this.checkpoints) return false;
+        await this.checkpoints.settle(job);
+        return true;
+      },
       logger: logger.child({ component: "jobs" }),
     });
     this.server = new ControlServer({

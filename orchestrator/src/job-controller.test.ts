@@ -1,6 +1,7 @@
 import type { IHeadMessage, IStartJob } from "@drover/proto";
 import { afterEach, describe, expect, it } from "vitest";
 import { JobController, type JobRecord } from "./job-controller.js";
+import { summarizeJob } from "./job-view.js";
 import { silentLogger } from "./logger.js";
 import { WorkerRegistry, type WorkerChannel } from "./worker-registry.js";
 
@@ -74,7 +75,7 @@ describe("JobController restarts", () => {
     for (const [node, ranks] of [[a, [0, 1]], [b2, [0, 1]]] as const) {
       for (const rank of ranks) jobs.onRankExit(node.workerId, { jobId: `${job.jobId}-a2`, rank: rank + (node === b2 ? 2 : 0), exitCode: 0 });
     }
-    expect(job.state).toBe("succeeded");
+    await until(() => job.state === "succeeded", "the job to succeed");
     expect(job.attempt).toBe(2);
   });
 
@@ -105,5 +106,96 @@ describe("JobController restarts", () => {
     connect(registry, "local-0", "a-2");
     expect(job.state).toBe("failed");
     expect(job.failure?.reason).toBe("node local-0 lost (its agent restarted) (no restarts left: 1 allowed)");
+  });
+});
+
+describe("JobController: a job is done only when its checkpoints are", () => {
+  let registry: WorkerRegistry;
+  let jobs: JobController;
+  afterEach(() => {
+    jobs?.dispose();
+    registry?.stop();
+  });
+
+  /** `settle` plays the checkpoint coordinator: it resolves when the commits have settled. */
+  async function runToExit(settle: (job: JobRecord) => Promise<boolean>) {
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, settleCheckpoints: settle });
+    const a = connect(registry, "local-0", "a-1");
+    const b = connect(registry, "local-1", "b-1");
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-c" });
+    await until(() => starts(a).length === 1 && starts(b).length === 1, "the job to start");
+    const lines: string[] = [];
+    jobs.on("log", (line) => lines.push(line.line));
+    const report = (step: number, error?: string) => {
+      for (const [node, ranks] of [[a, [0, 1]], [b, [2, 3]]] as const) {
+        for (const rank of ranks) jobs.onCheckpoint(node.workerId, { jobId: job.jobId, rank, step, files: [], ...(error && rank === 3 ? { error } : {}) });
+      }
+    };
+    const exitAll = () => {
+      for (const [node, ranks] of [[a, [0, 1]], [b, [2, 3]]] as const) {
+        for (const rank of ranks) jobs.onRankExit(node.workerId, { jobId: job.jobId, rank, exitCode: 0 });
+      }
+    };
+    return { job, report, exitAll, lines };
+  }
+
+  it("waits in `finishing` for the final commit, then succeeds", async () => {
+    let commit: () => void = () => {};
+    const { job, report, exitAll, lines } = await runToExit((j) => new Promise((resolve) => {
+      commit = () => { jobs.markCommitted(j.jobId, 40); resolve(true); };
+    }));
+    jobs.markCommitted(job.jobId, 20);
+    report(20);
+    report(40);
+    exitAll();
+    expect(job.state).toBe("finishing");
+    expect(lines).toContain("every rank exited 0; waiting for checkpoint step 40 to be committed");
+    commit();
+    await until(() => job.state === "succeeded", "success after the commit");
+    expect(job.lastCommittedStep).toBe(40);
+  });
+
+  it("fails naming the final step when it could not be stored", async () => {
+    const { job, report, exitAll } = await runToExit(async (j) => {
+      jobs.checkpointLost(j.jobId, 40, "its commit failed: CompleteMultipartUpload failed after 6 attempts");
+      return true;
+    });
+    jobs.markCommitted(job.jobId, 20);
+    report(20);
+    report(40);
+    exitAll();
+    await until(() => job.state === "failed", "the job to fail");
+    expect(job.failure?.reason).toBe("training finished but its final checkpoint, step 40, was not stored (its commit failed: CompleteMultipartUpload failed after 6 attempts); newest committed checkpoint: step 20");
+    expect(summarizeJob(job)).toContain("  checkpoint step 40 NOT stored: its commit failed: CompleteMultipartUpload failed after 6 attempts");
+  });
+
+  it("succeeds when only an earlier step was lost, and the summary names it", async () => {
+    const { job, report, exitAll, lines } = await runToExit(async (j) => {
+      jobs.markCommitted(j.jobId, 40);
+      return true;
+    });
+    report(20, "PutObject failed: ECONNREFUSED");
+    report(40);
+    exitAll();
+    await until(() => job.state === "succeeded", "the job to succeed");
+    expect(lines).toContain("checkpoint step 20 NOT stored: rank 3 could not store it: PutObject failed: ECONNREFUSED");
+    expect(summarizeJob(job)).toContain("  checkpoint step 20 NOT stored: rank 3 could not store it: PutObject failed: ECONNREFUSED");
+  });
+
+  it("counts a step some ranks never reported as lost", async () => {
+    const { job, exitAll } = await runToExit(async () => true);
+    jobs.onCheckpoint(registry.connected()[0]!.workerId, { jobId: job.jobId, rank: 0, step: 40, files: [] });
+    exitAll();
+    await until(() => job.state === "failed", "the job to fail");
+    expect(job.checkpointsLost[40]).toBe("only 1 of 4 ranks reported it stored");
+  });
+
+  it("finishes at once on a cluster without checkpoint storage", async () => {
+    const { job, report, exitAll } = await runToExit(async () => false);
+    report(40);
+    exitAll();
+    await until(() => job.state === "succeeded", "the job to succeed");
+    expect(job.checkpointsLost).toEqual({});
   });
 });

@@ -7,7 +7,12 @@ import type { Logger } from "./logger.js";
 import { assignRanks, type NodeAssignment } from "./rank-assignment.js";
 import type { RegisteredWorker, WorkerRegistry } from "./worker-registry.js";
 
-export type JobState = "pending" | "running" | "restarting" | "stopping" | "succeeded" | "failed" | "stopped";
+/**
+ * `finishing`: every rank exited 0 and the head waits for the checkpoints they reported
+ * to be committed before it declares the result (a job is done only when its last
+ * checkpoint is stored or known lost).
+ */
+export type JobState = "pending" | "running" | "finishing" | "restarting" | "stopping" | "succeeded" | "failed" | "stopped";
 const FINAL_STATES: ReadonlySet<JobState> = new Set(["succeeded", "failed", "stopped"]);
 
 export interface JobRequest {
@@ -68,7 +73,12 @@ export interface JobRecord {
   failure?: JobFailure;
   /** Latest metrics of every rank, and step -> rank 0's metrics (the loss curve). */
   latestMetrics: Record<number, { step: number; values: Record<string, number> }>;
+  /** Steps of the current attempt: the ranks that reported each one stored. */
   checkpointsReported: Record<number, number[]>;
+  /** Steps of the current attempt that were committed. */
+  checkpointsCommitted: number[];
+  /** Steps that could not be stored, with the reason (any attempt; shown in the summary). */
+  checkpointsLost: Record<number, string>;
   /** Newest checkpoint step committed to the store by this job (or the one it resumed from). */
   lastCommittedStep?: number;
 }
@@ -133,6 +143,12 @@ export class JobController extends EventEmitter<JobEvents> {
      * step that was committed meanwhile. Without it: the newest step this job committed.
      */
     restartStep?: (job: JobRecord) => Promise<number | undefined>;
+    /**
+     * Resolves once the commits of the job's reported checkpoints have settled (stored or
+     * failed for good); false when the cluster has no checkpoint store, so reported steps
+     * are not expected to be committed. Without it the job finishes at once.
+     */
+    settleCheckpoints?: (job: JobRecord) => Promise<boolean>;
     now?: () => number;
   }) {
     super();
@@ -166,6 +182,8 @@ export class JobController extends EventEmitter<JobEvents> {
       exitCodes: {},
       latestMetrics: {},
       checkpointsReported: {},
+      checkpointsCommitted: [],
+      checkpointsLost: {},
     };
     this.jobs.set(jobId, job);
     this.byWireId.set(jobId, job);
@@ -295,7 +313,7 @@ export class JobController extends EventEmitter<JobEvents> {
 
   onMetric(workerId: string, metric: IMetricReport): void {
     const job = this.current(metric.jobId);
-    if (!job || job.state !== "running") return;
+    if (!job || (job.state !== "running" && job.state !== "finishing")) return;
     const rank = this.globalRank(job, workerId, metric.rank ?? 0);
     job.latestMetrics[rank] = { step: Number(metric.step ?? 0), values: { ...(metric.values ?? {}) } };
     this.emit("metric", job, { ...metric, rank });
@@ -304,10 +322,11 @@ export class JobController extends EventEmitter<JobEvents> {
   onCheckpoint(workerId: string, report: ICheckpointReport): void {
     const job = this.current(report.jobId);
     // Reports of a failed attempt never count: its ranks may not all have written the step.
-    if (!job || job.state !== "running") return;
+    // A finishing job still takes them: agents report a rank's exit only after its uploads.
+    if (!job || (job.state !== "running" && job.state !== "finishing")) return;
     const rank = this.globalRank(job, workerId, report.rank ?? 0);
     if (report.error) {
-      this.log(job, `rank ${rank} could not store checkpoint step ${report.step}: ${report.error}`);
+      this.checkpointLost(job.jobId, Number(report.step ?? 0), `rank ${rank} could not store it: ${report.error}`);
       return;
     }
     (job.checkpointsReported[Number(report.step)] ??= []).push(rank);
@@ -339,7 +358,8 @@ export class JobController extends EventEmitter<JobEvents> {
       return;
     }
     if (Object.keys(job.exitCodes).length === job.worldSize && job.state !== "failed") {
-      this.finish(job, job.state === "stopping" ? "stopped" : "succeeded");
+      if (job.state === "stopping") this.finish(job, "stopped");
+      else void this.finishAfterCheckpoints(job);
     } else {
       this.emit("changed", job);
     }
@@ -357,6 +377,57 @@ export class JobController extends EventEmitter<JobEvents> {
       if (job.state === "stopping") this.finish(job, "stopped", { reason: `node ${worker.nodeName} lost (${reason}) while stopping`, lastLines: [] });
       else this.fail(job, { reason: `node ${worker.nodeName} lost (${reason})`, lastLines: [] }, true);
     }
+  }
+
+  /**
+   * Every rank exited 0. The job succeeds once each checkpoint its ranks reported is
+   * committed; when the last one could not be stored the job fails saying so (the run's
+   * final state is not in the store), and earlier lost steps are named in the summary.
+   */
+  private async finishAfterCheckpoints(job: JobRecord): Promise<void> {
+    if (job.state !== "running") return;
+    job.state = "finishing";
+    const waiting = this.uncommittedSteps(job);
+    if (waiting.length > 0) this.log(job, `every rank exited 0; waiting for checkpoint step${waiting.length === 1 ? "" : "s"} ${waiting.join(", ")} to be committed`);
+    this.emit("changed", job);
+    let expectCommits = false;
+    try {
+      expectCommits = (await this.deps.settleCheckpoints?.(job)) ?? false;
+    } catch (error) {
+      this.log(job, `could not wait for checkpoint commits: ${(error as Error).message}`);
+      expectCommits = true;
+    }
+    if (job.state !== "finishing") return; // stopped meanwhile
+    if (!expectCommits) {
+      this.finish(job, "succeeded");
+      return;
+    }
+    for (const step of this.uncommittedSteps(job)) {
+      if (job.checkpointsLost[step] !== undefined) continue;
+      const ranks = job.checkpointsReported[step]?.length ?? 0;
+      this.checkpointLost(job.jobId, step, ranks < job.worldSize ? `only ${ranks} of ${job.worldSize} ranks reported it stored` : "its commit did not complete");
+    }
+    const reported = this.reportedSteps(job);
+    const finalStep = reported.at(-1);
+    if (finalStep !== undefined && !job.checkpointsCommitted.includes(finalStep)) {
+      const newest = job.lastCommittedStep === undefined ? "none" : `step ${job.lastCommittedStep}`;
+      this.finish(job, "failed", { reason: `training finished but its final checkpoint, step ${finalStep}, was not stored (${job.checkpointsLost[finalStep]}); newest committed checkpoint: ${newest}`, lastLines: [] });
+      return;
+    }
+    this.finish(job, "succeeded");
+  }
+
+  /** Steps this attempt's ranks reported (stored or lost), ascending. */
+  private reportedSteps(job: JobRecord): number[] {
+    const steps = new Set(Object.keys(job.checkpointsReported).map(Number));
+    for (const step of Object.keys(job.checkpointsLost).map(Number)) {
+      if (step > (job.resumeStep ?? -1)) steps.add(step);
+    }
+    return [...steps].sort((a, b) => a - b);
+  }
+
+  private uncommittedSteps(job: JobRecord): number[] {
+    return this.reportedSteps(job).filter((step) => !job.checkpointsCommitted.includes(step));
   }
 
   /** A node failure restarts the job while restarts are left; anything else fails it. */
@@ -423,6 +494,7 @@ export class JobController extends EventEmitter<JobEvents> {
     job.resumeStep = resumeStep;
     job.exitCodes = {};
     job.checkpointsReported = {};
+    job.checkpointsCommitted = [];
     job.state = "pending";
     this.log(job, `attempt ${job.attempt} will resume ${resumeStep === undefined ? "from scratch (nothing committed yet)" : `from committed checkpoint step ${resumeStep}`} once ${job.request.nodes} nodes are connected`);
     this.armWaitTimer(job);
@@ -434,7 +506,7 @@ export class JobController extends EventEmitter<JobEvents> {
   stop(jobId: string, reason: string): boolean {
     const job = this.jobs.get(jobId);
     if (!job || FINAL_STATES.has(job.state)) return false;
-    if (job.state === "pending" || job.state === "restarting") {
+    if (job.state === "pending" || job.state === "restarting" || job.state === "finishing") {
       this.finish(job, "stopped", { reason, lastLines: [] });
       return true;
     }
@@ -472,7 +544,19 @@ export class JobController extends EventEmitter<JobEvents> {
     const job = this.jobs.get(jobId);
     if (!job) return;
     job.lastCommittedStep = Math.max(job.lastCommittedStep ?? -1, step);
+    if (!job.checkpointsCommitted.includes(step)) job.checkpointsCommitted.push(step);
+    delete job.checkpointsLost[step];
     this.log(job, `checkpoint step ${step} committed`);
+    this.emit("changed", job);
+  }
+
+  /** Records (and says) that a checkpoint step could not be stored. */
+  checkpointLost(jobId: string, step: number, reason: string): void {
+    const job = this.jobs.get(jobId);
+    if (!job || job.checkpointsCommitted.includes(step)) return;
+    const first = job.checkpointsLost[step] === undefined;
+    job.checkpointsLost[step] ??= reason;
+    if (first) this.log(job, `checkpoint step ${step} NOT stored: ${reason}`);
     this.emit("changed", job);
   }
 

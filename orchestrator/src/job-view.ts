@@ -23,6 +23,7 @@ export function summarizeJob(job: JobRecord): string[] {
   if (codes) lines.push(`  exit codes by rank: ${codes}`);
   for (const restart of job.restarts ?? []) lines.push(`  ${describeRestart(restart)}`);
   if (job.lastCommittedStep !== undefined) lines.push(`  newest committed checkpoint: step ${job.lastCommittedStep}`);
+  for (const [step, reason] of Object.entries(job.checkpointsLost ?? {})) lines.push(`  checkpoint step ${step} NOT stored: ${reason}`);
   const rank0 = job.latestMetrics[0];
   if (rank0) lines.push(`  last metrics (rank 0): ${formatMetrics(rank0.step, rank0.values)}`);
   if (job.failure) {

@@ -188,7 +188,7 @@ export class CheckpointStore {
   /** Parses a storage config (zod, errors name the path) and opens its store. */
   static fromConfig(input: StorageConfigInput, options: { logger?: Logger; env?: NodeJS.ProcessEnv; resumeStateDir?: string } = {}): CheckpointStore {
     const config = parseStorageConfig(input);
-    const store = createObjectStore(config.store, config.transfer, options.env);
+    const store = createObjectStore(config.store, config.transfer, options.env, options.logger);
     return new CheckpointStore({ store, transfer: config.transfer, retention: config.retention, logger: options.logger, resumeStateDir: options.resumeStateDir });
   }
 

@@ -22,6 +22,19 @@ export function isRetryable(error: unknown): boolean {
   return error instanceof ObjectStoreRequestError && error.retryable;
 }
 
+/**
+ * True when `error` (or an error it wraps) says the store could not be reached or kept
+ * failing on its side, so the same work may succeed later: retries that ran out, or a
+ * retryable request error. A missing file, refused credentials or a checksum mismatch
+ * are not outages.
+ */
+export function isStoreOutage(error: unknown): boolean {
+  for (let current = error, depth = 0; current instanceof Error && depth < 8; current = current.cause, depth++) {
+    if (current instanceof RetriesExhaustedError || isRetryable(current)) return true;
+  }
+  return false;
+}
+
 /** "Full jitter" exponential backoff: uniform in [0, min(max, base * 2^(attempt-1))]. */
 export function backoffDelayMs(attempt: number, policy: RetryPolicy, random: () => number = Math.random): number {
   const ceiling = Math.min(policy.backoffMaxMs, policy.backoffBaseMs * 2 ** Math.max(0, attempt - 1));

@@ -34,6 +34,7 @@ import type {
 } from './object-store.js';
 import { runBounded } from './concurrency.js';
 import { bareHostname, PlainHttpRangeReader, PlainHttpUnsupportedError } from './plain-http-range-reader.js';
+import { silentLogger, type Logger } from './logger.js';
 
 /**
  * Sockets that hand the response body over in chunks of up to 1 MiB. With the default
@@ -75,6 +76,29 @@ export interface S3ObjectStoreOptions {
    * SDK like every other call. https endpoints always use the SDK.
    */
   rangeReads?: 'plain-http' | 'sdk';
+  /** Where the AWS SDK's own messages go (at debug level); silent by default. */
+  logger?: Logger;
+}
+
+/**
+ * The SDK logs to the console unless given a logger: one "An error was encountered in a
+ * non-retryable streaming request." per failed PutObject/UploadPart, dozens per outage,
+ * none saying which object. Every failure reaches the caller as an error (and the
+ * caller's log, once per try), so the SDK's lines go to debug.
+ */
+function sdkLogger(logger: Logger): { trace(...content: unknown[]): void; debug(...content: unknown[]): void; info(...content: unknown[]): void; warn(...content: unknown[]): void; error(...content: unknown[]): void } {
+  const forward = (sdkLevel: string) => (...content: unknown[]): void => {
+    logger.debug('aws sdk', { sdkLevel, content: content.map((item) => (typeof item === 'string' ? item : safeJson(item))).join(' ').slice(0, 2_000) });
+  };
+  return { trace: () => {}, debug: () => {}, info: forward('info'), warn: forward('warn'), error: forward('error') };
+}
+
+function safeJson(value: unknown): string {
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
 }
 
 const UNSIGNED_PAYLOAD_COMMANDS = new Set(['PutObjectCommand', 'UploadPartCommand']);
@@ -118,6 +142,7 @@ export class S3ObjectStore implements ObjectStore {
       responseChecksumValidation: checksumMode,
       // Retries happen once, in retry.ts, with knowledge of parts and resumption.
       maxAttempts: 1,
+      logger: sdkLogger(options.logger ?? silentLogger),
       requestHandler: {
         connectionTimeout: transfer.connectTimeoutMs,
         // Idle socket timeout: a peer that stops sending or answering is abandoned and the

@@ -38,4 +38,34 @@ describe("agent socket", () => {
     client.write("x".repeat(AGENT_LINE_MAX_BYTES + 10));
     await closed;
   });
+
+  it("drained(rank) waits for that rank's connection to close (its last lines read), not for other ranks", async () => {
+    const dir = await mkdtemp(join(os.tmpdir(), "agent-"));
+    const server = await AgentSocketServer.listen(join(dir, "agent.sock"), silentLogger);
+    cleanups.push(async () => { await server.close(); await rm(dir, { recursive: true, force: true }); });
+    const checkpoints: Array<{ rank: number; step: number }> = [];
+    server.on("checkpoint", (message) => checkpoints.push(message));
+    const connect = async (rank: number) => {
+      const client = net.createConnection(server.path);
+      await new Promise((resolve) => client.once("connect", resolve));
+      client.write(`{"v":1,"kind":"metric","rank":${rank},"step":1,"values":{}}\n`);
+      return client;
+    };
+    const rank0 = await connect(0);
+    const rank1 = await connect(1);
+    await new Promise((resolve) => setTimeout(resolve, 50)); // both connections tagged
+
+    let drained = false;
+    const waiting = server.drained(0, 10_000).then(() => (drained = true));
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(drained).toBe(false); // rank 0's connection is still open
+    // Its last report and the close arrive together, as when a trainer exits.
+    rank0.end('{"v":1,"kind":"checkpoint","rank":0,"step":40,"dir":"/x","files":["a.pt"]}\n');
+    await waiting;
+    expect(checkpoints).toEqual([expect.objectContaining({ rank: 0, step: 40 })]);
+    // Rank 1 is still connected, which did not hold up rank 0; its own wait is bounded.
+    await server.drained(1, 200);
+    expect(rank1.destroyed).toBe(false);
+    rank1.destroy();
+  });
 });

@@ -60,6 +60,10 @@ interface AgentSocketEvents {
 export class AgentSocketServer extends EventEmitter<AgentSocketEvents> {
   private readonly server: net.Server;
   private readonly connections = new Set<net.Socket>();
+  /** The rank each connection reports for (known from its first message). */
+  private readonly rankOf = new Map<net.Socket, number>();
+  /** Re-checked whenever a connection closes. */
+  private readonly closeWaiters = new Set<() => void>();
 
   private constructor(readonly path: string, private readonly logger: Logger) {
     super();
@@ -82,7 +86,11 @@ export class AgentSocketServer extends EventEmitter<AgentSocketEvents> {
 
   private accept(socket: net.Socket): void {
     this.connections.add(socket);
-    socket.on("close", () => this.connections.delete(socket));
+    socket.on("close", () => {
+      this.connections.delete(socket);
+      this.rankOf.delete(socket);
+      for (const waiter of [...this.closeWaiters]) waiter();
+    });
     socket.on("error", () => socket.destroy());
     let buffered = "";
     socket.setEncoding("utf8");
@@ -110,6 +118,7 @@ export class AgentSocketServer extends EventEmitter<AgentSocketEvents> {
       this.reject(socket, new AgentMessageError(`invalid agent socket message: ${parsed.error}`));
       return;
     }
+    if (!this.rankOf.has(socket)) this.rankOf.set(socket, parsed.message.rank);
     if (parsed.message.kind === "metric") this.emit("metric", parsed.message);
     else this.emit("checkpoint", parsed.message);
   }
@@ -117,6 +126,27 @@ export class AgentSocketServer extends EventEmitter<AgentSocketEvents> {
   private reject(socket: net.Socket, error: AgentMessageError): void {
     this.logger.warn(error.message);
     socket.destroy();
+  }
+
+  /**
+   * Resolves once every line `rank` sent has been read: when no connection of that rank
+   * (or one that has sent nothing yet, which may be it) is still open, or after
+   * `timeoutMs`. A process's exit is seen before the kernel's last buffered socket bytes
+   * are read; waiting for its connection to close delivers them.
+   */
+  drained(rank: number, timeoutMs: number): Promise<void> {
+    const open = () => [...this.connections].some((socket) => (this.rankOf.get(socket) ?? rank) === rank);
+    if (!open()) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.closeWaiters.delete(check);
+        resolve();
+      };
+      const check = () => { if (!open()) done(); };
+      const timer = setTimeout(done, timeoutMs);
+      this.closeWaiters.add(check);
+    });
   }
 
   async close(): Promise<void> {

@@ -9,11 +9,12 @@ import { createLogger } from "./logger.js";
 import { WorkerAgent } from "./worker-agent.js";
 
 const usage = `usage: drover-worker --head HOST:PORT --node-name NAME --slots N --state-dir DIR
-  [--group NAME] [--advertise-address ADDR] [--head-lost-timeout-ms MS]
+  [--group NAME] [--advertise-address ADDR] [--head-lost-timeout-ms MS] [--upload-retry-ms MS]
 In a container every option may come from the environment instead (what an SDL sets):
 DROVER_HEAD, DROVER_NODE_NAME (default: the hostname), DROVER_SLOTS (default: the GPU
 count, else 1), DROVER_STATE_DIR (default /var/lib/drover), DROVER_GROUP,
-DROVER_ADVERTISE_ADDRESS. The join token is read from DROVER_JOIN_TOKEN or
+DROVER_ADVERTISE_ADDRESS, DROVER_UPLOAD_RETRY_MS (how long a failing checkpoint upload
+is tried again, default 15 minutes). The join token is read from DROVER_JOIN_TOKEN or
 --join-token-file (never from argv, which any local user can read).`;
 
 /** DROVER_STORAGE_CONFIG: the @drover/storage config as JSON (set in the container's env). */
@@ -26,6 +27,10 @@ function readStorageConfig(): StorageConfigInput | undefined {
     // The value holds credentials: name the variable, never echo it.
     throw new WorkerConfigError("DROVER_STORAGE_CONFIG is not valid JSON");
   }
+}
+
+function optionalNumber(text: string | undefined): number | undefined {
+  return text === undefined || text === "" ? undefined : Number(text);
 }
 
 /** One rank per GPU when the node has GPUs (what torchrun's --nproc-per-node=gpu does). */
@@ -50,6 +55,7 @@ async function main(): Promise<number> {
       group: { type: "string" },
       "advertise-address": { type: "string" },
       "head-lost-timeout-ms": { type: "string" },
+      "upload-retry-ms": { type: "string" },
       "join-token-file": { type: "string" },
       help: { type: "boolean" },
     },
@@ -72,6 +78,7 @@ async function main(): Promise<number> {
       group: values.group ?? env.DROVER_GROUP,
       advertiseAddress: values["advertise-address"] ?? env.DROVER_ADVERTISE_ADDRESS,
       headLostTimeoutMs: values["head-lost-timeout-ms"] ? Number(values["head-lost-timeout-ms"]) : undefined,
+      uploadRetryForMs: optionalNumber(values["upload-retry-ms"] ?? env.DROVER_UPLOAD_RETRY_MS),
       storage: readStorageConfig(),
     }, logger);
   } catch (error) {

@@ -11,7 +11,7 @@ import {
   ControlClient, LogStream, PROTOCOL_VERSION, callUnary, controlChannelOptions,
   type HeadMessage, type ICheckpointFile, type IStartJob, type IWorkerMessage,
 } from "@drover/proto";
-import { CheckpointStore, registerSecretValue, type StorageConfigInput } from "@drover/storage";
+import { CheckpointStore, isStoreOutage, registerSecretValue, type StorageConfigInput } from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
 import { JoinRefusedError, WorkerConfigError } from "./errors.js";
 import type { Logger } from "./logger.js";
@@ -33,6 +33,13 @@ export const workerOptionsSchema = z.object({
   /** Give up (stop trainers, exit) after the head is unreachable this long; 0 = never. */
   headLostTimeoutMs: z.number().int().nonnegative().default(0),
   stopGraceMs: z.number().int().nonnegative().default(5_000),
+  /**
+   * How long a checkpoint upload that fails on the store's side (unreachable, 5xx) is
+   * tried again, with backoff up to 30 s, before the step is reported lost. The rank's
+   * exit is held back meanwhile, so a job is never declared done while its last
+   * checkpoint is still on its way.
+   */
+  uploadRetryForMs: z.number().int().nonnegative().default(15 * 60_000),
   /**
    * Where checkpoints go (@drover/storage config, credentials included). Comes from the
    * node's own environment (DROVER_STORAGE_CONFIG), never over the control plane.
@@ -60,7 +67,17 @@ interface RunningJob {
    * by the next attempt.
    */
   uploads: AbortController;
+  /** Uploads in flight per local rank: a rank's exit is reported once its own are done. */
+  uploadsByRank: Map<number, Set<Promise<void>>>;
+  /** Exit reports still waiting for their rank's uploads; the job is cleaned up after them. */
+  exitReports: Set<Promise<void>>;
 }
+
+/** Backoff between whole-upload retries: 1 s doubling to 30 s. */
+const UPLOAD_RETRY_BASE_MS = 1_000;
+const UPLOAD_RETRY_MAX_MS = 30_000;
+/** A trainer's last socket lines may be read after its exit is seen; wait this long for them. */
+const SOCKET_DRAIN_MS = 2_000;
 
 /**
  * The drover-worker agent: dials the head (outbound only), registers with probed
@@ -229,7 +246,8 @@ export class WorkerAgent {
     }
     const uploads = new AbortController();
     setMaxListeners(256, uploads.signal);
-    this.jobs.set(jobId, { job, supervisor, socket, uploads });
+    const running: RunningJob = { job, supervisor, socket, uploads, uploadsByRank: new Map(), exitReports: new Set() };
+    this.jobs.set(jobId, running);
     // Listeners go on before anything is awaited: a fast trainer's first lines (or its
     // exit) would otherwise be emitted to no one.
     const ranks = [...supervisor.pids().keys()];
@@ -237,20 +255,28 @@ export class WorkerAgent {
     supervisor.on("line", ({ rank, stream, line }) => {
       this.send({ log: { jobId, rank, stream: stream === "stdout" ? LogStream.LOG_STREAM_STDOUT : LogStream.LOG_STREAM_STDERR, line, timeMs: Date.now() } });
     });
-    supervisor.on("exit", ({ rank, exitCode, signal, lastLines }) => {
-      this.send({ rankExit: { jobId, rank, exitCode, signal, lastLines } });
+    supervisor.on("exit", (exit) => {
       void this.writePidFile();
+      const report = this.reportRankExit(running, exit);
+      running.exitReports.add(report);
     });
     supervisor.on("allExited", () => {
-      this.jobs.delete(jobId);
-      void socket.close();
-      void this.writePidFile();
+      // The job's state goes once every exit is reported, i.e. after the ranks' uploads.
+      void Promise.allSettled([...running.exitReports]).then(async () => {
+        this.jobs.delete(jobId);
+        await socket.close();
+        await this.writePidFile();
+      });
     });
     socket.on("metric", (metric) => {
       this.send({ metric: { jobId, rank: metric.rank, step: metric.step, values: metric.values, timeMs: Date.now() } });
     });
     socket.on("checkpoint", (report) => {
-      void this.reportCheckpoint(jobId, report);
+      const upload = this.reportCheckpoint(jobId, report);
+      const pending = running.uploadsByRank.get(report.rank) ?? new Set<Promise<void>>();
+      running.uploadsByRank.set(report.rank, pending);
+      pending.add(upload);
+      void upload.finally(() => pending.delete(upload));
     });
     await this.writePidFile();
   }
@@ -282,6 +308,57 @@ export class WorkerAgent {
   }
 
   /**
+   * Tells the head a rank exited, but only after that rank's checkpoint uploads are done
+   * (stored, or failed and reported): the head decides the job's result from the exits,
+   * and a result declared while the last checkpoint is still uploading would lose it. A
+   * trainer's last socket lines can be read after its exit is seen, so the socket is
+   * given a moment to deliver them first.
+   */
+  private async reportRankExit(running: RunningJob, exit: { rank: number; exitCode: number; signal: string; lastLines: string[] }): Promise<void> {
+    const jobId = running.job.jobId ?? "";
+    await running.socket.drained(exit.rank, SOCKET_DRAIN_MS);
+    const pending = [...(running.uploadsByRank.get(exit.rank) ?? [])];
+    if (pending.length > 0) {
+      this.agentLog(jobId, `rank ${exit.rank} exited; reporting it once its ${pending.length} checkpoint upload${pending.length === 1 ? "" : "s"} finish`);
+      await Promise.allSettled(pending);
+    }
+    this.send({ rankExit: { jobId, rank: exit.rank, exitCode: exit.exitCode, signal: exit.signal, lastLines: exit.lastLines } });
+  }
+
+  /**
+   * One rank's upload of one step, tried again while the store is unreachable or failing
+   * (the transfer engine's own retries cover seconds; an outage can last minutes) until
+   * `uploadRetryForMs` has passed. Interrupted multipart uploads resume where they were.
+   * A failure that another try cannot fix (a missing file, refused credentials) or the
+   * job's stop ends it at once.
+   */
+  private async uploadWithRetry(running: RunningJob, report: CheckpointMessage, signal: AbortSignal) {
+    const jobId = running.job.jobId ?? "";
+    const deadline = Date.now() + this.options.uploadRetryForMs;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const uploaded = await this.checkpoints!.uploadRank({
+          run: running.job.runId ?? "",
+          step: report.step,
+          rank: report.rank,
+          dir: report.dir,
+          files: report.files,
+          signal,
+        });
+        if (attempt > 1) this.agentLog(jobId, `rank ${report.rank} checkpoint step ${report.step} stored after ${attempt} tries`);
+        return uploaded;
+      } catch (error) {
+        const delayMs = Math.min(UPLOAD_RETRY_MAX_MS, UPLOAD_RETRY_BASE_MS * 2 ** (attempt - 1));
+        if (signal.aborted || !isStoreOutage(error) || Date.now() + delayMs > deadline) throw error;
+        // One line per try, not one per request: the transfer engine's own retries stay quiet.
+        this.agentLog(jobId, `rank ${report.rank} checkpoint step ${report.step}: upload failed (${(error as Error).message}); trying again in ${Math.round(delayMs / 1000)}s (try ${attempt + 1}, giving up ${Math.round((deadline - Date.now()) / 1000)}s from now)`);
+        this.logger.warn("checkpoint upload failed; retrying", { jobId, step: report.step, rank: report.rank, attempt, delayMs, error: (error as Error).message });
+        await sleep(delayMs, signal);
+      }
+    }
+  }
+
+  /**
    * Uploads the files a rank reports for a checkpoint step (sha256 recorded with each
    * object) and reports them to the head, which commits the step once every rank has.
    * Without a store the files are only hashed: the head then cannot commit them.
@@ -293,19 +370,14 @@ export class WorkerAgent {
         const started = Date.now();
         const signal = AbortSignal.any([this.stopController.signal, running.uploads.signal]);
         setMaxListeners(256, signal); // every concurrent part transfer listens on it
-        const uploaded = await this.checkpoints.uploadRank({
-          run: running.job.runId ?? "",
-          step: report.step,
-          rank: report.rank,
-          dir: report.dir,
-          files: report.files,
-          signal,
-        });
+        const uploaded = await this.uploadWithRetry(running, report, signal);
         const bytes = uploaded.files.reduce((sum, file) => sum + file.size, 0);
         this.logger.info("checkpoint files uploaded", { jobId, step: report.step, rank: report.rank, bytes, ms: Date.now() - started });
         this.send({ checkpoint: { jobId, rank: report.rank, step: report.step, files: uploaded.files } });
       } catch (error) {
-        this.send({ checkpoint: { jobId, rank: report.rank, step: report.step, error: (error as Error).message } });
+        const message = (error as Error).message;
+        this.logger.error("checkpoint upload failed", { jobId, step: report.step, rank: report.rank, error: message });
+        this.send({ checkpoint: { jobId, rank: report.rank, step: report.step, error: message } });
       }
       return;
     }
