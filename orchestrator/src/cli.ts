@@ -8,7 +8,7 @@ import { parseArgs } from "node:util";
 import * as grpc from "@grpc/grpc-js";
 import { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions } from "@drover/proto";
 import { akashProgress, commandAkashSim, commandBids, commandSdl, upExpectations } from "./akash-cli.js";
-import { EMBEDDED_LOCAL_SPEC, loadClusterSpec, type ClusterSpec } from "./cluster-spec.js";
+import { EMBEDDED_LOCAL_SPEC, loadClusterSpec, localNodeCount, type ClusterSpec } from "./cluster-spec.js";
 import { DroverError, HeadUnreachableError, StateError } from "./errors.js";
 import { commandCkpt, openClusterStore } from "./ckpt-cli.js";
 import { newRunId, shipWorkingDir } from "./code-bundle.js";
@@ -430,12 +430,13 @@ async function commandDemo(args: string[]): Promise<number> {
   const onSignal = () => interrupted.abort(new Error("interrupted"));
   process.once("SIGINT", onSignal);
   process.once("SIGTERM", onSignal);
-  print(`drover demo: cluster ${spec.name}, ${spec.local.nodes} local nodes x ${spec.local.ranksPerNode} ranks (state in ${stateRoot})`);
+  const groups = spec.local.groups.map((group) => `${group.nodes} x ${group.ranksPerNode} ranks${spec.local.groups.length > 1 ? ` (${group.name})` : ""}`).join(" + ");
+  print(`drover demo: cluster ${spec.name}, local nodes ${groups} (state in ${stateRoot})`);
   try {
     await runPrepare(spec, interrupted.signal);
     await head.start();
-    print(`head listening on ${head.controlAddress}; waiting for ${spec.local.nodes} nodes`);
-    await head.waitForWorkers(spec.local.nodes, AbortSignal.any([interrupted.signal, AbortSignal.timeout(60_000)]));
+    print(`head listening on ${head.controlAddress}; waiting for ${localNodeCount(spec)} nodes`);
+    await head.waitForWorkers(localNodeCount(spec), AbortSignal.any([interrupted.signal, AbortSignal.timeout(60_000)]));
     for (const worker of head.registry.connected()) {
       const shmMiB = Math.round(Number(worker.resources.shmBytes ?? 0) / 2 ** 20);
       print(`  node ${worker.nodeName} joined: ${worker.slots} ranks, ${worker.resources.cpuCount} cpus, shm ${shmMiB} MiB`);
@@ -444,7 +445,7 @@ async function commandDemo(args: string[]): Promise<number> {
       if (line.rank < 0) print(`[drover] ${line.line}`);
       else if (line.rank === 0 || line.stream === "stderr") print(`[rank ${line.rank}] ${line.line}`);
     });
-    if (!values["no-failure"] && spec.provisioner === "local" && spec.local.nodes > 1 && head.checkpoints) injectNodeFailure(head, new StateDirectory(stateRoot), 10);
+    if (!values["no-failure"] && spec.provisioner === "local" && localNodeCount(spec) > 1 && head.checkpoints) injectNodeFailure(head, new StateDirectory(stateRoot), 10);
     const job = await head.submit({ command: spec.job.command, workingDir: spec.job.workingDir, env: spec.job.env });
     print(`submitted ${job.jobId}: ${spec.job.command.join(" ")}`);
     const final = await head.waitForJob(job.jobId, interrupted.signal);

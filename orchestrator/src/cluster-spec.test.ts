@@ -5,9 +5,19 @@ import { SpecError } from "./errors.js";
 describe("cluster spec", () => {
   it("fills defaults and compiles durations to milliseconds", () => {
     const spec = parseClusterSpecYaml("name: demo\nhead:\n  heartbeatTimeout: 2m\n", "/tmp/spec.yaml");
-    expect(spec.local).toEqual({ nodes: 2, ranksPerNode: 2 });
+    expect(spec.local).toEqual({ groups: [{ name: "local", nodes: 2, ranksPerNode: 2 }] });
     expect(spec.head.heartbeatTimeoutMs).toBe(120_000);
     expect(spec.head.heartbeatIntervalMs).toBe(1_000);
+  });
+
+  it("reads the one-group shorthand and local.groups, and checks groups as a whole", () => {
+    expect(parseClusterSpecYaml("local:\n  nodes: 3\n", "/tmp/s.yaml").local).toEqual({ groups: [{ name: "local", nodes: 3, ranksPerNode: 2 }] });
+    const two = parseClusterSpecYaml("local:\n  groups:\n    - {name: a100, nodes: 2, ranksPerNode: 2}\n    - {name: rtx8000, nodes: 1, ranksPerNode: 1}\n", "/tmp/g.yaml");
+    expect(two.local.groups.map((group) => group.name)).toEqual(["a100", "rtx8000"]);
+    expect(() => parseClusterSpecYaml("local:\n  groups:\n    - {name: A100, nodes: 2, ranksPerNode: 2}\n", "/tmp/g.yaml")).toThrow(/local\.groups\[0\]\.name: lower-case letters/);
+    expect(() => parseClusterSpecYaml("local:\n  groups:\n    - {name: a, nodes: 9, ranksPerNode: 1}\n    - {name: b, nodes: 9, ranksPerNode: 1}\n", "/tmp/g.yaml")).toThrow(/local\.groups: has 18 nodes in all; local mode runs at most 16/);
+    expect(() => parseClusterSpecYaml("local:\n  ranksPerNode: 1\n  groups:\n    - {name: a, nodes: 1, ranksPerNode: 1}\n", "/tmp/g.yaml")).toThrow(/local\.ranksPerNode: is the one-group shorthand/);
+    expect(() => parseClusterSpecYaml("local:\n  groups: []\n", "/tmp/g.yaml")).toThrow(/local\.groups: /);
   });
 
   it("reads head.advertise and refuses a URL there, naming the field", () => {

@@ -76,6 +76,23 @@ const akashSpecSchema = z.object({
   escrow: akashEscrowSchema.prefault({}),
 }).strict();
 
+/** Local mode runs at most this many nodes (worker processes) in all. */
+const MAX_LOCAL_NODES = 16;
+/** Groups a job may span (the cross-provider bridge is designed for up to 8). */
+const MAX_GROUPS = 8;
+
+const localGroupSchema = z.object({
+  name: z.string().regex(/^[a-z][a-z0-9-]{0,31}$/, "lower-case letters, digits and '-', starting with a letter, at most 32"),
+  nodes: z.number().int().min(1).max(MAX_LOCAL_NODES),
+  ranksPerNode: z.number().int().min(1).max(64),
+}).strict();
+
+export interface LocalGroup {
+  name: string;
+  nodes: number;
+  ranksPerNode: number;
+}
+
 export const clusterSpecSchema = z.object({
   name: name.default("local"),
   provisioner: z.enum(["local", "akash"]).default("local"),
@@ -95,10 +112,29 @@ export const clusterSpecSchema = z.object({
     /** How long to wait for the requested workers before a job fails. */
     workerWaitTimeout: durationMs.default(120_000),
   }).strict().default({ host: "127.0.0.1", port: 0, heartbeatInterval: 1_000, heartbeatTimeout: 10_000, workerWaitTimeout: 120_000 }),
+  /**
+   * Local mode: `nodes` x `ranksPerNode` is one group named `local`; `groups` lists
+   * several, each its own torch world as a provider group is (cross-group training goes
+   * through the bridge).
+   */
   local: z.object({
-    nodes: z.number().int().min(1).max(16).default(2),
-    ranksPerNode: z.number().int().min(1).max(64).default(2),
-  }).strict().default({ nodes: 2, ranksPerNode: 2 }),
+    nodes: z.number().int().min(1).max(MAX_LOCAL_NODES).optional(),
+    ranksPerNode: z.number().int().min(1).max(64).optional(),
+    groups: z.array(localGroupSchema).min(1).max(MAX_GROUPS).optional(),
+  }).strict().superRefine((local, ctx) => {
+    if (local.groups === undefined) return;
+    for (const field of ["nodes", "ranksPerNode"] as const) {
+      if (local[field] !== undefined) ctx.addIssue({ code: "custom", path: [field], message: "is the one-group shorthand; with groups, give each group its own" });
+    }
+    const seen = new Set<string>();
+    local.groups.forEach((group, index) => {
+      if (seen.has(group.name)) ctx.addIssue({ code: "custom", path: ["groups", index, "name"], message: `${group.name} is used by an earlier group; group names must be unique` });
+      seen.add(group.name);
+    });
+    const total = local.groups.reduce((sum, group) => sum + group.nodes, 0);
+    if (total > MAX_LOCAL_NODES) ctx.addIssue({ code: "custom", path: ["groups"], message: `has ${total} nodes in all; local mode runs at most ${MAX_LOCAL_NODES}` });
+  }).transform((local): LocalGroup[] => local.groups ?? [{ name: "local", nodes: local.nodes ?? 2, ranksPerNode: local.ranksPerNode ?? 2 }])
+    .default(() => [{ name: "local", nodes: 2, ranksPerNode: 2 }]),
   /** The job `drover demo` submits, and the default of `drover submit` without a command. */
   job: jobSpecSchema.optional(),
   /**
@@ -128,7 +164,8 @@ export interface ClusterSpec {
   name: string;
   provisioner: "local" | "akash";
   head: { host: string; port: number; advertise?: string; heartbeatIntervalMs: number; heartbeatTimeoutMs: number; workerWaitTimeoutMs: number };
-  local: { nodes: number; ranksPerNode: number };
+  /** Local mode's groups (one named `local` for the nodes/ranksPerNode shorthand). */
+  local: { groups: LocalGroup[] };
   job?: { command: string[]; workingDir: string; env: Record<string, string>; prepare?: string[] };
   /** Validated storage config as written (secrets stay where the user put them); undefined = embedded. */
   storage?: StorageConfigInput;
@@ -185,7 +222,7 @@ export function compileClusterSpec(raw: unknown, source: string): ClusterSpec {
       heartbeatTimeoutMs: spec.head.heartbeatTimeout,
       workerWaitTimeoutMs: spec.head.workerWaitTimeout,
     },
-    local: spec.local,
+    local: { groups: spec.local },
     job: spec.job && {
       command: spec.job.command,
       workingDir: isAbsolute(spec.job.workingDir) ? spec.job.workingDir : resolve(baseDir, spec.job.workingDir),
@@ -242,3 +279,16 @@ export async function loadClusterSpec(path: string): Promise<ClusterSpec> {
 
 /** examples/local.yaml, the spec `drover up` and `drover demo` use when given none. */
 export const EMBEDDED_LOCAL_SPEC = fileURLToPath(new URL("../../examples/local.yaml", import.meta.url));
+
+/** Nodes a local spec starts, in all groups. */
+export function localNodeCount(spec: Pick<ClusterSpec, "local">): number {
+  return spec.local.groups.reduce((sum, group) => sum + group.nodes, 0);
+}
+
+/**
+ * Node names of a local group: `local-<i>` for the one-group shorthand (and a group
+ * named `local`), `<group>-<i>` otherwise; unique because group names are.
+ */
+export function localNodeName(group: LocalGroup, index: number): string {
+  return `${group.name}-${index}`;
+}

@@ -4,7 +4,7 @@ import type { ICheckpointReport, ILogLine, IMetricReport, IRankExit } from "@dro
 import { LogStream } from "@drover/proto";
 import { JobRequestError } from "./errors.js";
 import type { Logger } from "./logger.js";
-import { assignRanks, type NodeAssignment } from "./rank-assignment.js";
+import { assignRanks, topologyFor, type NodeAssignment } from "./rank-assignment.js";
 import type { RegisteredWorker, WorkerRegistry } from "./worker-registry.js";
 
 /**
@@ -267,13 +267,8 @@ export class JobController extends EventEmitter<JobEvents> {
           runId: job.runId,
           command: job.request.command,
           workingDir: job.request.workingDir,
-          env: {
-            ...job.request.env,
-            DROVER_GLOBAL_RANK_OFFSET: String(assignment.globalRankOffset),
-            DROVER_GLOBAL_WORLD_SIZE: String(assignment.globalWorldSize),
-            DROVER_GROUP_INDEX: String(assignment.groupIndex),
-            DROVER_GROUP_COUNT: String(assignment.groupCount),
-          },
+          env: job.request.env,
+          topology: topologyFor(job.assignments, assignment),
           worldSize: assignment.worldSize,
           rankOffset: assignment.rankOffset,
           localWorldSize: assignment.localWorldSize,

@@ -1,3 +1,5 @@
+import type { IJobTopology } from "@drover/proto";
+
 /** A node that can take part in a job. */
 export interface RankCandidate {
   workerId: string;
@@ -68,4 +70,26 @@ export function assignRanks(candidates: readonly RankCandidate[]): NodeAssignmen
     groupIndex += 1;
   }
   return assignments;
+}
+
+/**
+ * What StartJob tells one node about the whole job: every group (size, nodes, global
+ * rank offset, leader and its address) and where this node's ranks sit globally.
+ */
+export function topologyFor(assignments: readonly NodeAssignment[], node: NodeAssignment): IJobTopology {
+  const leaders = assignments.filter((assignment) => assignment.groupRank === 0).sort((a, b) => a.groupIndex - b.groupIndex);
+  return {
+    groupIndex: node.groupIndex,
+    globalWorldSize: node.globalWorldSize,
+    globalRankOffset: node.globalRankOffset,
+    groups: leaders.map((leader) => ({
+      name: leader.group,
+      index: leader.groupIndex,
+      worldSize: leader.worldSize,
+      nodeCount: assignments.filter((assignment) => assignment.group === leader.group).length,
+      globalRankOffset: leader.globalRankOffset,
+      leaderNode: leader.nodeName,
+      leaderAddress: leader.masterAddr,
+    })),
+  };
 }

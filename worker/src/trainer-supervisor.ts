@@ -4,6 +4,7 @@ import { stat } from "node:fs/promises";
 import { createInterface } from "node:readline";
 import { LOG_LINE_MAX_CHARS, type IStartJob } from "@drover/proto";
 import { TrainerLaunchError } from "./errors.js";
+import { readTopology, topologyEnvironment } from "./job-topology.js";
 import type { Logger } from "./logger.js";
 
 /** How many trailing lines per rank are kept to explain a failure. */
@@ -61,7 +62,7 @@ export class TrainerSupervisor extends EventEmitter<SupervisorEvents> {
       MASTER_PORT: String(job.masterPort ?? 29500),
       DROVER_RUN_ID: job.runId ?? "",
       DROVER_JOB_ID: job.jobId ?? "",
-      DROVER_GROUP: job.group ?? "",
+      ...topologyEnvironment(readTopology(job)),
       DROVER_CKPT_DIR: extra.ckptDir,
       DROVER_AGENT_SOCKET: extra.agentSocket,
       PYTHONUNBUFFERED: "1",
@@ -80,6 +81,7 @@ export class TrainerSupervisor extends EventEmitter<SupervisorEvents> {
     const cwdStat = await stat(cwd).catch(() => undefined);
     if (!cwdStat?.isDirectory()) throw new TrainerLaunchError(`working directory ${cwd} does not exist on this node`, { jobId: job.jobId, cwd });
 
+    const topology = readTopology(job);
     const supervisor = new TrainerSupervisor(job.jobId ?? "", logger);
     const localWorldSize = job.localWorldSize ?? 1;
     supervisor.remaining = localWorldSize;
@@ -87,7 +89,7 @@ export class TrainerSupervisor extends EventEmitter<SupervisorEvents> {
       const rank = (job.rankOffset ?? 0) + localRank;
       const child = spawn(program, args, {
         cwd,
-        env: { ...env, RANK: String(rank), LOCAL_RANK: String(localRank) },
+        env: { ...env, RANK: String(rank), LOCAL_RANK: String(localRank), DROVER_GLOBAL_RANK: String(topology.globalRankOffset + localRank) },
         stdio: ["ignore", "pipe", "pipe"],
         detached: true,
       });

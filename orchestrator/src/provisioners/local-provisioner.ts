@@ -4,7 +4,7 @@ import { mkdir, readFile } from "node:fs/promises";
 import net from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import type { ClusterSpec } from "../cluster-spec.js";
+import { localNodeCount, localNodeName, type ClusterSpec, type LocalGroup } from "../cluster-spec.js";
 import { ProvisionError } from "../errors.js";
 import type { Logger } from "../logger.js";
 import { processAlive, processCommandLine, signalGroup, type StateDirectory } from "../state-store.js";
@@ -52,6 +52,8 @@ export class LocalProvisioner implements Provisioner {
   private readonly children = new Map<string, ChildProcess>();
   private readonly records = new Map<string, LocalNodeRecord>();
   private readonly respawns = new Map<string, number>();
+  /** Each node's group, for starting it again under the same name. */
+  private readonly groupOf = new Map<string, LocalGroup>();
   private recordWrites: Promise<void> = Promise.resolve();
   private context: ProvisionContext | undefined;
   private stopping = false;
@@ -59,17 +61,20 @@ export class LocalProvisioner implements Provisioner {
   constructor(private readonly spec: ClusterSpec) {}
 
   expectedNodes(): number {
-    return this.spec.local.nodes;
+    return localNodeCount(this.spec);
   }
 
   async provision(context: ProvisionContext): Promise<ProvisionedNode[]> {
     this.context = context;
     const nodes: ProvisionedNode[] = [];
-    for (let index = 0; index < this.spec.local.nodes; index++) {
-      context.signal.throwIfAborted();
-      const nodeName = `local-${index}`;
-      const pid = await this.startNode(nodeName, context);
-      nodes.push({ nodeName, group: "local", handle: `pid ${pid}` });
+    for (const group of this.spec.local.groups) {
+      for (let index = 0; index < group.nodes; index++) {
+        context.signal.throwIfAborted();
+        const nodeName = localNodeName(group, index);
+        this.groupOf.set(nodeName, group);
+        const pid = await this.startNode(nodeName, context);
+        nodes.push({ nodeName, group: group.name, handle: `pid ${pid}` });
+      }
     }
     return nodes;
   }
@@ -77,6 +82,7 @@ export class LocalProvisioner implements Provisioner {
   /** Starts one node's agent and records its pid before returning. */
   private async startNode(nodeName: string, context: ProvisionContext): Promise<number> {
     const { program, args: programArgs } = findWorkerProgram();
+    const group = this.groupOf.get(nodeName)!;
     const stateDir = context.state.path("workers", nodeName);
     await mkdir(stateDir, { recursive: true });
     const logFd = openSync(context.state.path("workers", `${nodeName}.log`), "a");
@@ -86,8 +92,8 @@ export class LocalProvisioner implements Provisioner {
         ...programArgs,
         "--head", context.headAddress,
         "--node-name", nodeName,
-        "--group", "local",
-        "--slots", String(this.spec.local.ranksPerNode),
+        "--group", group.name,
+        "--slots", String(group.ranksPerNode),
         "--state-dir", stateDir,
         // A worker whose head vanished for good stops its trainers and exits by itself.
         "--head-lost-timeout-ms", String(Math.max(60_000, this.spec.head.heartbeatTimeoutMs * 6)),

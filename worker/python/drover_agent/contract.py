@@ -31,6 +31,12 @@ class TrainerEnv:
     ckpt_dir: str | None
     resume_dir: str | None
     agent_socket: str | None
+    # The whole job across groups (each group is its own torch world; without Drover,
+    # one group holding every rank).
+    group_index: int = 0
+    group_count: int = 1
+    global_rank: int = 0
+    global_world_size: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "TrainerEnv":
@@ -50,4 +56,8 @@ class TrainerEnv:
             ckpt_dir=env.get("DROVER_CKPT_DIR") or None,
             resume_dir=env.get("DROVER_RESUME_DIR") or None,
             agent_socket=env.get("DROVER_AGENT_SOCKET") or None,
+            group_index=_int(env, "DROVER_GROUP_INDEX", 0),
+            group_count=_int(env, "DROVER_GROUP_COUNT", 1),
+            global_rank=_int(env, "DROVER_GLOBAL_RANK", _int(env, "RANK", 0)),
+            global_world_size=_int(env, "DROVER_GLOBAL_WORLD_SIZE", _int(env, "WORLD_SIZE", 1)),
         )

@@ -138,5 +138,10 @@ def test_trainer_env_reads_the_contract():
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.group_rank) == (5, 8, 1, 4, 1)
     assert (env.master_addr, env.master_port, env.run_id, env.ckpt_dir, env.resume_dir) == ("10.0.0.1", 29500, "r1", "/ck", "/ck/100")
     assert TrainerEnv.from_env({}).world_size == 1
+    # Plain torchrun: one group holding every rank.
+    assert (env.group_index, env.group_count, env.global_rank, env.global_world_size) == (0, 1, 5, 8)
+    spanning = TrainerEnv.from_env({"RANK": "1", "WORLD_SIZE": "4", "DROVER_GROUP_INDEX": "1", "DROVER_GROUP_COUNT": "2",
+                                    "DROVER_GLOBAL_RANK": "17", "DROVER_GLOBAL_WORLD_SIZE": "20"})
+    assert (spanning.rank, spanning.group_index, spanning.group_count, spanning.global_rank, spanning.global_world_size) == (1, 1, 2, 17, 20)
     with pytest.raises(ValueError, match="RANK='x'"):
         TrainerEnv.from_env({"RANK": "x"})

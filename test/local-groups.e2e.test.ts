@@ -1,0 +1,87 @@
+// Several local groups, end to end: the real CLI, head and workers with
+// `local.groups`. Each group is its own torch world with its own rendezvous (as a
+// provider group is: no collective crosses groups), and every rank sees the whole job's
+// topology in typed StartJob fields turned into the trainer contract's variables.
+import { spawnSync } from "node:child_process";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const cli = join(root, "orchestrator", "dist", "cli.js");
+const minimalDir = join(root, "examples", "minimal");
+
+let scratch: string;
+const drover = (args: string[]) => {
+  const result = spawnSync(process.execPath, [cli, ...args], { env: { ...process.env, DROVER_STATE_DIR: join(scratch, "state") }, encoding: "utf8", timeout: 120_000 });
+  return { code: result.status, stdout: result.stdout, stderr: result.stderr };
+};
+
+describe("local mode with several groups", { timeout: 180_000 }, () => {
+  beforeAll(async () => {
+    scratch = await mkdtemp(join(os.tmpdir(), "drover-groups-"));
+  });
+  afterAll(async () => {
+    drover(["down"]);
+    await rm(scratch, { recursive: true, force: true });
+  });
+
+  it("refuses a group spec that mixes the shorthand in or repeats a name, naming the field", async () => {
+    const bad = join(scratch, "bad.json");
+    await writeFile(bad, JSON.stringify({ local: { nodes: 2, groups: [{ name: "alpha", nodes: 1, ranksPerNode: 1 }, { name: "alpha", nodes: 1, ranksPerNode: 1 }] } }));
+    const result = drover(["up", bad]);
+    expect(result.code).toBe(2);
+    expect(result.stderr).toContain("local.nodes: is the one-group shorthand");
+    expect(result.stderr).toContain("local.groups[1].name: alpha is used by an earlier group");
+  });
+
+  it("starts each group's nodes, runs one torch world per group, and gives every rank the job's topology", async () => {
+    const spec = join(scratch, "groups.json");
+    await writeFile(spec, JSON.stringify({
+      name: "groups",
+      local: { groups: [{ name: "beta", nodes: 2, ranksPerNode: 1 }, { name: "alpha", nodes: 1, ranksPerNode: 2 }] },
+    }));
+    const up = drover(["up", spec]);
+    expect(up.code, up.stdout + up.stderr).toBe(0);
+    expect(up.stdout).toContain("3/3 nodes connected");
+
+    const torch = drover(["submit", "--working-dir", minimalDir, "--", "python", "allreduce_train.py", "--steps", "2"]);
+    expect(torch.code, torch.stdout + torch.stderr).toBe(0);
+    const results = [...torch.stdout.matchAll(/RESULT rank=(\d) world=(\d) local_rank=(\d) rank_sum=(\d+) weights_agree=(\w+)/g)];
+    expect(results).toHaveLength(4);
+    // Two worlds of 2 ranks each (0+1 in each), never one world of 4.
+    for (const match of results) {
+      expect(match[2]).toBe("2");
+      expect(match[4]).toBe("1");
+      expect(match[5]).toBe("True");
+    }
+
+    const probe = join(scratch, "topology.py");
+    await writeFile(probe, [
+      "import os",
+      "keys = ['RANK', 'WORLD_SIZE', 'DROVER_GROUP', 'DROVER_GROUP_INDEX', 'DROVER_GROUP_COUNT', 'DROVER_GROUPS', 'DROVER_GLOBAL_RANK', 'DROVER_GLOBAL_WORLD_SIZE']",
+      "print('TOPOLOGY ' + ' '.join(f'{k}={os.environ[k]}' for k in keys), flush=True)",
+    ].join("\n") + "\n");
+    const submit = drover(["submit", "--working-dir", scratch, "--", "python", "topology.py"]);
+    expect(submit.code, submit.stdout + submit.stderr).toBe(0);
+    const lines = [...submit.stdout.matchAll(/TOPOLOGY (.+)/g)].map((match) => Object.fromEntries(match[1]!.trim().split(" ").map((pair) => pair.split("=") as [string, string])));
+    expect(lines).toHaveLength(4);
+    // Groups are ordered by name: alpha (1 node x 2 ranks) is group 0 with global ranks 0-1.
+    const byGlobal = lines.sort((a, b) => Number(a["DROVER_GLOBAL_RANK"]) - Number(b["DROVER_GLOBAL_RANK"]));
+    expect(byGlobal.map((env) => [env["DROVER_GLOBAL_RANK"], env["DROVER_GROUP"], env["DROVER_GROUP_INDEX"], env["RANK"], env["WORLD_SIZE"]])).toEqual([
+      ["0", "alpha", "0", "0", "2"],
+      ["1", "alpha", "0", "1", "2"],
+      ["2", "beta", "1", "0", "2"],
+      ["3", "beta", "1", "1", "2"],
+    ]);
+    for (const env of byGlobal) {
+      expect(env["DROVER_GROUP_COUNT"]).toBe("2");
+      expect(env["DROVER_GROUPS"]).toBe("alpha:2,beta:2");
+      expect(env["DROVER_GLOBAL_WORLD_SIZE"]).toBe("4");
+    }
+    const status = drover(["status"]);
+    for (const node of ["alpha-0", "beta-0", "beta-1"]) expect(status.stdout).toMatch(new RegExp(`${node} \\(w-\\w+\\) connected`));
+  });
+});
