@@ -25,3 +25,11 @@ export class AgentMessageError extends WorkerError {
 export class WorkerConfigError extends WorkerError {
   override readonly name = "WorkerConfigError";
 }
+
+/**
+ * A cross-provider bridge frame that cannot be used: damaged (checksum), malformed, out of
+ * bounds, or not the tensor, step or shape expected. Names the tensor and chunk.
+ */
+export class BridgeFrameError extends WorkerError {
+  override readonly name = "BridgeFrameError";
+}
