@@ -33,3 +33,18 @@ export class WorkerConfigError extends WorkerError {
 export class BridgeFrameError extends WorkerError {
   override readonly name = "BridgeFrameError";
 }
+
+/** A bridge peer that could not authenticate (wrong job secret), or refused us. Never carries key material. */
+export class BridgeAuthError extends WorkerError {
+  override readonly name = "BridgeAuthError";
+}
+
+/** An outer-step exchange that could not complete (a peer gone, silent or inconsistent). */
+export class BridgeExchangeError extends WorkerError {
+  override readonly name = "BridgeExchangeError";
+}
+
+/** A trainer's checkpoint report names files outside its rank's checkpoint directory, or none that exist. */
+export class CheckpointReportError extends WorkerError {
+  override readonly name = "CheckpointReportError";
+}

@@ -60,14 +60,27 @@ export function bytesPerElement(codec: Codec): number {
 
 /** Encodes one chunk (`values`, the elements of the tensor from `elementOffset` on). */
 export function encodeFrame(header: Omit<FrameHeader, "elements">, values: Float32Array): Buffer {
+  const parts = encodeFrameParts(header, values);
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+}
+
+/**
+ * The same frame as a list of buffers to write in order: for fp32 the payload is a view
+ * of `values` itself (no copy; `values` must not change until the frame is on the wire),
+ * for the other codecs header and encoded payload share one buffer.
+ */
+export function encodeFrameParts(header: Omit<FrameHeader, "elements">, values: Float32Array): Buffer[] {
   const elements = values.length;
   checkHeader({ ...header, elements }, "encode");
   const job = Buffer.from(header.job, "utf8");
   const tensor = Buffer.from(header.tensor, "utf8");
-  const payloadBytes = elements * BYTES_PER_ELEMENT[header.codec];
   const headerBytes = FIXED_HEADER_BYTES + 4 * header.shape.length + job.length + tensor.length;
-  const frame = Buffer.alloc(headerBytes + payloadBytes);
-  const { scale, zeroPoint } = encodePayload(header.codec, values, frame.subarray(headerBytes));
+  const inline = header.codec !== "fp32";
+  const payloadBytes = elements * BYTES_PER_ELEMENT[header.codec];
+  // Every byte is written below (header fields, names, payload), so no zero fill.
+  const frame = Buffer.allocUnsafe(headerBytes + (inline ? payloadBytes : 0));
+  const payload = inline ? frame.subarray(headerBytes) : Buffer.from(values.buffer, values.byteOffset, values.byteLength);
+  const { scale, zeroPoint } = inline ? encodePayload(header.codec, values, payload) : { scale: 1, zeroPoint: 0 };
   let at = 0;
   at = frame.writeUInt32LE(FRAME_MAGIC, at);
   at = frame.writeUInt8(FRAME_VERSION, at);
@@ -87,8 +100,12 @@ export function encodeFrame(header: Omit<FrameHeader, "elements">, values: Float
   for (const dim of header.shape) at = frame.writeUInt32LE(dim, at);
   at += job.copy(frame, at);
   tensor.copy(frame, at);
-  frame.writeUInt32LE(frameChecksum(frame), CRC_OFFSET);
-  return frame;
+  if (inline) {
+    frame.writeUInt32LE(frameChecksum(frame), CRC_OFFSET);
+    return [frame];
+  }
+  frame.writeUInt32LE(crc32(payload, frameChecksum(frame)), CRC_OFFSET);
+  return [frame, payload];
 }
 
 const ZERO_CRC_FIELD = Buffer.alloc(4);
@@ -101,6 +118,22 @@ function frameChecksum(frame: Buffer): number {
 
 /** Decodes and checks one frame; every problem is a BridgeFrameError naming what and where. */
 export function decodeFrame(frame: Uint8Array): Frame {
+  const read = readFrame(frame);
+  const values = new Float32Array(read.header.elements);
+  decodePayloadInto(read, values);
+  return { ...read.header, values };
+}
+
+/** A checked frame whose payload is not decoded yet. */
+export interface ReadFrame {
+  header: FrameHeader;
+  payload: Buffer;
+  scale: number;
+  zeroPoint: number;
+}
+
+/** Parses and checks a frame's header, bounds and checksum, leaving the payload encoded. */
+export function readFrame(frame: Uint8Array): ReadFrame {
   const buffer = Buffer.from(frame.buffer, frame.byteOffset, frame.byteLength);
   const fail = (message: string, context: Record<string, unknown> = {}) => new BridgeFrameError(`bridge frame: ${message}`, context);
   if (buffer.length < FIXED_HEADER_BYTES) throw fail(`${buffer.length} bytes is shorter than the ${FIXED_HEADER_BYTES}-byte header`);
@@ -138,8 +171,10 @@ export function decodeFrame(frame: Uint8Array): Frame {
   if (actual !== crc) throw fail(`tensor ${tensor} chunk ${chunkIndex}: checksum mismatch (crc32 ${actual.toString(16)}, frame says ${crc.toString(16)})`, where);
   const header: FrameHeader = { job, outerStep, tensor, shape, chunkIndex, chunkCount, elementOffset, elements, codec };
   checkHeader(header, "decode");
-  const values = decodePayload(codec, buffer.subarray(headerBytes), elements, scale, zeroPoint);
-  return { ...header, values };
+  if (codec === "int8" && (!Number.isFinite(scale) || !Number.isFinite(zeroPoint) || scale <= 0)) {
+    throw fail(`tensor ${tensor} chunk ${chunkIndex}: int8 scale ${scale} and zero point ${zeroPoint} are not usable`, where);
+  }
+  return { header, payload: buffer.subarray(headerBytes), scale, zeroPoint };
 }
 
 function checkHeader(header: FrameHeader, when: "encode" | "decode"): void {
@@ -226,42 +261,50 @@ function encodePayload(codec: Codec, values: Float32Array, out: Buffer): { scale
     case "int8": {
       // Per-chunk affine quantisation to 256 levels between the chunk's min and max
       // (what INTELLECT-1 does for its pseudo-gradients): error at most scale / 2.
+      const length = values.length;
       let min = Number.POSITIVE_INFINITY;
       let max = Number.NEGATIVE_INFINITY;
-      for (const value of values) {
-        if (!Number.isFinite(value)) throw new BridgeFrameError(`int8 codec: a chunk holds ${value}; pseudo-gradients must be finite`, {});
+      let nan = false;
+      for (let index = 0; index < length; index++) {
+        const value = values[index]!;
         if (value < min) min = value;
         if (value > max) max = value;
+        if (value !== value) nan = true;
       }
-      if (values.length === 0) return { scale: 1, zeroPoint: 0 };
+      if (length === 0) return { scale: 1, zeroPoint: 0 };
+      if (nan || !Number.isFinite(max - min)) throw new BridgeFrameError("int8 codec: a chunk holds NaN or an infinity; pseudo-gradients must be finite", {});
       f32[0] = (max - min) / 255;
       const scale = f32[0] > 0 ? f32[0] : 1;
       f32[0] = min;
       const zeroPoint = f32[0];
-      for (let index = 0; index < values.length; index++) {
-        out[index] = Math.max(0, Math.min(255, Math.round((values[index]! - zeroPoint) / scale)));
+      const inverse = 1 / scale;
+      // Rounds half up; the clamp guards the top level against rounding in `inverse`.
+      for (let index = 0; index < length; index++) {
+        const level = ((values[index]! - zeroPoint) * inverse + 0.5) | 0;
+        out[index] = level > 255 ? 255 : level < 0 ? 0 : level;
       }
       return { scale, zeroPoint };
     }
   }
 }
 
-function decodePayload(codec: Codec, payload: Buffer, elements: number, scale: number, zeroPoint: number): Float32Array {
-  const values = new Float32Array(elements);
+/** Decodes a checked frame's payload into `target` (exactly its elements long). */
+export function decodePayloadInto(read: ReadFrame, target: Float32Array): void {
+  const { payload, scale, zeroPoint } = read;
+  const { codec, elements } = read.header;
   switch (codec) {
     case "fp32":
-      Buffer.from(values.buffer).set(payload.subarray(0, 4 * elements));
-      return values;
+      Buffer.from(target.buffer, target.byteOffset, 4 * elements).set(payload.subarray(0, 4 * elements));
+      return;
     case "bf16":
-      for (let index = 0; index < elements; index++) values[index] = fromBfloat16Bits(payload.readUInt16LE(2 * index));
-      return values;
+      for (let index = 0; index < elements; index++) target[index] = fromBfloat16Bits(payload.readUInt16LE(2 * index));
+      return;
     case "fp16":
-      for (let index = 0; index < elements; index++) values[index] = fromFloat16Bits(payload.readUInt16LE(2 * index));
-      return values;
+      for (let index = 0; index < elements; index++) target[index] = fromFloat16Bits(payload.readUInt16LE(2 * index));
+      return;
     case "int8":
-      if (!Number.isFinite(scale) || !Number.isFinite(zeroPoint) || scale <= 0) throw new BridgeFrameError(`int8 frame with scale ${scale} and zero point ${zeroPoint}`, {});
-      for (let index = 0; index < elements; index++) values[index] = payload[index]! * scale + zeroPoint;
-      return values;
+      for (let index = 0; index < elements; index++) target[index] = payload[index]! * scale + zeroPoint;
+      return;
   }
 }
 
@@ -291,17 +334,34 @@ export function encodeTensor(
  * chunk twice, or a chunk out of place is refused naming the tensor and chunk.
  */
 export class TensorAssembler {
-  private readonly values: Float32Array;
+  /** Where the tensor is assembled (filled as chunks arrive). */
+  readonly target: Float32Array;
   /** chunk index -> [element offset, elements] */
   private readonly chunks = new Map<number, [number, number]>();
+  private readonly byOffset = new Map<number, number>();
   private chunkCount: number | undefined;
+  /** Elements from 0 that have all arrived (frames come in order on one link: usually all so far). */
+  contiguousElements = 0;
 
-  constructor(readonly expected: { job: string; outerStep: number; tensor: string; shape: number[] }) {
-    this.values = new Float32Array(expected.shape.reduce((product, dim) => product * dim, 1));
+  /** `into`: where to assemble (reused memory), exactly the tensor's size; else a new array. */
+  constructor(readonly expected: { job: string; outerStep: number; tensor: string; shape: number[] }, into?: Float32Array) {
+    const elements = expected.shape.reduce((product, dim) => product * dim, 1);
+    if (into && into.length !== elements) throw new BridgeFrameError(`tensor ${expected.tensor}: a buffer of ${into.length} elements cannot hold shape ${JSON.stringify(expected.shape)}`, { tensor: expected.tensor });
+    this.target = into ?? new Float32Array(elements);
   }
 
   /** Adds one decoded frame; returns the whole tensor after its last chunk, else undefined. */
   add(frame: Frame): Float32Array | undefined {
+    return this.place(frame, () => this.target.set(frame.values, frame.elementOffset));
+  }
+
+  /** Adds one checked, still encoded frame, decoding it straight into the tensor (one copy). */
+  addRead(read: ReadFrame): Float32Array | undefined {
+    const { header } = read;
+    return this.place(header, () => decodePayloadInto(read, this.target.subarray(header.elementOffset, header.elementOffset + header.elements)));
+  }
+
+  private place(frame: FrameHeader, write: () => void): Float32Array | undefined {
     const { expected } = this;
     const fail = (message: string) => new BridgeFrameError(`tensor ${frame.tensor} chunk ${frame.chunkIndex}: ${message}`, { tensor: frame.tensor, chunkIndex: frame.chunkIndex });
     if (frame.tensor !== expected.tensor) throw fail(`expected tensor ${expected.tensor}`);
@@ -311,7 +371,12 @@ export class TensorAssembler {
     this.chunkCount = frame.chunkCount;
     if (this.chunks.has(frame.chunkIndex)) throw fail("arrived twice");
     this.chunks.set(frame.chunkIndex, [frame.elementOffset, frame.elements]);
-    this.values.set(frame.values, frame.elementOffset);
+    write();
+    if (frame.elements > 0) this.byOffset.set(frame.elementOffset, frame.elements);
+    for (let next = this.byOffset.get(this.contiguousElements); next !== undefined; next = this.byOffset.get(this.contiguousElements)) {
+      this.byOffset.delete(this.contiguousElements);
+      this.contiguousElements += next;
+    }
     if (this.chunks.size < this.chunkCount) return undefined;
     // Complete: the chunks must tile the tensor exactly, in index order.
     let next = 0;
@@ -320,7 +385,7 @@ export class TensorAssembler {
       if (offset !== next) throw new BridgeFrameError(`tensor ${expected.tensor} chunk ${index}: starts at element ${offset}, expected ${next}`, { tensor: expected.tensor, chunkIndex: index });
       next = offset + elements;
     }
-    if (next !== this.values.length) throw new BridgeFrameError(`tensor ${expected.tensor}: chunks cover ${next} of ${this.values.length} elements`, { tensor: expected.tensor });
-    return this.values;
+    if (next !== this.target.length) throw new BridgeFrameError(`tensor ${expected.tensor}: chunks cover ${next} of ${this.target.length} elements`, { tensor: expected.tensor });
+    return this.target;
   }
 }

@@ -1,0 +1,233 @@
+// npm run bench:bridge: the all-reduce of one pseudo-gradient between 2 groups through
+// the bridge (authenticated links, frames with CRC32, the fp32 and int8 codecs, the
+// weighted sum) against plain TCP moving the same fp32 bytes both ways between the same
+// two loopback endpoints, measured in the same run, rounds taking turns. Prints
+// bandwidth ratios (goal: bridge fp32 / raw TCP >= 0.8 on an unconstrained link) and the
+// int8 wire bytes against fp32 (goal <= 0.27x).
+//
+// Each group runs in its own process (as leaders on two providers would), so the two
+// sides do not share one event loop. BENCH_PARAMS sets the tensor size (default 100M
+// fp32 parameters = 400 MB), BENCH_ROUNDS the measured rounds per variant (default 3),
+// after one warm-up round that is not counted (it faults in the exchange buffers).
+//
+// As root with `ip netns`, the same runs again over a WAN-like link: each group in a
+// network namespace of its own, joined by a veth pair with link-local addresses
+// (169.254.77.1/.2, nothing outside the pair), both ends shaped by `tc tbf` to 1 Gbit/s
+// (goal: bridge fp32 / raw TCP >= 0.95). The namespaces are removed afterwards.
+import { fork, spawnSync } from "node:child_process";
+import net from "node:net";
+import { fileURLToPath } from "node:url";
+
+const PARAMS = Number(process.env.BENCH_PARAMS ?? 100_000_000);
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
+const CHUNK_ELEMENTS = 4 * 1024 * 1024; // 16 MiB of fp32 per frame
+const JOB = "bench-job";
+const KEY = Buffer.from("bench-bridge-key-0123456789abcdef");
+const self = fileURLToPath(import.meta.url);
+
+async function loadWorker() {
+  return import("@drover/worker");
+}
+
+function tensorOf(seed) {
+  const values = new Float32Array(PARAMS);
+  let state = seed >>> 0;
+  for (let index = 0; index < values.length; index++) {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    values[index] = (state / 2 ** 32 - 0.5) * 1e-3;
+  }
+  return values;
+}
+
+// ---- the child: one group's side ------------------------------------------------------
+
+async function child() {
+  const worker = await loadWorker();
+  const send = (message) => process.send(message);
+  const values = tensorOf(process.pid);
+  // One set of exchange buffers for the run, as an agent keeps one per job.
+  const buffers = new worker.ExchangeBuffers();
+  let listener;
+  let link;
+  let rawServer;
+  let rawSocket;
+  process.on("message", async (message) => {
+    try {
+      if (message.cmd === "listen") {
+        listener = await worker.BridgeListener.listen({ host: message.host, port: 0, self: { job: JOB, group: message.group }, keyFor: () => KEY, logger: worker.silentLogger });
+        listener.on("link", (accepted) => (link = accepted));
+        // The baseline gets the same socket options as the bridge (1 MiB reads, no Nagle).
+        rawServer = net.createServer({ highWaterMark: 1 << 20, noDelay: true }, (socket) => (rawSocket = socket));
+        await new Promise((resolve) => rawServer.listen(0, message.host, resolve));
+        send({ ok: true, port: listener.port, rawPort: rawServer.address().port });
+      } else if (message.cmd === "dial") {
+        link = await worker.BridgeLink.dial({ host: message.host, port: message.port, self: { job: JOB, group: message.group }, key: KEY, signal: AbortSignal.timeout(10_000) });
+        rawSocket = net.connect({ host: message.host, port: message.rawPort, highWaterMark: 1 << 20, noDelay: true });
+        await new Promise((resolve) => rawSocket.once("connect", resolve));
+        send({ ok: true });
+      } else if (message.cmd === "bridge") {
+        while (!link) await new Promise((resolve) => setTimeout(resolve, 10));
+        const started = performance.now();
+        const result = await worker.allReduceAcrossGroups(
+          { outerStep: message.step, weight: 1, tensors: [{ name: "pseudo_gradient", shape: [PARAMS], values }] },
+          { job: JOB, group: message.group, links: [link], codec: message.codec, chunkElements: CHUNK_ELEMENTS, timeoutMs: 600_000, signal: AbortSignal.timeout(600_000), buffers },
+        );
+        send({ ok: true, seconds: (performance.now() - started) / 1000, bytesSent: result.bytesSent });
+      } else if (message.cmd === "raw") {
+        while (!rawSocket) await new Promise((resolve) => setTimeout(resolve, 10));
+        // The same bytes both ways at once, with backpressure, as the bridge moves them.
+        const bytes = Buffer.from(values.buffer);
+        const started = performance.now();
+        const receiving = new Promise((resolve) => {
+          let got = 0;
+          const onData = (chunk) => {
+            got += chunk.length;
+            if (got >= bytes.length) {
+              // Paused, not just unheard: a flowing socket with no listener drops what the
+              // peer sends for the next round before this side listens again.
+              rawSocket.pause();
+              rawSocket.off("data", onData);
+              resolve();
+            }
+          };
+          rawSocket.on("data", onData);
+          rawSocket.resume();
+        });
+        const sending = (async () => {
+          for (let offset = 0; offset < bytes.length; offset += 16 * 1024 * 1024) {
+            if (!rawSocket.write(bytes.subarray(offset, Math.min(bytes.length, offset + 16 * 1024 * 1024)))) await new Promise((resolve) => rawSocket.once("drain", resolve));
+          }
+        })();
+        await Promise.all([receiving, sending]);
+        send({ ok: true, seconds: (performance.now() - started) / 1000, bytesSent: bytes.length });
+      } else if (message.cmd === "exit") {
+        link?.destroy();
+        rawSocket?.destroy();
+        await listener?.close();
+        rawServer?.close();
+        process.exit(0);
+      }
+    } catch (error) {
+      send({ ok: false, error: error.stack ?? String(error) });
+    }
+  });
+  send({ ready: true });
+}
+
+// ---- the parent: orchestrates the rounds -----------------------------------------------
+
+function spawnGroup(group, namespace) {
+  const execArgv = ["--max-old-space-size=8192"];
+  const proc = namespace
+    ? fork(self, ["--child"], { stdio: ["ignore", "inherit", "inherit", "ipc"], execPath: "ip", execArgv: ["netns", "exec", namespace, process.execPath, ...execArgv] })
+    : fork(self, ["--child"], { stdio: ["ignore", "inherit", "inherit", "ipc"], execArgv });
+  const waiters = [];
+  proc.on("message", (message) => waiters.shift()?.(message));
+  const next = () => new Promise((resolve) => waiters.push(resolve));
+  const call = async (message) => {
+    const answer = next();
+    proc.send({ ...message, group });
+    const result = await answer;
+    if (!result.ok) throw new Error(`${group}: ${result.error}`);
+    return result;
+  };
+  return { proc, next, call };
+}
+
+function median(values) {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+}
+
+/** Runs every variant between two group processes; returns the median seconds and bytes. */
+async function suite(label, place) {
+  console.log(`${label}:`);
+  const a = spawnGroup("a100", place.namespaceA);
+  const b = spawnGroup("rtx8000", place.namespaceB);
+  await Promise.all([a.next(), b.next()]);
+  try {
+    const { port, rawPort } = await b.call({ cmd: "listen", host: place.listenHost });
+    await a.call({ cmd: "dial", port, rawPort, host: place.listenHost });
+    const times = { raw: [], fp32: [], int8: [] };
+    const bytes = { raw: 0, fp32: 0, int8: 0 };
+    let step = 0;
+    for (let round = 0; round <= ROUNDS; round++) {
+      const order = round % 2 === 0 ? ["raw", "fp32", "int8"] : ["int8", "fp32", "raw"];
+      for (const variant of order) {
+        step += 1;
+        const cmd = variant === "raw" ? { cmd: "raw" } : { cmd: "bridge", codec: variant, step };
+        const [ra, rb] = await Promise.all([a.call(cmd), b.call(cmd)]);
+        const seconds = Math.max(ra.seconds, rb.seconds);
+        if (round > 0) times[variant].push(seconds);
+        bytes[variant] = ra.bytesSent;
+        const rate = (2 * PARAMS * 4) / 2 ** 30 / seconds; // payload moved in both directions
+        console.log(`  ${round === 0 ? "warm-up" : `round ${round}`} ${variant.padEnd(4)} ${seconds.toFixed(2)} s  (${rate.toFixed(2)} GiB/s of fp32 payload, ${(ra.bytesSent / 2 ** 20).toFixed(0)} MiB on the wire each way)`);
+      }
+    }
+    return { raw: median(times.raw), fp32: median(times.fp32), int8: median(times.int8), bytes };
+  } finally {
+    await Promise.all([a, b].map(({ proc }) => new Promise((resolve) => {
+      if (proc.exitCode !== null) return resolve();
+      proc.once("exit", resolve);
+      proc.send({ cmd: "exit" });
+    })));
+  }
+}
+
+function report(result, goal) {
+  console.log(`  bridge fp32 / raw TCP bandwidth (median): ${(result.raw / result.fp32).toFixed(2)} (goal >= ${goal})`);
+  console.log(`  int8 wire bytes / fp32: ${(result.bytes.int8 / result.bytes.fp32).toFixed(3)} (goal <= 0.27)`);
+  console.log(`  int8 wall time / fp32 wall time: ${(result.int8 / result.fp32).toFixed(2)}`);
+}
+
+const NS_A = `drover-bb-${process.pid}-a`;
+const NS_B = `drover-bb-${process.pid}-b`;
+
+function sh(args) {
+  const result = spawnSync(args[0], args.slice(1), { encoding: "utf8" });
+  if (result.status !== 0) throw new Error(`${args.join(" ")}: ${result.stderr.trim()}`);
+}
+
+function wanAvailable() {
+  return process.getuid?.() === 0 && spawnSync("ip", ["netns", "list"]).status === 0 && spawnSync("tc", ["-V"]).status === 0;
+}
+
+function setUpWan() {
+  sh(["ip", "netns", "add", NS_A]);
+  sh(["ip", "netns", "add", NS_B]);
+  sh(["ip", "link", "add", "drbb-a", "type", "veth", "peer", "name", "drbb-b"]);
+  sh(["ip", "link", "set", "drbb-a", "netns", NS_A]);
+  sh(["ip", "link", "set", "drbb-b", "netns", NS_B]);
+  for (const [ns, dev, address] of [[NS_A, "drbb-a", "169.254.77.1/30"], [NS_B, "drbb-b", "169.254.77.2/30"]]) {
+    sh(["ip", "-n", ns, "addr", "add", address, "dev", dev]);
+    sh(["ip", "-n", ns, "link", "set", dev, "up"]);
+    sh(["ip", "-n", ns, "link", "set", "lo", "up"]);
+    sh(["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", "1gbit", "burst", "1mb", "latency", "100ms"]);
+  }
+}
+
+function tearDownWan() {
+  for (const ns of [NS_A, NS_B]) spawnSync("ip", ["netns", "del", ns]); // removes the veth pair with it
+}
+
+async function main() {
+  const mib = (PARAMS * 4) / 2 ** 20;
+  console.log(`bench:bridge: ${PARAMS.toLocaleString()} fp32 parameters (${mib.toFixed(0)} MiB) between 2 groups, ${ROUNDS} rounds per variant after a warm-up, taking turns`);
+  report(await suite("loopback (unconstrained)", { listenHost: "127.0.0.1" }), 0.8);
+  if (!wanAvailable()) {
+    console.log("WAN variant skipped: it needs root, `ip netns` and `tc`");
+    return;
+  }
+  setUpWan();
+  const cleanup = () => tearDownWan();
+  process.once("SIGINT", () => { cleanup(); process.exit(130); });
+  try {
+    report(await suite("veth between two network namespaces, tbf 1 Gbit/s each way", { listenHost: "169.254.77.2", namespaceA: NS_A, namespaceB: NS_B }), 0.95);
+  } finally {
+    cleanup();
+  }
+}
+
+if (process.argv.includes("--child")) await child();
+else await main();

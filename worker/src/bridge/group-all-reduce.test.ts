@@ -1,0 +1,159 @@
+import { afterEach, describe, expect, it } from "vitest";
+import { BridgeAuthError, BridgeExchangeError } from "../errors.js";
+import type { Logger } from "../logger.js";
+import { silentLogger } from "../logger.js";
+import { BridgeLink, BridgeListener } from "./bridge-link.js";
+import { allReduceAcrossGroups, type OuterStepContribution } from "./group-all-reduce.js";
+import { encodeFrame } from "./tensor-frame.js";
+
+const JOB = "job-bridge-a1";
+const KEY = Buffer.from("per-job-bridge-secret-0123456789", "utf8");
+
+function series(count: number, seed: number): Float32Array {
+  let state = seed >>> 0;
+  const out = new Float32Array(count);
+  for (let index = 0; index < count; index++) {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    out[index] = (state / 2 ** 32 - 0.5) * 0.02;
+  }
+  return out;
+}
+
+function contribution(seed: number, weight: number, outerStep = 1): OuterStepContribution {
+  return { outerStep, weight, tensors: [
+    { name: "blocks.0.attn.qkv.weight", shape: [96, 32], values: series(96 * 32, seed) },
+    { name: "final_norm.bias", shape: [32], values: series(32, seed + 100) },
+  ] };
+}
+
+/** A full mesh of loopback links between groups: the lower group (by name) dials the higher. */
+async function mesh(groups: string[], cleanups: Array<() => Promise<void> | void>, logger: Logger = silentLogger) {
+  const listeners = new Map<string, BridgeListener>();
+  const links = new Map<string, BridgeLink[]>(groups.map((group) => [group, []]));
+  for (const group of groups) {
+    const listener = await BridgeListener.listen({ host: "127.0.0.1", port: 0, self: { job: JOB, group }, keyFor: (job) => (job === JOB ? KEY : undefined), logger });
+    listener.on("link", (link) => links.get(group)!.push(link));
+    listeners.set(group, listener);
+    cleanups.push(() => listener.close());
+  }
+  for (const [index, group] of groups.entries()) {
+    for (const other of groups.slice(index + 1)) {
+      const link = await BridgeLink.dial({ host: "127.0.0.1", port: listeners.get(other)!.port, self: { job: JOB, group }, key: KEY, signal: AbortSignal.timeout(5_000) });
+      links.get(group)!.push(link);
+    }
+  }
+  await expect.poll(() => [...links.values()].every((list) => list.length === groups.length - 1)).toBe(true);
+  for (const list of links.values()) cleanups.push(() => list.forEach((link) => link.destroy()));
+  return links;
+}
+
+const options = (group: string, links: BridgeLink[], codec: "fp32" | "int8" = "fp32", timeoutMs = 10_000) =>
+  ({ job: JOB, group, links, codec, chunkElements: 1000, timeoutMs, signal: AbortSignal.timeout(20_000) });
+
+describe("all-reduce across group leaders over the bridge", () => {
+  const cleanups: Array<() => Promise<void> | void> = [];
+  afterEach(async () => {
+    for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
+  });
+
+  it("gives every group the same weighted mean, to the bit", async () => {
+    const groups = ["a100", "h100", "rtx8000"];
+    const links = await mesh(groups, cleanups);
+    const inputs = { a100: contribution(1, 512), h100: contribution(2, 256), rtx8000: contribution(3, 128) } as const;
+    const results = await Promise.all(groups.map((group) => allReduceAcrossGroups(inputs[group as keyof typeof inputs], options(group, links.get(group)!))));
+    for (const result of results) {
+      expect(result.groups).toEqual(groups);
+      expect(result.weights).toEqual({ a100: 512, h100: 256, rtx8000: 128 });
+    }
+    for (const name of ["blocks.0.attn.qkv.weight", "final_norm.bias"]) {
+      const first = Buffer.from(results[0]!.tensors.get(name)!.buffer);
+      for (const result of results.slice(1)) expect(Buffer.from(result.tensors.get(name)!.buffer).equals(first), name).toBe(true);
+      const index = name === "final_norm.bias" ? 1 : 0;
+      const expected = inputs.a100.tensors[index]!.values.map((_, at) =>
+        (512 * inputs.a100.tensors[index]!.values[at]! + 256 * inputs.h100.tensors[index]!.values[at]! + 128 * inputs.rtx8000.tensors[index]!.values[at]!) / 896);
+      const got = results[0]!.tensors.get(name)!;
+      for (let at = 0; at < got.length; at++) expect(Math.abs(got[at]! - expected[at]!)).toBeLessThan(1e-9);
+    }
+    // Each leader sent its own tensors once to each of the two others.
+    const ownBytes = results[0]!.bytesSent / 2;
+    expect(ownBytes).toBeGreaterThan(4 * (96 * 32 + 32));
+  });
+
+  it("with int8, still agrees to the bit everywhere and stays within the codec's error", async () => {
+    const groups = ["a100", "rtx8000"];
+    const links = await mesh(groups, cleanups);
+    const [a, b] = [contribution(5, 1), contribution(6, 1)];
+    const [ra, rb] = await Promise.all([allReduceAcrossGroups(a, options("a100", links.get("a100")!, "int8")), allReduceAcrossGroups(b, options("rtx8000", links.get("rtx8000")!, "int8"))]);
+    const name = "blocks.0.attn.qkv.weight";
+    expect(Buffer.from(ra!.tensors.get(name)!.buffer).equals(Buffer.from(rb!.tensors.get(name)!.buffer))).toBe(true);
+    const exact = a.tensors[0]!.values.map((value, at) => (value + b.tensors[0]!.values[at]!) / 2);
+    const worst = Math.max(...ra!.tensors.get(name)!.map((value, at) => Math.abs(value - exact[at]!)));
+    expect(worst).toBeLessThanOrEqual(0.02 / 255); // half a level of each of two chunks' ranges
+    expect(ra!.bytesSent).toBeLessThan(0.27 * 4 * (96 * 32 + 32) + 4096);
+  });
+
+  it("refuses a peer with a wrong job secret and logs it without the secret", async () => {
+    const logged: Array<{ message: string; fields?: Record<string, unknown> }> = [];
+    const logger: Logger = { ...silentLogger, warn: (message, fields) => logged.push({ message, ...(fields ? { fields } : {}) }), child: () => logger };
+    const listener = await BridgeListener.listen({ host: "127.0.0.1", port: 0, self: { job: JOB, group: "a100" }, keyFor: () => KEY, logger });
+    cleanups.push(() => listener.close());
+    const wrong = Buffer.from("not-the-job-secret-at-all-000000", "utf8");
+    await expect(BridgeLink.dial({ host: "127.0.0.1", port: listener.port, self: { job: JOB, group: "rogue" }, key: wrong, signal: AbortSignal.timeout(5_000) }))
+      .rejects.toThrow(BridgeAuthError);
+    await expect.poll(() => logged.length).toBe(1);
+    expect(logged[0]!.message).toContain("bridge peer refused");
+    expect(logged[0]!.fields).toMatchObject({ job: JOB, group: "rogue" });
+    const text = JSON.stringify(logged);
+    expect(text).not.toContain(KEY.toString("utf8"));
+    expect(text).not.toContain(wrong.toString("utf8"));
+    // A dialer that reaches a listener without the job's key cannot be fooled either.
+    const impostor = await BridgeListener.listen({ host: "127.0.0.1", port: 0, self: { job: JOB, group: "fake" }, keyFor: () => wrong, logger: silentLogger });
+    cleanups.push(() => impostor.close());
+    await expect(BridgeLink.dial({ host: "127.0.0.1", port: impostor.port, self: { job: JOB, group: "a100" }, key: KEY, signal: AbortSignal.timeout(5_000) }))
+      .rejects.toThrow(/refused this agent: authentication failed/);
+  });
+
+  it("fails the step naming the peer and tensor on a damaged frame, a wrong shape, a peer gone or silent", async () => {
+    const groups = ["a100", "rtx8000"];
+    const own = contribution(7, 1);
+    const announce = (link: BridgeLink, shape = [96, 32]) => link.sendControl({ kind: "step", outerStep: 1, group: "rtx8000", weight: 1, codec: "fp32", tensors: [{ name: "blocks.0.attn.qkv.weight", shape }, { name: "final_norm.bias", shape: [32] }] });
+
+    let links = await mesh(groups, cleanups);
+    let peer = links.get("rtx8000")![0]!;
+    await announce(peer);
+    const damaged = encodeFrame({ job: JOB, outerStep: 1, tensor: "blocks.0.attn.qkv.weight", shape: [96, 32], chunkIndex: 0, chunkCount: 4, elementOffset: 0, codec: "fp32" }, series(1000, 9));
+    damaged[damaged.length - 1]! ^= 0x01;
+    await peer.sendFrame(damaged);
+    await expect(allReduceAcrossGroups(own, options("a100", links.get("a100")!))).rejects.toThrow(/from group rtx8000: bridge frame: tensor blocks\.0\.attn\.qkv\.weight chunk 0: checksum mismatch/);
+
+    links = await mesh(groups, cleanups);
+    await announce(links.get("rtx8000")![0]!, [32, 96]);
+    await expect(allReduceAcrossGroups(own, options("a100", links.get("a100")!))).rejects.toThrow(/bridge peer rtx8000: tensor blocks\.0\.attn\.qkv\.weight has shape \[32,96\], expected \[96,32\]/);
+
+    links = await mesh(groups, cleanups);
+    peer = links.get("rtx8000")![0]!;
+    const gone = allReduceAcrossGroups(own, options("a100", links.get("a100")!));
+    peer.destroy();
+    await expect(gone).rejects.toThrow(BridgeExchangeError);
+    await expect(gone).rejects.toThrow(/rtx8000|bridge link/);
+
+    links = await mesh(groups, cleanups);
+    await expect(allReduceAcrossGroups(own, options("a100", links.get("a100")!, "fp32", 300))).rejects.toThrow(/bridge peer rtx8000 did not deliver outer step 1 within 0\.3s/);
+  });
+
+  it("keeps a faster peer's next step for when this group gets there", async () => {
+    const groups = ["a100", "rtx8000"];
+    const links = await mesh(groups, cleanups);
+    // rtx8000 runs steps 1 and 2 back to back; a100 joins step 2 only after step 1.
+    const fast = (async () => {
+      await allReduceAcrossGroups(contribution(1, 1, 1), options("rtx8000", links.get("rtx8000")!));
+      return allReduceAcrossGroups(contribution(3, 1, 2), options("rtx8000", links.get("rtx8000")!));
+    })();
+    await allReduceAcrossGroups(contribution(2, 1, 1), options("a100", links.get("a100")!));
+    await new Promise((resolve) => setTimeout(resolve, 100)); // step 2 arrives before a100 asks
+    const slow = await allReduceAcrossGroups(contribution(4, 1, 2), options("a100", links.get("a100")!));
+    const other = await fast;
+    expect(Buffer.from(slow.tensors.get("final_norm.bias")!.buffer).equals(Buffer.from(other.tensors.get("final_norm.bias")!.buffer))).toBe(true);
+  });
+});
+
