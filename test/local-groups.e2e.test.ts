@@ -61,10 +61,10 @@ describe("local mode with several groups", { timeout: 180_000 }, () => {
     const probe = join(scratch, "topology.py");
     await writeFile(probe, [
       "import os",
-      "keys = ['RANK', 'WORLD_SIZE', 'DROVER_GROUP', 'DROVER_GROUP_INDEX', 'DROVER_GROUP_COUNT', 'DROVER_GROUPS', 'DROVER_GLOBAL_RANK', 'DROVER_GLOBAL_WORLD_SIZE']",
+      "keys = ['RANK', 'WORLD_SIZE', 'DROVER_GROUP', 'DROVER_GROUP_INDEX', 'DROVER_GROUP_COUNT', 'DROVER_GROUPS', 'DROVER_GLOBAL_RANK', 'DROVER_GLOBAL_WORLD_SIZE', 'PYTHONPATH']",
       "print('TOPOLOGY ' + ' '.join(f'{k}={os.environ[k]}' for k in keys), flush=True)",
     ].join("\n") + "\n");
-    const submit = drover(["submit", "--working-dir", scratch, "--", "python", "topology.py"]);
+    const submit = drover(["submit", "--working-dir", scratch, "--env", "PYTHONPATH=/opt/user-libs", "--", "python", "topology.py"]);
     expect(submit.code, submit.stdout + submit.stderr).toBe(0);
     const lines = [...submit.stdout.matchAll(/TOPOLOGY (.+)/g)].map((match) => Object.fromEntries(match[1]!.trim().split(" ").map((pair) => pair.split("=") as [string, string])));
     expect(lines).toHaveLength(4);
@@ -80,8 +80,27 @@ describe("local mode with several groups", { timeout: 180_000 }, () => {
       expect(env["DROVER_GROUP_COUNT"]).toBe("2");
       expect(env["DROVER_GROUPS"]).toBe("alpha:2,beta:2");
       expect(env["DROVER_GLOBAL_WORLD_SIZE"]).toBe("4");
+      // The user's PYTHONPATH wins; the drover_agent helper is appended after it.
+      expect(env["PYTHONPATH"]).toMatch(/^\/opt\/user-libs:\/.+\/worker\/python$/);
     }
     const status = drover(["status"]);
     for (const node of ["alpha-0", "beta-0", "beta-1"]) expect(status.stdout).toMatch(new RegExp(`${node} \\(w-\\w+\\) connected`));
+  });
+
+  it("refuses a checkpoint report of files outside the rank's checkpoint directory, and says the step was not stored", async () => {
+    const escape = join(scratch, "escape.py");
+    await writeFile(escape, [
+      "import os, drover_agent",
+      "agent = drover_agent.Agent.from_env()",
+      "if os.environ['DROVER_GLOBAL_RANK'] == '0':",
+      "    agent.checkpoint(1, '/etc', ['passwd'])",
+      "agent.close()",
+    ].join("\n") + "\n");
+    const submit = drover(["submit", "--working-dir", scratch, "--", "python", "escape.py"]);
+    expect(submit.code, submit.stdout + submit.stderr).toBe(1);
+    expect(submit.stdout).toMatch(/checkpoint step 1 NOT stored: rank 0 could not store it: rank 0 checkpoint step 1: directory \/etc lies outside this job's checkpoint directory \S+\/ckpt/);
+    expect(submit.stdout).toContain("training finished but its final checkpoint, step 1, was not stored");
+    const ls = drover(["ckpt", "ls"]);
+    expect(ls.stdout).not.toContain("passwd");
   });
 });

@@ -66,7 +66,9 @@ export class TrainerSupervisor extends EventEmitter<SupervisorEvents> {
       DROVER_CKPT_DIR: extra.ckptDir,
       DROVER_AGENT_SOCKET: extra.agentSocket,
       PYTHONUNBUFFERED: "1",
-      PYTHONPATH: [extra.pythonPath, inherited.PYTHONPATH].filter(Boolean).join(":"),
+      // The user's PYTHONPATH (drover submit --env, else the agent's environment) comes
+      // first; the drover_agent helper is appended, so a user's own copy wins.
+      PYTHONPATH: [job.env?.PYTHONPATH ?? inherited.PYTHONPATH, extra.pythonPath].filter(Boolean).join(":"),
     };
     if (extra.resumeDir) env.DROVER_RESUME_DIR = extra.resumeDir;
     return env;

@@ -13,6 +13,7 @@ import {
 } from "@drover/proto";
 import { CheckpointStore, isStoreOutage, registerSecretValue, type StorageConfigInput } from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
+import { confineCheckpointReport } from "./checkpoint-report.js";
 import { JoinRefusedError, WorkerConfigError } from "./errors.js";
 import type { Logger } from "./logger.js";
 import { probeResources } from "./resource-probe.js";
@@ -71,6 +72,8 @@ interface RunningJob {
   uploadsByRank: Map<number, Set<Promise<void>>>;
   /** Exit reports still waiting for their rank's uploads; the job is cleaned up after them. */
   exitReports: Set<Promise<void>>;
+  /** DROVER_CKPT_DIR of the job's ranks: reported checkpoint files must lie under it. */
+  ckptDir: string;
 }
 
 /** Backoff between whole-upload retries: 1 s doubling to 30 s. */
@@ -246,7 +249,7 @@ export class WorkerAgent {
     }
     const uploads = new AbortController();
     setMaxListeners(256, uploads.signal);
-    const running: RunningJob = { job, supervisor, socket, uploads, uploadsByRank: new Map(), exitReports: new Set() };
+    const running: RunningJob = { job, supervisor, socket, uploads, uploadsByRank: new Map(), exitReports: new Set(), ckptDir };
     this.jobs.set(jobId, running);
     // Listeners go on before anything is awaited: a fast trainer's first lines (or its
     // exit) would otherwise be emitted to no one.
@@ -334,6 +337,7 @@ export class WorkerAgent {
    */
   private async uploadWithRetry(running: RunningJob, report: CheckpointMessage, signal: AbortSignal) {
     const jobId = running.job.jobId ?? "";
+    const confined = await confineCheckpointReport(running.ckptDir, report);
     const deadline = Date.now() + this.options.uploadRetryForMs;
     for (let attempt = 1; ; attempt++) {
       try {
@@ -341,8 +345,8 @@ export class WorkerAgent {
           run: running.job.runId ?? "",
           step: report.step,
           rank: report.rank,
-          dir: report.dir,
-          files: report.files,
+          dir: confined.dir,
+          files: confined.files,
           signal,
         });
         if (attempt > 1) this.agentLog(jobId, `rank ${report.rank} checkpoint step ${report.step} stored after ${attempt} tries`);
@@ -382,10 +386,11 @@ export class WorkerAgent {
       return;
     }
     try {
+      if (!running) return;
+      const confined = await confineCheckpointReport(running.ckptDir, report);
       const files: ICheckpointFile[] = [];
-      for (const relative of report.files) {
-        const absolute = resolvePath(report.dir, relative);
-        if (!absolute.startsWith(resolvePath(report.dir) + "/")) throw new Error(`checkpoint file ${relative} escapes ${report.dir}`);
+      for (const relative of confined.files) {
+        const absolute = resolvePath(confined.dir, relative);
         const { size } = await stat(absolute);
         files.push({ path: relative, size, sha256: await sha256File(absolute, this.stopController.signal) });
       }
