@@ -103,4 +103,34 @@ describe("local mode with several groups", { timeout: 180_000 }, () => {
     const ls = drover(["ckpt", "ls"]);
     expect(ls.stdout).not.toContain("passwd");
   });
+
+  it("sets what torchrun sets (restart count, run id, roles, group world, OMP threads) and reads a failing rank's error file", async () => {
+    const elastic = join(scratch, "elastic.py");
+    await writeFile(elastic, [
+      "import os",
+      "from torch.distributed.elastic.multiprocessing.errors import record",
+      "keys = ['TORCHELASTIC_RESTART_COUNT', 'TORCHELASTIC_MAX_RESTARTS', 'TORCHELASTIC_RUN_ID', 'GROUP_WORLD_SIZE', 'ROLE_NAME', 'ROLE_RANK', 'ROLE_WORLD_SIZE', 'DROVER_GROUP', 'RANK']",
+      "print('ELASTIC ' + ' '.join(f'{k}={os.environ.get(k, \"-\")}' for k in keys) + f\" OMP={os.environ.get('OMP_NUM_THREADS', '-')} USE_AGENT_STORE={os.environ.get('TORCHELASTIC_USE_AGENT_STORE', '-')} ERROR_FILE={os.environ.get('TORCHELASTIC_ERROR_FILE', '-')}\", flush=True)",
+      "@record",
+      "def main():",
+      "    if os.environ['DROVER_GLOBAL_RANK'] == '3':",
+      "        raise ValueError('batch of shape (3, 5) does not fit')",
+      "main()",
+    ].join("\n") + "\n");
+    const submit = drover(["submit", "--working-dir", scratch, "--run-id", "elastic-run", "--max-restarts", "2", "--", "python", "elastic.py"]);
+    expect(submit.code, submit.stdout + submit.stderr).toBe(1);
+    const lines = [...submit.stdout.matchAll(/^\[rank \d\] ELASTIC (.+)$/gm)].map((match) => Object.fromEntries(match[1]!.trim().split(" ").map((pair) => pair.split("=") as [string, string])));
+    expect(lines).toHaveLength(4);
+    for (const env of lines) {
+      expect(env).toMatchObject({ TORCHELASTIC_RESTART_COUNT: "0", TORCHELASTIC_MAX_RESTARTS: "2", TORCHELASTIC_RUN_ID: "elastic-run", ROLE_NAME: "default", ROLE_WORLD_SIZE: "2", USE_AGENT_STORE: "-" });
+      expect(env["ROLE_RANK"]).toBe(env["RANK"]);
+      expect(env["ERROR_FILE"]).toMatch(/\/errors\/rank-\d\.json$/);
+      // alpha: 1 node x 2 ranks; beta: 2 nodes x 1 rank.
+      expect(env["GROUP_WORLD_SIZE"]).toBe(env["DROVER_GROUP"] === "alpha" ? "1" : "2");
+      expect(env["OMP"]).toBe(env["DROVER_GROUP"] === "alpha" ? "1" : (process.env.OMP_NUM_THREADS ?? "-"));
+    }
+    // The failing rank's error file, written by torch's @record, is in the failure summary.
+    expect(submit.stdout).toContain("failure: rank 3 exited with exit code 1");
+    expect(submit.stdout).toMatch(/\| error file: ValueError: batch of shape \(3, 5\) does not fit/);
+  });
 });

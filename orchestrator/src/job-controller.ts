@@ -269,6 +269,7 @@ export class JobController extends EventEmitter<JobEvents> {
           workingDir: job.request.workingDir,
           env: job.request.env,
           topology: topologyFor(job.assignments, assignment),
+          maxRestarts: job.maxRestarts,
           worldSize: assignment.worldSize,
           rankOffset: assignment.rankOffset,
           localWorldSize: assignment.localWorldSize,

@@ -33,7 +33,7 @@ describe("StartJob topology", () => {
 
   it("is one group when a head sends none", () => {
     expect(readTopology({ group: "local", worldSize: 4, rankOffset: 2, localWorldSize: 2 })).toEqual({
-      group: "local", groupIndex: 0, groups: [{ name: "local", worldSize: 4, globalRankOffset: 0 }], globalWorldSize: 4, globalRankOffset: 2,
+      group: "local", groupIndex: 0, groups: [{ name: "local", worldSize: 4, nodeCount: 1, globalRankOffset: 0 }], globalWorldSize: 4, globalRankOffset: 2,
     });
   });
 

@@ -5,7 +5,7 @@ import { TrainerLaunchError } from "./errors.js";
 export interface JobTopologyView {
   group: string;
   groupIndex: number;
-  groups: Array<{ name: string; worldSize: number; globalRankOffset: number }>;
+  groups: Array<{ name: string; worldSize: number; nodeCount: number; globalRankOffset: number }>;
   globalWorldSize: number;
   /** Global rank of this node's local rank 0. */
   globalRankOffset: number;
@@ -21,9 +21,10 @@ export function readTopology(job: IStartJob): JobTopologyView {
   const worldSize = job.worldSize ?? 1;
   const topology: IJobTopology | null | undefined = job.topology;
   if (!topology || (topology.groups ?? []).length === 0) {
-    return { group, groupIndex: 0, groups: [{ name: group, worldSize, globalRankOffset: 0 }], globalWorldSize: worldSize, globalRankOffset: job.rankOffset ?? 0 };
+    // Without a topology the node count is unknown; this node is the one known.
+    return { group, groupIndex: 0, groups: [{ name: group, worldSize, nodeCount: 1, globalRankOffset: 0 }], globalWorldSize: worldSize, globalRankOffset: job.rankOffset ?? 0 };
   }
-  const groups = (topology.groups ?? []).map((entry) => ({ name: entry.name ?? "", worldSize: entry.worldSize ?? 0, globalRankOffset: entry.globalRankOffset ?? 0 }));
+  const groups = (topology.groups ?? []).map((entry) => ({ name: entry.name ?? "", worldSize: entry.worldSize ?? 0, nodeCount: entry.nodeCount ?? 0, globalRankOffset: entry.globalRankOffset ?? 0 }));
   const groupIndex = topology.groupIndex ?? 0;
   const globalWorldSize = topology.globalWorldSize ?? 0;
   const globalRankOffset = topology.globalRankOffset ?? 0;

@@ -242,7 +242,7 @@ export class WorkerAgent {
     const env = TrainerSupervisor.jobEnvironment(job, { ckptDir, resumeDir, agentSocket: socket.path, pythonPath: PYTHON_HELPER_DIR });
     let supervisor: TrainerSupervisor;
     try {
-      supervisor = await TrainerSupervisor.start(job, env, this.logger.child({ jobId }), this.stopController.signal);
+      supervisor = await TrainerSupervisor.start(job, env, this.logger.child({ jobId }), { errorDir: join(jobDir, "errors"), signal: this.stopController.signal });
     } catch (error) {
       await socket.close();
       throw error;
