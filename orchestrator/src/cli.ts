@@ -485,6 +485,12 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+// A closed stdout (`drover status | head`) ends the command quietly, as other CLIs do.
+process.stdout.on("error", (error: NodeJS.ErrnoException) => {
+  if (error.code === "EPIPE") process.exit(process.exitCode ?? 0);
+  throw error;
+});
+
 try {
   process.exitCode = await main(process.argv.slice(2));
 } catch (error) {

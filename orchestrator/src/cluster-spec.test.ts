@@ -20,6 +20,24 @@ describe("cluster spec", () => {
     expect(() => parseClusterSpecYaml("local:\n  groups: []\n", "/tmp/g.yaml")).toThrow(/local\.groups: /);
   });
 
+  it("refuses an empty spec, heartbeats that cannot work, and a spec too large to be one", async () => {
+    expect(() => parseClusterSpecYaml("", "/tmp/empty.yaml")).toThrow(/cluster spec \/tmp\/empty.yaml is empty/);
+    expect(() => parseClusterSpecYaml("# only a comment\n", "/tmp/empty.yaml")).toThrow(/is empty/);
+    expect(() => parseClusterSpecYaml("head:\n  heartbeatInterval: 0s\n", "/tmp/h.yaml")).toThrow(/head\.heartbeatInterval: must be at least 100ms/);
+    expect(() => parseClusterSpecYaml("head:\n  heartbeatInterval: 30s\n  heartbeatTimeout: 10s\n", "/tmp/h.yaml")).toThrow(/head\.heartbeatTimeout: must be at least twice heartbeatInterval \(30000ms\), is 10000ms/);
+    const { mkdtemp, writeFile, rm } = await import("node:fs/promises");
+    const { tmpdir } = await import("node:os");
+    const { join } = await import("node:path");
+    const dir = await mkdtemp(join(tmpdir(), "drover-spec-"));
+    try {
+      const big = join(dir, "big.yaml");
+      await writeFile(big, "# " + "x".repeat(2 * 1024 * 1024) + "\nname: big\n");
+      await expect(loadClusterSpec(big)).rejects.toThrow(/is 2\.0 MiB; a spec may be at most 1 MiB/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
   it("reads head.advertise and refuses a URL there, naming the field", () => {
     expect(parseClusterSpecYaml("head:\n  host: 0.0.0.0\n  port: 7070\n  advertise: head.example.org\n", "/tmp/a.yaml").head.advertise).toBe("head.example.org");
     expect(() => parseClusterSpecYaml("head:\n  advertise: http://head.example.org\n", "/tmp/b.yaml")).toThrow(/head\.advertise: expected host or host:port/);

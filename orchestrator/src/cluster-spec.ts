@@ -1,4 +1,4 @@
-import { readFile } from "node:fs/promises";
+import { readFile, stat } from "node:fs/promises";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parse as parseYaml, YAMLParseError } from "yaml";
@@ -76,6 +76,11 @@ const akashSpecSchema = z.object({
   escrow: akashEscrowSchema.prefault({}),
 }).strict();
 
+/** Heartbeats faster than this would flood the head (and 0 would never send one). */
+const MIN_HEARTBEAT_MS = 100;
+/** A cluster spec is a page of YAML; a larger file is refused before it is read. */
+export const MAX_SPEC_BYTES = 1024 * 1024;
+
 /** Local mode runs at most this many nodes (worker processes) in all. */
 const MAX_LOCAL_NODES = 16;
 /** Groups a job may span (the cross-provider bridge is designed for up to 8). */
@@ -107,11 +112,17 @@ export const clusterSpecSchema = z.object({
      * head's own port is used.
      */
     advertise: z.string().regex(/^[A-Za-z0-9.-]+(:\d{1,5})?$/, "expected host or host:port").optional(),
-    heartbeatInterval: durationMs.default(1_000),
+    heartbeatInterval: durationMs.pipe(z.number().min(MIN_HEARTBEAT_MS, `must be at least ${MIN_HEARTBEAT_MS}ms`)).default(1_000),
     heartbeatTimeout: durationMs.default(10_000),
     /** How long to wait for the requested workers before a job fails. */
     workerWaitTimeout: durationMs.default(120_000),
-  }).strict().default({ host: "127.0.0.1", port: 0, heartbeatInterval: 1_000, heartbeatTimeout: 10_000, workerWaitTimeout: 120_000 }),
+  }).strict().superRefine((head, ctx) => {
+    // A node is declared lost after heartbeatTimeout of silence: with fewer than two
+    // heartbeats in that window, one late heartbeat would restart the job.
+    if (head.heartbeatTimeout < 2 * head.heartbeatInterval) {
+      ctx.addIssue({ code: "custom", path: ["heartbeatTimeout"], message: `must be at least twice heartbeatInterval (${head.heartbeatInterval}ms), is ${head.heartbeatTimeout}ms` });
+    }
+  }).default({ host: "127.0.0.1", port: 0, heartbeatInterval: 1_000, heartbeatTimeout: 10_000, workerWaitTimeout: 120_000 }),
   /**
    * Local mode: `nodes` x `ranksPerNode` is one group named `local`; `groups` lists
    * several, each its own torch world as a provider group is (cross-group training goes
@@ -263,6 +274,9 @@ export function parseClusterSpecYaml(text: string, source: string): ClusterSpec 
     const where = error instanceof YAMLParseError && error.linePos ? ` at line ${error.linePos[0].line}, column ${error.linePos[0].col}` : "";
     throw new SpecError(`cluster spec ${source} is not valid YAML${where}: ${(error as Error).message.split("\n")[0]}`, { source }, { cause: error });
   }
+  // An empty file is a mistake (a truncated write, the wrong path), not a request for
+  // the defaults: `drover up` without a spec is how to ask for those.
+  if (raw === null || raw === undefined) throw new SpecError(`cluster spec ${source} is empty; write at least \`name:\` (see examples/local.yaml), or run \`drover up\` without a spec for the local default`, { source });
   return compileClusterSpec(raw, source);
 }
 
@@ -270,8 +284,11 @@ export async function loadClusterSpec(path: string): Promise<ClusterSpec> {
   const absolute = resolve(path);
   let text: string;
   try {
+    const { size } = await stat(absolute);
+    if (size > MAX_SPEC_BYTES) throw new SpecError(`cluster spec ${absolute} is ${(size / 2 ** 20).toFixed(1)} MiB; a spec may be at most ${MAX_SPEC_BYTES / 2 ** 20} MiB`, { source: absolute });
     text = await readFile(absolute, "utf8");
   } catch (error) {
+    if (error instanceof SpecError) throw error;
     throw new SpecError(`cannot read cluster spec ${absolute}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`, { source: absolute }, { cause: error });
   }
   return parseClusterSpecYaml(text, absolute);
