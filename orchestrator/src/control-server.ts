@@ -104,8 +104,15 @@ export class ControlServer {
           close: () => call.end(),
         };
         if (!registry.attach(workerId, sessionToken, channel)) {
-          logger.warn("session refused: unknown worker or stale session", { workerId, peer: call.getPeer() });
-          call.destroy(Object.assign(new Error("unknown worker or stale session; register again"), { code: grpc.status.UNAUTHENTICATED }));
+          const known = registry.get(workerId) !== undefined;
+          logger.warn("session refused", { workerId, peer: call.getPeer(), reason: known ? "stale session token" : "unknown worker" });
+          // grpc-js sends a server stream's status only through its error path: emitting
+          // it ends the call with that status at once (destroy() left the client waiting
+          // until its own deadline, and the stream open).
+          call.emit("error", {
+            code: known ? grpc.status.UNAUTHENTICATED : grpc.status.NOT_FOUND,
+            details: known ? "stale session for this worker; register again" : `unknown worker ${workerId || "(none)"}; register again`,
+          });
           return;
         }
         call.on("data", (message: IWorkerMessage) => {
