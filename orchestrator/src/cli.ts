@@ -299,7 +299,7 @@ async function commandStatus(args: string[]): Promise<number> {
     const gpus = (resources.gpus ?? []).length;
     const shmMiB = Math.round(Number(resources.shmBytes ?? 0) / 2 ** 20);
     const ago = ((Date.now() - Number(worker.lastSeenMs)) / 1000).toFixed(1);
-    print(`  ${worker.nodeName} (${worker.workerId}) ${worker.connection}, group ${worker.group}, ${worker.slots} ranks, ${resources.cpuCount} cpus, ${gpus} gpus, shm ${shmMiB} MiB, seen ${ago}s ago`);
+    print(`  ${worker.nodeName} (${worker.workerId}) ${worker.connection}, group ${worker.group}, ${worker.slots} ranks, ${resources.cpuCount || "?"} cpus, ${gpus} gpus, shm ${resources.shmBytes ? `${shmMiB} MiB` : "?"}, seen ${ago}s ago`);
   }
   if (leases.length > 0) {
     print(`leases:`);
@@ -439,7 +439,8 @@ async function commandDemo(args: string[]): Promise<number> {
     await head.waitForWorkers(localNodeCount(spec), AbortSignal.any([interrupted.signal, AbortSignal.timeout(60_000)]));
     for (const worker of head.registry.connected()) {
       const shmMiB = Math.round(Number(worker.resources.shmBytes ?? 0) / 2 ** 20);
-      print(`  node ${worker.nodeName} joined: ${worker.slots} ranks, ${worker.resources.cpuCount} cpus, shm ${shmMiB} MiB`);
+      // A value the node did not report is shown as unknown, not as 0 or "undefined".
+      print(`  node ${worker.nodeName} joined: ${worker.slots} ranks, ${worker.resources.cpuCount || "?"} cpus, shm ${worker.resources.shmBytes ? `${shmMiB} MiB` : "?"}`);
     }
     head.on("log", (line) => {
       if (line.rank < 0) print(`[drover] ${line.line}`);

@@ -7,6 +7,7 @@ import {
 import { DroverError, JobRequestError } from "./errors.js";
 import type { JobController, JobRecord } from "./job-controller.js";
 import type { Logger } from "./logger.js";
+import { checkRegistration } from "./register-request.js";
 import type { WorkerChannel, WorkerRegistry } from "./worker-registry.js";
 
 /** Constant-time comparison of secrets of any length (hashing first equalises lengths). */
@@ -15,7 +16,6 @@ export function secretsEqual(given: string, expected: string): boolean {
   return timingSafeEqual(digest(given), digest(expected)) && expected.length > 0;
 }
 
-const NODE_NAME = /^[A-Za-z0-9._-]{1,63}$/;
 
 export interface ControlServerDeps {
   registry: WorkerRegistry;
@@ -71,23 +71,13 @@ export class ControlServer {
           fail(callback, grpc.status.FAILED_PRECONDITION, `protocol_version ${request.protocolVersion} is not supported; this head speaks ${PROTOCOL_VERSION}`);
           return;
         }
-        if (!NODE_NAME.test(request.nodeName ?? "")) {
-          fail(callback, grpc.status.INVALID_ARGUMENT, "node_name: letters, digits, '.', '_' and '-' only, at most 63 characters");
+        const checked = checkRegistration(request);
+        if (!checked.ok) {
+          logger.warn("worker refused: invalid registration", { peer, error: checked.error });
+          fail(callback, grpc.status.INVALID_ARGUMENT, checked.error);
           return;
         }
-        const slots = request.slots || request.resources?.gpus?.length || 1;
-        if (slots > 64) {
-          fail(callback, grpc.status.INVALID_ARGUMENT, `slots: ${slots} is more than 64 ranks on one node`);
-          return;
-        }
-        const worker = registry.register({
-          nodeName: request.nodeName!,
-          group: request.group || "default",
-          slots,
-          resources: request.resources ?? {},
-          agentVersion: request.agentVersion ?? "",
-          incarnation: request.incarnation ?? "",
-        });
+        const worker = registry.register(checked.value);
         callback(null, {
           protocolVersion: PROTOCOL_VERSION,
           workerId: worker.workerId,

@@ -25,6 +25,23 @@ const channel = () => ({ sent: [] as unknown[], closed: false, send(message: unk
 const node = (nodeName: string, incarnation = "agent-1") => ({ nodeName, group: "local", slots: 2, resources: {}, agentVersion: "test", incarnation });
 
 describe("WorkerRegistry", () => {
+  it("forgets a registration that never opens a Session, and keeps one that does", () => {
+    const clock = manualClock();
+    const registry = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, clock, logger: silentLogger });
+    registry.start();
+    const lost: string[] = [];
+    registry.on("lost", (worker) => lost.push(worker.nodeName));
+    for (let index = 0; index < 200; index++) registry.register(node(`bare-${index}`));
+    const real = registry.register(node("local-0"));
+    registry.attach(real.workerId, real.sessionToken, channel());
+    clock.advance(3_000);
+    registry.seen(real.workerId);
+    clock.advance(3_000);
+    expect(registry.all().map((worker) => worker.nodeName)).toEqual(["local-0"]);
+    expect(lost).toEqual([]);
+    registry.stop();
+  });
+
   it("marks a silent worker lost after the heartbeat timeout, not before", () => {
     const clock = manualClock();
     const registry = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, clock, logger: silentLogger });

@@ -150,6 +150,14 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
     for (const worker of this.workers.values()) {
       if (worker.connection === "lost") continue;
       const silentMs = now - worker.lastSeenMs;
+      if (worker.connection === "registered" && silentMs > this.options.heartbeatTimeoutMs) {
+        // Registered but never opened a Session: nothing ran there, so it is forgotten
+        // rather than kept as a lost node (a loop of bare Registers would fill status).
+        this.workers.delete(worker.workerId);
+        this.options.logger.warn("registration expired: no session opened", { workerId: worker.workerId, node: worker.nodeName });
+        this.emit("changed");
+        continue;
+      }
       if (silentMs > this.options.heartbeatTimeoutMs) {
         worker.connection = "lost";
         this.channels.get(worker.workerId)?.close();
