@@ -9,7 +9,7 @@ import * as grpc from "@grpc/grpc-js";
 import { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions } from "@drover/proto";
 import { akashProgress, commandAkashSim, commandBids, commandSdl, upExpectations } from "./akash-cli.js";
 import { EMBEDDED_LOCAL_SPEC, loadClusterSpec, localNodeCount, type ClusterSpec } from "./cluster-spec.js";
-import { DroverError, HeadUnreachableError, StateError } from "./errors.js";
+import { DroverError, HeadUnreachableError, PartialReapError, StateError } from "./errors.js";
 import { commandCkpt, openClusterStore } from "./ckpt-cli.js";
 import { newRunId, shipWorkingDir } from "./code-bundle.js";
 import { Head } from "./head.js";
@@ -342,9 +342,19 @@ async function commandStop(args: string[]): Promise<number> {
 }
 
 /** Stops the head if alive, then reaps whatever the state directory still knows of. */
+/**
+ * Stops the head and releases every node, whatever state survived: an unreadable state
+ * file is reported (exit 2) but never stops the reaping. The backend to reap with comes
+ * from head.json (what the head recorded), else from the spec, else every backend reaps
+ * what its own records in the state directory name.
+ */
 async function commandDown(): Promise<number> {
   const state = new StateDirectory(StateDirectory.defaultRoot());
-  const head = await readHead(state);
+  const problems: string[] = [];
+  const head = await readHead(state).catch((error: Error) => {
+    problems.push(error.message);
+    return undefined;
+  });
   if (head && processAlive(head.pid) && head.state !== "stopped") {
     print(`stopping head (pid ${head.pid})`);
     try {
@@ -360,10 +370,25 @@ async function commandDown(): Promise<number> {
     print(`head (pid ${head.pid}) is not running; releasing what it left`);
   }
   const logger = createLogger({ component: "cli", file: state.path("head.log") });
-  const spec = head ? await loadClusterSpec(head.specSource).catch(() => undefined) : undefined;
-  const reaped = await provisionerBackends[spec?.provisioner ?? "local"].reap(state, logger, AbortSignal.timeout(30_000));
-  for (const what of reaped) print(`  stopped ${what}`);
+  const recorded = head?.provisioner ?? (head ? (await loadClusterSpec(head.specSource).catch(() => undefined))?.provisioner : undefined);
+  const backends = recorded && recorded in provisionerBackends
+    ? [recorded as keyof typeof provisionerBackends]
+    : (Object.keys(provisionerBackends) as Array<keyof typeof provisionerBackends>);
+  for (const name of backends) {
+    try {
+      const reaped = await provisionerBackends[name].reap(state, logger, AbortSignal.timeout(30_000));
+      for (const what of reaped) print(`  stopped ${what}`);
+    } catch (error) {
+      if (error instanceof PartialReapError) for (const what of error.stopped) print(`  stopped ${what}`);
+      problems.push(`${name} nodes: ${(error as Error).message}`);
+    }
+  }
   if (head) await state.writeJson("head.json", { ...head, state: "stopped", updatedAt: new Date().toISOString() });
+  if (problems.length > 0) {
+    print(`cluster is down as far as the state directory could tell; problems:`);
+    for (const problem of problems) print(`  ${problem}`);
+    return 2;
+  }
   print("cluster is down");
   return 0;
 }

@@ -33,3 +33,10 @@ export class JobRequestError extends DroverError {
 export class HeadUnreachableError extends DroverError {
   override readonly name = "HeadUnreachableError";
 }
+
+/** A reap that stopped what it found but could not read all of its records. */
+export class PartialReapError extends StateError {
+  constructor(message: string, readonly stopped: readonly string[], options?: { cause?: unknown }) {
+    super(message, { stopped: stopped.length }, options);
+  }
+}

@@ -155,6 +155,7 @@ export class Head extends EventEmitter<HeadEvents> {
       controlAddress: this.controlAddress,
       adminAddress: `127.0.0.1:${this.server.adminPort}`,
       sharesFilesystem: this.provisioner.sharesFilesystem ?? false,
+      provisioner: this.spec.provisioner,
       startedAt: this.startedAt,
       updatedAt: new Date().toISOString(),
     };

@@ -2,6 +2,7 @@ import { randomUUID } from "node:crypto";
 import { appendFile, mkdir, open, readFile, rename } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join } from "node:path";
+import { StateError } from "./errors.js";
 
 /**
  * The head's state directory. Every JSON file is replaced atomically (write a temp
@@ -32,12 +33,24 @@ export class StateDirectory {
     await writeFileAtomic(this.path(relative), JSON.stringify(value, null, 2) + "\n", mode);
   }
 
+  /**
+   * A state file, or undefined when there is none. A file that cannot be read or parsed
+   * is a StateError naming it and what is wrong (`drover` exits 2 on it), never a bare
+   * JSON message: a crash or a full disk can leave a file cut short.
+   */
   async readJson<T>(relative: string): Promise<T | undefined> {
+    const path = this.path(relative);
+    let text: string;
     try {
-      return JSON.parse(await readFile(this.path(relative), "utf8")) as T;
+      text = await readFile(path, "utf8");
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
-      throw error;
+      throw new StateError(`state file ${path} cannot be read: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`, { file: path }, { cause: error });
+    }
+    try {
+      return JSON.parse(text) as T;
+    } catch (error) {
+      throw new StateError(`state file ${path} is not valid JSON (${(error as Error).message}); it was cut short or edited. \`drover down\` still stops what it can find; remove the file to start over`, { file: path }, { cause: error });
     }
   }
 
@@ -106,6 +119,8 @@ export interface HeadRecord {
   adminAddress: string;
   /** Whether nodes see this machine's files; if not, `drover submit` ships the working dir. */
   sharesFilesystem?: boolean;
+  /** The provisioner backend (`drover down` reaps with it, without reading the spec again). */
+  provisioner?: string;
   startedAt: string;
   updatedAt: string;
 }

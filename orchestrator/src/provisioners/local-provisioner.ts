@@ -1,11 +1,11 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync, openSync, closeSync } from "node:fs";
-import { mkdir, readFile } from "node:fs/promises";
+import { mkdir, readdir, readFile } from "node:fs/promises";
 import net from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { localNodeCount, localNodeName, type ClusterSpec, type LocalGroup } from "../cluster-spec.js";
-import { ProvisionError } from "../errors.js";
+import { PartialReapError, ProvisionError } from "../errors.js";
 import type { Logger } from "../logger.js";
 import { processAlive, processCommandLine, signalGroup, type StateDirectory } from "../state-store.js";
 import type { ProvisionContext, ProvisionedNode, Provisioner, ProvisionerBackend } from "./provisioner.js";
@@ -192,8 +192,18 @@ export function freeLoopbackPort(): Promise<number> {
  * signalled while its command line still shows it is ours (pids are reused).
  */
 export async function reapLocalNodes(state: StateDirectory, logger: Logger): Promise<string[]> {
-  const records = (await state.readJson<LocalNodeRecord[]>(NODES_FILE)) ?? [];
+  let unreadable: Error | undefined;
+  const records = (await state.readJson<LocalNodeRecord[]>(NODES_FILE).catch((error: Error) => {
+    unreadable = error;
+    return undefined;
+  })) ?? [];
   const targets: { pid: number; what: string }[] = [];
+  // Whatever the records say (or if they are gone): every process on this machine that
+  // runs under this state directory is ours: workers by their --state-dir, trainers by
+  // their DROVER_CKPT_DIR.
+  for (const found of await processesUnder(state.path("workers"))) {
+    if (!targets.some((target) => target.pid === found.pid) && !records.some((record) => record.pid === found.pid)) targets.push(found);
+  }
   for (const record of records) {
     // A torn or unreadable record must not stop the reaping of everything else.
     const trainers = await state.readJson<{ trainerPids?: number[] }>(join("workers", record.nodeName, "trainers.json")).catch((error: Error) => {
@@ -222,8 +232,45 @@ export async function reapLocalNodes(state: StateDirectory, logger: Logger): Pro
       signalGroup(target.pid, "SIGKILL");
     }
   }
-  if (records.length > 0) await state.writeJson(NODES_FILE, []);
-  return live.map((target) => `${target.what} (pid ${target.pid})`);
+  if (records.length > 0 || unreadable) await state.writeJson(NODES_FILE, []);
+  const stopped = live.map((target) => `${target.what} (pid ${target.pid})`);
+  if (unreadable) throw new PartialReapError(unreadable.message, stopped, { cause: unreadable });
+  return stopped;
+}
+
+/**
+ * Local workers and trainers under `workersDir`, found in /proc: a worker's command line
+ * carries `--state-dir <workersDir>/<node>`, a trainer's environment
+ * `DROVER_CKPT_DIR=<workersDir>/<node>/jobs/...`. Nothing else on the machine matches.
+ */
+async function processesUnder(workersDir: string): Promise<Array<{ pid: number; what: string }>> {
+  const prefix = workersDir.endsWith("/") ? workersDir : `${workersDir}/`;
+  const found: Array<{ pid: number; what: string }> = [];
+  let entries: string[];
+  try {
+    entries = await readdir("/proc");
+  } catch {
+    return found;
+  }
+  for (const entry of entries) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid <= 1 || pid === process.pid) continue;
+    const commandLine = await processCommandLine(pid);
+    if (commandLine === undefined) continue;
+    const node = new RegExp(`--state-dir ${escapeRegExp(prefix)}([^/ ]+)`).exec(commandLine)?.[1];
+    if (node && (commandLine.includes(WORKER_MARKER) || commandLine.includes("worker/dist/main.js"))) {
+      found.push({ pid, what: node });
+      continue;
+    }
+    const environment = await processEnvironment(pid);
+    const trainerOf = new RegExp(`(?:^|\0)DROVER_CKPT_DIR=${escapeRegExp(prefix)}([^/\0]+)/`).exec(environment)?.[1];
+    if (trainerOf && environment.includes("DROVER_JOB_ID=")) found.push({ pid, what: `trainer of ${trainerOf}` });
+  }
+  return found;
+}
+
+function escapeRegExp(text: string): string {
+  return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 }
 
 async function processEnvironment(pid: number): Promise<string> {

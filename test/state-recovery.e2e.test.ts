@@ -1,0 +1,81 @@
+// A state directory that a crash left broken: the head killed with SIGKILL while a job
+// runs, then head.json, cluster.json and local-nodes.json cut short (as a full disk or a
+// torn write would leave them). Every command names the file and what is wrong (exit 2),
+// and `drover down` still stops every worker and trainer under the state directory.
+import { spawnSync } from "node:child_process";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { processAlive } from "@drover/orchestrator";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { waitFor } from "./wait-for.js";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const cli = join(root, "orchestrator", "dist", "cli.js");
+
+let scratch: string;
+let stateDir: string;
+const drover = (args: string[]) => {
+  const result = spawnSync(process.execPath, [cli, ...args], { env: { ...process.env, DROVER_STATE_DIR: stateDir }, encoding: "utf8", timeout: 120_000 });
+  return { code: result.status, stdout: result.stdout, stderr: result.stderr };
+};
+
+/** Processes whose command line or environment mention the state directory. */
+async function processesUnderState(): Promise<number[]> {
+  const pids: number[] = [];
+  for (const entry of await readdir("/proc")) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    const commandLine = await readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
+    const environment = await readFile(`/proc/${pid}/environ`, "utf8").catch(() => "");
+    if (commandLine.includes(stateDir) || environment.includes(`DROVER_CKPT_DIR=${stateDir}`)) pids.push(pid);
+  }
+  return pids;
+}
+
+describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
+  beforeAll(async () => {
+    scratch = await mkdtemp(join(os.tmpdir(), "drover-state-"));
+    stateDir = join(scratch, "state");
+  });
+  afterAll(async () => {
+    drover(["down"]);
+    await rm(scratch, { recursive: true, force: true });
+  });
+
+  it("names the broken file, and `drover down` still stops every worker and trainer", async () => {
+    const spec = join(scratch, "one.json");
+    await writeFile(spec, JSON.stringify({ name: "broken", local: { nodes: 1, ranksPerNode: 2 } }));
+    const up = drover(["up", spec]);
+    expect(up.code, up.stdout + up.stderr).toBe(0);
+    const submit = drover(["submit", "--no-wait", "--working-dir", scratch, "--", "python", "-c", "import time; time.sleep(600)"]);
+    expect(submit.code, submit.stdout + submit.stderr).toBe(0);
+    // Both trainers run (the head records their pids through the agent's trainers.json).
+    await waitFor(async () => {
+      const trainers = JSON.parse(await readFile(join(stateDir, "workers", "local-0", "trainers.json"), "utf8").catch(() => "{}")) as { trainerPids?: number[] };
+      return (trainers.trainerPids ?? []).length === 2;
+    }, 30_000, "two trainers to run");
+    const head = JSON.parse(await readFile(join(stateDir, "head.json"), "utf8")) as { pid: number };
+    process.kill(head.pid, "SIGKILL");
+    await waitFor(() => !processAlive(head.pid), 5_000, "the head to die");
+    const before = await processesUnderState();
+    expect(before.length).toBeGreaterThanOrEqual(3); // the worker and its two trainers
+
+    await writeFile(join(stateDir, "head.json"), '{"pid": 12');
+    await writeFile(join(stateDir, "cluster.json"), '{"workers": [');
+    await writeFile(join(stateDir, "local-nodes.json"), '[{"nodeN');
+
+    const status = drover(["status"]);
+    expect(status.code).toBe(2);
+    expect(status.stderr).toContain(`state file ${join(stateDir, "head.json")} is not valid JSON`);
+
+    const down = drover(["down"]);
+    expect(down.code, down.stdout + down.stderr).toBe(2);
+    expect(down.stdout).toContain(`state file ${join(stateDir, "head.json")} is not valid JSON`);
+    expect(down.stdout).toContain(`state file ${join(stateDir, "local-nodes.json")} is not valid JSON`);
+    expect(down.stdout).toMatch(/stopped local-0 \(pid \d+\)/);
+    expect(down.stdout).toMatch(/stopped trainer of local-0 \(pid \d+\)/);
+    await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "every process under the state directory to stop");
+  });
+});
