@@ -78,4 +78,20 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     expect(down.stdout).toMatch(/stopped trainer of local-0 \(pid \d+\)/);
     await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "every process under the state directory to stop");
   });
+
+  it("ends `drover up` with the head's start-up error when it cannot listen, leaving nothing running", async () => {
+    await rm(stateDir, { recursive: true, force: true });
+    const spec = join(scratch, "unbindable.json");
+    // 192.0.2.1 is TEST-NET-1 (RFC 5737): no interface here has it, so bind fails at once
+    // (EADDRNOTAVAIL) and no packet is sent anywhere.
+    await writeFile(spec, JSON.stringify({ name: "unbindable", head: { host: "192.0.2.1", port: 0 }, local: { nodes: 2, ranksPerNode: 1 } }));
+    const up = drover(["up", spec]);
+    expect(up.code, up.stdout + up.stderr).toBe(2);
+    expect(up.stderr).toMatch(/the head (failed to start|exited during start).*cannot listen on 192\.0\.2\.1:0/);
+    const head = JSON.parse(await readFile(join(stateDir, "head.json"), "utf8")) as { pid: number; state: string; error?: string };
+    expect(head.state).toBe("failed");
+    expect(head.error).toMatch(/starting the control server failed: cannot listen on 192\.0\.2\.1:0/);
+    await waitFor(() => !processAlive(head.pid), 10_000, "the failed head to exit");
+    expect(await processesUnderState()).toEqual([]);
+  });
 });

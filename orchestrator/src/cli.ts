@@ -115,7 +115,13 @@ async function commandUp(args: string[]): Promise<number> {
   while (Date.now() < deadline) {
     await new Promise((resolveDelay) => setTimeout(resolveDelay, 250));
     const head = await readHead(state);
-    if (!processAlive(child.pid!)) throw new DroverError(`the head exited during start; see ${state.path("head.out")} and ${state.path("head.log")}`);
+    if (head && head.pid === child.pid && head.state === "failed") {
+      throw new DroverError(`the head failed to start: ${head.error ?? "see " + state.path("head.log")}; nothing is left running`);
+    }
+    if (!processAlive(child.pid!)) {
+      const said = (await readFile(state.path("head.out"), "utf8").catch(() => "")).trim().split("\n").filter(Boolean).at(-1);
+      throw new DroverError(`the head exited during start${said ? `: ${said}` : ""}; see ${state.path("head.out")} and ${state.path("head.log")}`);
+    }
     if (!head || head.pid !== child.pid) continue;
     const cluster = await state.readJson<{ workers: { connection: string }[] }>("cluster.json");
     const connected = cluster?.workers.filter((worker) => worker.connection === "connected").length ?? 0;
@@ -127,7 +133,7 @@ async function commandUp(args: string[]): Promise<number> {
       print(`cluster ${spec.name} is up: control ${head.controlAddress}. Next: drover submit -- CMD`);
       return 0;
     }
-    if (head.state === "failed") throw new DroverError(`provisioning failed; see ${state.path("head.log")}`);
+    if (head.state === "failed") throw new DroverError(`the head failed: ${head.error ?? "see " + state.path("head.log")}`);
   }
   throw new DroverError(`the cluster did not come up within ${Math.round(expected.deadlineMs / 1000)}s; see ${state.path("head.log")} (drover down cleans up)`);
 }
@@ -140,7 +146,13 @@ async function commandHead(args: string[]): Promise<number> {
   const logger = createLogger({ component: "head", file: join(stateRoot, "head.log") });
   const head = await Head.create(spec, { stateDir: stateRoot, logger });
   for (const signal of ["SIGTERM", "SIGINT"] as const) process.on(signal, () => void head.shutdown(`received ${signal}`));
-  await head.start();
+  try {
+    await head.start();
+  } catch (error) {
+    // start() has shut everything down and recorded why in head.json; leave at once.
+    process.stderr.write(`drover head: ${(error as Error).message}\n`);
+    process.exit(1);
+  }
   await Promise.race([head.shutdownRequestedPromise, new Promise<void>((resolveStop) => head.on("state", (state) => state === "stopping" && resolveStop()))]);
   await head.shutdown("shutdown requested");
   return 0;

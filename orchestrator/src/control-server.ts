@@ -184,7 +184,9 @@ export class ControlServer {
 function bind(server: grpc.Server, address: string): Promise<number> {
   return new Promise((resolve, reject) => {
     server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (error, port) => {
-      if (error) reject(error);
+      // grpc-js says "No address added out of total 1 resolved"; the cause (EADDRNOTAVAIL,
+      // EADDRINUSE, ...) is in its message when there is one.
+      if (error) reject(new DroverError(`cannot listen on ${address}: ${error.message}`, { address }, { cause: error }));
       else resolve(port);
     });
   });

@@ -42,6 +42,8 @@ class OrderedAppender {
  */
 export class Head extends EventEmitter<HeadEvents> {
   state: HeadState = "created";
+  /** Why the head failed to start, recorded in head.json. */
+  private failure: string | undefined;
   readonly registry: WorkerRegistry;
   readonly jobs: JobController;
   private readonly server: ControlServer;
@@ -156,6 +158,7 @@ export class Head extends EventEmitter<HeadEvents> {
       adminAddress: `127.0.0.1:${this.server.adminPort}`,
       sharesFilesystem: this.provisioner.sharesFilesystem ?? false,
       provisioner: this.spec.provisioner,
+      ...(this.failure ? { error: this.failure } : {}),
       startedAt: this.startedAt,
       updatedAt: new Date().toISOString(),
     };
@@ -165,12 +168,15 @@ export class Head extends EventEmitter<HeadEvents> {
   /** Starts the servers and provisions the nodes; resolves once every node was asked for. */
   async start(): Promise<void> {
     await this.setState("starting");
-    this.registry.start();
-    await this.server.listen(this.spec.head.host, this.spec.head.port);
-    await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
-    await this.startStorage();
-    await this.setState("provisioning");
+    let phase = "starting the control server";
     try {
+      this.registry.start();
+      await this.server.listen(this.spec.head.host, this.spec.head.port);
+      await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
+      phase = "opening checkpoint storage";
+      await this.startStorage();
+      await this.setState("provisioning");
+      phase = "provisioning";
       await this.provisioner.provision({
         headAddress: this.controlAddress,
         joinToken: this.joinToken,
@@ -180,8 +186,11 @@ export class Head extends EventEmitter<HeadEvents> {
         signal: this.shutdownController.signal,
       });
     } catch (error) {
-      this.logger.error("provisioning failed", { error: (error as Error).message });
-      await this.shutdown("provisioning failed");
+      // Whatever failed, nothing is left running and head.json says why: `drover up`
+      // reports it instead of waiting for nodes that will never come.
+      this.failure = `${phase} failed: ${(error as Error).message}`;
+      this.logger.error("head failed to start", { phase, error: (error as Error).message });
+      await this.shutdown(this.failure);
       await this.setState("failed");
       throw error;
     }

@@ -121,6 +121,8 @@ export interface HeadRecord {
   sharesFilesystem?: boolean;
   /** The provisioner backend (`drover down` reaps with it, without reading the spec again). */
   provisioner?: string;
+  /** Why the head failed to start (state `failed`). */
+  error?: string;
   startedAt: string;
   updatedAt: string;
 }
