@@ -2,7 +2,7 @@
 // runs, then head.json, cluster.json and local-nodes.json cut short (as a full disk or a
 // torn write would leave them). Every command names the file and what is wrong (exit 2),
 // and `drover down` still stops every worker and trainer under the state directory.
-import { spawnSync } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -20,6 +20,17 @@ const drover = (args: string[]) => {
   const result = spawnSync(process.execPath, [cli, ...args], { env: { ...process.env, DROVER_STATE_DIR: stateDir }, encoding: "utf8", timeout: 120_000 });
   return { code: result.status, stdout: result.stdout, stderr: result.stderr };
 };
+
+function droverAsync(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolveRun) => {
+    const child = spawn(process.execPath, [cli, ...args], { env: { ...process.env, DROVER_STATE_DIR: stateDir }, stdio: ["ignore", "pipe", "pipe"], timeout: 120_000 });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (chunk: string) => (stdout += chunk));
+    child.stderr.setEncoding("utf8").on("data", (chunk: string) => (stderr += chunk));
+    child.on("close", (code) => resolveRun({ code, stdout, stderr }));
+  });
+}
 
 /** Processes whose command line or environment mention the state directory. */
 async function processesUnderState(): Promise<number[]> {
@@ -93,5 +104,35 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     expect(head.error).toMatch(/starting the control server failed: cannot listen on 192\.0\.2\.1:0/);
     await waitFor(() => !processAlive(head.pid), 10_000, "the failed head to exit");
     expect(await processesUnderState()).toEqual([]);
+  });
+
+  it("lets one of two simultaneous `drover up` start a head and refuses the other, naming who holds the state", async () => {
+    await rm(stateDir, { recursive: true, force: true });
+    const spec = join(scratch, "two-ups.json");
+    await writeFile(spec, JSON.stringify({ name: "two-ups", local: { nodes: 2, ranksPerNode: 1 } }));
+    const [first, second] = await Promise.all([droverAsync(["up", spec]), droverAsync(["up", spec])]);
+    const results = [first, second].sort((a, b) => (a.code ?? 9) - (b.code ?? 9));
+    expect(results.map((result) => result.code)).toEqual([0, 2]);
+    expect(results[1]!.stderr).toMatch(/is in use by `drover up` \(pid \d+|a head \(pid \d+\) is already running/);
+    const heads = (await processesUnderState()).length;
+    expect(heads).toBeGreaterThan(0);
+    const down = drover(["down"]);
+    expect(down.code, down.stdout).toBe(0);
+    await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "everything to stop");
+  });
+
+  it("`drover down` during `drover up` cancels the start and leaves nothing running", async () => {
+    await rm(stateDir, { recursive: true, force: true });
+    const spec = join(scratch, "cancel.json");
+    await writeFile(spec, JSON.stringify({ name: "cancel", local: { nodes: 2, ranksPerNode: 1 } }));
+    const up = droverAsync(["up", spec]);
+    await waitFor(async () => (await readFile(join(stateDir, "lock"), "utf8").catch(() => "")).includes('"command":"up"'), 10_000, "up to take the lock");
+    const down = drover(["down"]);
+    expect(down.code, down.stdout + down.stderr).toBe(0);
+    expect(down.stdout).toMatch(/cancelling `drover up` \(pid \d+\) in progress/);
+    expect(down.stdout).toContain("cluster is down");
+    const upResult = await up;
+    expect(upResult.code).not.toBe(0);
+    await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "everything to stop");
   });
 });

@@ -18,7 +18,7 @@ import { describeRestart, formatMetrics, stitchAttempts, summarizeJob, type Metr
 import { createLogger } from "./logger.js";
 import { AKASH_LEASES_FILE, type AkashLeaseRecord } from "./provisioners/akash-provisioner.js";
 import { provisionerBackends } from "./provisioners/index.js";
-import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
+import { processAlive, StateDirectory, StateLock, type HeadRecord } from "./state-store.js";
 
 const USAGE = `drover: train on rented GPUs as if they were one cluster
 
@@ -86,11 +86,27 @@ async function adminClient(state: StateDirectory): Promise<{ client: AdminClient
   return { client: new AdminClient(head.adminAddress, grpc.credentials.createInsecure(), controlChannelOptions), token: credentials.adminToken, head };
 }
 
+/** Takes the state directory's lock for `command`, or fails naming who holds it. */
+async function takeLock(state: StateDirectory, command: string): Promise<StateLock> {
+  const taken = await StateLock.tryAcquire(state, command);
+  if (taken instanceof StateLock) return taken;
+  throw new StateError(`the state directory ${state.root} is in use by \`drover ${taken.command}\` (pid ${taken.pid}, since ${taken.startedAt}); wait for it to finish, or run \`drover down\``, { pid: taken.pid });
+}
+
 async function commandUp(args: string[]): Promise<number> {
   const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
   const specPath = resolve(positionals[0] ?? EMBEDDED_LOCAL_SPEC);
   const spec = await loadClusterSpec(specPath);
   const state = new StateDirectory(StateDirectory.defaultRoot());
+  const lock = await takeLock(state, "up");
+  try {
+    return await bringUp(spec, specPath, state, lock);
+  } finally {
+    await lock.release();
+  }
+}
+
+async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirectory, lock: StateLock): Promise<number> {
   const existing = await readHead(state);
   if (existing && processAlive(existing.pid) && existing.state !== "stopped") {
     throw new StateError(`a head (pid ${existing.pid}) is already running over ${state.root}; \`drover down\` first`);
@@ -107,6 +123,25 @@ async function commandUp(args: string[]): Promise<number> {
   closeSync(logFd);
   child.unref();
   print(`head starting (pid ${child.pid}), state in ${state.root}`);
+  // `drover down` (or Ctrl-C) while this runs cancels the start: the head it started is
+  // stopped (it stops its nodes), then the lock is released and down goes on.
+  const cancel = (signal: NodeJS.Signals) => {
+    print(`drover up: ${signal}; stopping the head it started (pid ${child.pid})`);
+    try {
+      process.kill(child.pid!, "SIGTERM");
+    } catch {
+      // gone already
+    }
+    void (async () => {
+      const deadline = Date.now() + 30_000;
+      while (processAlive(child.pid!) && Date.now() < deadline) await new Promise((resolveDelay) => setTimeout(resolveDelay, 100));
+      if (processAlive(child.pid!)) process.kill(child.pid!, "SIGKILL");
+      await lock.release();
+      process.exit(130);
+    })();
+  };
+  process.once("SIGTERM", cancel);
+  process.once("SIGINT", cancel);
   // Akash takes bid windows and container starts, not seconds: wait as long as the spec allows.
   const expected = upExpectations(spec, provisionerBackends[spec.provisioner].create(spec).expectedNodes());
   const startedAt = Date.now();
@@ -362,6 +397,43 @@ async function commandStop(args: string[]): Promise<number> {
  */
 async function commandDown(): Promise<number> {
   const state = new StateDirectory(StateDirectory.defaultRoot());
+  const lock = await lockForDown(state);
+  try {
+    return await tearDown(state);
+  } finally {
+    await lock.release();
+  }
+}
+
+/**
+ * The lock for `down`: an `up` in progress is cancelled (it stops the head it started),
+ * another command holding the lock is waited for, a bounded time.
+ */
+async function lockForDown(state: StateDirectory): Promise<StateLock> {
+  const deadline = Date.now() + 60_000;
+  let said = false;
+  for (;;) {
+    const taken = await StateLock.tryAcquire(state, "down");
+    if (taken instanceof StateLock) return taken;
+    if (!said) {
+      said = true;
+      if (taken.command === "up") {
+        print(`cancelling \`drover up\` (pid ${taken.pid}) in progress`);
+        try {
+          process.kill(taken.pid, "SIGTERM");
+        } catch {
+          // gone already
+        }
+      } else {
+        print(`waiting for \`drover ${taken.command}\` (pid ${taken.pid}) to finish`);
+      }
+    }
+    if (Date.now() > deadline) throw new StateError(`\`drover ${taken.command}\` (pid ${taken.pid}) still holds ${state.root} after 60s; stop it, then run \`drover down\` again`, { pid: taken.pid });
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, 200));
+  }
+}
+
+async function tearDown(state: StateDirectory): Promise<number> {
   const problems: string[] = [];
   const head = await readHead(state).catch((error: Error) => {
     problems.push(error.message);
@@ -461,6 +533,15 @@ async function commandDemo(args: string[]): Promise<number> {
   if (!spec.job) throw new DroverError(`${spec.source} has no job: section for the demo to run`);
   preferProjectPython();
   const stateRoot = process.env.DROVER_STATE_DIR ?? join(resolve(StateDirectory.defaultRoot(), ".."), "demo");
+  const lock = await takeLock(new StateDirectory(stateRoot), "demo");
+  try {
+    return await runDemo({ ...spec, job: spec.job }, stateRoot, values["no-failure"] === true);
+  } finally {
+    await lock.release();
+  }
+}
+
+async function runDemo(spec: ClusterSpec & { job: NonNullable<ClusterSpec["job"]> }, stateRoot: string, noFailure: boolean): Promise<number> {
   const logger = createLogger({ component: "head", file: join(stateRoot, "head.log") });
   const head = await Head.create(spec, { stateDir: stateRoot, logger });
   const interrupted = new AbortController();
@@ -483,7 +564,7 @@ async function commandDemo(args: string[]): Promise<number> {
       if (line.rank < 0) print(`[drover] ${line.line}`);
       else if (line.rank === 0 || line.stream === "stderr") print(`[rank ${line.rank}] ${line.line}`);
     });
-    if (!values["no-failure"] && spec.provisioner === "local" && localNodeCount(spec) > 1 && head.checkpoints) injectNodeFailure(head, new StateDirectory(stateRoot), 10);
+    if (!noFailure && spec.provisioner === "local" && localNodeCount(spec) > 1 && head.checkpoints) injectNodeFailure(head, new StateDirectory(stateRoot), 10);
     const job = await head.submit({ command: spec.job.command, workingDir: spec.job.workingDir, env: spec.job.env });
     print(`submitted ${job.jobId}: ${spec.job.command.join(" ")}`);
     const final = await head.waitForJob(job.jobId, interrupted.signal);

@@ -1,5 +1,5 @@
 import { randomUUID } from "node:crypto";
-import { appendFile, mkdir, open, readFile, rename } from "node:fs/promises";
+import { appendFile, mkdir, open, readFile, rename, rm } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join } from "node:path";
 import { StateError } from "./errors.js";
@@ -125,4 +125,67 @@ export interface HeadRecord {
   error?: string;
   startedAt: string;
   updatedAt: string;
+}
+
+/** What the lock file of a state directory holds. */
+export interface StateLockRecord {
+  pid: number;
+  command: string;
+  startedAt: string;
+}
+
+const LOCK_FILE = "lock";
+
+/**
+ * The exclusive lock of a state directory, held by every command that changes the
+ * cluster (`up`, `down`, `demo`): a file created with O_EXCL holding the holder's pid.
+ * A lock whose holder is gone (kill -9, a crash) is stale and taken over.
+ */
+export class StateLock {
+  private constructor(private readonly path: string) {}
+
+  /** Takes the lock, or returns who holds it. */
+  static async tryAcquire(state: StateDirectory, command: string): Promise<StateLock | StateLockRecord> {
+    const path = state.path(LOCK_FILE);
+    await mkdir(state.root, { recursive: true, mode: 0o700 });
+    for (let attempt = 0; attempt < 5; attempt++) {
+      try {
+        const handle = await open(path, "wx", 0o600);
+        try {
+          const record: StateLockRecord = { pid: process.pid, command, startedAt: new Date().toISOString() };
+          await handle.writeFile(JSON.stringify(record) + "\n");
+        } finally {
+          await handle.close();
+        }
+        return new StateLock(path);
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw new StateError(`cannot create the lock file ${path}: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`, { file: path });
+      }
+      const holder = await readLock(path);
+      if (holder && holder.pid !== process.pid && processAlive(holder.pid)) return holder;
+      // Stale (its holder is gone) or unreadable (a holder that died while writing it).
+      await rm(path, { force: true });
+    }
+    throw new StateError(`cannot take the lock ${path}: it keeps changing hands`, { file: path });
+  }
+
+  /** Who holds the lock of `state` now, if anyone alive. */
+  static async holder(state: StateDirectory): Promise<StateLockRecord | undefined> {
+    const holder = await readLock(state.path(LOCK_FILE));
+    return holder && processAlive(holder.pid) ? holder : undefined;
+  }
+
+  async release(): Promise<void> {
+    const holder = await readLock(this.path);
+    if (holder?.pid === process.pid) await rm(this.path, { force: true });
+  }
+}
+
+async function readLock(path: string): Promise<StateLockRecord | undefined> {
+  try {
+    const parsed = JSON.parse(await readFile(path, "utf8")) as Partial<StateLockRecord>;
+    return typeof parsed.pid === "number" ? { pid: parsed.pid, command: String(parsed.command ?? "?"), startedAt: String(parsed.startedAt ?? "?") } : undefined;
+  } catch {
+    return undefined;
+  }
 }
