@@ -9,7 +9,8 @@ import { StateError } from "./errors.js";
  * file, fsync, rename), so a crash at any moment leaves the previous or the new
  * version, never a torn one; `drover status` and `drover down` read it without the head.
  *
- *   head.json             pid, addresses, state of the head
+ *   lock                  pid and command of whoever is changing the cluster (up, down, demo)
+ *   head.json             pid, addresses, state, backend and start-up error of the head
  *   admin-token           the CLI's credential for the Admin service (mode 0600)
  *   cluster.json          workers and jobs as the head last saw them
  *   local-nodes.json      pids of local worker processes (local provisioner)
