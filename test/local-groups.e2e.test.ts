@@ -19,6 +19,12 @@ const drover = (args: string[]) => {
   return { code: result.status, stdout: result.stdout, stderr: result.stderr };
 };
 
+/** The KEY=VALUE pairs ranks printed on lines `[rank N] TAG ...` (not the summary's echo of them). */
+function taggedLines(stdout: string, tag: string): Array<Record<string, string>> {
+  return [...stdout.matchAll(new RegExp(`^\\[rank \\d+\\] ${tag} (.+)$`, "gm"))]
+    .map((match) => Object.fromEntries(match[1]!.trim().split(" ").map((pair) => pair.split("=") as [string, string])));
+}
+
 describe("local mode with several groups", { timeout: 180_000 }, () => {
   beforeAll(async () => {
     scratch = await mkdtemp(join(os.tmpdir(), "drover-groups-"));
@@ -66,7 +72,7 @@ describe("local mode with several groups", { timeout: 180_000 }, () => {
     ].join("\n") + "\n");
     const submit = drover(["submit", "--working-dir", scratch, "--env", "PYTHONPATH=/opt/user-libs", "--", "python", "topology.py"]);
     expect(submit.code, submit.stdout + submit.stderr).toBe(0);
-    const lines = [...submit.stdout.matchAll(/TOPOLOGY (.+)/g)].map((match) => Object.fromEntries(match[1]!.trim().split(" ").map((pair) => pair.split("=") as [string, string])));
+    const lines = taggedLines(submit.stdout, "TOPOLOGY");
     expect(lines).toHaveLength(4);
     // Groups are ordered by name: alpha (1 node x 2 ranks) is group 0 with global ranks 0-1.
     const byGlobal = lines.sort((a, b) => Number(a["DROVER_GLOBAL_RANK"]) - Number(b["DROVER_GLOBAL_RANK"]));
@@ -119,7 +125,7 @@ describe("local mode with several groups", { timeout: 180_000 }, () => {
     ].join("\n") + "\n");
     const submit = drover(["submit", "--working-dir", scratch, "--run-id", "elastic-run", "--max-restarts", "2", "--", "python", "elastic.py"]);
     expect(submit.code, submit.stdout + submit.stderr).toBe(1);
-    const lines = [...submit.stdout.matchAll(/^\[rank \d\] ELASTIC (.+)$/gm)].map((match) => Object.fromEntries(match[1]!.trim().split(" ").map((pair) => pair.split("=") as [string, string])));
+    const lines = taggedLines(submit.stdout, "ELASTIC");
     expect(lines).toHaveLength(4);
     for (const env of lines) {
       expect(env).toMatchObject({ TORCHELASTIC_RESTART_COUNT: "0", TORCHELASTIC_MAX_RESTARTS: "2", TORCHELASTIC_RUN_ID: "elastic-run", ROLE_NAME: "default", ROLE_WORLD_SIZE: "2", USE_AGENT_STORE: "-" });

@@ -20,9 +20,8 @@ describe("ControlServer", () => {
     await server?.close(100);
   });
 
-  it("refuses a wrong join token with UNAUTHENTICATED and never logs its value", async () => {
-    const lines: string[] = [];
-    const logger = recordingLogger(lines);
+  /** A real control server on a loopback port and a client of it. */
+  async function startServer(logger: Logger) {
     const registry = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, logger });
     const jobs = new JobController({ registry, allocateMasterPort: async () => 29500, workerWaitTimeoutMs: 1_000, stopGraceMs: 100, logger });
     server = new ControlServer({
@@ -32,6 +31,13 @@ describe("ControlServer", () => {
     });
     await server.listen("127.0.0.1", 0);
     client = new ControlClient(`127.0.0.1:${server.controlPort}`, grpc.credentials.createInsecure(), controlChannelOptions);
+    return { registry, jobs };
+  }
+
+  it("refuses a wrong join token with UNAUTHENTICATED and never logs its value", async () => {
+    const lines: string[] = [];
+    const logger = recordingLogger(lines);
+    const { registry, jobs } = await startServer(logger);
     const wrongToken = "guessed-token-that-must-not-leak";
     const error = await callUnary(client.register.bind(client), {
       protocolVersion: PROTOCOL_VERSION, joinToken: wrongToken, nodeName: "intruder", slots: 1, resources: {},
@@ -59,15 +65,7 @@ describe("ControlServer", () => {
 
   it("ends a refused Session stream with its real status at once: NOT_FOUND for an unknown worker, UNAUTHENTICATED for a stale token", async () => {
     const logger = recordingLogger([]);
-    const registry = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, logger });
-    const jobs = new JobController({ registry, allocateMasterPort: async () => 29500, workerWaitTimeoutMs: 1_000, stopGraceMs: 100, logger });
-    server = new ControlServer({
-      registry, jobs, logger, joinToken: "the-real-join-token-0123456789", adminToken: "admin-token-0123456789",
-      heartbeatIntervalMs: 1_000, heartbeatTimeoutMs: 5_000, onShutdownRequested: () => {},
-      submitJob: async (request) => jobs.submit({ ...request, nodes: request.nodes ?? 1 }),
-    });
-    await server.listen("127.0.0.1", 0);
-    client = new ControlClient(`127.0.0.1:${server.controlPort}`, grpc.credentials.createInsecure(), controlChannelOptions);
+    const { registry, jobs } = await startServer(logger);
     const registered = await callUnary(client.register.bind(client), {
       protocolVersion: PROTOCOL_VERSION, joinToken: "the-real-join-token-0123456789", nodeName: "node-a", slots: 1, resources: {},
     }, new grpc.Metadata(), { timeoutMs: 5_000 });

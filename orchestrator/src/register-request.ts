@@ -1,5 +1,6 @@
 import type { IRegisterRequest, IResources } from "@drover/proto";
 import { z } from "zod";
+import type { WorkerRegistration } from "./worker-registry.js";
 
 // What a worker says about itself at Register, checked field by field before the head
 // believes any of it: a registered worker holds a valid join token, but a rented
@@ -48,15 +49,6 @@ const registerSchema = z.object({
   incarnation: text(64, /^[A-Za-z0-9-]*$/).default(""),
 });
 
-export interface CheckedRegistration {
-  nodeName: string;
-  group: string;
-  slots: number;
-  resources: IResources;
-  agentVersion: string;
-  incarnation: string;
-}
-
 const SNAKE: Record<string, string> = {
   nodeName: "node_name", cpuCount: "cpu_count", memoryBytes: "memory_bytes", shmBytes: "shm_bytes",
   diskFreeBytes: "disk_free_bytes", agentVersion: "agent_version",
@@ -66,7 +58,7 @@ const SNAKE: Record<string, string> = {
  * Checks a RegisterRequest; the error names the field as the proto spells it
  * (`resources.cpu_count: is more than 4096 CPUs`) and never echoes an oversized value.
  */
-export function checkRegistration(request: IRegisterRequest): { ok: true; value: CheckedRegistration } | { ok: false; error: string } {
+export function checkRegistration(request: IRegisterRequest): { ok: true; value: WorkerRegistration } | { ok: false; error: string } {
   const parsed = registerSchema.safeParse({
     nodeName: request.nodeName ?? "",
     group: request.group ?? "",

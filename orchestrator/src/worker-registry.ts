@@ -5,8 +5,8 @@ import type { Logger } from "./logger.js";
 
 export type WorkerConnection = "registered" | "connected" | "disconnected" | "lost";
 
-export interface RegisteredWorker {
-  workerId: string;
+/** What a worker registers with (checked by register-request.ts before it gets here). */
+export interface WorkerRegistration {
   nodeName: string;
   group: string;
   slots: number;
@@ -14,6 +14,10 @@ export interface RegisteredWorker {
   agentVersion: string;
   /** Random per agent process; a new one on re-registration means the agent restarted. */
   incarnation: string;
+}
+
+export interface RegisteredWorker extends WorkerRegistration {
+  workerId: string;
   connection: WorkerConnection;
   registeredAtMs: number;
   lastSeenMs: number;
@@ -71,7 +75,7 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
     this.channels.clear();
   }
 
-  register(input: { nodeName: string; group: string; slots: number; resources: IResources; agentVersion: string; incarnation: string }): RegisteredWorker {
+  register(input: WorkerRegistration): RegisteredWorker {
     const now = this.clock.now();
     const existing = [...this.workers.values()].find((worker) => worker.nodeName === input.nodeName);
     if (existing) this.channels.get(existing.workerId)?.close();
