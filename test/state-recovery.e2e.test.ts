@@ -135,4 +135,21 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     expect(upResult.code).not.toBe(0);
     await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "everything to stop");
   });
+
+  it("shows each node's last heartbeat, not its registration, and no node as connected once the head is gone", async () => {
+    await rm(stateDir, { recursive: true, force: true });
+    const spec = join(scratch, "status.json");
+    await writeFile(spec, JSON.stringify({ name: "status", local: { nodes: 1, ranksPerNode: 1 } }));
+    expect(drover(["up", spec]).code).toBe(0);
+    // Longer than the heartbeat timeout: a time since registration would read 12s or more.
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, 12_000));
+    const status = drover(["status"]);
+    const seen = Number(/local-0 \(w-\w+\) connected, .* seen ([\d.]+)s ago/.exec(status.stdout)?.[1]);
+    expect(seen, status.stdout).toBeLessThan(6);
+    expect(drover(["down"]).code).toBe(0);
+    const after = drover(["status"]);
+    expect(after.stdout).toContain("NOT RUNNING");
+    expect(after.stdout).toMatch(/local-0 \(w-\w+\) disconnected \(head not running\)/);
+    expect(after.stdout).not.toMatch(/ connected,/);
+  });
 });

@@ -346,7 +346,9 @@ async function commandStatus(args: string[]): Promise<number> {
     const gpus = (resources.gpus ?? []).length;
     const shmMiB = Math.round(Number(resources.shmBytes ?? 0) / 2 ** 20);
     const ago = ((Date.now() - Number(worker.lastSeenMs)) / 1000).toFixed(1);
-    print(`  ${worker.nodeName} (${worker.workerId}) ${worker.connection}, group ${worker.group}, ${worker.slots} ranks, ${resources.cpuCount || "?"} cpus, ${gpus} gpus, shm ${resources.shmBytes ? `${shmMiB} MiB` : "?"}, seen ${ago}s ago`);
+    // Without a running head the record is only what it last knew.
+    const connection = alive ? worker.connection : `${worker.connection === "connected" ? "disconnected" : worker.connection} (head not running)`;
+    print(`  ${worker.nodeName} (${worker.workerId}) ${connection}, group ${worker.group}, ${worker.slots} ranks, ${resources.cpuCount || "?"} cpus, ${gpus} gpus, shm ${resources.shmBytes ? `${shmMiB} MiB` : "?"}, seen ${ago}s ago`);
   }
   if (leases.length > 0) {
     print(`leases:`);

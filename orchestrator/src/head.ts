@@ -52,6 +52,8 @@ export class Head extends EventEmitter<HeadEvents> {
   private readonly shutdownController = new AbortController();
   private readonly startedAt = new Date().toISOString();
   private snapshotTimer: NodeJS.Timeout | undefined;
+  /** Refreshes cluster.json every heartbeat interval, so status shows real last-heartbeat times. */
+  private heartbeatSnapshots: NodeJS.Timeout | undefined;
   private embeddedS3: LocalS3Server | undefined;
   private storageConfig: StorageConfigInput | undefined;
   checkpoints: CheckpointCoordinator | undefined;
@@ -171,6 +173,10 @@ export class Head extends EventEmitter<HeadEvents> {
     let phase = "starting the control server";
     try {
       this.registry.start();
+      // Heartbeats change lastSeenMs without any other event; without this the state file
+      // status reads would show the time since registration.
+      this.heartbeatSnapshots = setInterval(() => this.scheduleSnapshot(), this.spec.head.heartbeatIntervalMs);
+      this.heartbeatSnapshots.unref();
       await this.server.listen(this.spec.head.host, this.spec.head.port);
       await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
       phase = "opening checkpoint storage";
@@ -287,10 +293,11 @@ export class Head extends EventEmitter<HeadEvents> {
     }, 200);
   }
 
-  private async writeSnapshot(): Promise<void> {
+  /** `final`: the head is stopping; no worker is connected to it any more. */
+  private async writeSnapshot(final = false): Promise<void> {
     await this.stateDir.writeJson("cluster.json", {
       updatedAt: new Date().toISOString(),
-      workers: this.registry.all().map(({ sessionToken: _secret, ...worker }) => worker),
+      workers: this.registry.all().map(({ sessionToken: _secret, ...worker }) => (final && worker.connection === "connected" ? { ...worker, connection: "disconnected" } : worker)),
       jobs: this.jobs.all(),
     }).catch((error: Error) => this.logger.warn("could not write cluster.json", { error: error.message }));
   }
@@ -310,7 +317,8 @@ export class Head extends EventEmitter<HeadEvents> {
       await this.embeddedS3?.stop();
       clearTimeout(this.snapshotTimer);
       this.snapshotTimer = undefined;
-      await this.writeSnapshot();
+      clearInterval(this.heartbeatSnapshots);
+      await this.writeSnapshot(true);
       await this.appender.flushed();
       await this.setState("stopped");
     })();
