@@ -1,6 +1,5 @@
 import { setMaxListeners } from "node:events";
-import { setTimeout as sleep } from "node:timers/promises";
-import { CheckpointStore, isStoreOutage, type RankUploadReport } from "@drover/storage";
+import { CheckpointStore, retryThroughOutage, STORE_OUTAGE_RETRY, type OutageRetryPolicy, type RankUploadReport } from "@drover/storage";
 import type { ICheckpointReport } from "@drover/proto";
 import type { JobController, JobRecord } from "./job-controller.js";
 import type { Logger } from "./logger.js";
@@ -10,14 +9,6 @@ import type { Logger } from "./logger.js";
  * and, once all ranks of the job have reported, asks the store to verify the objects
  * and write MANIFEST.json. A step some rank never reported stays invisible.
  */
-export interface CommitRetryPolicy {
-  /** A commit failing because the store is unreachable is tried again this long. */
-  retryForMs: number;
-  backoffBaseMs: number;
-  backoffMaxMs: number;
-}
-
-const DEFAULT_COMMIT_RETRY: CommitRetryPolicy = { retryForMs: 15 * 60_000, backoffBaseMs: 1_000, backoffMaxMs: 30_000 };
 /** One commit try (it checks every object of the step) is abandoned after this long. */
 const COMMIT_TRY_TIMEOUT_MS = 120_000;
 
@@ -31,7 +22,8 @@ export class CheckpointCoordinator {
     readonly store: CheckpointStore,
     private readonly jobs: JobController,
     private readonly logger: Logger,
-    private readonly retry: CommitRetryPolicy = DEFAULT_COMMIT_RETRY,
+    /** A commit failing because the store is unreachable is tried again this long. */
+    private readonly retry: OutageRetryPolicy = STORE_OUTAGE_RETRY,
   ) {
     jobs.on("checkpoint", (job, report) => {
       const commit = this.onReport(job, report);
@@ -56,24 +48,18 @@ export class CheckpointCoordinator {
     });
     if (reports.length < job.worldSize) return;
     byStep.delete(step);
-    const deadline = Date.now() + this.retry.retryForMs;
-    for (let attempt = 1; ; attempt++) {
-      try {
-        await this.commitOnce(job, step, reports);
-        return;
-      } catch (error) {
-        const delayMs = Math.min(this.retry.backoffMaxMs, this.retry.backoffBaseMs * 2 ** (attempt - 1));
-        if (isStoreOutage(error) && Date.now() + delayMs <= deadline) {
-          this.jobs.note(job.jobId, `checkpoint step ${step}: commit failed (${(error as Error).message}); trying again in ${Math.round(delayMs / 1000)}s`);
-          this.logger.warn("checkpoint commit failed; retrying", { run: job.runId, step, attempt, delayMs, error: (error as Error).message });
-          await sleep(delayMs);
-          continue;
-        }
-        const problems = (error as { problems?: string[] }).problems;
-        this.jobs.checkpointLost(job.jobId, step, `its commit failed: ${(error as Error).message}${problems ? ` (${problems.slice(0, 3).join("; ")})` : ""}`);
-        this.logger.warn("checkpoint commit failed", { run: job.runId, step, error: (error as Error).message });
-        return;
-      }
+    try {
+      await retryThroughOutage(() => this.commitOnce(job, step, reports), {
+        policy: this.retry,
+        onRetry: ({ attempt, delayMs, error }) => {
+          this.jobs.note(job.jobId, `checkpoint step ${step}: commit failed (${error.message}); trying again in ${Math.round(delayMs / 1000)}s`);
+          this.logger.warn("checkpoint commit failed; retrying", { run: job.runId, step, attempt, delayMs, error: error.message });
+        },
+      });
+    } catch (error) {
+      const problems = (error as { problems?: string[] }).problems;
+      this.jobs.checkpointLost(job.jobId, step, `its commit failed: ${(error as Error).message}${problems ? ` (${problems.slice(0, 3).join("; ")})` : ""}`);
+      this.logger.warn("checkpoint commit failed", { run: job.runId, step, error: (error as Error).message });
     }
   }
 

@@ -52,7 +52,7 @@ export {
 export { S3ObjectStore, type S3ObjectStoreOptions } from './s3-object-store.js';
 export { LocalObjectStore } from './local-object-store.js';
 export { createObjectStore } from './store-factory.js';
-export { withRetry, backoffDelayMs, isRetryable, isStoreOutage, type RetryPolicy, type RetryOptions } from './retry.js';
+export { withRetry, backoffDelayMs, isRetryable, isStoreOutage, retryThroughOutage, STORE_OUTAGE_RETRY, type OutageRetry, type OutageRetryPolicy, type RetryPolicy, type RetryOptions } from './retry.js';
 export { Semaphore, runBounded } from './concurrency.js';
 export {
   uploadFile,

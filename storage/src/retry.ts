@@ -71,7 +71,61 @@ export async function withRetry<T>(operation: string, attempt: (attemptNumber: n
         error: (error as Error).message,
         ...options.context,
       });
-      await sleep(delayMs, undefined, signal ? { signal } : undefined);
+      // An abort while waiting ends it with the caller's reason, as withRetry does.
+      await sleep(delayMs, undefined, signal ? { signal } : undefined).catch(() => {
+        throw signal?.reason ?? error;
+      });
+    }
+  }
+}
+
+/** How long work that fails on a store outage is tried again, and how far apart. */
+export interface OutageRetryPolicy {
+  retryForMs: number;
+  backoffBaseMs: number;
+  backoffMaxMs: number;
+}
+
+/**
+ * The default for checkpoint uploads and commits: an outage can last minutes, and a
+ * checkpoint is worth waiting for (1 s doubling to 30 s, for 15 minutes).
+ */
+export const STORE_OUTAGE_RETRY: OutageRetryPolicy = Object.freeze({ retryForMs: 15 * 60_000, backoffBaseMs: 1_000, backoffMaxMs: 30_000 });
+
+export interface OutageRetry {
+  attempt: number;
+  delayMs: number;
+  /** Until giving up, counted from now. */
+  remainingMs: number;
+  error: Error;
+}
+
+/**
+ * Runs `attempt` again, whole, while it fails with a store outage (`isStoreOutage`),
+ * backing off exponentially, until `policy.retryForMs` has passed; any other failure,
+ * the last one, or an abort is thrown. withRetry covers one request for seconds; this
+ * covers a whole upload or commit through an outage of minutes. `onRetry` is called once
+ * per retry, for the one log line a try deserves. Resolves with the value and the number
+ * of tries it took.
+ */
+export async function retryThroughOutage<T>(
+  attempt: () => Promise<T>,
+  options: { policy: OutageRetryPolicy; signal?: AbortSignal; onRetry?: (retry: OutageRetry) => void },
+): Promise<{ value: T; attempts: number }> {
+  const { policy, signal } = options;
+  const deadline = Date.now() + policy.retryForMs;
+  for (let attempts = 1; ; attempts++) {
+    try {
+      return { value: await attempt(), attempts };
+    } catch (error) {
+      const delayMs = Math.min(policy.backoffMaxMs, policy.backoffBaseMs * 2 ** (attempts - 1));
+      if (signal?.aborted) throw signal.reason;
+      if (!isStoreOutage(error) || Date.now() + delayMs > deadline) throw error;
+      options.onRetry?.({ attempt: attempts, delayMs, remainingMs: deadline - Date.now(), error: error as Error });
+      // An abort while waiting ends it with the caller's reason, as withRetry does.
+      await sleep(delayMs, undefined, signal ? { signal } : undefined).catch(() => {
+        throw signal?.reason ?? error;
+      });
     }
   }
 }

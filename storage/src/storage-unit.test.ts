@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { choosePartSize } from './transfer.js';
 import { parseStorageConfig, resolveS3Credentials, SecretString, type S3StoreConfig } from './config.js';
 import { StorageConfigError, ObjectStoreRequestError } from './errors.js';
-import { backoffDelayMs, withRetry } from './retry.js';
+import { backoffDelayMs, retryThroughOutage, withRetry } from './retry.js';
 import { planRetention, formatStep, checkRelativePath } from './checkpoint-store.js';
 import { seededRandom } from './fault-proxy.js';
 import { hashPool, WRITE_SLICE_BYTES } from './hash-pool.js';
@@ -247,5 +247,39 @@ describe('local object store multipart completion', () => {
       process.off('warning', onWarning);
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('retry through an outage', () => {
+  const outage = () => new ObjectStoreRequestError('PutObject k failed: ECONNREFUSED', { operation: 'PutObject', retryable: true });
+  const policy = { retryForMs: 1_000, backoffBaseMs: 5, backoffMaxMs: 20 };
+
+  it('tries the whole work again while the store is down, once per retry reported', async () => {
+    let calls = 0;
+    const retries: number[] = [];
+    const result = await retryThroughOutage(async () => {
+      calls += 1;
+      if (calls < 4) throw outage();
+      return 'stored';
+    }, { policy, onRetry: (retry) => retries.push(retry.attempt) });
+    expect(result).toEqual({ value: 'stored', attempts: 4 });
+    expect(retries).toEqual([1, 2, 3]);
+  });
+
+  it('does not retry what another try cannot fix, and gives up at the deadline', async () => {
+    let calls = 0;
+    await expect(retryThroughOutage(async () => {
+      calls += 1;
+      throw new StorageConfigError('no such bucket');
+    }, { policy })).rejects.toThrow('no such bucket');
+    expect(calls).toBe(1);
+    await expect(retryThroughOutage(async () => { throw outage(); }, { policy: { ...policy, retryForMs: 30 } })).rejects.toThrow(/ECONNREFUSED/);
+  });
+
+  it('ends with the caller\'s reason when aborted while waiting', async () => {
+    const controller = new AbortController();
+    const running = retryThroughOutage(async () => { throw outage(); }, { policy: { ...policy, backoffBaseMs: 10_000, backoffMaxMs: 10_000, retryForMs: 60_000 }, signal: controller.signal });
+    controller.abort(new Error('job stopped'));
+    await expect(running).rejects.toThrow('job stopped');
   });
 });

@@ -11,7 +11,7 @@ import {
   ControlClient, LogStream, PROTOCOL_VERSION, callUnary, controlChannelOptions,
   type HeadMessage, type ICheckpointFile, type IStartJob, type IWorkerMessage,
 } from "@drover/proto";
-import { CheckpointStore, isStoreOutage, registerSecretValue, type StorageConfigInput } from "@drover/storage";
+import { CheckpointStore, registerSecretValue, retryThroughOutage, STORE_OUTAGE_RETRY, type StorageConfigInput } from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
 import { confineCheckpointReport } from "./checkpoint-report.js";
 import { JoinRefusedError, WorkerConfigError } from "./errors.js";
@@ -40,7 +40,7 @@ export const workerOptionsSchema = z.object({
    * exit is held back meanwhile, so a job is never declared done while its last
    * checkpoint is still on its way.
    */
-  uploadRetryForMs: z.number().int().nonnegative().default(15 * 60_000),
+  uploadRetryForMs: z.number().int().nonnegative().default(STORE_OUTAGE_RETRY.retryForMs),
   /**
    * Where checkpoints go (@drover/storage config, credentials included). Comes from the
    * node's own environment (DROVER_STORAGE_CONFIG), never over the control plane.
@@ -76,9 +76,6 @@ interface RunningJob {
   ckptDir: string;
 }
 
-/** Backoff between whole-upload retries: 1 s doubling to 30 s. */
-const UPLOAD_RETRY_BASE_MS = 1_000;
-const UPLOAD_RETRY_MAX_MS = 30_000;
 /** A trainer's last socket lines may be read after its exit is seen; wait this long for them. */
 const SOCKET_DRAIN_MS = 2_000;
 
@@ -338,28 +335,24 @@ export class WorkerAgent {
   private async uploadWithRetry(running: RunningJob, report: CheckpointMessage, signal: AbortSignal) {
     const jobId = running.job.jobId ?? "";
     const confined = await confineCheckpointReport(running.ckptDir, report);
-    const deadline = Date.now() + this.options.uploadRetryForMs;
-    for (let attempt = 1; ; attempt++) {
-      try {
-        const uploaded = await this.checkpoints!.uploadRank({
-          run: running.job.runId ?? "",
-          step: report.step,
-          rank: report.rank,
-          dir: confined.dir,
-          files: confined.files,
-          signal,
-        });
-        if (attempt > 1) this.agentLog(jobId, `rank ${report.rank} checkpoint step ${report.step} stored after ${attempt} tries`);
-        return uploaded;
-      } catch (error) {
-        const delayMs = Math.min(UPLOAD_RETRY_MAX_MS, UPLOAD_RETRY_BASE_MS * 2 ** (attempt - 1));
-        if (signal.aborted || !isStoreOutage(error) || Date.now() + delayMs > deadline) throw error;
-        // One line per try, not one per request: the transfer engine's own retries stay quiet.
-        this.agentLog(jobId, `rank ${report.rank} checkpoint step ${report.step}: upload failed (${(error as Error).message}); trying again in ${Math.round(delayMs / 1000)}s (try ${attempt + 1}, giving up ${Math.round((deadline - Date.now()) / 1000)}s from now)`);
-        this.logger.warn("checkpoint upload failed; retrying", { jobId, step: report.step, rank: report.rank, attempt, delayMs, error: (error as Error).message });
-        await sleep(delayMs, signal);
-      }
-    }
+    const { value, attempts } = await retryThroughOutage(() => this.checkpoints!.uploadRank({
+      run: running.job.runId ?? "",
+      step: report.step,
+      rank: report.rank,
+      dir: confined.dir,
+      files: confined.files,
+      signal,
+    }), {
+      policy: { ...STORE_OUTAGE_RETRY, retryForMs: this.options.uploadRetryForMs },
+      signal,
+      // One line per try, not one per request: the transfer engine's own retries stay quiet.
+      onRetry: ({ attempt, delayMs, remainingMs, error }) => {
+        this.agentLog(jobId, `rank ${report.rank} checkpoint step ${report.step}: upload failed (${error.message}); trying again in ${Math.round(delayMs / 1000)}s (try ${attempt + 1}, giving up ${Math.round(remainingMs / 1000)}s from now)`);
+        this.logger.warn("checkpoint upload failed; retrying", { jobId, step: report.step, rank: report.rank, attempt, delayMs, error: error.message });
+      },
+    });
+    if (attempts > 1) this.agentLog(jobId, `rank ${report.rank} checkpoint step ${report.step} stored after ${attempts} tries`);
+    return value;
   }
 
   /**

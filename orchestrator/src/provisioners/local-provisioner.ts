@@ -219,7 +219,7 @@ export async function reapLocalNodes(state: StateDirectory, logger: Logger): Pro
     if (commandLine === undefined) return false;
     // Workers are recognisable by their program; trainers by the environment we gave them.
     if (target.what.startsWith("trainer")) return (await processEnvironment(target.pid)).includes("DROVER_JOB_ID=");
-    return commandLine.includes(WORKER_MARKER) || commandLine.includes("worker/dist/main.js");
+    return isWorkerCommandLine(commandLine);
   };
   const live: { pid: number; what: string }[] = [];
   for (const target of targets) if (await ours(target)) live.push(target);
@@ -258,7 +258,7 @@ async function processesUnder(workersDir: string): Promise<Array<{ pid: number; 
     const commandLine = await processCommandLine(pid);
     if (commandLine === undefined) continue;
     const node = new RegExp(`--state-dir ${escapeRegExp(prefix)}([^/ ]+)`).exec(commandLine)?.[1];
-    if (node && (commandLine.includes(WORKER_MARKER) || commandLine.includes("worker/dist/main.js"))) {
+    if (node && isWorkerCommandLine(commandLine)) {
       found.push({ pid, what: node });
       continue;
     }
@@ -267,6 +267,11 @@ async function processesUnder(workersDir: string): Promise<Array<{ pid: number; 
     if (trainerOf && environment.includes("DROVER_JOB_ID=")) found.push({ pid, what: `trainer of ${trainerOf}` });
   }
   return found;
+}
+
+/** A drover-worker process, as installed or as run from this repository's build. */
+function isWorkerCommandLine(commandLine: string): boolean {
+  return commandLine.includes(WORKER_MARKER) || commandLine.includes("worker/dist/main.js");
 }
 
 function escapeRegExp(text: string): string {

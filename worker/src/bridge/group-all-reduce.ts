@@ -1,6 +1,6 @@
 import { BridgeExchangeError, BridgeFrameError } from "../errors.js";
 import type { BridgeLink } from "./bridge-link.js";
-import { CODECS, encodeFrameParts, readFrame, TensorAssembler, type Codec, type ReadFrame } from "./tensor-frame.js";
+import { CODECS, readFrame, TensorAssembler, tensorFrameParts, type Codec, type ReadFrame } from "./tensor-frame.js";
 
 // The weighted average of one tensor set across groups, as the group leaders' agents
 // compute it for one outer step. Every leader sends its own tensors (through the codec)
@@ -171,13 +171,8 @@ export async function allReduceAcrossGroups(own: OuterStepContribution, options:
   let bytesSent = 0;
   let inFlight: Promise<unknown> | undefined;
   for (const [index, tensor] of own.tensors.entries()) {
-    const total = tensor.values.length;
-    const chunkCount = Math.max(1, Math.ceil(total / chunkElements));
-    for (let chunkIndex = 0; chunkIndex < chunkCount; chunkIndex++) {
+    for (const parts of tensorFrameParts({ job, outerStep: own.outerStep, tensor: tensor.name, shape: tensor.shape, codec }, tensor.values, chunkElements)) {
       options.signal.throwIfAborted();
-      const elementOffset = chunkIndex * chunkElements;
-      const parts = encodeFrameParts({ job, outerStep: own.outerStep, tensor: tensor.name, shape: tensor.shape, codec, chunkIndex, chunkCount, elementOffset },
-        tensor.values.subarray(elementOffset, Math.min(total, elementOffset + chunkElements)));
       if (inFlight) await inFlight;
       inFlight = Promise.all(options.links.map((link) => sendTo(link, () => link.sendFrame(parts))));
       const assembler = ownAssemblers?.[index];

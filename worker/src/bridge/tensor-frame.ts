@@ -316,16 +316,27 @@ export function encodeTensor(
   values: Float32Array,
   chunkElements: number,
 ): Buffer[] {
+  return [...tensorFrameParts(header, values, chunkElements)].map((parts) => (parts.length === 1 ? parts[0]! : Buffer.concat(parts)));
+}
+
+/**
+ * The frames of a tensor one at a time, each as the parts encodeFrameParts gives (fp32
+ * payloads are views of `values`): a sender encodes the next frame while the previous
+ * one is on the wire, and never holds the whole encoded tensor.
+ */
+export function* tensorFrameParts(
+  header: { job: string; outerStep: number; tensor: string; shape: number[]; codec: Codec },
+  values: Float32Array,
+  chunkElements: number,
+): Generator<Buffer[]> {
   const total = header.shape.reduce((product, dim) => product * dim, 1);
   if (values.length !== total) throw new BridgeFrameError(`tensor ${header.tensor}: ${values.length} values do not fill shape ${JSON.stringify(header.shape)} (${total})`, { tensor: header.tensor });
   if (!Number.isInteger(chunkElements) || chunkElements < 1 || chunkElements > FRAME_LIMITS.maxElements) throw new BridgeFrameError(`chunk size ${chunkElements} must be 1..${FRAME_LIMITS.maxElements} elements`, {});
   const chunkCount = Math.max(1, Math.ceil(total / chunkElements));
-  const frames: Buffer[] = [];
   for (let chunkIndex = 0; chunkIndex < chunkCount; chunkIndex++) {
     const elementOffset = chunkIndex * chunkElements;
-    frames.push(encodeFrame({ ...header, chunkIndex, chunkCount, elementOffset }, values.subarray(elementOffset, Math.min(total, elementOffset + chunkElements))));
+    yield encodeFrameParts({ ...header, chunkIndex, chunkCount, elementOffset }, values.subarray(elementOffset, Math.min(total, elementOffset + chunkElements)));
   }
-  return frames;
 }
 
 /**
