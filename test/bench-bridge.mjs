@@ -54,7 +54,7 @@ async function child() {
   process.on("message", async (message) => {
     try {
       if (message.cmd === "listen") {
-        listener = await worker.BridgeListener.listen({ host: message.host, port: 0, self: { job: JOB, group: message.group }, keyFor: () => KEY, logger: worker.silentLogger });
+        listener = await worker.BridgeListener.listen({ host: message.host, port: 0, jobs: (job) => (job === JOB ? { group: message.group, key: KEY } : undefined), logger: worker.silentLogger });
         listener.on("link", (accepted) => (link = accepted));
         // The baseline gets the same socket options as the bridge (1 MiB reads, no Nagle).
         rawServer = net.createServer({ highWaterMark: 1 << 20, noDelay: true }, (socket) => (rawSocket = socket));

@@ -1,4 +1,4 @@
-import { randomUUID } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
 import type { ICheckpointReport, ILogLine, IMetricReport, IRankExit } from "@drover/proto";
 import { LogStream } from "@drover/proto";
@@ -250,11 +250,22 @@ export class JobController extends EventEmitter<JobEvents> {
       group: worker.group,
       address: worker.resources.address || "127.0.0.1",
       slots: worker.slots,
+      bridgeAddress: worker.bridgeAddress,
     })));
     job.worldSize = job.assignments.reduce((sum, assignment) => sum + assignment.localWorldSize, 0);
     const masterPorts = new Map<string, number>();
     for (const assignment of job.assignments) {
       if (assignment.groupRank === 0) masterPorts.set(assignment.group, await this.deps.allocateMasterPort(assignment));
+    }
+    // Groups sync through their leaders' bridges, authenticated with a key of this
+    // attempt's own: a leader of a stopped attempt cannot pass as a peer of the next.
+    const groupCount = job.assignments[0]?.groupCount ?? 1;
+    const bridgeSecret = groupCount > 1 ? randomBytes(32) : undefined;
+    if (bridgeSecret) {
+      const without = job.assignments.filter((assignment) => assignment.groupRank === 0 && !assignment.bridgeAddress);
+      if (without.length > 0) {
+        this.log(job, `warning: ${without.map((a) => `group ${a.group}'s leader ${a.nodeName}`).join(", ")} runs without a bridge; trainers that sync across groups (OuterSync) will fail`);
+      }
     }
     job.state = "running";
     job.startedAtMs ??= this.now();
@@ -281,6 +292,7 @@ export class JobController extends EventEmitter<JobEvents> {
           resumeStep: job.resumeStep ?? 0,
           attempt: job.attempt,
           codeBundleId: job.request.codeBundleId ?? "",
+          ...(bridgeSecret && assignment.groupRank === 0 ? { bridgeSecret } : {}),
         },
       });
       if (!sent) {

@@ -28,13 +28,14 @@ describe("assignRanks", () => {
 
   it("describes every group to every node in StartJob's typed topology", () => {
     const result = assignRanks([
-      { workerId: "r0", nodeName: "rtx-0", group: "rtx8000", address: "203.0.113.7", slots: 4 },
-      { workerId: "a0", nodeName: "a100-0", group: "a100", address: "198.51.100.1", slots: 8 },
-      { workerId: "a1", nodeName: "a100-1", group: "a100", address: "198.51.100.2", slots: 8 },
+      { workerId: "r0", nodeName: "rtx-0", group: "rtx8000", address: "203.0.113.7", slots: 4, bridgeAddress: "provider-b.example:31877" },
+      { workerId: "a0", nodeName: "a100-0", group: "a100", address: "198.51.100.1", slots: 8, bridgeAddress: "provider-a.example:30412" },
+      { workerId: "a1", nodeName: "a100-1", group: "a100", address: "198.51.100.2", slots: 8, bridgeAddress: "provider-a.example:30999" },
     ]);
+    // The bridge each group's leader is dialed at is the leader's own (a100-0's, not a100-1's).
     const groups = [
-      { name: "a100", index: 0, worldSize: 16, nodeCount: 2, globalRankOffset: 0, leaderNode: "a100-0", leaderAddress: "198.51.100.1" },
-      { name: "rtx8000", index: 1, worldSize: 4, nodeCount: 1, globalRankOffset: 16, leaderNode: "rtx-0", leaderAddress: "203.0.113.7" },
+      { name: "a100", index: 0, worldSize: 16, nodeCount: 2, globalRankOffset: 0, leaderNode: "a100-0", leaderAddress: "198.51.100.1", bridgeAddress: "provider-a.example:30412" },
+      { name: "rtx8000", index: 1, worldSize: 4, nodeCount: 1, globalRankOffset: 16, leaderNode: "rtx-0", leaderAddress: "203.0.113.7", bridgeAddress: "provider-b.example:31877" },
     ];
     expect(topologyFor(result, result[1]!)).toEqual({ groupIndex: 0, globalWorldSize: 20, globalRankOffset: 8, groups });
     expect(topologyFor(result, result[2]!)).toEqual({ groupIndex: 1, globalWorldSize: 20, globalRankOffset: 16, groups });

@@ -7,6 +7,8 @@ export interface RankCandidate {
   group: string;
   address: string;
   slots: number;
+  /** host:port of the node's bridge as other groups reach it; "" without one. */
+  bridgeAddress?: string;
 }
 
 export interface NodeAssignment {
@@ -22,6 +24,7 @@ export interface NodeAssignment {
   groupRank: number;
   localWorldSize: number;
   masterAddr: string;
+  bridgeAddress: string;
   /** Across the whole job. */
   globalRankOffset: number;
   globalWorldSize: number;
@@ -61,6 +64,7 @@ export function assignRanks(candidates: readonly RankCandidate[]): NodeAssignmen
         groupRank,
         localWorldSize: member.slots,
         masterAddr,
+        bridgeAddress: member.bridgeAddress ?? "",
         globalRankOffset,
         globalWorldSize,
       });
@@ -90,6 +94,7 @@ export function topologyFor(assignments: readonly NodeAssignment[], node: NodeAs
       globalRankOffset: leader.globalRankOffset,
       leaderNode: leader.nodeName,
       leaderAddress: leader.masterAddr,
+      bridgeAddress: leader.bridgeAddress,
     })),
   };
 }

@@ -27,5 +27,9 @@ describe("Register requests are believed only within bounds", () => {
     expect(refuse({ resources: { ...good.resources, gpus: Array.from({ length: 65 }, () => good.resources.gpus[0]) } })).toBe("resources.gpus: lists more than 64 GPUs");
     expect(refuse({ resources: { ...good.resources, gpus: [{ ...good.resources.gpus[0], name: "A100\u0000\u001b[31m" }] } })).toBe("resources.gpus[0].name: printable ASCII only");
     expect(refuse({ resources: { ...good.resources, address: "10.0.0.7; rm -rf /" } })).toBe("resources.address: is not a host name or IP address");
+    expect(refuse({ bridgeAddress: "10.0.0.7" })).toBe("bridge_address: is not host:port");
+    expect(refuse({ bridgeAddress: "10.0.0.7:65536" })).toBe("bridge_address: is not host:port");
+    expect(refuse({ bridgeAddress: "provider.example:31877" })).toBe("accepted");
+    expect(refuse({ bridgeAddress: "[2001:db8::7]:7447" })).toBe("accepted");
   });
 });

@@ -47,11 +47,14 @@ const registerSchema = z.object({
   resources: resourcesSchema.default(() => resourcesSchema.parse({})),
   agentVersion: text(64, /^[\x20-\x7e]*$/, "printable ASCII only").default(""),
   incarnation: text(64, /^[A-Za-z0-9-]*$/).default(""),
+  // host:port (IPv6 in brackets) or empty: where other groups' leaders dial the bridge.
+  bridgeAddress: text(260, /^(?:|(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):(?:[1-9]\d{0,3}|[1-5]\d{4}|6[0-4]\d{3}|65[0-4]\d{2}|655[0-2]\d|6553[0-5]))$/,
+    "is not host:port").default(""),
 });
 
 const SNAKE: Record<string, string> = {
   nodeName: "node_name", cpuCount: "cpu_count", memoryBytes: "memory_bytes", shmBytes: "shm_bytes",
-  diskFreeBytes: "disk_free_bytes", agentVersion: "agent_version",
+  diskFreeBytes: "disk_free_bytes", agentVersion: "agent_version", bridgeAddress: "bridge_address",
 };
 
 /**
@@ -66,6 +69,7 @@ export function checkRegistration(request: IRegisterRequest): { ok: true; value:
     resources: stripNulls(request.resources ?? {}),
     agentVersion: request.agentVersion ?? "",
     incarnation: request.incarnation ?? "",
+    bridgeAddress: request.bridgeAddress ?? "",
   });
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;

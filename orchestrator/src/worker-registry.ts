@@ -14,6 +14,8 @@ export interface WorkerRegistration {
   agentVersion: string;
   /** Random per agent process; a new one on re-registration means the agent restarted. */
   incarnation: string;
+  /** host:port where other groups' leaders dial this node's bridge; "" without one. */
+  bridgeAddress: string;
 }
 
 export interface RegisteredWorker extends WorkerRegistration {

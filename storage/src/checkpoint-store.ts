@@ -217,10 +217,17 @@ export class CheckpointStore {
     rank: number;
     dir: string;
     files?: readonly string[];
+    /**
+     * A folder inside the step the files go under (`<subdir>/<file>`): each group of a
+     * job with several groups keeps its own ranks' files there, since every group has a
+     * rank 0 of its own.
+     */
+    subdir?: string;
     signal?: AbortSignal;
     onProgress?: (progress: BatchProgress) => void;
   }): Promise<RankUploadReport> {
     const prefix = this.stepPrefix(params.run, params.step);
+    const within = params.subdir ? `${checkRelativePath(params.subdir, [MANIFEST_FILE])}/` : '';
     const relativePaths = [...(params.files ?? (await listFilesRecursively(params.dir)))].map((p) => checkRelativePath(p, [MANIFEST_FILE]));
     const uploaded = await uploadFiles({
       store: this.store,
@@ -228,7 +235,7 @@ export class CheckpointStore {
       logger: this.#logger,
       signal: params.signal,
       resumeStateDir: this.#resumeStateDir,
-      files: relativePaths.map((rel) => ({ localPath: path.join(params.dir, ...rel.split('/')), key: prefix + rel })),
+      files: relativePaths.map((rel) => ({ localPath: path.join(params.dir, ...rel.split('/')), key: prefix + within + rel })),
       onProgress: params.onProgress,
     });
     // The object keys are what a user needs to find an upload in the bucket; a rank has a
@@ -257,6 +264,8 @@ export class CheckpointStore {
     run: string;
     step?: number;
     destDir: string;
+    /** Only the files under this folder of the step (one group's, see uploadRank). */
+    subdir?: string;
     signal?: AbortSignal;
     onProgress?: (progress: BatchProgress) => void;
   }): Promise<CheckpointManifest> {
@@ -271,7 +280,12 @@ export class CheckpointStore {
       });
     }
     const prefix = this.stepPrefix(manifest.run, manifest.step);
-    await this.#downloadInto(params.destDir, manifest.files, (file) => prefix + file.path, { [MANIFEST_FILE]: JSON.stringify(manifest, null, 2) }, params);
+    const within = params.subdir ? `${checkRelativePath(params.subdir, [MANIFEST_FILE])}/` : undefined;
+    const files = within ? manifest.files.filter((file) => file.path.startsWith(within)) : manifest.files;
+    if (files.length === 0) {
+      throw new CheckpointNotFoundError(`checkpoint step ${manifest.step} of run ${manifest.run} holds no files under ${params.subdir}/`, { run: manifest.run, step: manifest.step });
+    }
+    await this.#downloadInto(params.destDir, files, (file) => prefix + file.path, { [MANIFEST_FILE]: JSON.stringify(manifest, null, 2) }, params);
     this.#logger.info('downloaded checkpoint', { run: manifest.run, step: manifest.step, files: manifest.files.length, bytes: manifest.totalBytes });
     return manifest;
   }

@@ -249,6 +249,27 @@ describe.each(factories.filter((f) => !f.skipReason))('storage against $name', (
     expect((await ckpt.latest('run-a'))?.step).toBe(100);
   }, 60_000);
 
+  it('keeps each group of a job in its own folder of the step and downloads one group alone', async () => {
+    const ckpt = new CheckpointStore({ store, resumeStateDir: path.join(root, 'journal') });
+    const reports: RankUploadReport[] = [];
+    for (const [rank, group] of [[0, 'alpha'], [1, 'alpha'], [2, 'beta']] as const) {
+      const dir = path.join(root, 'groups-src', group, String(rank));
+      await mkdir(dir, { recursive: true });
+      // Both groups have a rank 0 of their own: the same file name in each.
+      const local = group === 'beta' ? 0 : rank;
+      await writeFile(path.join(dir, `model.rank${local}.pt`), `${group} ${local}`);
+      reports.push(await ckpt.uploadRank({ run: 'run-g', step: 5, rank, dir, subdir: `group-${group}` }));
+    }
+    expect(reports.map((report) => report.files.map((file) => file.path))).toEqual([['group-alpha/model.rank0.pt'], ['group-alpha/model.rank1.pt'], ['group-beta/model.rank0.pt']]);
+    await ckpt.commit({ run: 'run-g', step: 5, world: { worldSize: 3 }, reports });
+    const dest = path.join(root, 'groups-dest');
+    await ckpt.download({ run: 'run-g', step: 5, destDir: dest, subdir: 'group-beta' });
+    expect(await readFile(path.join(dest, 'group-beta', 'model.rank0.pt'), 'utf8')).toBe('beta 0');
+    await expect(stat(path.join(dest, 'group-alpha'))).rejects.toMatchObject({ code: 'ENOENT' });
+    await expect(ckpt.download({ run: 'run-g', step: 5, destDir: path.join(root, 'groups-none'), subdir: 'group-gamma' })).rejects.toThrowError(/holds no files under group-gamma\//);
+    await expect(ckpt.uploadRank({ run: 'run-g', step: 6, rank: 0, dir: path.join(root, 'groups-src', 'beta', '2'), subdir: '../escape' })).rejects.toThrowError(/not a clean relative path/);
+  }, 30_000);
+
   it('detects a corrupted object on download and names the file', async () => {
     const ckpt = new CheckpointStore({ store, resumeStateDir: path.join(root, 'journal') });
     const dir = path.join(root, 'corrupt-src');

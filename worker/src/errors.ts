@@ -48,3 +48,8 @@ export class BridgeExchangeError extends WorkerError {
 export class CheckpointReportError extends WorkerError {
   override readonly name = "CheckpointReportError";
 }
+
+/** A trainer's outer-step request on DROVER_OUTER_SOCKET that breaks the protocol; names the field. */
+export class OuterSyncRequestError extends WorkerError {
+  override readonly name = "OuterSyncRequestError";
+}

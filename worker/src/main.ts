@@ -10,11 +10,16 @@ import { WorkerAgent } from "./worker-agent.js";
 
 const usage = `usage: drover-worker --head HOST:PORT --node-name NAME --slots N --state-dir DIR
   [--group NAME] [--advertise-address ADDR] [--head-lost-timeout-ms MS] [--upload-retry-ms MS]
+  [--bridge-port PORT] [--bridge-host ADDR] [--bridge-advertise HOST:PORT]
 In a container every option may come from the environment instead (what an SDL sets):
 DROVER_HEAD, DROVER_NODE_NAME (default: the hostname), DROVER_SLOTS (default: the GPU
 count, else 1), DROVER_STATE_DIR (default /var/lib/drover), DROVER_GROUP,
 DROVER_ADVERTISE_ADDRESS, DROVER_UPLOAD_RETRY_MS (how long a failing checkpoint upload
-is tried again, default 15 minutes). The join token is read from DROVER_JOIN_TOKEN or
+is tried again, default 15 minutes), DROVER_BRIDGE_PORT / DROVER_BRIDGE_HOST /
+DROVER_BRIDGE_ADVERTISE (the cross-group bridge: the port to listen on, 0 = any; the
+interface, default 0.0.0.0; host:port as other groups reach it, default the advertise
+address and the port; without a port the node cannot lead a group of a job that syncs
+across groups). The join token is read from DROVER_JOIN_TOKEN or
 --join-token-file (never from argv, which any local user can read).`;
 
 /** DROVER_STORAGE_CONFIG: the @drover/storage config as JSON (set in the container's env). */
@@ -56,6 +61,9 @@ async function main(): Promise<number> {
       "advertise-address": { type: "string" },
       "head-lost-timeout-ms": { type: "string" },
       "upload-retry-ms": { type: "string" },
+      "bridge-port": { type: "string" },
+      "bridge-host": { type: "string" },
+      "bridge-advertise": { type: "string" },
       "join-token-file": { type: "string" },
       help: { type: "boolean" },
     },
@@ -80,6 +88,9 @@ async function main(): Promise<number> {
       headLostTimeoutMs: values["head-lost-timeout-ms"] ? Number(values["head-lost-timeout-ms"]) : undefined,
       uploadRetryForMs: optionalNumber(values["upload-retry-ms"] ?? env.DROVER_UPLOAD_RETRY_MS),
       storage: readStorageConfig(),
+      bridgePort: optionalNumber(values["bridge-port"] ?? env.DROVER_BRIDGE_PORT),
+      bridgeHost: values["bridge-host"] ?? (env.DROVER_BRIDGE_HOST || undefined),
+      bridgeAdvertise: values["bridge-advertise"] ?? env.DROVER_BRIDGE_ADVERTISE,
     }, logger);
   } catch (error) {
     process.stderr.write(`drover-worker: ${(error as Error).message}\n${usage}\n`);

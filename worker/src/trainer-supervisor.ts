@@ -48,7 +48,7 @@ export class TrainerSupervisor extends EventEmitter<SupervisorEvents> {
   }
 
   /** Environment every rank of `job` on this node shares, before the per-rank variables. */
-  static jobEnvironment(job: IStartJob, extra: { ckptDir: string; resumeDir?: string; agentSocket: string; pythonPath: string }): Record<string, string> {
+  static jobEnvironment(job: IStartJob, extra: { ckptDir: string; resumeDir?: string; agentSocket: string; outerSocket?: string; pythonPath: string }): Record<string, string> {
     const inherited = Object.fromEntries(Object.entries(process.env).filter((entry): entry is [string, string] => entry[1] !== undefined));
     // Secrets given to the agent (join token, storage credentials) are never handed to user code.
     delete inherited.DROVER_JOIN_TOKEN;
@@ -86,6 +86,10 @@ export class TrainerSupervisor extends EventEmitter<SupervisorEvents> {
       PYTHONPATH: [job.env?.PYTHONPATH ?? inherited.PYTHONPATH, extra.pythonPath].filter(Boolean).join(":"),
     };
     if (extra.resumeDir) env.DROVER_RESUME_DIR = extra.resumeDir;
+    // Only on a group leader's node of a job with several groups: where rank 0 hands its
+    // pseudo-gradients to this agent's bridge for an outer step.
+    if (extra.outerSocket) env.DROVER_OUTER_SOCKET = extra.outerSocket;
+    else delete env.DROVER_OUTER_SOCKET;
     return env;
   }
 

@@ -18,6 +18,8 @@ import { JoinRefusedError, WorkerConfigError } from "./errors.js";
 import type { Logger } from "./logger.js";
 import { probeResources } from "./resource-probe.js";
 import { TrainerSupervisor } from "./trainer-supervisor.js";
+import { BridgeEndpoint, type BridgePeer, type JobBridge } from "./bridge/job-bridge.js";
+import { OuterSyncSocketServer } from "./bridge/outer-sync-socket.js";
 
 export const AGENT_VERSION = "0.1.0";
 
@@ -41,6 +43,16 @@ export const workerOptionsSchema = z.object({
    * checkpoint is still on its way.
    */
   uploadRetryForMs: z.number().int().nonnegative().default(STORE_OUTAGE_RETRY.retryForMs),
+  /**
+   * The bridge other groups' leaders dial for cross-group outer steps: the port this
+   * agent listens on (0: any free one; unset: no bridge, so this node cannot lead a group
+   * of a job that syncs across groups), the interface, and host:port as other groups
+   * reach it (on Akash the provider's forwarded port; default: advertiseAddress and the
+   * port listened on).
+   */
+  bridgePort: z.number().int().min(0).max(65_535).optional(),
+  bridgeHost: z.string().min(1).default("0.0.0.0"),
+  bridgeAdvertise: z.string().regex(/^(?:|(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5})$/, "expected host:port").default(""),
   /**
    * Where checkpoints go (@drover/storage config, credentials included). Comes from the
    * node's own environment (DROVER_STORAGE_CONFIG), never over the control plane.
@@ -74,6 +86,8 @@ interface RunningJob {
   exitReports: Set<Promise<void>>;
   /** DROVER_CKPT_DIR of the job's ranks: reported checkpoint files must lie under it. */
   ckptDir: string;
+  /** On a group leader of a job with several groups: its bridge and DROVER_OUTER_SOCKET. */
+  outer?: { bridge: JobBridge; socket: OuterSyncSocketServer };
 }
 
 /** A trainer's last socket lines may be read after its exit is seen; wait this long for them. */
@@ -95,6 +109,7 @@ export class WorkerAgent {
   private lastContact = Date.now();
   private pidFileWrites: Promise<void> = Promise.resolve();
 
+  private bridge: BridgeEndpoint | undefined;
   private readonly checkpoints: CheckpointStore | undefined;
   /** Tells the head this is a new agent process (see RegisterRequest.incarnation). */
   private readonly incarnation = randomUUID();
@@ -126,6 +141,7 @@ export class WorkerAgent {
   async run(): Promise<void> {
     await mkdir(this.options.stateDir, { recursive: true });
     await this.reapLeftoverTrainers();
+    await this.openBridge();
     this.client = new ControlClient(this.options.headAddress, grpc.credentials.createInsecure(), controlChannelOptions);
     let backoffMs = this.options.reconnectInitialMs;
     try {
@@ -171,6 +187,7 @@ export class WorkerAgent {
         agentVersion: AGENT_VERSION,
         incarnation: this.incarnation,
         slots: this.options.slots,
+        bridgeAddress: this.bridge?.advertised ?? "",
       }, new grpc.Metadata(), { signal, timeoutMs: 10_000 });
     } catch (error) {
       if ((error as grpc.ServiceError).code === grpc.status.UNAUTHENTICATED) {
@@ -222,6 +239,7 @@ export class WorkerAgent {
       if (running) {
         this.logger.info("stopping job", { jobId: message.stopJob.jobId, reason: message.stopJob.reason });
         running.uploads.abort(new Error(`job stopped: ${message.stopJob.reason}`));
+        running.outer?.bridge.close();
         void running.supervisor.stop(message.stopJob.graceMs || this.options.stopGraceMs);
       }
     }
@@ -236,17 +254,22 @@ export class WorkerAgent {
     const job = received.codeBundleId ? { ...received, workingDir: await this.downloadCodeBundle(received, join(jobDir, "code")) } : received;
     const resumeDir = job.resume ? await this.downloadResumeCheckpoint(job, join(jobDir, "resume")) : undefined;
     const socket = await AgentSocketServer.listen(agentSocketPath(this.options.stateDir, jobId), this.logger);
-    const env = TrainerSupervisor.jobEnvironment(job, { ckptDir, resumeDir, agentSocket: socket.path, pythonPath: PYTHON_HELPER_DIR });
+    const outer = await this.openOuterSync(job).catch(async (error: Error) => {
+      await socket.close();
+      throw error;
+    });
+    const env = TrainerSupervisor.jobEnvironment(job, { ckptDir, resumeDir, agentSocket: socket.path, outerSocket: outer?.socket.path, pythonPath: PYTHON_HELPER_DIR });
     let supervisor: TrainerSupervisor;
     try {
       supervisor = await TrainerSupervisor.start(job, env, this.logger.child({ jobId }), { errorDir: join(jobDir, "errors"), signal: this.stopController.signal });
     } catch (error) {
       await socket.close();
+      await this.closeOuterSync(outer);
       throw error;
     }
     const uploads = new AbortController();
     setMaxListeners(256, uploads.signal);
-    const running: RunningJob = { job, supervisor, socket, uploads, uploadsByRank: new Map(), exitReports: new Set(), ckptDir };
+    const running: RunningJob = { job, supervisor, socket, uploads, uploadsByRank: new Map(), exitReports: new Set(), ckptDir, outer };
     this.jobs.set(jobId, running);
     // Listeners go on before anything is awaited: a fast trainer's first lines (or its
     // exit) would otherwise be emitted to no one.
@@ -265,6 +288,7 @@ export class WorkerAgent {
       void Promise.allSettled([...running.exitReports]).then(async () => {
         this.jobs.delete(jobId);
         await socket.close();
+        await this.closeOuterSync(outer);
         await this.writePidFile();
       });
     });
@@ -279,6 +303,64 @@ export class WorkerAgent {
       void upload.finally(() => pending.delete(upload));
     });
     await this.writePidFile();
+  }
+
+  /** Listens for other groups' leaders when a bridge port is configured; runs on without one if it cannot. */
+  private async openBridge(): Promise<void> {
+    if (this.options.bridgePort === undefined) return;
+    try {
+      this.bridge = await BridgeEndpoint.listen({
+        host: this.options.bridgeHost,
+        port: this.options.bridgePort,
+        advertise: this.options.bridgeAdvertise,
+        advertiseHost: this.options.advertiseAddress,
+        logger: this.logger,
+      });
+      this.logger.info("bridge listening", { port: this.bridge.port, advertised: this.bridge.advertised });
+    } catch (error) {
+      this.logger.warn("bridge could not listen; this node cannot lead a group of a job that syncs across groups", { port: this.options.bridgePort, error: (error as Error).message });
+    }
+  }
+
+  /**
+   * On the leader node of a group in a job with several groups: the job's bridge to the
+   * other groups' leaders and the socket rank 0 asks for outer steps on. Nothing on
+   * other nodes, or for a one-group job.
+   */
+  private async openOuterSync(job: IStartJob): Promise<RunningJob["outer"]> {
+    const jobId = job.jobId ?? "";
+    const groups = job.topology?.groups ?? [];
+    if (groups.length < 2 || (job.groupRank ?? 0) !== 0) return undefined;
+    const key = job.bridgeSecret && job.bridgeSecret.length > 0 ? Buffer.from(job.bridgeSecret) : undefined;
+    if (!key || !this.bridge) {
+      this.agentLog(jobId, `this node leads group ${job.group} of a job with ${groups.length} groups but ${this.bridge ? "the head sent no bridge key" : "runs without a bridge (--bridge-port)"}: outer steps across groups will fail`);
+      return undefined;
+    }
+    const groupIndex = job.topology?.groupIndex ?? 0;
+    const peers: BridgePeer[] = groups.filter((_, index) => index !== groupIndex)
+      .map((entry) => ({ group: entry.name ?? "", index: entry.index ?? 0, address: entry.bridgeAddress ?? "" }));
+    const bridge = this.bridge.open({ job: jobId, group: job.group ?? "", groupIndex, key, peers, logger: this.logger });
+    try {
+      const socket = await OuterSyncSocketServer.listen(agentSocketPath(this.options.stateDir, `${jobId}-outer`), async (request) => {
+        const answer = await bridge.exchange(request).catch((error: Error) => {
+          this.agentLog(jobId, `outer step ${request.outerStep} failed: ${error.message}`);
+          throw error;
+        });
+        const mib = answer.bytesSent / 2 ** 20;
+        this.agentLog(jobId, `outer step ${request.outerStep}: groups ${answer.groups.join("+")}, ${mib.toFixed(mib < 10 ? 2 : 0)} MiB sent, ${answer.seconds.toFixed(2)}s, codec ${request.codec}`);
+        return answer;
+      }, this.logger);
+      return { bridge, socket };
+    } catch (error) {
+      bridge.close();
+      throw error;
+    }
+  }
+
+  private async closeOuterSync(outer: RunningJob["outer"]): Promise<void> {
+    if (!outer) return;
+    outer.bridge.close();
+    await outer.socket.close();
   }
 
   /** Fetches a job's shipped working directory; the trainers run in it. */
@@ -296,10 +378,13 @@ export class WorkerAgent {
     const step = Number(job.resumeStep ?? 0);
     const started = Date.now();
     this.agentLog(job.jobId ?? "", `downloading checkpoint step ${step} of run ${job.runId}`);
-    const manifest = await this.checkpoints.download({ run: job.runId ?? "", step, destDir, signal: this.stopController.signal });
+    const subdir = groupCheckpointSubdir(job);
+    const manifest = await this.checkpoints.download({ run: job.runId ?? "", step, destDir, subdir, signal: this.stopController.signal });
     const seconds = (Date.now() - started) / 1000;
-    this.agentLog(job.jobId ?? "", `checkpoint step ${step} verified: ${manifest.files.length} files, ${(manifest.totalBytes / 2 ** 20).toFixed(1)} MiB in ${seconds.toFixed(1)}s`);
-    return destDir;
+    const files = subdir ? manifest.files.filter((file) => file.path.startsWith(`${subdir}/`)) : manifest.files;
+    const bytes = files.reduce((sum, file) => sum + file.size, 0);
+    this.agentLog(job.jobId ?? "", `checkpoint step ${step}${subdir ? ` (${subdir})` : ""} verified: ${files.length} files, ${(bytes / 2 ** 20).toFixed(1)} MiB in ${seconds.toFixed(1)}s`);
+    return subdir ? join(destDir, subdir) : destDir;
   }
 
   /** A line from the agent itself into the job's output (uploads, downloads). */
@@ -341,6 +426,7 @@ export class WorkerAgent {
       rank: report.rank,
       dir: confined.dir,
       files: confined.files,
+      subdir: groupCheckpointSubdir(running.job),
       signal,
     }), {
       policy: { ...STORE_OUTAGE_RETRY, retryForMs: this.options.uploadRetryForMs },
@@ -385,7 +471,8 @@ export class WorkerAgent {
       for (const relative of confined.files) {
         const absolute = resolvePath(confined.dir, relative);
         const { size } = await stat(absolute);
-        files.push({ path: relative, size, sha256: await sha256File(absolute, this.stopController.signal) });
+        const subdir = groupCheckpointSubdir(running.job);
+        files.push({ path: subdir ? `${subdir}/${relative}` : relative, size, sha256: await sha256File(absolute, this.stopController.signal) });
       }
       this.send({ checkpoint: { jobId, rank: report.rank, step: report.step, files } });
     } catch (error) {
@@ -458,6 +545,8 @@ export class WorkerAgent {
     if (running.length > 0) this.logger.info("stopping trainers", { reason, jobs: running.length });
     await Promise.all(running.map((job) => job.supervisor.stop(this.options.stopGraceMs)));
     await Promise.all(running.map((job) => job.socket.close()));
+    await Promise.all(running.map((job) => this.closeOuterSync(job.outer)));
+    await this.bridge?.close();
     await this.pidFileWrites;
     await rm(join(this.options.stateDir, "trainers.json"), { force: true });
     this.checkpoints?.close();
@@ -482,6 +571,16 @@ function signalProcessGroup(pid: number, signal: NodeJS.Signals): void {
       // Gone already.
     }
   }
+}
+
+/**
+ * Where a group's rank files go inside a checkpoint step when the job has several
+ * groups: each group is its own torch world with its own rank 0, and between outer
+ * steps each holds its own inner state. Undefined for a one-group job (files at the
+ * step's top, as before).
+ */
+export function groupCheckpointSubdir(job: IStartJob): string | undefined {
+  return (job.topology?.groups ?? []).length > 1 ? `group-${job.group ?? ""}` : undefined;
 }
 
 function agentSocketPath(stateDir: string, jobId: string): string {

@@ -97,6 +97,9 @@ export class LocalProvisioner implements Provisioner {
         "--state-dir", stateDir,
         // A worker whose head vanished for good stops its trainers and exits by itself.
         "--head-lost-timeout-ms", String(Math.max(60_000, this.spec.head.heartbeatTimeoutMs * 6)),
+        // The cross-group bridge on any free loopback port: local groups share this machine.
+        "--bridge-port", "0",
+        "--bridge-host", "127.0.0.1",
       ], {
         env: { ...process.env, ...context.agentEnv, DROVER_JOIN_TOKEN: context.joinToken },
         stdio: ["ignore", logFd, logFd],

@@ -40,6 +40,16 @@ export interface PeerIdentity {
   group: string;
 }
 
+/**
+ * What a listener serves: for a job id, this side's group in that job and the job's
+ * key; undefined for a job it does not take part in (the dialer is then refused). One
+ * listener per agent serves every job the agent leads a group of.
+ */
+export interface ListenerOptions {
+  jobs: (job: string) => { group: string; key: Buffer } | undefined;
+  logger: Logger;
+}
+
 function mac(key: Buffer, role: "dialer" | "listener", fields: string[]): Buffer {
   const hmac = createHmac("sha256", key);
   hmac.update(MAC_CONTEXT);
@@ -130,7 +140,7 @@ export class BridgeLink extends EventEmitter<BridgeLinkEvents> {
   }
 
   /** Accepts one dialer on `socket` (the listener's side of the handshake). */
-  static async accept(socket: net.Socket, options: { self: PeerIdentity; keyFor: (job: string) => Buffer | undefined; logger: Logger }): Promise<BridgeLink> {
+  static async accept(socket: net.Socket, options: ListenerOptions): Promise<BridgeLink> {
     socket.setNoDelay(true);
     const description = `${socket.remoteAddress ?? "?"}:${socket.remotePort ?? "?"}`;
     const serverNonce = randomBytes(16).toString("hex");
@@ -140,7 +150,8 @@ export class BridgeLink extends EventEmitter<BridgeLinkEvents> {
     const job = String(auth.job ?? "");
     const group = String(auth.group ?? "");
     const clientNonce = String(auth.nonce ?? "");
-    const key = job === options.self.job ? options.keyFor(job) : undefined;
+    const self = options.jobs(job);
+    const key = self?.key;
     const fields = [job, group, serverNonce, clientNonce];
     const got = Buffer.from(String(auth.mac ?? ""), "hex");
     const expected = key ? mac(key, "dialer", fields) : undefined;
@@ -150,7 +161,7 @@ export class BridgeLink extends EventEmitter<BridgeLinkEvents> {
       socket.end(Buffer.concat(encodeMessage(MESSAGE_TYPES.refused, Buffer.from(JSON.stringify({ reason: "authentication failed" })))));
       throw new BridgeAuthError(`bridge peer ${description} (group ${group}) refused: authentication failed`, { peer: description, group });
     }
-    socket.write(Buffer.concat(encodeMessage(MESSAGE_TYPES.welcome, Buffer.from(JSON.stringify({ group: options.self.group, mac: mac(key!, "listener", fields).toString("hex") })))));
+    socket.write(Buffer.concat(encodeMessage(MESSAGE_TYPES.welcome, Buffer.from(JSON.stringify({ group: self!.group, mac: mac(key!, "listener", fields).toString("hex") })))));
     const link = new BridgeLink(socket, { job, group }, `${group}@${description}`);
     link.onData(reader.rest());
     return link;
@@ -389,7 +400,7 @@ function safeReason(body: Buffer): string {
 export class BridgeListener extends EventEmitter<{ link: [BridgeLink] }> {
   private readonly server: net.Server;
 
-  private constructor(private readonly options: { self: PeerIdentity; keyFor: (job: string) => Buffer | undefined; logger: Logger }) {
+  private constructor(private readonly options: ListenerOptions) {
     super();
     this.server = net.createServer({ highWaterMark: SOCKET_READ_BYTES } as net.ServerOpts, (socket) => {
       socket.on("error", () => socket.destroy());
@@ -400,7 +411,7 @@ export class BridgeListener extends EventEmitter<{ link: [BridgeLink] }> {
     });
   }
 
-  static async listen(options: { host: string; port: number; self: PeerIdentity; keyFor: (job: string) => Buffer | undefined; logger: Logger }): Promise<BridgeListener> {
+  static async listen(options: ListenerOptions & { host: string; port: number }): Promise<BridgeListener> {
     const listener = new BridgeListener(options);
     await new Promise<void>((resolve, reject) => {
       listener.server.once("error", reject);

@@ -31,7 +31,7 @@ async function mesh(groups: string[], cleanups: Array<() => Promise<void> | void
   const listeners = new Map<string, BridgeListener>();
   const links = new Map<string, BridgeLink[]>(groups.map((group) => [group, []]));
   for (const group of groups) {
-    const listener = await BridgeListener.listen({ host: "127.0.0.1", port: 0, self: { job: JOB, group }, keyFor: (job) => (job === JOB ? KEY : undefined), logger });
+    const listener = await BridgeListener.listen({ host: "127.0.0.1", port: 0, jobs: (job) => (job === JOB ? { group, key: KEY } : undefined), logger });
     listener.on("link", (link) => links.get(group)!.push(link));
     listeners.set(group, listener);
     cleanups.push(() => listener.close());
@@ -95,7 +95,7 @@ describe("all-reduce across group leaders over the bridge", () => {
   it("refuses a peer with a wrong job secret and logs it without the secret", async () => {
     const logged: Array<{ message: string; fields?: Record<string, unknown> }> = [];
     const logger: Logger = { ...silentLogger, warn: (message, fields) => logged.push({ message, ...(fields ? { fields } : {}) }), child: () => logger };
-    const listener = await BridgeListener.listen({ host: "127.0.0.1", port: 0, self: { job: JOB, group: "a100" }, keyFor: () => KEY, logger });
+    const listener = await BridgeListener.listen({ host: "127.0.0.1", port: 0, jobs: (job) => (job === JOB ? { group: "a100", key: KEY } : undefined), logger });
     cleanups.push(() => listener.close());
     const wrong = Buffer.from("not-the-job-secret-at-all-000000", "utf8");
     await expect(BridgeLink.dial({ host: "127.0.0.1", port: listener.port, self: { job: JOB, group: "rogue" }, key: wrong, signal: AbortSignal.timeout(5_000) }))
@@ -107,7 +107,7 @@ describe("all-reduce across group leaders over the bridge", () => {
     expect(text).not.toContain(KEY.toString("utf8"));
     expect(text).not.toContain(wrong.toString("utf8"));
     // A dialer that reaches a listener without the job's key cannot be fooled either.
-    const impostor = await BridgeListener.listen({ host: "127.0.0.1", port: 0, self: { job: JOB, group: "fake" }, keyFor: () => wrong, logger: silentLogger });
+    const impostor = await BridgeListener.listen({ host: "127.0.0.1", port: 0, jobs: () => ({ group: "fake", key: wrong }), logger: silentLogger });
     cleanups.push(() => impostor.close());
     await expect(BridgeLink.dial({ host: "127.0.0.1", port: impostor.port, self: { job: JOB, group: "a100" }, key: KEY, signal: AbortSignal.timeout(5_000) }))
       .rejects.toThrow(/refused this agent: authentication failed/);
