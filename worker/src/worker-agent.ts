@@ -313,7 +313,9 @@ export class WorkerAgent {
         host: this.options.bridgeHost,
         port: this.options.bridgePort,
         advertise: this.options.bridgeAdvertise,
-        advertiseHost: this.options.advertiseAddress,
+        // Listening on one address (a namespace's wan address, loopback): that is where
+        // peers dial; on every interface, the node's advertised address.
+        advertiseHost: ["0.0.0.0", "::"].includes(this.options.bridgeHost) ? this.options.advertiseAddress : this.options.bridgeHost,
         logger: this.logger,
       });
       this.logger.info("bridge listening", { port: this.bridge.port, advertised: this.bridge.advertised });
@@ -342,13 +344,13 @@ export class WorkerAgent {
     const bridge = this.bridge.open({ job: jobId, group: job.group ?? "", groupIndex, key, peers, logger: this.logger });
     try {
       const socket = await OuterSyncSocketServer.listen(agentSocketPath(this.options.stateDir, `${jobId}-outer`), async (request) => {
-        const answer = await bridge.exchange(request).catch((error: Error) => {
-          this.agentLog(jobId, `outer step ${request.outerStep} failed: ${error.message}`);
+        // A success is the trainer's to print (with the checksum of the new outer
+        // parameters); a failure is told here too, naming the peer, since the trainer
+        // may not live to say it.
+        return bridge.exchange(request).catch((error: Error) => {
+          if (!bridge.closed) this.agentLog(jobId, `outer step ${request.outerStep} failed: ${error.message}`);
           throw error;
         });
-        const mib = answer.bytesSent / 2 ** 20;
-        this.agentLog(jobId, `outer step ${request.outerStep}: groups ${answer.groups.join("+")}, ${mib.toFixed(mib < 10 ? 2 : 0)} MiB sent, ${answer.seconds.toFixed(2)}s, codec ${request.codec}`);
-        return answer;
       }, this.logger);
       return { bridge, socket };
     } catch (error) {

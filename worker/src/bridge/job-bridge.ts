@@ -93,6 +93,11 @@ export class JobBridge {
     }
   }
 
+  /** True once the job's bridge is closed (the job stopped or ended). */
+  get closed(): boolean {
+    return this.stopped.signal.aborted;
+  }
+
   get identity(): { group: string; key: Buffer } {
     return { group: this.options.group, key: this.options.key };
   }
