@@ -7,6 +7,9 @@ they are the full tensors):
     optimizer.rank<r>.pt   {param name: {"step", "exp_avg", "exp_avg_sq"}}
     trainer.rank<r>.json   step, config, scheduler, data position, noise RNG state,
                            optimizer hyper-parameters, early-stopping state
+    outer.rank<r>.pt       only with --outer-every: OuterSync.state_dict() (drover_agent):
+                           outer parameters and momentum {param name: tensor}, the outer
+                           step and the inner step of the latest outer step
 Tensor files hold only plain tensors in nested dicts and are read back with
 torch.load(weights_only=True), which refuses arbitrary pickled objects. Everything else
 is JSON. Each file is written to a temporary name and renamed, so a crashed writer
@@ -51,7 +54,8 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return local_tensor(t).detach().to("cpu", copy=True).contiguous()
 
 
-def save_checkpoint(step_dir: str, ctx: DistContext, model, ema, optimizer, trainer_state: dict) -> list[str]:
+def save_checkpoint(step_dir: str, ctx: DistContext, model, ema, optimizer, trainer_state: dict,
+                    outer_state: dict | None = None) -> list[str]:
     """Write this rank's files; returns their names relative to step_dir."""
     os.makedirs(step_dir, exist_ok=True)
     r = ctx.rank
@@ -64,9 +68,15 @@ def save_checkpoint(step_dir: str, ctx: DistContext, model, ema, optimizer, trai
         {**{k: v for k, v in group.items() if k != "params"}, "params": [names[p] for p in group["params"]]}
         for group in optimizer.param_groups
     ]
-    state = {"format": FORMAT, "rank": r, "world_size": ctx.world_size, "param_groups": param_groups, **trainer_state}
+    state = {"format": FORMAT, "rank": r, "world_size": ctx.world_size, "replicas": ctx.replicas,
+             "param_groups": param_groups, **trainer_state}
+    files = rank_files(r)
+    if outer_state is not None:
+        _atomic_torch_save(outer_state, os.path.join(step_dir, f"outer.rank{r}.pt"))
+        files.append(f"outer.rank{r}.pt")
+    # The trainer file last: a step dir whose trainer file exists has all the others.
     _atomic_json(state, os.path.join(step_dir, f"trainer.rank{r}.json"))
-    return rank_files(r)
+    return files
 
 
 def _load_tensor_file(path: str):
@@ -88,13 +98,18 @@ class CheckpointReader:
         if self.trainer_state.get("format") != FORMAT:
             raise ValueError(f"{path}: unknown checkpoint format {self.trainer_state.get('format')!r}, expected {FORMAT}")
         self.saved_world_size = self.trainer_state["world_size"]
-        self.same_layout = self.saved_world_size == ctx.world_size and path == own
+        # HSDP (--hsdp) checkpoints: every replica holds the same shards; ranks
+        # 0 .. world_size/replicas - 1 (the first replica) hold each piece once.
+        self.saved_replicas = self.trainer_state.get("replicas", 1)
+        self.saved_shard_ranks = range(self.saved_world_size // self.saved_replicas)
+        self.same_layout = (self.saved_world_size == ctx.world_size and self.saved_replicas == ctx.replicas
+                            and path == own)
 
     def _local_tensors(self, kind: str, params: dict[str, torch.Tensor]) -> dict:
         """{param name: this rank's tensor (or dict of tensors for the optimizer)}."""
         if self.same_layout:
             return _load_tensor_file(os.path.join(self.step_dir, f"{kind}.rank{self.ctx.rank}.pt"))
-        parts = [_load_tensor_file(os.path.join(self.step_dir, f"{kind}.rank{r}.pt")) for r in range(self.saved_world_size)]
+        parts = [_load_tensor_file(os.path.join(self.step_dir, f"{kind}.rank{r}.pt")) for r in self.saved_shard_ranks]
 
         def reshard(pieces: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
             if pieces[0].dim() == 0:  # e.g. the optimizer's step count, same on every rank
@@ -141,3 +156,25 @@ class CheckpointReader:
                 if k != "params":
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
         return self.trainer_state
+
+    def outer_state(self, model) -> dict | None:
+        """This rank's OuterSync state, or None when the checkpoint was taken without
+        --outer-every. With another world size the shards are concatenated and re-split
+        like the model's."""
+        if self.same_layout:
+            path = os.path.join(self.step_dir, f"outer.rank{self.ctx.rank}.pt")
+            return _load_tensor_file(path) if os.path.exists(path) else None
+        if not os.path.exists(os.path.join(self.step_dir, "outer.rank0.pt")):
+            return None
+        parts = [_load_tensor_file(os.path.join(self.step_dir, f"outer.rank{r}.pt")) for r in self.saved_shard_ranks]
+        params = dict(model.named_parameters())
+        state = {k: v for k, v in parts[0].items() if k not in ("params", "momentum")}
+
+        def reshard(pieces: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+            if pieces[0].dim() == 0:  # not sharded: the same on every rank
+                return pieces[0]
+            return shard_of_full(torch.cat(pieces, dim=0), like, self.ctx.rank, self.ctx.world_size)
+
+        for kind in ("params", "momentum"):
+            state[kind] = {name: reshard([p[kind][name] for p in parts], params[name]) for name in parts[0][kind]}
+        return state

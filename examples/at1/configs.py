@@ -29,7 +29,7 @@ class ModelConfig:
     # attention; DiT and most transformers have one.
     attention_output_projection: bool = False
     text_dim: int = 768  # D_text, the pooled text embedding fed in
-    noise_embed_dim: int = 128  # Fourier features of the noise level
+    noise_embed_dim: int = 128  # Fourier features of the noise level (transformer_latent_diffusion: 256)
 
     @property
     def tokens(self) -> int:

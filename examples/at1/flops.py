@@ -16,8 +16,43 @@ import torch
 from configs import LATENT_CHANNELS, ModelConfig
 from model import AT1Denoiser
 
-# Dense bf16 peak of one H100 SXM, FLOPs/s, without sparsity.
+# Dense (no sparsity) tensor-core peak TFLOPS/s per GPU by compute precision, from the
+# vendor data sheets. Matched against torch.cuda.get_device_name() in order, first
+# match wins (so "H100 PCIe" before "H100"). fp16 here means fp16 inputs with fp32
+# accumulation, what autocast/FSDP mixed precision runs.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bf16": 989, "fp16": 989}),
+    ("H100 PCIe", {"bf16": 756, "fp16": 756}),
+    ("H100", {"bf16": 989, "fp16": 989}),  # SXM / HBM3
+    ("A100", {"bf16": 312, "fp16": 312}),
+    ("RTX 8000", {"fp16": 130}),  # Quadro RTX 8000 (Turing, sm_75): no bf16
+    ("V100", {"fp16": 125}),
+)
+# Kept for callers of the old constant: dense bf16 peak of one H100 SXM, FLOPs/s.
 H100_BF16_PEAK_FLOPS = 989e12
+
+
+def peak_flops_for(gpu_name: str, precision: str) -> float | None:
+    """Dense peak FLOPs/s of `gpu_name` at `precision` ("bf16", "fp16", "fp32"), or
+    None when the table does not know the GPU or that precision on it."""
+    for pattern, peaks in PEAK_TFLOPS:
+        if pattern.lower() in gpu_name.lower():
+            tflops = peaks.get(precision)
+            return tflops * 1e12 if tflops is not None else None
+    return None
+
+
+def resolve_peak_flops(explicit: float | None, gpu_name: str, precision: str) -> tuple[float | None, str]:
+    """(peak FLOPs/s for MFU or None, a line saying where it came from). An explicit
+    value (--peak-flops, AT1_PEAK_FLOPS) wins; otherwise the table; an unknown GPU
+    gets no MFU and a note asking for --peak-flops."""
+    if explicit:
+        return explicit, f"MFU peak: {explicit / 1e12:.0f} TFLOPS/s per GPU (--peak-flops / AT1_PEAK_FLOPS; {gpu_name}, {precision})"
+    found = peak_flops_for(gpu_name, precision)
+    if found is None:
+        return None, (f"note: no {precision} peak known for {gpu_name!r} (flops.PEAK_TFLOPS); MFU is not reported. "
+                      f"Pass --peak-flops <dense FLOPs/s per GPU> or set AT1_PEAK_FLOPS")
+    return found, f"MFU peak: {found / 1e12:.0f} TFLOPS/s per GPU ({gpu_name}, dense {precision}, flops.PEAK_TFLOPS)"
 
 
 def count_parameters(cfg: ModelConfig) -> int:

@@ -1,8 +1,10 @@
 """AT-1 denoiser: a PixArt-alpha-inspired latent transformer with a convolutional MLP,
 after apapiu/transformer_latent_diffusion.
 
-Input: noisy latents [B, 4, S, S], noise level sigma [B] in [0, 1], pooled text
-embedding [B, D_text]. Output: the predicted clean latents x0, same shape as the input.
+Input: noisy latents [B, 4, S, S], noise level sigma [B] in [0, 1] (fp32: it is never
+cast to the compute dtype), pooled text embedding [B, D_text]. Output: the predicted
+clean latents x0, same shape as the input. README.md lists where this model differs
+from transformer_latent_diffusion.
 """
 from __future__ import annotations
 
@@ -11,18 +13,37 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from configs import LATENT_CHANNELS, ModelConfig
 
 
 class FourierNoiseEmbedding(nn.Module):
-    """sin/cos features of sigma at log-spaced frequencies between 1 and 1000."""
+    """sin/cos features of sigma at log-spaced frequencies between 1 and 1000.
+
+    Always computed in fp32 from an fp32 sigma: at the highest frequency (2*pi*1000
+    rad per unit of sigma) the bf16 rounding of sigma (0.97 -> 0.9688) is a phase error
+    of ~8 rad, i.e. a random feature. The frequencies stay fp32 even when the module is
+    cast (`model.to(torch.bfloat16)`): `_apply` recomputes them."""
 
     def __init__(self, dims: int, min_freq: float = 1.0, max_freq: float = 1000.0):
         super().__init__()
-        freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), dims // 2))
+        self.dims, self.min_freq, self.max_freq = dims, min_freq, max_freq
         # A buffer, not a parameter: fixed, and persistent=False keeps it out of checkpoints.
-        self.register_buffer("angular_speeds", 2.0 * math.pi * freqs, persistent=False)
+        self.register_buffer("angular_speeds", self._angular_speeds(), persistent=False)
+
+    def _angular_speeds(self, device: torch.device | None = None) -> torch.Tensor:
+        freqs = torch.exp(torch.linspace(math.log(self.min_freq), math.log(self.max_freq), self.dims // 2,
+                                         dtype=torch.float32, device=device))
+        return 2.0 * math.pi * freqs
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # Recomputed (on the CPU, so every device gets the same bits), not converted:
+        # a dtype cast would round the frequencies, and `to_empty` would leave garbage.
+        device = self.angular_speeds.device
+        self.angular_speeds = self._angular_speeds(torch.device("cpu") if device.type != "meta" else device).to(device)
+        return self
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         angles = sigma.float()[:, None] * self.angular_speeds[None, :]
@@ -105,8 +126,17 @@ class Block(nn.Module):
         self.norm_mlp = nn.LayerNorm(d)
         grid = cfg.latent_size // cfg.patch_size
         self.mlp = SepConvMLP(d, cfg.mlp_ratio, grid) if cfg.mlp_kind == "sepconv" else LinearMLP(d, cfg.mlp_ratio)
+        self.checkpoint_activations = False  # recompute activations in backward (parallel.ParallelOptions)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # Inside forward, so FSDP2's hooks on this module stay outside the
+            # checkpointed region (its parameters are gathered again before the
+            # recomputation) and parameter names do not change.
+            return checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attention(self.norm_self(x))
         if self.cross_attention is not None:
             x = x + self.cross_attention(self.norm_cross(x), context)
@@ -151,6 +181,9 @@ class AT1Denoiser(nn.Module):
                 f"latents of shape {tuple(x_noisy.shape[1:])} do not fit config {cfg.name} "
                 f"(expects {(LATENT_CHANNELS, cfg.latent_size, cfg.latent_size)})"
             )
+        # Inputs arrive uncast (FSDP's root does not cast them, so that sigma stays
+        # fp32): latents and text take the parameters' compute dtype here.
+        x_noisy = x_noisy.to(self.patchify.weight.dtype)
         tokens = self.patchify(x_noisy).flatten(2).transpose(1, 2)  # [B, T, 4*p*p]
         tokens = self.embed_norm(self.patch_proj(self.patch_norm(tokens))) + self.pos_embed
         context = self.context(sigma, text)

@@ -1,8 +1,9 @@
 """Tar shards of (latent, text embedding) samples and a streaming, resumable reader.
 
 Format (webdataset-style, see README.md): an uncompressed tar whose members are
-`<key>.latent.npy` (float16 [4, S, S]) and `<key>.text.npy` (float16 [D] or [T, D]),
-written by numpy.save. Members with other suffixes are ignored. Nothing is unpickled:
+`<key>.latent.npy` (float16 [4, S, S]) and `<key>.text.npy` (float16 [D], the pooled
+text embedding; [T, D] per-token embeddings only with pool_text="mean"), written by
+numpy.save. Members with other suffixes are ignored. Nothing is unpickled:
 every array is read with numpy.load(allow_pickle=False).
 
 Reader semantics, per rank and per epoch:
@@ -51,6 +52,9 @@ class Sample:
     key: str
     latent: np.ndarray  # float32 [4, S, S]
     text: np.ndarray  # float32 [D] (pooled)
+
+
+TEXT_POOLING = ("none", "mean")
 
 
 def list_shards(directory: str) -> list[str]:
@@ -124,7 +128,11 @@ class _OpenFiles:
         self.files.clear()
 
 
-def decode_sample(ref: SampleRef, files: _OpenFiles) -> Sample:
+def decode_sample(ref: SampleRef, files: _OpenFiles, pool_text: str = "none") -> Sample:
+    """One sample's arrays. A [T, D] text array is refused unless pool_text="mean": the
+    model conditions on one pooled vector such as CLIP's projected pooled output, and
+    the mean of per-token states is a different vector (it would train silently on
+    the wrong conditioning)."""
     latent_member, text_member = ref.key + LATENT_SUFFIX, ref.key + TEXT_SUFFIX
     latent = _load_npy(files.read(ref.shard, ref.latent_offset, ref.latent_size), ref.shard, latent_member)
     text = _load_npy(files.read(ref.shard, ref.text_offset, ref.text_size), ref.shard, text_member)
@@ -135,7 +143,12 @@ def decode_sample(ref: SampleRef, files: _OpenFiles) -> Sample:
     if text.ndim not in (1, 2) or not np.issubdtype(text.dtype, np.floating):
         raise ShardFormatError(f"{ref.shard}: member {text_member} must be a float16 array [D] or [T, D], got {text.dtype} {text.shape}")
     if text.ndim == 2:
-        # The model conditions on one pooled vector; per-token embeddings are mean-pooled.
+        if pool_text != "mean":
+            raise ShardFormatError(
+                f"{ref.shard}: sample {ref.key!r}: member {text_member} is a per-token array {text.shape}; the model "
+                f"conditions on one pooled embedding [D] (e.g. CLIP's projected pooled output). Write pooled "
+                f"embeddings, or pass --pool-text mean to average the tokens"
+            )
         text = text.astype(np.float32).mean(axis=0)
     return Sample(ref.key, latent.astype(np.float32), text.astype(np.float32))
 
@@ -144,7 +157,7 @@ class ShardStream:
     """Infinite, deterministic, resumable stream of one rank's samples."""
 
     def __init__(self, shards: list[str], rank: int, world_size: int, seed: int,
-                 shuffle_buffer: int = 1000, epoch: int = 0, position: int = 0):
+                 shuffle_buffer: int = 1000, epoch: int = 0, position: int = 0, pool_text: str = "none"):
         if len(shards) < world_size:
             raise ValueError(
                 f"{len(shards)} shards cannot feed {world_size} ranks: every rank needs at least one shard "
@@ -152,6 +165,7 @@ class ShardStream:
             )
         self.shards = sorted(shards)
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.pool_text = pool_text
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.epoch, self.position = epoch, position
         self._index_cache: dict[str, list[SampleRef]] = {}
@@ -200,7 +214,7 @@ class ShardStream:
         return self
 
     def __next__(self) -> Sample:
-        return decode_sample(self.next_ref(), self._files)
+        return decode_sample(self.next_ref(), self._files, self.pool_text)
 
     def next_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         samples = [next(self) for _ in range(batch_size)]
@@ -217,7 +231,19 @@ class ShardStream:
         self._files.close()
 
 
-def read_all(shards: list[str], limit: int | None = None) -> list[Sample]:
+def uneven_shards_note(num_shards: int, world_size: int) -> str | None:
+    """Rank 0's warning when shards do not divide evenly over the ranks: each rank
+    streams its own shards, so ranks with one shard fewer finish their epochs sooner
+    and see their samples more often (an epoch is per rank)."""
+    if world_size <= 1 or num_shards % world_size == 0:
+        return None
+    fewer = num_shards // world_size
+    return (f"warning: {num_shards} training shards over {world_size} ranks: {num_shards % world_size} rank(s) read "
+            f"{fewer + 1} shards per epoch, the others {fewer}, so ranks' epochs differ in length and samples of the "
+            f"smaller groups are seen more often; use a multiple of {world_size} shards of equal size for equal epochs")
+
+
+def read_all(shards: list[str], limit: int | None = None, pool_text: str = "none") -> list[Sample]:
     """The samples of the given shards in order, the first `limit` of them if given
     (the validation set)."""
     files = _OpenFiles()
@@ -227,7 +253,7 @@ def read_all(shards: list[str], limit: int | None = None) -> list[Sample]:
             for ref in index_shard(shard):
                 if limit is not None and len(samples) >= limit:
                     return samples
-                samples.append(decode_sample(ref, files))
+                samples.append(decode_sample(ref, files, pool_text))
         return samples
     finally:
         files.close()

@@ -43,12 +43,100 @@ def test_tiny_forward_backward_on_cpu():
 
 
 def test_bf16_forward_as_under_fsdp_mixed_precision():
-    """FSDP's bf16 policy casts weights and inputs to bf16; fp32 Fourier features must
-    not meet bf16 weights."""
+    """FSDP's bf16 policy casts the weights, not the root's inputs: the model casts
+    latents and text itself, and fp32 Fourier features must not meet bf16 weights."""
     model = AT1Denoiser(get_config("tiny")).to(torch.bfloat16)
-    x = torch.randn(2, 4, 16, 16, dtype=torch.bfloat16)
-    out = model(x, torch.rand(2, dtype=torch.bfloat16), torch.randn(2, 768, dtype=torch.bfloat16))
+    x = torch.randn(2, 4, 16, 16)
+    out = model(x, torch.rand(2), torch.randn(2, 768))
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
+
+
+def _features_seen(model, sigma, dtype):
+    seen = {}
+    model.noise_features.register_forward_hook(lambda m, args, out: seen.update(sigma=args[0], features=out))
+    with torch.no_grad():
+        model(torch.randn(2, 4, 16, 16, dtype=dtype), sigma, torch.randn(2, 768, dtype=dtype))
+    return seen
+
+
+def test_noise_features_of_a_bf16_model_equal_the_fp32_features():
+    """Issue 17, item 1: sigma 0.97 rounded to bf16 (0.9688) shifts the highest-frequency
+    feature by ~8 rad. A bf16-parameter model given fp32 sigma must compute exactly the
+    fp32 model's features (its frequencies stay fp32 through `.to(bfloat16)` too)."""
+    sigma = torch.tensor([0.97, 0.3131])
+    fp32 = _features_seen(AT1Denoiser(get_config("tiny")), sigma, torch.float32)
+    bf16_model = AT1Denoiser(get_config("tiny")).to(torch.bfloat16)
+    assert bf16_model.noise_features.angular_speeds.dtype == torch.float32
+    bf16 = _features_seen(bf16_model, sigma, torch.bfloat16)
+    assert bf16["sigma"].dtype == torch.float32
+    torch.testing.assert_close(bf16["features"], fp32["features"], rtol=0, atol=0)
+    # What the test guards against: the same features from bf16-rounded sigma.
+    rounded = AT1Denoiser(get_config("tiny")).noise_features(sigma.bfloat16())
+    assert float((rounded - fp32["features"]).abs().max()) > 0.5
+    # The highest frequency is 1000 cycles per unit of sigma: 0.97 vs 0.96875 is 7.85 rad.
+    speeds = bf16_model.noise_features.angular_speeds
+    assert abs(float(speeds[-1]) * (0.97 - float(torch.tensor(0.97).bfloat16())) - 7.85) < 0.01
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """Recomputing the blocks in backward must not change what is computed (float64,
+    so equal to the last bits of the same kernels)."""
+    from parallel import ParallelOptions, apply_options, choose_precision
+
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = AT1Denoiser(get_config("tiny")).double()
+        apply_options(model, ParallelOptions(choose_precision("cpu"), activation_checkpointing=checkpointing))
+        assert all(b.checkpoint_activations == checkpointing for b in model.blocks)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
+        loss = model(x, torch.rand(2, generator=g, dtype=torch.float64), torch.randn(2, 768, generator=g, dtype=torch.float64)).pow(2).mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-12, atol=1e-15, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit, imported by torch.compile
+def test_compile_option_compiles_each_block_without_renaming_parameters():
+    """Wiring only (compiling on a 2-core CPU is too slow for the suite): --compile
+    wraps every block's call in torch.compile, and checkpoint names stay the same."""
+    from parallel import ParallelOptions, apply_options, choose_precision
+
+    model = AT1Denoiser(get_config("tiny"))
+    names = [n for n, _ in model.named_parameters()]
+    apply_options(model, ParallelOptions(choose_precision("cpu"), compile=True))
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks)
+    assert [n for n, _ in model.named_parameters()] == names
+
+
+@pytest.mark.parametrize("gpu_name, precision, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989),
+    ("NVIDIA H100 PCIe", "bf16", 756),
+    ("NVIDIA H200", "bf16", 989),
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312),
+    ("NVIDIA A100 80GB PCIe", "fp16", 312),
+    ("Quadro RTX 8000", "fp16", 130),
+    ("Quadro RTX 8000", "bf16", None),  # Turing has no bf16
+    ("NVIDIA GeForce GTX 1080", "fp16", None),
+    ("NVIDIA H100 80GB HBM3", "fp32", None),
+])
+def test_peak_flops_table_lookup(gpu_name, precision, tflops):
+    from flops import peak_flops_for
+
+    assert peak_flops_for(gpu_name, precision) == (tflops * 1e12 if tflops else None)
+
+
+def test_peak_flops_explicit_value_wins_and_unknown_gpus_ask_for_one():
+    from flops import resolve_peak_flops
+
+    assert resolve_peak_flops(123e12, "NVIDIA H100 80GB HBM3", "bf16")[0] == 123e12
+    value, line = resolve_peak_flops(None, "NVIDIA A100-SXM4-40GB", "bf16")
+    assert value == 312e12 and "312 TFLOPS/s" in line and "A100" in line
+    value, line = resolve_peak_flops(None, "Mystery GPU 9000", "bf16")
+    assert value is None and "--peak-flops" in line and "Mystery GPU 9000" in line
 
 
 def test_count_parameters_matches_a_real_model():

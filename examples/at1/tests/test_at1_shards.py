@@ -5,7 +5,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from shards import ShardFormatError, ShardStream, list_shards, read_all, write_shard
+from shards import ShardFormatError, ShardStream, list_shards, read_all, uneven_shards_note, write_shard
 
 
 def keys(stream: ShardStream, n: int) -> list[str]:
@@ -53,13 +53,36 @@ def test_resume_continues_at_the_exact_sample(synthetic_data, consumed):
 def test_samples_decode_to_the_written_arrays(tmp_path):
     latent = np.arange(4 * 8 * 8, dtype=np.float16).reshape(4, 8, 8)
     text = np.linspace(-1, 1, 768).astype(np.float16)
-    tokens = np.ones((5, 768), dtype=np.float16)
-    write_shard(str(tmp_path / "a.tar"), [("k0", latent, text), ("k1", latent, tokens)])
+    write_shard(str(tmp_path / "a.tar"), [("k0", latent, text), ("k1", latent, -text)])
     samples = read_all([str(tmp_path / "a.tar")])
     assert [s.key for s in samples] == ["k0", "k1"]
     assert np.array_equal(samples[0].latent, latent.astype(np.float32))
     assert np.array_equal(samples[0].text, text.astype(np.float32))
-    assert samples[1].text.shape == (768,)  # [T, D] is mean-pooled
+    assert np.array_equal(samples[1].text, -text.astype(np.float32))
+
+
+def test_per_token_text_is_refused_unless_mean_pooling_is_asked_for(tmp_path):
+    """[T, D] per-token states are not the pooled embedding the model conditions on:
+    an error naming the shard and the sample, unless --pool-text mean."""
+    latent = np.zeros((4, 8, 8), dtype=np.float16)
+    tokens = np.arange(5 * 768, dtype=np.float16).reshape(5, 768) / 1000
+    path = str(tmp_path / "tokens.tar")
+    write_shard(path, [("k0", latent, tokens[0]), ("k1", latent, tokens)])
+    with pytest.raises(ShardFormatError, match=r"tokens\.tar: sample 'k1': member k1\.text\.npy is a per-token array \(5, 768\)"):
+        read_all([path])
+    stream = ShardStream([path], 0, 1, seed=0, shuffle_buffer=1)
+    with pytest.raises(ShardFormatError, match="--pool-text mean"):
+        [next(stream) for _ in range(2)]
+    pooled = read_all([path], pool_text="mean")
+    np.testing.assert_allclose(pooled[1].text, tokens.astype(np.float32).mean(axis=0))
+    streamed = ShardStream([path], 0, 1, seed=0, pool_text="mean")
+    assert sorted(next(streamed).text.shape for _ in range(2)) == [(768,), (768,)]
+
+
+def test_uneven_shards_over_ranks_are_named_in_a_warning():
+    assert uneven_shards_note(8, 4) is None and uneven_shards_note(3, 1) is None
+    note = uneven_shards_note(10, 4)
+    assert note.startswith("warning: 10 training shards over 4 ranks: 2 rank(s) read 3 shards per epoch, the others 2")
 
 
 def _tar_with(path, members: dict[str, bytes]) -> None:
