@@ -49,7 +49,7 @@ function run(label, local, command) {
   const result = spawnSync(process.execPath, [cli, "demo", "--no-failure", spec], { env: { ...process.env, DROVER_STATE_DIR: stateDir }, encoding: "utf8", timeout: 1_800_000 });
   const output = `${result.stdout}${result.stderr}`;
   if (result.status !== 0) throw new Error(`${label}: drover demo exited ${result.status}:\n${output.slice(-3000)}`);
-  const jobId = /submitted (\S+)/.exec(output)?.[1];
+  const jobId = /submitted ([^\s:]+)/.exec(output)?.[1];
   const points = readFileSync(join(stateDir, "jobs", jobId, "metrics.ndjson"), "utf8").split("\n").filter(Boolean).map((line) => JSON.parse(line));
   return { output, points, seconds: (Date.now() - started) / 1000 };
 }

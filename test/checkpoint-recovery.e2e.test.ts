@@ -5,36 +5,25 @@
 // the newest committed checkpoint, finish, and leave a loss curve with every step exactly
 // once; no committed checkpoint may change. Then `drover ckpt` against an embedded store
 // whose head is gone, including a corrupted object.
-import { spawn, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import { mkdtemp, readFile, readdir, rm, stat, writeFile } from "node:fs/promises";
 import os from "node:os";
-import { dirname, join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { join } from "node:path";
 import { CheckpointStore, startLocalS3Server, type LocalS3Server } from "@drover/storage";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { stitchAttempts, type JobRecord, type MetricPoint } from "@drover/orchestrator";
+import { repoRoot, runDrover } from "./drover-cli.js";
 
-const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
-const cli = join(root, "orchestrator", "dist", "cli.js");
-const at1Dir = join(root, "examples", "at1");
-const python = join(root, ".venv", "bin", "python");
+const at1Dir = join(repoRoot, "examples", "at1");
+const python = join(repoRoot, ".venv", "bin", "python");
 
 let scratch: string;
 let dataDir: string;
 
 /** Runs the CLI without blocking this process: the S3 proxy below lives in it. */
-function drover(stateDir: string, args: string[], timeoutMs = 120_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolveRun) => {
-    const child = spawn(process.execPath, [cli, ...args], { env: { ...process.env, DROVER_STATE_DIR: stateDir }, stdio: ["ignore", "pipe", "pipe"], timeout: timeoutMs });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (chunk: string) => (stdout += chunk));
-    child.stderr.setEncoding("utf8").on("data", (chunk: string) => (stderr += chunk));
-    child.on("close", (code) => resolveRun({ code, stdout, stderr }));
-  });
-}
+const drover = runDrover;
 
 async function readJson<T>(file: string): Promise<T | undefined> {
   try {

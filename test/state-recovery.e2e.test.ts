@@ -2,13 +2,14 @@
 // runs, then head.json, cluster.json and local-nodes.json cut short (as a full disk or a
 // torn write would leave them). Every command names the file and what is wrong (exit 2),
 // and `drover down` still stops every worker and trainer under the state directory.
-import { spawn, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { processAlive } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { runDrover } from "./drover-cli.js";
 import { waitFor } from "./wait-for.js";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -21,16 +22,7 @@ const drover = (args: string[]) => {
   return { code: result.status, stdout: result.stdout, stderr: result.stderr };
 };
 
-function droverAsync(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolveRun) => {
-    const child = spawn(process.execPath, [cli, ...args], { env: { ...process.env, DROVER_STATE_DIR: stateDir }, stdio: ["ignore", "pipe", "pipe"], timeout: 120_000 });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.setEncoding("utf8").on("data", (chunk: string) => (stdout += chunk));
-    child.stderr.setEncoding("utf8").on("data", (chunk: string) => (stderr += chunk));
-    child.on("close", (code) => resolveRun({ code, stdout, stderr }));
-  });
-}
+const droverAsync = (args: string[], env: Record<string, string> = {}) => runDrover(stateDir, args, 120_000, env);
 
 /** Processes whose command line or environment mention the state directory. */
 async function processesUnderState(): Promise<number[]> {
@@ -125,7 +117,12 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     await rm(stateDir, { recursive: true, force: true });
     const spec = join(scratch, "cancel.json");
     await writeFile(spec, JSON.stringify({ name: "cancel", local: { nodes: 2, ranksPerNode: 1 } }));
-    const up = droverAsync(["up", spec]);
+    // Workers that never join (a FAKE drover-worker: it takes the real arguments and
+    // idles), so `up` is surely still waiting when `down` comes, however loaded the
+    // machine; its command line still reads as a worker's, so `down` finds and stops it.
+    const idleWorker = join(scratch, "idle-worker.sh");
+    await writeFile(idleWorker, `#!/bin/sh\nexec "${process.execPath}" -e "setInterval(() => {}, 1000)" drover-worker "$@"\n`, { mode: 0o755 });
+    const up = droverAsync(["up", spec], { DROVER_WORKER_BIN: idleWorker });
     await waitFor(async () => (await readFile(join(stateDir, "lock"), "utf8").catch(() => "")).includes('"command":"up"'), 10_000, "up to take the lock");
     const down = drover(["down"]);
     expect(down.code, down.stdout + down.stderr).toBe(0);

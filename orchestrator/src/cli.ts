@@ -7,8 +7,8 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import * as grpc from "@grpc/grpc-js";
 import { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions } from "@drover/proto";
-import { akashProgress, commandAkashSim, commandBids, commandSdl, upExpectations } from "./akash-cli.js";
-import { EMBEDDED_LOCAL_SPEC, loadClusterSpec, localNodeCount, type ClusterSpec } from "./cluster-spec.js";
+import { commandAkashSim, commandBids, commandSdl } from "./provisioners/akash/akash-cli.js";
+import { backendSection, EMBEDDED_LOCAL_SPEC, expectedNodes, loadClusterSpec, type ClusterSpec } from "./cluster-spec.js";
 import { DroverError, HeadUnreachableError, PartialReapError, StateError } from "./errors.js";
 import { commandCkpt, openClusterStore } from "./ckpt-cli.js";
 import { newRunId, shipWorkingDir } from "./code-bundle.js";
@@ -16,8 +16,9 @@ import { Head } from "./head.js";
 import { isFinal, type JobRecord } from "./job-controller.js";
 import { describeRestart, formatMetrics, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
 import { createLogger } from "./logger.js";
-import { AKASH_LEASES_FILE, type AkashLeaseRecord } from "./provisioners/akash-provisioner.js";
-import { provisionerBackends } from "./provisioners/index.js";
+import { AKASH_LEASES_FILE, type AkashLeaseRecord } from "./provisioners/akash/akash-provisioner.js";
+import { backendNamed, provisionerBackends } from "./provisioners/registry.js";
+import { isolationUnavailable } from "./provisioners/local/local-group-network.js";
 import { processAlive, StateDirectory, StateLock, type HeadRecord } from "./state-store.js";
 
 const USAGE = `drover: train on rented GPUs as if they were one cluster
@@ -143,7 +144,8 @@ async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirector
   process.once("SIGTERM", cancel);
   process.once("SIGINT", cancel);
   // Akash takes bid windows and container starts, not seconds: wait as long as the spec allows.
-  const expected = upExpectations(spec, provisionerBackends[spec.provisioner].create(spec).expectedNodes());
+  const backend = backendNamed(spec.provisioner)!;
+  const expected = { nodes: expectedNodes(spec), deadlineMs: backend.startDeadlineMs?.(backendSection(spec)) ?? 60_000 };
   const startedAt = Date.now();
   const deadline = startedAt + expected.deadlineMs;
   let lastShown = "";
@@ -160,7 +162,7 @@ async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirector
     if (!head || head.pid !== child.pid) continue;
     const cluster = await state.readJson<{ workers: { connection: string }[] }>("cluster.json");
     const connected = cluster?.workers.filter((worker) => worker.connection === "connected").length ?? 0;
-    const market = spec.provisioner === "akash" ? await akashProgress(state, startedAt) : "";
+    const market = (await backend.progress?.(state, startedAt)) ?? "";
     const shown = `${head.state}: ${connected}/${expected.nodes} nodes connected${market}`;
     if (shown !== lastShown) print(`  ${shown}`);
     lastShown = shown;
@@ -390,12 +392,11 @@ async function commandStop(args: string[]): Promise<number> {
   return 0;
 }
 
-/** Stops the head if alive, then reaps whatever the state directory still knows of. */
 /**
  * Stops the head and releases every node, whatever state survived: an unreadable state
  * file is reported (exit 2) but never stops the reaping. The backend to reap with comes
- * from head.json (what the head recorded), else from the spec, else every backend reaps
- * what its own records in the state directory name.
+ * from head.json (what the head recorded), else every backend reaps what its own
+ * records in the state directory name.
  */
 async function commandDown(): Promise<number> {
   const state = new StateDirectory(StateDirectory.defaultRoot());
@@ -456,13 +457,15 @@ async function tearDown(state: StateDirectory): Promise<number> {
     print(`head (pid ${head.pid}) is not running; releasing what it left`);
   }
   const logger = createLogger({ component: "cli", file: state.path("head.log") });
-  const recorded = head?.provisioner ?? (head ? (await loadClusterSpec(head.specSource).catch(() => undefined))?.provisioner : undefined);
-  const backends = recorded && recorded in provisionerBackends
-    ? [recorded as keyof typeof provisionerBackends]
-    : (Object.keys(provisionerBackends) as Array<keyof typeof provisionerBackends>);
-  for (const name of backends) {
+  // The backend head.json names; without a readable record, every backend reaps what its
+  // own records in the state directory name. The spec file is never read again: it may be
+  // gone or edited since.
+  const recorded = head?.provisioner === undefined ? undefined : backendNamed(head.provisioner);
+  const backends = recorded ? [recorded] : Object.values(provisionerBackends);
+  for (const backend of backends) {
+    const name = backend.name;
     try {
-      const reaped = await provisionerBackends[name].reap(state, logger, AbortSignal.timeout(30_000));
+      const reaped = await backend.reap(state, logger, AbortSignal.timeout(60_000));
       for (const what of reaped) print(`  stopped ${what}`);
     } catch (error) {
       if (error instanceof PartialReapError) for (const what of error.stopped) print(`  stopped ${what}`);
@@ -537,13 +540,14 @@ async function commandDemo(args: string[]): Promise<number> {
   const stateRoot = process.env.DROVER_STATE_DIR ?? join(resolve(StateDirectory.defaultRoot(), ".."), "demo");
   const lock = await takeLock(new StateDirectory(stateRoot), "demo");
   try {
+    if (spec.provisioner !== "local") throw new DroverError(`drover demo runs local specs; ${spec.source} says provisioner: ${spec.provisioner} (use drover up, submit, down)`);
     return await runDemo({ ...spec, job: spec.job }, stateRoot, values["no-failure"] === true);
   } finally {
     await lock.release();
   }
 }
 
-async function runDemo(spec: ClusterSpec & { job: NonNullable<ClusterSpec["job"]> }, stateRoot: string, noFailure: boolean): Promise<number> {
+async function runDemo(spec: Extract<ClusterSpec, { provisioner: "local" }> & { job: NonNullable<ClusterSpec["job"]> }, stateRoot: string, noFailure: boolean): Promise<number> {
   const logger = createLogger({ component: "head", file: join(stateRoot, "head.log") });
   const head = await Head.create(spec, { stateDir: stateRoot, logger });
   const interrupted = new AbortController();
@@ -555,18 +559,31 @@ async function runDemo(spec: ClusterSpec & { job: NonNullable<ClusterSpec["job"]
   try {
     await runPrepare(spec, interrupted.signal);
     await head.start();
-    print(`head listening on ${head.controlAddress}; waiting for ${localNodeCount(spec)} nodes`);
-    await head.waitForWorkers(localNodeCount(spec), AbortSignal.any([interrupted.signal, AbortSignal.timeout(60_000)]));
+    print(`head listening on ${head.controlAddress}; waiting for ${expectedNodes(spec)} nodes`);
+    if (spec.local.groups.length > 1) {
+      const notIsolated = spec.local.isolateGroups === false ? "local.isolateGroups is false" : await isolationUnavailable();
+      print(notIsolated
+        ? `groups share loopback (not isolated: ${notIsolated})`
+        : `groups isolated in network namespaces, the link between them ${spec.local.interGroupRate ? `shaped to ${spec.local.interGroupRate} each way` : "unshaped"}`);
+    }
+    await head.waitForWorkers(expectedNodes(spec), AbortSignal.any([interrupted.signal, AbortSignal.timeout(60_000)]));
     for (const worker of head.registry.connected()) {
       const shmMiB = Math.round(Number(worker.resources.shmBytes ?? 0) / 2 ** 20);
       // A value the node did not report is shown as unknown, not as 0 or "undefined".
       print(`  node ${worker.nodeName} joined: ${worker.slots} ranks, ${worker.resources.cpuCount || "?"} cpus, shm ${worker.resources.shmBytes ? `${shmMiB} MiB` : "?"}`);
     }
+    // Each group's rank 0 speaks for its group (groups by name, ranks numbered across them).
+    const leaderRanks = new Set<number>([0]);
+    let offset = 0;
+    for (const group of [...spec.local.groups].sort((a, b) => a.name.localeCompare(b.name))) {
+      leaderRanks.add(offset);
+      offset += group.nodes * group.ranksPerNode;
+    }
     head.on("log", (line) => {
       if (line.rank < 0) print(`[drover] ${line.line}`);
-      else if (line.rank === 0 || line.stream === "stderr") print(`[rank ${line.rank}] ${line.line}`);
+      else if (leaderRanks.has(line.rank) || line.stream === "stderr") print(`[rank ${line.rank}] ${line.line}`);
     });
-    if (!noFailure && spec.provisioner === "local" && localNodeCount(spec) > 1 && head.checkpoints) injectNodeFailure(head, new StateDirectory(stateRoot), 10);
+    if (!noFailure && expectedNodes(spec) > 1 && head.checkpoints) injectNodeFailure(head, new StateDirectory(stateRoot), 10);
     const job = await head.submit({ command: spec.job.command, workingDir: spec.job.workingDir, env: spec.job.env });
     print(`submitted ${job.jobId}: ${spec.job.command.join(" ")}`);
     const final = await head.waitForJob(job.jobId, interrupted.signal);

@@ -5,13 +5,13 @@ import { SpecError } from "./errors.js";
 describe("cluster spec", () => {
   it("fills defaults and compiles durations to milliseconds", () => {
     const spec = parseClusterSpecYaml("name: demo\nhead:\n  heartbeatTimeout: 2m\n", "/tmp/spec.yaml");
-    expect(spec.local).toEqual({ groups: [{ name: "local", nodes: 2, ranksPerNode: 2 }] });
+    expect(spec.local).toMatchObject({ groups: [{ name: "local", nodes: 2, ranksPerNode: 2 }] });
     expect(spec.head.heartbeatTimeoutMs).toBe(120_000);
     expect(spec.head.heartbeatIntervalMs).toBe(1_000);
   });
 
   it("reads the one-group shorthand and local.groups, and checks groups as a whole", () => {
-    expect(parseClusterSpecYaml("local:\n  nodes: 3\n", "/tmp/s.yaml").local).toEqual({ groups: [{ name: "local", nodes: 3, ranksPerNode: 2 }] });
+    expect(parseClusterSpecYaml("local:\n  nodes: 3\n", "/tmp/s.yaml").local).toMatchObject({ groups: [{ name: "local", nodes: 3, ranksPerNode: 2 }] });
     const two = parseClusterSpecYaml("local:\n  groups:\n    - {name: a100, nodes: 2, ranksPerNode: 2}\n    - {name: rtx8000, nodes: 1, ranksPerNode: 1}\n", "/tmp/g.yaml");
     expect(two.local.groups.map((group) => group.name)).toEqual(["a100", "rtx8000"]);
     expect(() => parseClusterSpecYaml("local:\n  groups:\n    - {name: A100, nodes: 2, ranksPerNode: 2}\n", "/tmp/g.yaml")).toThrow(/local\.groups\[0\]\.name: lower-case letters/);
@@ -128,6 +128,27 @@ describe("cluster spec", () => {
       expect(at1.akash!.groups.map((g) => g.name)).toEqual(["a100", "rtx8000"]);
       const sim = await loadClusterSpec(EMBEDDED_LOCAL_SPEC.replace("local.yaml", "akash-sim.yaml"));
       expect(sim.akash!.rpcUrl).toBe("http://127.0.0.1:26657");
+    });
+  });
+
+  describe("kubernetes section", () => {
+    const k8s = (extra = "") => `provisioner: kubernetes\nkubernetes:\n  groups:\n    - {name: a100, nodes: 2, gpus: 8${extra}}\n`;
+
+    it("fills each group's defaults in the backend's own schema", () => {
+      const spec = parseClusterSpecYaml(k8s(), "/tmp/k.yaml");
+      if (spec.provisioner !== "kubernetes") throw new Error("expected a kubernetes spec");
+      expect(spec.kubernetes).toEqual({
+        namespace: "default", masterPort: 29_500, bridgePort: 7447,
+        groups: [{ name: "a100", nodes: 2, gpus: 8, gpuResource: "nvidia.com/gpu", cpu: "4", memory: "16Gi", shm: "4Gi", image: "ghcr.io/drover/worker:0.1.0", nodeSelector: {}, tolerations: [], env: {} }],
+      });
+    });
+
+    it("names the path of a bad field, and refuses another backend's section", () => {
+      expect(() => parseClusterSpecYaml(k8s(", shm: lots"), "/tmp/k.yaml")).toThrow(/^ {2}kubernetes\.groups\[0\]\.shm: expected a Kubernetes quantity/m);
+      expect(() => parseClusterSpecYaml(k8s(", gpuResource: gpu"), "/tmp/k.yaml")).toThrow(/kubernetes\.groups\[0\]\.gpuResource: /);
+      expect(() => parseClusterSpecYaml("provisioner: kubernetes\n", "/tmp/k.yaml")).toThrow(/^ {2}kubernetes: is required with provisioner: kubernetes/m);
+      expect(() => parseClusterSpecYaml(k8s() + "local:\n  nodes: 1\n", "/tmp/k.yaml")).toThrow(/^ {2}local: is only read with provisioner: local/m);
+      expect(() => parseClusterSpecYaml("provisioner: slurm\n", "/tmp/k.yaml")).toThrow(/^ {2}provisioner: must be one of local, akash, kubernetes/m);
     });
   });
 });

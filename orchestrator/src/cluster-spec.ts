@@ -3,10 +3,14 @@ import { dirname, isAbsolute, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parse as parseYaml, YAMLParseError } from "yaml";
 import { z } from "zod";
-import { akashGroupListSchema, type CompiledAkashGroup } from "@drover/sdl";
 import { storageConfigSchema, type StorageConfigInput } from "@drover/storage";
 import { durationMs } from "./duration.js";
 import { SpecError } from "./errors.js";
+import type { NodeGroup } from "./provisioners/provisioner.js";
+import { provisionerBackends } from "./provisioners/registry.js";
+
+export type { AkashSpec } from "./provisioners/akash/akash-spec.js";
+export type { LocalGroup } from "./provisioners/local/local-spec.js";
 
 const name = z.string().regex(/^[a-z0-9][a-z0-9-]{0,40}$/, "lowercase letters, digits and '-', at most 41 characters");
 
@@ -20,132 +24,45 @@ const jobSpecSchema = z.object({
   prepare: z.array(z.string().min(1)).min(1).optional(),
 }).strict();
 
-const akashAddress = z.string().regex(/^akash1[02-9ac-hj-np-z]{38}$/, "must be an akash1... bech32 address");
-const httpUrl = z.string().regex(/^https?:\/\/[^\s/]+/, "must be an http(s):// URL");
-
-/**
- * Escrow top-ups while the cluster runs: the chain closes a deployment whose escrow runs
- * dry, so the head deposits before it does.
- */
-const akashEscrowSchema = z.object({
-  /** How often each leased deployment's escrow is read. */
-  checkInterval: durationMs.default(5 * 60_000),
-  /** Top up when the escrow would run dry within this. */
-  minRemaining: durationMs.default(2 * 3_600_000),
-  /** Each top-up deposits enough to last this long. */
-  target: durationMs.default(6 * 3_600_000),
-  /** Block time assumed until the head has measured the chain's (Akash: about 6 s). */
-  blockTime: durationMs.default(6_000),
-}).strict().superRefine((escrow, ctx) => {
-  if (escrow.checkInterval <= 0) ctx.addIssue({ code: "custom", path: ["checkInterval"], message: "must be longer than 0" });
-  if (escrow.blockTime <= 0) ctx.addIssue({ code: "custom", path: ["blockTime"], message: "must be longer than 0" });
-  if (escrow.target <= escrow.minRemaining) {
-    ctx.addIssue({ code: "custom", path: ["target"], message: `(${escrow.target} ms) must be longer than minRemaining (${escrow.minRemaining} ms): a top-up must lift the escrow above the line that triggers it` });
-  }
-  if (escrow.checkInterval >= escrow.minRemaining) {
-    ctx.addIssue({ code: "custom", path: ["checkInterval"], message: `(${escrow.checkInterval} ms) must be shorter than minRemaining (${escrow.minRemaining} ms), or the escrow may run dry between two checks` });
-  }
-});
-
-/** Akash: how to reach the chain, what to rent, and how patiently to ask (README, "Akash"). */
-const akashSpecSchema = z.object({
-  /** CometBFT RPC of an Akash node, e.g. https://rpc.akashnet.net:443 (or the simulator's). */
-  rpc: httpUrl,
-  /** Worker groups: one placement, one lease, one provider each (sdl/README.md). */
-  groups: akashGroupListSchema,
-  /** First escrow deposit of every deployment; the chain's minimum is 5 ACT/AKT. */
-  deposit: z.object({
-    amount: z.union([z.number().int().positive(), z.string().regex(/^[1-9]\d*$/, "must be a whole number of the smallest unit")]).transform(String),
-    denom: z.string().regex(/^(uakt|uact|ibc\/[0-9A-F]{64})$/, "must be uakt, uact or an ibc/<hash> denom").default("uact"),
-  }).strict().default({ amount: "5000000", denom: "uact" }),
-  /** Fees are paid in AKT even when deployments pay in ACT. */
-  gasPrice: z.string().regex(/^\d+(\.\d+)?[a-z][a-z0-9/]*$/, 'expected a gas price like "0.025uakt"').default("0.025uakt"),
-  /** How long each ask collects bids before it is judged. */
-  bidWindow: durationMs.default(60_000),
-  /** How often bids, lease status and transaction inclusion are polled (a block is ~6 s). */
-  pollInterval: durationMs.default(3_000),
-  /** How long a leased group may take to report its services running. */
-  leaseReadyTimeout: durationMs.default(15 * 60_000),
-  /** Price ceilings tried from initialPricePercent of maxPrice up to maxPrice. */
-  priceSteps: z.number().int().min(1).max(20).optional(),
-  initialPricePercent: z.number().int().min(1).max(100).optional(),
-  /** MASTER_PORT inside a group; the group's ports must let it through leader <- workers. */
-  masterPort: z.number().int().min(1).max(65_535).optional(),
-  /** Provider status endpoints (address -> URL), read to explain missing bids. */
-  providerStatusUrls: z.record(akashAddress, httpUrl).optional(),
-  escrow: akashEscrowSchema.prefault({}),
-}).strict();
-
 /** Heartbeats faster than this would flood the head (and 0 would never send one). */
 const MIN_HEARTBEAT_MS = 100;
 /** A cluster spec is a page of YAML; a larger file is refused before it is read. */
 export const MAX_SPEC_BYTES = 1024 * 1024;
 
-/** Local mode runs at most this many nodes (worker processes) in all. */
-const MAX_LOCAL_NODES = 16;
-/** Groups a job may span (the cross-provider bridge is designed for up to 8). */
-const MAX_GROUPS = 8;
-
-const localGroupSchema = z.object({
-  name: z.string().regex(/^[a-z][a-z0-9-]{0,31}$/, "lower-case letters, digits and '-', starting with a letter, at most 32"),
-  nodes: z.number().int().min(1).max(MAX_LOCAL_NODES),
-  ranksPerNode: z.number().int().min(1).max(64),
-}).strict();
-
-export interface LocalGroup {
-  name: string;
-  nodes: number;
-  ranksPerNode: number;
-}
-
-export const clusterSpecSchema = z.object({
-  name: name.default("local"),
-  provisioner: z.enum(["local", "akash"]).default("local"),
-  head: z.object({
-    /** Interface the control server listens on; loopback for local mode. */
-    host: z.string().default("127.0.0.1"),
-    /** 0 = any free port. */
-    port: z.number().int().min(0).max(65_535).default(0),
-    /**
-     * The address workers dial (`host` or `host:port`), when it is not the one the head
-     * listens on: a public name or a tunnel for Akash containers. Without a port, the
-     * head's own port is used.
-     */
-    advertise: z.string().regex(/^[A-Za-z0-9.-]+(:\d{1,5})?$/, "expected host or host:port").optional(),
-    heartbeatInterval: durationMs.pipe(z.number().min(MIN_HEARTBEAT_MS, `must be at least ${MIN_HEARTBEAT_MS}ms`)).default(1_000),
-    heartbeatTimeout: durationMs.default(10_000),
-    /** How long to wait for the requested workers before a job fails. */
-    workerWaitTimeout: durationMs.default(120_000),
-  }).strict().superRefine((head, ctx) => {
-    // A node is declared lost after heartbeatTimeout of silence: with fewer than two
-    // heartbeats in that window, one late heartbeat would restart the job.
-    if (head.heartbeatTimeout < 2 * head.heartbeatInterval) {
-      ctx.addIssue({ code: "custom", path: ["heartbeatTimeout"], message: `must be at least twice heartbeatInterval (${head.heartbeatInterval}ms), is ${head.heartbeatTimeout}ms` });
-    }
-  }).default({ host: "127.0.0.1", port: 0, heartbeatInterval: 1_000, heartbeatTimeout: 10_000, workerWaitTimeout: 120_000 }),
+const headSchema = z.object({
+  /** Interface the control server listens on; loopback for local mode. */
+  host: z.string().default("127.0.0.1"),
+  /** 0 = any free port. */
+  port: z.number().int().min(0).max(65_535).default(0),
   /**
-   * Local mode: `nodes` x `ranksPerNode` is one group named `local`; `groups` lists
-   * several, each its own torch world as a provider group is (cross-group training goes
-   * through the bridge).
+   * The address workers dial (`host` or `host:port`), when it is not the one the head
+   * listens on: a public name or a tunnel for Akash containers. Without a port, the
+   * head's own port is used.
    */
-  local: z.object({
-    nodes: z.number().int().min(1).max(MAX_LOCAL_NODES).optional(),
-    ranksPerNode: z.number().int().min(1).max(64).optional(),
-    groups: z.array(localGroupSchema).min(1).max(MAX_GROUPS).optional(),
-  }).strict().superRefine((local, ctx) => {
-    if (local.groups === undefined) return;
-    for (const field of ["nodes", "ranksPerNode"] as const) {
-      if (local[field] !== undefined) ctx.addIssue({ code: "custom", path: [field], message: "is the one-group shorthand; with groups, give each group its own" });
-    }
-    const seen = new Set<string>();
-    local.groups.forEach((group, index) => {
-      if (seen.has(group.name)) ctx.addIssue({ code: "custom", path: ["groups", index, "name"], message: `${group.name} is used by an earlier group; group names must be unique` });
-      seen.add(group.name);
-    });
-    const total = local.groups.reduce((sum, group) => sum + group.nodes, 0);
-    if (total > MAX_LOCAL_NODES) ctx.addIssue({ code: "custom", path: ["groups"], message: `has ${total} nodes in all; local mode runs at most ${MAX_LOCAL_NODES}` });
-  }).transform((local): LocalGroup[] => local.groups ?? [{ name: "local", nodes: local.nodes ?? 2, ranksPerNode: local.ranksPerNode ?? 2 }])
-    .default(() => [{ name: "local", nodes: 2, ranksPerNode: 2 }]),
+  advertise: z.string().regex(/^[A-Za-z0-9.-]+(:\d{1,5})?$/, "expected host or host:port").optional(),
+  heartbeatInterval: durationMs.pipe(z.number().min(MIN_HEARTBEAT_MS, `must be at least ${MIN_HEARTBEAT_MS}ms`)).default(1_000),
+  heartbeatTimeout: durationMs.default(10_000),
+  /** How long to wait for the requested workers before a job fails. */
+  workerWaitTimeout: durationMs.default(120_000),
+}).strict().superRefine((head, ctx) => {
+  // A node is declared lost after heartbeatTimeout of silence: with fewer than two
+  // heartbeats in that window, one late heartbeat would restart the job.
+  if (head.heartbeatTimeout < 2 * head.heartbeatInterval) {
+    ctx.addIssue({ code: "custom", path: ["heartbeatTimeout"], message: `must be at least twice heartbeatInterval (${head.heartbeatInterval}ms), is ${head.heartbeatTimeout}ms` });
+  }
+}).transform((head) => ({
+  host: head.host,
+  port: head.port,
+  ...(head.advertise === undefined ? {} : { advertise: head.advertise }),
+  heartbeatIntervalMs: head.heartbeatInterval,
+  heartbeatTimeoutMs: head.heartbeatTimeout,
+  workerWaitTimeoutMs: head.workerWaitTimeout,
+})).prefault({});
+
+/** What every spec has, whatever its backend. */
+const commonShape = {
+  name: name.default("local"),
+  head: headSchema,
   /** The job `drover demo` submits, and the default of `drover submit` without a command. */
   job: jobSpecSchema.optional(),
   /**
@@ -153,54 +70,52 @@ export const clusterSpecSchema = z.object({
    * S3-compatible server on loopback, data in the state directory.
    */
   storage: storageConfigSchema.optional(),
-  /** Required with `provisioner: akash`, refused otherwise. */
-  akash: akashSpecSchema.optional(),
-}).strict().superRefine((spec, ctx) => {
-  if (spec.provisioner === "akash" && spec.akash === undefined) {
-    ctx.addIssue({ code: "custom", path: ["akash"], message: "is required with provisioner: akash (rpc and groups at least)" });
-  }
-  if (spec.provisioner !== "akash" && spec.akash !== undefined) {
-    ctx.addIssue({ code: "custom", path: ["akash"], message: `is only read with provisioner: akash (this spec says provisioner: ${spec.provisioner})` });
-  }
-  const akash = spec.akash;
-  const payDenom = akash?.groups[0]?.maxPrice.denom;
-  if (akash !== undefined && payDenom !== undefined && akash.deposit.denom !== payDenom) {
-    ctx.addIssue({ code: "custom", path: ["akash", "deposit", "denom"], message: `is ${akash.deposit.denom} but the groups pay in ${payDenom}; the escrow pays the leases, so they must match` });
-  }
-});
+};
 
-export type ClusterSpecInput = z.input<typeof clusterSpecSchema>;
-/** Compiled spec: defaults filled, durations in milliseconds, paths absolute. */
-export interface ClusterSpec {
+/** One member of the union: the common fields, `provisioner: <name>` and the backend's own section under its name. */
+function specSchemaOf<Name extends string, Section extends z.ZodType>(backend: { name: Name; specSchema: Section; defaultSection?: unknown }) {
+  const section = backend.defaultSection === undefined ? backend.specSchema : backend.specSchema.prefault(backend.defaultSection as never);
+  return z.object({ ...commonShape, provisioner: z.literal(backend.name), [backend.name]: section } as typeof commonShape & { provisioner: z.ZodLiteral<Name> } & { [K in Name]: Section }).strict();
+}
+
+type Backends = typeof provisionerBackends;
+type BackendName = keyof Backends & string;
+
+/**
+ * The cluster spec: a union over the registered backends, told apart by `provisioner`
+ * (default `local`). Each backend's section, its defaults and its checks live in its own
+ * schema; this file knows none of them.
+ */
+export const clusterSpecSchema = z.preprocess(
+  (raw) => (raw !== null && typeof raw === "object" && !("provisioner" in raw) ? { ...raw, provisioner: "local" } : raw),
+  z.discriminatedUnion("provisioner", (Object.values(provisionerBackends) as ReadonlyArray<{ name: string; specSchema: z.ZodType; defaultSection?: unknown }>).map((backend) => specSchemaOf(backend)) as unknown as [ReturnType<typeof specSchemaOf>, ...ReturnType<typeof specSchemaOf>[]]),
+);
+
+type CommonInput = { name?: string; head?: z.input<typeof headSchema>; job?: z.input<typeof jobSpecSchema>; storage?: StorageConfigInput };
+/** What users write: the common fields, `provisioner` (default local) and that backend's section. */
+export type ClusterSpecInput = { [K in BackendName]: CommonInput & { provisioner?: K } & { [P in K]?: z.input<Backends[K]["specSchema"]> } }[BackendName];
+
+type CommonSpec = {
   name: string;
-  provisioner: "local" | "akash";
-  head: { host: string; port: number; advertise?: string; heartbeatIntervalMs: number; heartbeatTimeoutMs: number; workerWaitTimeoutMs: number };
-  /** Local mode's groups (one named `local` for the nodes/ranksPerNode shorthand). */
-  local: { groups: LocalGroup[] };
+  head: z.output<typeof headSchema>;
   job?: { command: string[]; workingDir: string; env: Record<string, string>; prepare?: string[] };
   /** Validated storage config as written (secrets stay where the user put them); undefined = embedded. */
   storage?: StorageConfigInput;
-  /** Present exactly when provisioner is akash. */
-  akash?: AkashSpec;
   /** Where the spec came from, for messages. */
   source: string;
+};
+
+/** Compiled spec: defaults filled, durations in milliseconds, paths absolute; the backend's compiled section under its name. */
+export type ClusterSpec = { [K in BackendName]: CommonSpec & { provisioner: K } & { [P in K]: z.output<Backends[K]["specSchema"]> } }[BackendName];
+
+/** The compiled section of the spec's backend. */
+export function backendSection(spec: ClusterSpec): { groups: readonly NodeGroup[] } {
+  return (spec as unknown as Record<string, { groups: readonly NodeGroup[] }>)[spec.provisioner]!;
 }
 
-/** The compiled `akash:` section. */
-export interface AkashSpec {
-  rpcUrl: string;
-  groups: CompiledAkashGroup[];
-  deposit: { amount: string; denom: string };
-  gasPrice: string;
-  bidWindowMs: number;
-  pollIntervalMs: number;
-  leaseReadyTimeoutMs: number;
-  priceSteps?: number;
-  initialPricePercent?: number;
-  masterPort?: number;
-  providerStatusUrls?: Record<string, string>;
-  /** Escrow top-ups while the cluster runs. */
-  escrow: { checkIntervalMs: number; minRemainingMs: number; targetMs: number; blockTimeMs: number };
+/** Nodes a job on the whole cluster runs on: every node of every group. */
+export function expectedNodes(spec: ClusterSpec): number {
+  return backendSection(spec).groups.reduce((sum, group) => sum + group.nodes, 0);
 }
 
 /** Formats a zod path the way users read it: `groups[1].gpu.model`. */
@@ -213,57 +128,46 @@ export function formatPath(path: ReadonlyArray<PropertyKey>): string {
   return out || "(top level)";
 }
 
+/**
+ * Problems the union alone would report poorly: an unknown backend, a backend's section
+ * missing, another backend's section given.
+ */
+function sectionIssues(raw: Record<string, unknown>): Array<{ path: PropertyKey[]; message: string }> {
+  const chosen = raw.provisioner ?? "local";
+  const names = Object.keys(provisionerBackends);
+  if (typeof chosen !== "string" || !names.includes(chosen)) return [{ path: ["provisioner"], message: `must be one of ${names.join(", ")}` }];
+  const issues: Array<{ path: PropertyKey[]; message: string }> = [];
+  const backend = provisionerBackends[chosen as BackendName];
+  if (raw[chosen] === undefined && backend.defaultSection === undefined) issues.push({ path: [chosen], message: `is required with provisioner: ${chosen}` });
+  for (const other of names) {
+    if (other !== chosen && raw[other] !== undefined) issues.push({ path: [other], message: `is only read with provisioner: ${other} (this spec says provisioner: ${chosen})` });
+  }
+  return issues;
+}
+
 /** Validates a parsed spec; every problem is listed with its path. */
 export function compileClusterSpec(raw: unknown, source: string): ClusterSpec {
-  const parsed = clusterSpecSchema.safeParse(raw ?? {});
-  if (!parsed.success) {
-    const lines = parsed.error.issues.map((issue) => `  ${formatPath(issue.path)}: ${issue.message}`);
+  const input = (raw ?? {}) as Record<string, unknown>;
+  const early = typeof input === "object" && !Array.isArray(input) ? sectionIssues(input) : [];
+  const parsed = early.length === 0 ? clusterSpecSchema.safeParse(input) : undefined;
+  if (parsed === undefined || !parsed.success) {
+    const issues = [...early, ...(parsed?.error.issues ?? [])];
+    const lines = issues.map((issue) => `  ${formatPath(issue.path)}: ${issue.message}`);
     throw new SpecError(`invalid cluster spec ${source}:\n${lines.join("\n")}`, { source });
   }
-  const spec = parsed.data;
+  const spec = parsed.data as Record<string, unknown> & { job?: z.output<typeof jobSpecSchema> };
   const baseDir = source.startsWith("(") ? process.cwd() : dirname(source);
   return {
-    name: spec.name,
-    provisioner: spec.provisioner,
-    head: {
-      host: spec.head.host,
-      port: spec.head.port,
-      ...(spec.head.advertise === undefined ? {} : { advertise: spec.head.advertise }),
-      heartbeatIntervalMs: spec.head.heartbeatInterval,
-      heartbeatTimeoutMs: spec.head.heartbeatTimeout,
-      workerWaitTimeoutMs: spec.head.workerWaitTimeout,
-    },
-    local: { groups: spec.local },
+    ...spec,
     job: spec.job && {
       command: spec.job.command,
       workingDir: isAbsolute(spec.job.workingDir) ? spec.job.workingDir : resolve(baseDir, spec.job.workingDir),
       env: spec.job.env,
       prepare: spec.job.prepare,
     },
-    storage: (raw as { storage?: StorageConfigInput } | undefined)?.storage,
-    ...(spec.akash === undefined ? {} : {
-      akash: {
-        rpcUrl: spec.akash.rpc,
-        groups: spec.akash.groups,
-        deposit: spec.akash.deposit,
-        gasPrice: spec.akash.gasPrice,
-        bidWindowMs: spec.akash.bidWindow,
-        pollIntervalMs: spec.akash.pollInterval,
-        leaseReadyTimeoutMs: spec.akash.leaseReadyTimeout,
-        ...(spec.akash.priceSteps === undefined ? {} : { priceSteps: spec.akash.priceSteps }),
-        ...(spec.akash.initialPricePercent === undefined ? {} : { initialPricePercent: spec.akash.initialPricePercent }),
-        ...(spec.akash.masterPort === undefined ? {} : { masterPort: spec.akash.masterPort }),
-        ...(spec.akash.providerStatusUrls === undefined ? {} : { providerStatusUrls: spec.akash.providerStatusUrls }),
-        escrow: {
-          checkIntervalMs: spec.akash.escrow.checkInterval,
-          minRemainingMs: spec.akash.escrow.minRemaining,
-          targetMs: spec.akash.escrow.target,
-          blockTimeMs: spec.akash.escrow.blockTime,
-        },
-      },
-    }),
+    storage: input.storage as StorageConfigInput | undefined,
     source,
-  };
+  } as unknown as ClusterSpec;
 }
 
 export function parseClusterSpecYaml(text: string, source: string): ClusterSpec {
@@ -297,15 +201,3 @@ export async function loadClusterSpec(path: string): Promise<ClusterSpec> {
 /** examples/local.yaml, the spec `drover up` and `drover demo` use when given none. */
 export const EMBEDDED_LOCAL_SPEC = fileURLToPath(new URL("../../examples/local.yaml", import.meta.url));
 
-/** Nodes a local spec starts, in all groups. */
-export function localNodeCount(spec: Pick<ClusterSpec, "local">): number {
-  return spec.local.groups.reduce((sum, group) => sum + group.nodes, 0);
-}
-
-/**
- * Node names of a local group: `local-<i>` for the one-group shorthand (and a group
- * named `local`), `<group>-<i>` otherwise; unique because group names are.
- */
-export function localNodeName(group: LocalGroup, index: number): string {
-  return `${group.name}-${index}`;
-}

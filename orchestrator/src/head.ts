@@ -4,12 +4,13 @@ import { mkdir } from "node:fs/promises";
 import type { IMetricReport } from "@drover/proto";
 import { CheckpointStore, registerSecretValue, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
 import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
-import type { ClusterSpec } from "./cluster-spec.js";
+import { backendSection, expectedNodes, type ClusterSpec } from "./cluster-spec.js";
 import { ControlServer } from "./control-server.js";
 import { JobRequestError, StateError } from "./errors.js";
 import { JobController, isFinal, type JobLogLine, type JobRecord, type JobRequest } from "./job-controller.js";
 import type { Logger } from "./logger.js";
-import { provisionerBackends, type Provisioner } from "./provisioners/index.js";
+import { backendNamed, createProvisioner, type Provisioner } from "./provisioners/registry.js";
+import { RepairLoop } from "./repair-loop.js";
 import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
 import { WorkerRegistry } from "./worker-registry.js";
 
@@ -47,7 +48,9 @@ export class Head extends EventEmitter<HeadEvents> {
   readonly registry: WorkerRegistry;
   readonly jobs: JobController;
   private readonly server: ControlServer;
-  private readonly provisioner: Provisioner;
+  /** Created in start(), once the address workers dial is known. */
+  private provisioner: Provisioner | undefined;
+  private repair: RepairLoop | undefined;
   private readonly appender: OrderedAppender;
   private readonly shutdownController = new AbortController();
   private readonly startedAt = new Date().toISOString();
@@ -70,11 +73,14 @@ export class Head extends EventEmitter<HeadEvents> {
   ) {
     super();
     this.appender = new OrderedAppender(stateDir);
-    this.provisioner = provisionerBackends[spec.provisioner].create(spec);
     this.registry = new WorkerRegistry({ heartbeatTimeoutMs: spec.head.heartbeatTimeoutMs, logger: logger.child({ component: "registry" }) });
     this.jobs = new JobController({
       registry: this.registry,
-      allocateMasterPort: (assignment) => this.provisioner.allocateMasterPort(assignment.masterAddr),
+      allocateMasterPort: (assignment) => {
+        if (!this.provisioner) throw new StateError("the cluster has no provisioner yet");
+        return this.provisioner.allocateMasterPort(assignment.masterAddr);
+      },
+      bridgeAddressOf: (nodeName) => this.bridgeAddressOf(nodeName),
       workerWaitTimeoutMs: spec.head.workerWaitTimeoutMs,
       stopGraceMs: 5_000,
       defaultMaxRestarts: 3,
@@ -97,6 +103,7 @@ export class Head extends EventEmitter<HeadEvents> {
       onShutdownRequested: () => this.shutdownRequested(),
       submitJob: (request) => this.submit(request),
     });
+    this.registry.on("lost", (worker, reason) => this.repair?.nodeLost(worker.nodeName, reason, worker.registeredAtMs));
     this.registry.on("changed", () => {
       this.emit("workers");
       this.scheduleSnapshot();
@@ -158,7 +165,8 @@ export class Head extends EventEmitter<HeadEvents> {
       specSource: this.spec.source,
       controlAddress: this.controlAddress,
       adminAddress: `127.0.0.1:${this.server.adminPort}`,
-      sharesFilesystem: this.provisioner.sharesFilesystem ?? false,
+      sharesFilesystem: backendNamed(this.spec.provisioner)?.sharesFilesystem ?? false,
+      // `drover down` reaps with this backend, from the state directory alone.
       provisioner: this.spec.provisioner,
       ...(this.failure ? { error: this.failure } : {}),
       startedAt: this.startedAt,
@@ -183,14 +191,19 @@ export class Head extends EventEmitter<HeadEvents> {
       await this.startStorage();
       await this.setState("provisioning");
       phase = "provisioning";
-      await this.provisioner.provision({
+      const provisionerLogger = this.logger.child({ component: `provisioner:${this.spec.provisioner}` });
+      this.provisioner = createProvisioner(this.spec, {
+        clusterName: this.spec.name,
         headAddress: this.controlAddress,
         joinToken: this.joinToken,
         agentEnv: this.storageConfig ? { DROVER_STORAGE_CONFIG: JSON.stringify(this.storageConfig) } : {},
+        heartbeatTimeoutMs: this.spec.head.heartbeatTimeoutMs,
         state: this.stateDir,
-        logger: this.logger.child({ component: `provisioner:${this.provisioner.name}` }),
-        signal: this.shutdownController.signal,
+        logger: provisionerLogger,
       });
+      this.repair = new RepairLoop({ provisioner: this.provisioner, groups: backendSection(this.spec).groups, logger: this.logger.child({ component: "repair" }) });
+      await this.repair.provisionAll(this.shutdownController.signal);
+      this.repair.start(this.shutdownController.signal);
     } catch (error) {
       // Whatever failed, nothing is left running and head.json says why: `drover up`
       // reports it instead of waiting for nodes that will never come.
@@ -221,6 +234,16 @@ export class Head extends EventEmitter<HeadEvents> {
     this.checkpoints = new CheckpointCoordinator(store, this.jobs, this.logger.child({ component: "checkpoints" }));
     // The CLI's `drover ckpt` reads the same store; the file holds credentials, so 0600.
     await this.stateDir.writeJson("storage.json", { storage: this.storageConfig, embedded: this.embeddedS3 !== undefined }, 0o600);
+  }
+
+  /**
+   * host:port where other groups' leaders dial this node's bridge: the `bridge` port the
+   * provisioner publishes for the node of that name (Akash: the provider's forwarded
+   * port; Kubernetes: the pod IP and bridgePort), else undefined and the worker's own
+   * reported address (RegisterRequest.bridge_address) applies.
+   */
+  bridgeAddressOf(nodeName: string): string | undefined {
+    return this.repair?.bridgeOutside(nodeName);
   }
 
   /** Resolves when `count` workers are connected, or rejects on abort. */
@@ -259,7 +282,7 @@ export class Head extends EventEmitter<HeadEvents> {
       throw new JobRequestError(request.runId ? "--from-step needs checkpoint storage, and this cluster has none" : "--from-step needs --run-id: checkpoints belong to a run");
     }
     if (request.codeBundleId && !this.checkpoints) throw new JobRequestError("the job names a code bundle but this cluster has no checkpoint storage to fetch it from");
-    const job = this.jobs.submit({ ...request, nodes: request.nodes || this.provisioner.expectedNodes(), resumeStep });
+    const job = this.jobs.submit({ ...request, nodes: request.nodes || expectedNodes(this.spec), resumeStep });
     if (request.codeBundleId) this.jobs.note(job.jobId, `nodes fetch the working directory as code bundle ${request.codeBundleId.slice(0, 12)}`);
     if (resumeStep !== undefined) this.jobs.note(job.jobId, `resuming run ${job.runId} from committed checkpoint step ${resumeStep}`);
     return job;
@@ -309,7 +332,8 @@ export class Head extends EventEmitter<HeadEvents> {
       this.logger.info("head shutting down", { reason });
       this.shutdownController.abort(new Error(reason));
       for (const job of this.jobs.activeJobs()) this.jobs.stop(job.jobId, `cluster shutting down: ${reason}`);
-      await this.provisioner.shutdown({ state: this.stateDir, logger: this.logger, signal: AbortSignal.timeout(30_000) });
+      await this.repair?.idle().catch(() => undefined);
+      await this.provisioner?.close(AbortSignal.timeout(30_000)).catch((error: Error) => this.logger.error("releasing the nodes failed; `drover down` tries again from the state directory", { error: error.message }));
       this.jobs.dispose();
       this.registry.stop();
       await this.server.close();

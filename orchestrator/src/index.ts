@@ -4,7 +4,8 @@ export { JobController, isFinal, type JobRecord, type JobRequest, type JobRestar
 export { WorkerRegistry, type RegisteredWorker, type Clock } from "./worker-registry.js";
 export { assignRanks, type NodeAssignment, type RankCandidate } from "./rank-assignment.js";
 export { StateDirectory, writeFileAtomic, processAlive } from "./state-store.js";
-export { provisionerBackends } from "./provisioners/index.js";
+export { provisionerBackends } from "./provisioners/registry.js";
 export { createLogger, silentLogger, type Logger } from "./logger.js";
 export { summarizeJob, formatMetrics, describeRestart, stitchAttempts, type MetricPoint } from "./job-view.js";
 export * from "./errors.js";
+export { isolationUnavailable, planGroupNetworks, GroupNetworks } from "./provisioners/local/local-group-network.js";

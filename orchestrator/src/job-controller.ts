@@ -149,6 +149,11 @@ export class JobController extends EventEmitter<JobEvents> {
      * are not expected to be committed. Without it the job finishes at once.
      */
     settleCheckpoints?: (job: JobRecord) => Promise<boolean>;
+    /**
+     * host:port other groups dial for a node's bridge when its provisioner publishes one
+     * (Head.bridgeAddressOf); undefined: the address the worker reported applies.
+     */
+    bridgeAddressOf?: (nodeName: string) => string | undefined;
     now?: () => number;
   }) {
     super();
@@ -250,7 +255,7 @@ export class JobController extends EventEmitter<JobEvents> {
       group: worker.group,
       address: worker.resources.address || "127.0.0.1",
       slots: worker.slots,
-      bridgeAddress: worker.bridgeAddress,
+      bridgeAddress: this.deps.bridgeAddressOf?.(worker.nodeName) ?? worker.bridgeAddress,
     })));
     job.worldSize = job.assignments.reduce((sum, assignment) => sum + assignment.localWorldSize, 0);
     const masterPorts = new Map<string, number>();

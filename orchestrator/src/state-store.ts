@@ -14,6 +14,8 @@ import { StateError } from "./errors.js";
  *   admin-token           the CLI's credential for the Admin service (mode 0600)
  *   cluster.json          workers and jobs as the head last saw them
  *   local-nodes.json      pids of local worker processes (local provisioner)
+ *   akash/                lease ledger, connection and leases (Akash provisioner)
+ *   kubernetes/cluster.json  namespace, context, KUBECONFIG path and label of the pods (Kubernetes)
  *   head.log              the head's structured log
  *   jobs/<id>/output.log  every rank's output lines, prefixed with the rank
  *   jobs/<id>/metrics.ndjson

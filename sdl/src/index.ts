@@ -37,6 +37,7 @@ export { formatSize, parseCpuMillis, parseSize } from './quantity.js';
 export { sdlDocumentSchema, type SdlDocument } from './sdl-schema.js';
 export { assertValidSdl, jsonPointerToPath, validateSdl, type SdlValidationOptions, type SdlValidationResult } from './sdl-validation.js';
 export {
+  BRIDGE_PORT,
   SHM_MOUNT_PATH,
   SHM_VOLUME_NAME,
   renderGroupSdlDocument,

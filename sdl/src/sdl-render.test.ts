@@ -102,12 +102,14 @@ describe('chain-sdk accepts every generated SDL', () => {
     ]);
   });
 
-  it('exposes the gRPC port globally on leaders only, and mounts shm everywhere', () => {
+  it('exposes the gRPC port and the bridge globally on leaders only, and mounts shm everywhere', () => {
     const document = renderSdlDocument(at1);
     expect(document.services['a100-leader']!.expose).toEqual([
       { port: 7077, as: 7077, proto: 'tcp', to: [{ global: true }, { service: 'a100-worker' }] },
+      { port: 7447, as: 7447, proto: 'tcp', to: [{ global: true }] },
     ]);
     expect(document.services['a100-worker']!.expose).toEqual([{ port: 7077, as: 7077, proto: 'tcp', to: [{ service: 'a100-leader' }] }]);
+    for (const service of Object.values(document.services)) expect(service.env).toContain('DROVER_BRIDGE_PORT=7447');
     for (const service of Object.values(document.services)) {
       expect(service.params?.storage?.shm).toEqual({ mount: '/dev/shm', readOnly: false });
     }
@@ -116,7 +118,7 @@ describe('chain-sdk accepts every generated SDL', () => {
   it('renders a one-node group as a leader alone', () => {
     const document = renderSdlDocument([sim[1]!]);
     expect(Object.keys(document.services)).toEqual(['sim-4090-leader']);
-    expect(document.services['sim-4090-leader']!.expose).toEqual([{ port: 7077, as: 7077, proto: 'tcp', to: [{ global: true }] }]);
+    expect(document.services['sim-4090-leader']!.expose).toEqual([{ port: 7077, as: 7077, proto: 'tcp', to: [{ global: true }] }, { port: 7447, as: 7447, proto: 'tcp', to: [{ global: true }] }]);
     expect(document.profiles.compute['sim-4090-leader']!.resources.gpu!.attributes!.vendor!.nvidia).toEqual([
       { model: 'rtx4090' },
       { model: 'rtx3090' },

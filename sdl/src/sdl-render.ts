@@ -27,6 +27,9 @@ export const SHM_MOUNT_PATH = '/dev/shm';
 /** Name of the ram-class volume in the compute profile. */
 export const SHM_VOLUME_NAME = 'shm';
 
+/** The port every worker agent's cross-group bridge listens on inside its container (DROVER_BRIDGE_PORT). */
+export const BRIDGE_PORT = 7447;
+
 export type GroupRole = 'leader' | 'worker';
 
 export function serviceName(groupName: string, role: GroupRole): string {
@@ -108,11 +111,17 @@ function renderService(group: CompiledAkashGroup, role: GroupRole, options: Rend
     if (to.length === 0) continue;
     expose.push({ port: port.port, as: port.as, proto: port.proto, to });
   }
+  // The cross-group bridge: the leader's agent listens on BRIDGE_PORT, exposed globally
+  // (the provider forwards a random external port to it, read from the lease status).
+  if (role === 'leader' && !group.ports.some((port) => port.port === BRIDGE_PORT)) {
+    expose.push({ port: BRIDGE_PORT, as: BRIDGE_PORT, proto: 'tcp', to: [{ global: true }] });
+  }
   const env = {
     ...group.env,
     ...options.extraEnv,
     DROVER_GROUP: group.name,
     DROVER_GROUP_ROLE: role,
+    DROVER_BRIDGE_PORT: String(BRIDGE_PORT),
   };
   return {
     image: group.image,

@@ -10,18 +10,19 @@ import { DirectSecp256k1HdWallet } from "@cosmjs/proto-signing";
 import { buildManifest, deploymentVersion, renderGroupSdlYaml, type CompiledAkashGroup } from "@drover/sdl";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
-import { AkashSimulator } from "./akash-simulator/akash-simulator.js";
-import { defaultSimulatedMarket, type DescribedProvider } from "./akash-simulator/default-market.js";
-import { loadClusterSpec, formatPath, type AkashSpec, type ClusterSpec } from "./cluster-spec.js";
-import { durationMs } from "./duration.js";
-import { DroverError, SpecError } from "./errors.js";
-import { LeaseLedger, LEASE_LEDGER_FILE, type LedgerEntry } from "./lease-ledger.js";
-import { createLogger } from "./logger.js";
+import { loadClusterSpec, formatPath, type AkashSpec, type ClusterSpec } from "../../cluster-spec.js";
+import { durationMs } from "../../duration.js";
+import { DroverError, SpecError } from "../../errors.js";
+import { createLogger } from "../../logger.js";
+import { StateDirectory } from "../../state-store.js";
+import { readProviderAdvertisements, resolveAkashMnemonic, sendTracked, settleLedger, sleep, toObservedBids } from "./akash-provisioner.js";
+import { LeaseLedger } from "./lease-ledger.js";
 import { AkashChainClient, type ChainBid } from "./market/akash-chain-client.js";
 import { BidStrategy, describeDiagnosis, whyBidRejected } from "./market/bid-strategy.js";
 import type { ProviderAdvertisement } from "./market/market-observations.js";
-import { readProviderAdvertisements, resolveAkashMnemonic, sendTracked, settleLedger, sleep, toObservedBids } from "./provisioners/akash-provisioner.js";
-import { StateDirectory } from "./state-store.js";
+// The simulator is loaded only by `drover akash-sim` (below) and the tests.
+import type { AkashSimulator } from "./simulator/akash-simulator.js";
+import type { DescribedProvider } from "./simulator/default-market.js";
 
 function print(line = ""): void {
   process.stdout.write(line + "\n");
@@ -30,7 +31,7 @@ function print(line = ""): void {
 async function loadAkashSpec(path: string | undefined, command: string): Promise<ClusterSpec & { akash: AkashSpec }> {
   if (path === undefined) throw new SpecError(`drover ${command} needs a cluster spec with provisioner: akash, e.g. drover ${command} examples/akash-at1.yaml`);
   const spec = await loadClusterSpec(path);
-  if (spec.provisioner !== "akash" || spec.akash === undefined) {
+  if (spec.provisioner !== "akash") {
     throw new SpecError(`${spec.source}: drover ${command} needs provisioner: akash (this spec says ${spec.provisioner})`, { source: spec.source });
   }
   return spec as ClusterSpec & { akash: AkashSpec };
@@ -229,6 +230,8 @@ export async function commandAkashSim(args: string[]): Promise<number> {
   const port = values.port === undefined ? 26657 : Number(values.port);
   if (!Number.isInteger(port) || port < 0 || port > 65_535) throw new SpecError(`--port ${values.port}: expected a port number (0 = any free port)`);
   const blockTimeMs = values["block-time"] === undefined ? undefined : parseDuration(values["block-time"], "--block-time");
+  const { defaultSimulatedMarket } = await import("./simulator/default-market.js");
+  const { AkashSimulator } = await import("./simulator/akash-simulator.js");
   const market = values.providers === undefined ? defaultSimulatedMarket() : await loadProviders(resolve(values.providers));
   const walletFile = resolve(values.wallet ?? join(dirname(StateDirectory.defaultRoot()), "akash-sim-wallet"));
   const wallet = await simulatorWallet(walletFile);
@@ -267,29 +270,3 @@ export async function commandAkashSim(args: string[]): Promise<number> {
   return 0;
 }
 
-/** How many nodes `drover up` waits for, and for how long (Akash: bid windows, then container starts). */
-export function upExpectations(spec: ClusterSpec, expectedNodes: number): { nodes: number; deadlineMs: number } {
-  if (spec.akash === undefined) return { nodes: expectedNodes, deadlineMs: 60_000 };
-  const asksPerGroup = 4 + (spec.akash.priceSteps ?? 4) * 2;
-  return { nodes: expectedNodes, deadlineMs: spec.akash.groups.length * asksPerGroup * spec.akash.bidWindowMs + spec.akash.leaseReadyTimeoutMs + 60_000 };
-}
-
-/** A short line on the market's progress from the head's lease ledger, for `drover up`. */
-export async function akashProgress(state: StateDirectory, sinceMs = 0): Promise<string> {
-  let text: string;
-  try {
-    text = await readFile(state.path(LEASE_LEDGER_FILE), "utf8");
-  } catch {
-    return "";
-  }
-  const entries = text.split("\n").filter((line) => line.trim() !== "").flatMap((line) => {
-    try {
-      return [JSON.parse(line) as LedgerEntry];
-    } catch {
-      return [];
-    }
-  });
-  // The ledger outlives heads; only this head's transactions are its progress.
-  const count = (op: string) => entries.filter((entry) => entry.kind === "intent" && entry.atMs >= sinceMs && entry.operation.op === op).length;
-  return `; ${count("create-deployment")} ask(s) posted, ${count("close-deployment")} closed, ${count("create-lease")} lease(s)`;
-}

@@ -4,12 +4,12 @@ import { join } from "node:path";
 import { DirectSecp256k1HdWallet } from "@cosmjs/proto-signing";
 import { parseAkashGroups, type AkashGroupInput } from "@drover/sdl";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { AkashSimulator } from "../akash-simulator/akash-simulator.js";
-import type { SimulatedProviderConfig } from "../akash-simulator/simulated-provider.js";
-import { ProvisionError } from "../errors.js";
-import { LeaseLedger } from "../lease-ledger.js";
-import { silentLogger, type Logger } from "../logger.js";
-import { StateDirectory } from "../state-store.js";
+import { AkashSimulator } from "./simulator/akash-simulator.js";
+import type { SimulatedProviderConfig } from "./simulator/simulated-provider.js";
+import { ProvisionError } from "../../errors.js";
+import { LeaseLedger } from "./lease-ledger.js";
+import { silentLogger, type Logger } from "../../logger.js";
+import { StateDirectory } from "../../state-store.js";
 import { AkashProvisioner, BlockTimeEstimate, akashBackend, planTopUp, resolveAkashMnemonic, type AkashProvisionerConfig } from "./akash-provisioner.js";
 
 const A100_PROVIDER = "akash18ga02jzaq8cw52anyhzkwta5wygufgu6zsz6xc";
@@ -78,9 +78,14 @@ describe("AkashProvisioner against the simulator", () => {
     const sim = await start(providers);
     const akash = provisioner(sim);
     const nodes = await akash.provision(context());
-    expect(nodes.map((node) => [node.nodeName, node.group])).toEqual([
-      ["a100-0", "a100"], ["a100-1", "a100"], ["rtx8000-0", "rtx8000"], ["rtx8000-1", "rtx8000"],
+    expect(nodes.map((node) => [node.id.replace(/-\d+-(\d+)$/, "-$1"), node.group])).toEqual([
+      ["a100-leader-0", "a100"], ["a100-worker-0", "a100"], ["rtx8000-leader-0", "rtx8000"], ["rtx8000-worker-0", "rtx8000"],
     ]);
+    // Each group's leader publishes its bridge: the port the provider forwards to 7447.
+    for (const node of nodes) {
+      expect(node.ports).toEqual(node.id.includes("-leader-") ? [{ name: "bridge", inside: 7447, outside: expect.stringMatching(/^127\.0\.0\.1:\d+$/) }] : []);
+    }
+    expect(await akash.nodes()).toEqual(nodes);
     const books = sim.chain.books(owner);
     expect(books.leases.map((lease) => [lease.provider, lease.nodes, lease.gpusPerNode])).toEqual([[A100_PROVIDER, 2, 8], [RTX_PROVIDER, 2, 4]]);
     // Probes and grow asks were closed; only the leased deployments remain.
@@ -132,7 +137,7 @@ describe("AkashProvisioner against the simulator", () => {
     expect(leased).toHaveLength(1);
     process.env.DROVER_AKASH_MNEMONIC = mnemonic;
     try {
-      const reaped = await akashBackend(() => { throw new Error("reap needs no spec"); }).reap(state, silentLogger, AbortSignal.timeout(10_000));
+      const reaped = await akashBackend.reap(state, silentLogger, AbortSignal.timeout(10_000));
       expect(reaped).toContain(`akash deployment ${leased[0]}`);
     } finally {
       delete process.env.DROVER_AKASH_MNEMONIC;

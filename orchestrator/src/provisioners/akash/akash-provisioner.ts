@@ -11,18 +11,24 @@
 
 import { readFile } from "node:fs/promises";
 import { manifestToSortedJSON } from "@akashnetwork/chain-sdk";
-import { buildManifest, deploymentVersion, renderGroupSdlYaml, type CompiledAkashGroup } from "@drover/sdl";
-import type { ClusterSpec } from "../cluster-spec.js";
-import { ProvisionError } from "../errors.js";
-import { LeaseLedger, reconcile, type LedgerOperation, type ReconcileDecision } from "../lease-ledger.js";
-import type { Logger } from "../logger.js";
-import { AkashChainClient, INSUFFICIENT_FUNDS_CODE, type ChainBid, type DeploymentEscrow } from "../market/akash-chain-client.js";
-import { parseDecimal } from "../market/decimal-price.js";
-import { BidStrategy, type Placement } from "../market/bid-strategy.js";
-import type { ProviderAdvertisement } from "../market/market-observations.js";
-import type { StateDirectory } from "../state-store.js";
-import { freeLoopbackPort } from "./local-provisioner.js";
-import type { ProvisionContext, ProvisionedNode, Provisioner, ProvisionerBackend } from "./provisioner.js";
+import { buildManifest, deploymentVersion, renderGroupSdlYaml, serviceName, type CompiledAkashGroup } from "@drover/sdl";
+import { ProvisionError } from "../../errors.js";
+import { LeaseLedger, ledgerProgress, reconcile, type LedgerOperation, type ReconcileDecision } from "./lease-ledger.js";
+import type { Logger } from "../../logger.js";
+import { AkashChainClient, INSUFFICIENT_FUNDS_CODE, type ChainBid, type DeploymentEscrow } from "./market/akash-chain-client.js";
+import { parseDecimal } from "./market/decimal-price.js";
+import { BidStrategy, type Placement } from "./market/bid-strategy.js";
+import type { ProviderAdvertisement } from "./market/market-observations.js";
+import type { StateDirectory } from "../../state-store.js";
+import { akashSpecSchema } from "./akash-spec.js";
+import { freeLoopbackPort } from "../local/local-provisioner.js";
+import { BRIDGE_PORT_NAME, type BackendContext, type NodePort, type NodeRecord, type Provisioner, type ProvisionerBackend } from "../provisioner.js";
+
+/** What one provisioning pass needs: the head's address and token, where to record, and its signal. */
+export type AkashProvisionContext = Pick<BackendContext, "headAddress" | "joinToken" | "agentEnv" | "state" | "logger"> & { readonly signal: AbortSignal };
+
+/** The cross-group bridge's port inside every Akash container, exposed globally (the provider forwards a random external port to it). */
+export const AKASH_BRIDGE_PORT = 7447;
 
 export interface AkashProvisionerConfig {
   readonly groups: readonly CompiledAkashGroup[];
@@ -78,6 +84,12 @@ export interface AkashLeaseRecord {
   readonly nodes: number;
   readonly handle: string;
 }
+/** What a provider's lease status says (the parts read here). */
+interface LeaseStatus {
+  services?: Record<string, { available: number; total: number }>;
+  forwarded_ports?: Record<string, Array<{ host: string; port: number; externalPort: number }>>;
+}
+
 const DEFAULT_POLL_INTERVAL_MS = 3_000;
 const DEFAULT_LEASE_READY_TIMEOUT_MS = 15 * 60_000;
 const DEFAULT_MASTER_PORT = 29_500;
@@ -96,21 +108,74 @@ export async function resolveAkashMnemonic(env: NodeJS.ProcessEnv = process.env)
   throw new ProvisionError("no Akash wallet: set DROVER_AKASH_MNEMONIC or DROVER_AKASH_MNEMONIC_FILE", false);
 }
 
+/** One lease the provisioner holds, with the nodes (service replicas) it runs. */
+interface HeldLease {
+  readonly record: AkashLeaseRecord;
+  readonly nodes: NodeRecord[];
+}
+
 export class AkashProvisioner implements Provisioner {
   readonly name = "akash";
   private readonly now: () => number;
   private dseqCounter = 0;
   private keeper: EscrowKeeper | undefined;
+  /** Whether this head has settled what an earlier head of the state directory left. */
+  private settled = false;
+  private readonly held: HeldLease[] = [];
 
   constructor(
     private readonly config: AkashProvisionerConfig,
     private readonly mnemonic: () => Promise<string> = () => resolveAkashMnemonic(),
+    private readonly context?: BackendContext,
   ) {
     this.now = config.now ?? Date.now;
   }
 
-  expectedNodes(): number {
-    return this.config.groups.reduce((sum, group) => sum + group.nodes, 0);
+  private requireContext(): BackendContext {
+    if (this.context === undefined) throw new ProvisionError("akash: created without a head context", false);
+    return this.context;
+  }
+
+  /** One market pass for `count` nodes of `group` (a replacement asks for what it replaces). */
+  async launch(groupName: string, count: number, signal: AbortSignal): Promise<NodeRecord[]> {
+    const group = this.config.groups.find((candidate) => candidate.name === groupName);
+    if (group === undefined) throw new ProvisionError(`akash: no group named ${groupName}`, false, { group: groupName });
+    const context = this.requireContext();
+    return this.leaseGroups([{ ...group, nodes: count }], { ...context, signal });
+  }
+
+  /**
+   * The nodes of the leases this head holds. A closed lease is noticed through its nodes'
+   * heartbeats (the registry), not here: reading the chain on every call would cost a
+   * connection per repair-loop pass.
+   */
+  async nodes(): Promise<NodeRecord[]> {
+    return this.held.flatMap((lease) => lease.nodes);
+  }
+
+  /** Closes the deployments that hold these nodes (a lease is the unit Akash releases). */
+  async terminate(nodeIds: readonly string[], signal: AbortSignal): Promise<void> {
+    const context = this.requireContext();
+    const closing = this.held.filter((lease) => lease.nodes.some((node) => nodeIds.includes(node.id)));
+    if (closing.length === 0) return;
+    const ledger = await LeaseLedger.open(context.state, { now: this.now });
+    const client = await this.connect(signal);
+    try {
+      for (const lease of closing) {
+        await closeQuietly(ledger, client, lease.record.dseq, `replacing node(s) ${nodeIds.join(", ")}`, context.logger, signal);
+        this.held.splice(this.held.indexOf(lease), 1);
+      }
+    } finally {
+      client.disconnect();
+    }
+    await context.state.writeJson(AKASH_LEASES_FILE, this.held.map((lease) => lease.record));
+    this.restartKeeper(ledger, context.logger, signal);
+  }
+
+  async close(signal: AbortSignal): Promise<void> {
+    const context = this.requireContext();
+    await this.shutdown({ state: context.state, logger: context.logger, signal });
+    this.held.length = 0;
   }
 
   async allocateMasterPort(nodeAddress: string): Promise<number> {
@@ -120,46 +185,61 @@ export class AkashProvisioner implements Provisioner {
     return this.config.masterPort ?? DEFAULT_MASTER_PORT;
   }
 
-  async provision(context: ProvisionContext): Promise<ProvisionedNode[]> {
+  /** Leases every group of the config in one market (tests, and the head's first pass). */
+  async provision(context: AkashProvisionContext): Promise<NodeRecord[]> {
+    return this.leaseGroups(this.config.groups, context);
+  }
+
+  private async leaseGroups(groups: readonly CompiledAkashGroup[], context: AkashProvisionContext): Promise<NodeRecord[]> {
     const { signal, logger } = context;
-    await context.state.writeJson(AKASH_CONNECTION_FILE, { rpcUrl: this.config.rpcUrl, gasPrice: this.config.gasPrice, pollIntervalMs: this.config.broadcastPollIntervalMs });
     const ledger = await LeaseLedger.open(context.state, { now: this.now });
     const client = await this.connect(signal);
     try {
-      // A previous head of this state directory may have left deployments behind.
-      await settleLedger(ledger, client, logger, signal, { closeAdopted: true });
-      await context.state.writeJson(AKASH_LEASES_FILE, []);
-      const placements = await this.runMarket(ledger, client, context);
-      const nodes: ProvisionedNode[] = [];
-      const records: AkashLeaseRecord[] = [];
+      if (!this.settled) {
+        await context.state.writeJson(AKASH_CONNECTION_FILE, { rpcUrl: this.config.rpcUrl, gasPrice: this.config.gasPrice, pollIntervalMs: this.config.broadcastPollIntervalMs });
+        // A previous head of this state directory may have left deployments behind.
+        await settleLedger(ledger, client, logger, signal, { closeAdopted: true });
+        await context.state.writeJson(AKASH_LEASES_FILE, []);
+        this.settled = true;
+      }
+      const placements = await this.runMarket(groups, ledger, client, context);
+      const nodes: NodeRecord[] = [];
       for (const placement of placements) {
         const started = await this.startGroup(placement, client, context);
         nodes.push(...started);
-        records.push({
+        const record: AkashLeaseRecord = {
           group: placement.part.name, wanted: placement.wanted, dseq: placement.dseq, provider: placement.provider,
           price: placement.price, denom: placement.part.maxPrice.denom, nodes: placement.part.nodes, handle: started[0]?.handle ?? "",
-        });
-        await context.state.writeJson(AKASH_LEASES_FILE, records);
+        };
+        this.held.push({ record, nodes: started });
+        await context.state.writeJson(AKASH_LEASES_FILE, this.held.map((lease) => lease.record));
       }
-      if (this.config.escrow !== false) {
-        await this.keeper?.stop();
-        this.keeper = new EscrowKeeper({
-          deployments: records.map((record) => ({ dseq: record.dseq, denom: record.denom })),
-          ledger,
-          logger: logger.child({ component: "escrow-keeper" }),
-          // Its own connection: the one of provision() closes below, and the keeper outlives it.
-          connect: (keeperSignal) => this.connect(keeperSignal),
-          options: { ...DEFAULT_ESCROW_KEEPER, ...(this.config.escrow ?? {}) },
-          signal,
-        });
-      }
+      this.restartKeeper(ledger, logger, signal);
       return nodes;
     } finally {
       client.disconnect();
     }
   }
 
-  async shutdown(context: Pick<ProvisionContext, "state" | "logger" | "signal">): Promise<void> {
+  /** (Re)starts the escrow keeper over every deployment held now. */
+  private restartKeeper(ledger: LeaseLedger, logger: Logger, signal: AbortSignal): void {
+    if (this.config.escrow === false) return;
+    const previous = this.keeper;
+    this.keeper = undefined;
+    void previous?.stop();
+    if (this.held.length === 0) return;
+    this.keeper = new EscrowKeeper({
+      deployments: this.held.map((lease) => ({ dseq: lease.record.dseq, denom: lease.record.denom })),
+      ledger,
+      logger: logger.child({ component: "escrow-keeper" }),
+      // Its own connection: the one of a launch closes with it, and the keeper outlives it.
+      connect: (keeperSignal) => this.connect(keeperSignal),
+      options: { ...DEFAULT_ESCROW_KEEPER, ...(this.config.escrow ?? {}) },
+      signal,
+    });
+  }
+
+  async shutdown(context: Pick<AkashProvisionContext, "state" | "logger" | "signal">): Promise<void> {
     // First the keeper: a top-up signed concurrently with the closes would race their sequences.
     await this.keeper?.stop();
     this.keeper = undefined;
@@ -184,9 +264,9 @@ export class AkashProvisioner implements Provisioner {
     });
   }
 
-  private async runMarket(ledger: LeaseLedger, client: AkashChainClient, context: ProvisionContext): Promise<Array<Placement & { dseq: string }>> {
+  private async runMarket(groups: readonly CompiledAkashGroup[], ledger: LeaseLedger, client: AkashChainClient, context: AkashProvisionContext): Promise<Array<Placement & { dseq: string }>> {
     const { signal, logger } = context;
-    const strategy = new BidStrategy(this.config.groups, {
+    const strategy = new BidStrategy(groups, {
       now: this.now,
       providers: await this.readAdvertisements(signal, logger),
       ...(this.config.bidWindowMs === undefined ? {} : { bidWindowMs: this.config.bidWindowMs }),
@@ -251,7 +331,7 @@ export class AkashProvisioner implements Provisioner {
   }
 
   /** Sends the manifest and waits until the provider runs every service of the group. */
-  private async startGroup(placement: Placement & { dseq: string }, client: AkashChainClient, context: ProvisionContext): Promise<ProvisionedNode[]> {
+  private async startGroup(placement: Placement & { dseq: string }, client: AkashChainClient, context: AkashProvisionContext): Promise<NodeRecord[]> {
     const { signal, logger } = context;
     const yaml = renderGroupSdlYaml(placement.part, { extraEnv: { DROVER_HEAD: context.headAddress, DROVER_JOIN_TOKEN: context.joinToken, ...context.agentEnv } });
     const body = manifestToSortedJSON(buildManifest(yaml).groups);
@@ -261,21 +341,31 @@ export class AkashProvisioner implements Provisioner {
     const sent = await providerRequest(`${hostUri}/deployment/${placement.dseq}/manifest`, { method: "PUT", body, jwt, signal });
     if (!sent.ok) throw new ProvisionError(`provider ${placement.provider} refused the manifest of ${placement.part.name} (HTTP ${sent.status})`, sent.status >= 500, { provider: placement.provider, dseq: placement.dseq });
     const deadline = this.now() + (this.config.leaseReadyTimeoutMs ?? DEFAULT_LEASE_READY_TIMEOUT_MS);
+    let forwarded: LeaseStatus["forwarded_ports"] = {};
     for (;;) {
       const status = await providerRequest(`${hostUri}/lease/${placement.dseq}/1/1/status`, { method: "GET", jwt, signal });
       if (status.ok) {
-        const services = Object.values((status.json as { services?: Record<string, { available: number; total: number }> }).services ?? {});
+        const services = Object.values((status.json as LeaseStatus).services ?? {});
+        forwarded = (status.json as LeaseStatus).forwarded_ports ?? {};
         if (services.length > 0 && services.every((service) => service.available >= service.total)) break;
       }
       if (this.now() >= deadline) throw new ProvisionError(`group ${placement.part.name} at ${placement.provider} did not start in time`, true, { dseq: placement.dseq });
       await sleep(this.config.pollIntervalMs ?? DEFAULT_POLL_INTERVAL_MS, signal);
     }
     logger.info("group running", { group: placement.part.name, dseq: placement.dseq, provider: placement.provider });
-    return Array.from({ length: placement.part.nodes }, (_, index) => ({
-      nodeName: `${placement.part.name}-${index}`,
-      group: placement.part.name,
-      handle: `akash:${placement.dseq}/1/1@${placement.provider}`,
-    }));
+    // Node ids are the names the agents register with: the provider's container names,
+    // <service>-<dseq>-<replica> (the simulator's fake runtime sets DROVER_NODE_NAME so).
+    const handle = `akash:${placement.dseq}/1/1@${placement.provider}`;
+    const lease = { provider: placement.provider, dseq: placement.dseq, price: placement.price };
+    const group = placement.part.name;
+    const leaderService = serviceName(group, "leader");
+    const bridge = (forwarded[leaderService] ?? []).find((port) => port.port === AKASH_BRIDGE_PORT);
+    const leaderPorts: NodePort[] = bridge ? [{ name: BRIDGE_PORT_NAME, inside: AKASH_BRIDGE_PORT, outside: `${bridge.host}:${bridge.externalPort}` }] : [];
+    const nodes: NodeRecord[] = [{ id: `${leaderService}-${placement.dseq}-0`, group, state: "running", address: "", ports: leaderPorts, lease, handle }];
+    for (let replica = 0; replica < placement.part.nodes - 1; replica++) {
+      nodes.push({ id: `${serviceName(group, "worker")}-${placement.dseq}-${replica}`, group, state: "running", address: "", ports: [], lease, handle });
+    }
+    return nodes;
   }
 
   private readAdvertisements(signal: AbortSignal, logger: Logger): Promise<ProviderAdvertisement[]> {
@@ -591,28 +681,35 @@ export function sleep(ms: number, signal: AbortSignal, options: { unref?: boolea
 }
 
 /**
- * Registration: `configOf` reads the Akash part of a cluster spec (the lead wires
- * `akash.groups` etc. into ClusterSpec). `reap` closes what a crashed head left, from the
- * state directory's ledger and connection file and the mnemonic in the environment.
+ * Registration. `reap` closes what a crashed head left, from the state directory's ledger
+ * and connection file and the mnemonic in the environment.
  */
-export function akashBackend(configOf: (spec: ClusterSpec) => AkashProvisionerConfig): ProvisionerBackend {
-  return {
-    create: (spec) => new AkashProvisioner(configOf(spec)),
-    async reap(state: StateDirectory, logger: Logger, signal: AbortSignal): Promise<string[]> {
-      const connection = await state.readJson<{ rpcUrl: string; gasPrice?: string; pollIntervalMs?: number }>(AKASH_CONNECTION_FILE);
-      if (connection === undefined) return [];
-      const before = await LeaseLedger.open(state);
-      const known = before.entries().length;
-      const openBefore = new Set(before.entries().filter((entry) => entry.kind === "intent" && entry.operation.op === "create-deployment").map((entry) => (entry.kind === "intent" ? entry.operation.dseq : "")));
-      const provisioner = new AkashProvisioner({ groups: [], rpcUrl: connection.rpcUrl, deposit: { amount: "0", denom: "uact" }, ...(connection.gasPrice ? { gasPrice: connection.gasPrice } : {}), ...(connection.pollIntervalMs ? { broadcastPollIntervalMs: connection.pollIntervalMs } : {}) });
-      await provisioner.shutdown({ state, logger, signal });
-      const after = await LeaseLedger.open(state);
-      // Only what this reap closed: a head that shut down cleanly already closed the rest.
-      return after
-        .entries()
-        .slice(known)
-        .filter((entry) => entry.kind === "intent" && entry.operation.op === "close-deployment" && openBefore.has(entry.operation.dseq))
-        .map((entry) => (entry.kind === "intent" ? `akash deployment ${entry.operation.dseq}` : ""));
-    },
-  };
-}
+export const akashBackend: ProvisionerBackend<typeof akashSpecSchema> = {
+  name: "akash",
+  specSchema: akashSpecSchema,
+  sharesFilesystem: false,
+  // Every group may need all its asks' bid windows, then its containers' start.
+  startDeadlineMs: (section) => section.groups.length * (4 + (section.priceSteps ?? 4) * 2) * section.bidWindowMs + section.leaseReadyTimeoutMs + 60_000,
+  progress: ledgerProgress,
+  create: (section, context) => new AkashProvisioner({
+    ...section,
+    // Inclusion is checked as often as bids: a second poll cadence would be one more knob.
+    broadcastPollIntervalMs: section.pollIntervalMs,
+  }, undefined, context),
+  async reap(state: StateDirectory, logger: Logger, signal: AbortSignal): Promise<string[]> {
+    const connection = await state.readJson<{ rpcUrl: string; gasPrice?: string; pollIntervalMs?: number }>(AKASH_CONNECTION_FILE);
+    if (connection === undefined) return [];
+    const before = await LeaseLedger.open(state);
+    const known = before.entries().length;
+    const openBefore = new Set(before.entries().filter((entry) => entry.kind === "intent" && entry.operation.op === "create-deployment").map((entry) => (entry.kind === "intent" ? entry.operation.dseq : "")));
+    const provisioner = new AkashProvisioner({ groups: [], rpcUrl: connection.rpcUrl, deposit: { amount: "0", denom: "uact" }, ...(connection.gasPrice ? { gasPrice: connection.gasPrice } : {}), ...(connection.pollIntervalMs ? { broadcastPollIntervalMs: connection.pollIntervalMs } : {}) });
+    await provisioner.shutdown({ state, logger, signal });
+    const after = await LeaseLedger.open(state);
+    // Only what this reap closed: a head that shut down cleanly already closed the rest.
+    return after
+      .entries()
+      .slice(known)
+      .filter((entry) => entry.kind === "intent" && entry.operation.op === "close-deployment" && openBefore.has(entry.operation.dseq))
+      .map((entry) => (entry.kind === "intent" ? `akash deployment ${entry.operation.dseq}` : ""));
+  },
+};

@@ -2,9 +2,9 @@ import { appendFile, mkdtemp, readFile, rm } from "node:fs/promises";
 import os from "node:os";
 import { join } from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { StateError } from "./errors.js";
+import { StateError } from "../../errors.js";
 import { LEASE_LEDGER_FILE, LeaseLedger, reconcile, type ChainView, type LedgerEntry } from "./lease-ledger.js";
-import { StateDirectory } from "./state-store.js";
+import { StateDirectory } from "../../state-store.js";
 
 const OWNER = "akash1owner";
 const PROVIDER = "akash1provider";

@@ -14,8 +14,8 @@
 import { open, readFile, truncate } from "node:fs/promises";
 import { mkdir } from "node:fs/promises";
 import { dirname } from "node:path";
-import { StateError } from "./errors.js";
-import type { StateDirectory } from "./state-store.js";
+import { StateError } from "../../errors.js";
+import type { StateDirectory } from "../../state-store.js";
 
 export const LEASE_LEDGER_FILE = "akash/lease-ledger.ndjson";
 const LEDGER_VERSION = 1;
@@ -288,4 +288,24 @@ export function reconcile(entries: readonly LedgerEntry[], chain: ChainView, opt
     decisions.push(options.closeForeign ? { action: "close-deployment", dseq, why: "not in the ledger, and the wallet is dedicated to this cluster" } : { action: "foreign-deployment", dseq });
   }
   return decisions;
+}
+
+/** A short clause on the market's progress from the head's lease ledger, for `drover up`. */
+export async function ledgerProgress(state: StateDirectory, sinceMs = 0): Promise<string> {
+  let text: string;
+  try {
+    text = await readFile(state.path(LEASE_LEDGER_FILE), "utf8");
+  } catch {
+    return "";
+  }
+  const entries = text.split("\n").filter((line) => line.trim() !== "").flatMap((line) => {
+    try {
+      return [JSON.parse(line) as LedgerEntry];
+    } catch {
+      return [];
+    }
+  });
+  // The ledger outlives heads; only this head's transactions are its progress.
+  const count = (op: string) => entries.filter((entry) => entry.kind === "intent" && entry.atMs >= sinceMs && entry.operation.op === op).length;
+  return `; ${count("create-deployment")} ask(s) posted, ${count("close-deployment")} closed, ${count("create-lease")} lease(s)`;
 }

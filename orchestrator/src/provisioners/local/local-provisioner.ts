@@ -4,11 +4,12 @@ import { mkdir, readdir, readFile } from "node:fs/promises";
 import net from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { localNodeCount, localNodeName, type ClusterSpec, type LocalGroup } from "../cluster-spec.js";
-import { PartialReapError, ProvisionError } from "../errors.js";
-import type { Logger } from "../logger.js";
-import { processAlive, processCommandLine, signalGroup, type StateDirectory } from "../state-store.js";
-import type { ProvisionContext, ProvisionedNode, Provisioner, ProvisionerBackend } from "./provisioner.js";
+import { PartialReapError, ProvisionError } from "../../errors.js";
+import type { Logger } from "../../logger.js";
+import { processAlive, processCommandLine, signalGroup, type StateDirectory } from "../../state-store.js";
+import type { BackendContext, NodeRecord, Provisioner, ProvisionerBackend } from "../provisioner.js";
+import { localNodeName, localSpecSchema, type LocalGroup, type LocalSpec } from "./local-spec.js";
+import { destroyNamespaces, GroupNetworks, isolationUnavailable, planGroupNetworks, type GroupNetwork, type GroupNetworkPlan } from "./local-group-network.js";
 
 interface LocalNodeRecord {
   nodeName: string;
@@ -17,6 +18,8 @@ interface LocalNodeRecord {
 }
 
 const NODES_FILE = "local-nodes.json";
+/** The network namespaces of isolated groups, so `drover down` can remove them after a crash. */
+const NETWORKS_FILE = "local-netns.json";
 const WORKER_MARKER = "drover-worker";
 
 /**
@@ -35,146 +38,246 @@ export function findWorkerProgram(): { program: string; args: string[] } {
   }
 }
 
-/** Abnormal exits of one node's agent that are answered with a fresh agent. */
-const MAX_RESPAWNS_PER_NODE = 5;
-const RESPAWN_DELAY_MS = 1_000;
+interface LocalNode {
+  readonly group: string;
+  readonly child: ChildProcess;
+  readonly pid: number;
+  /** Where the head reaches the node: loopback, or its namespace's end of the control link. */
+  readonly address: string;
+  state: "running" | "lost";
+  reason?: string;
+}
 
 /**
  * Local mode: N `drover-worker` processes on this machine, each a node with K CPU
  * ranks. Their pids go to the state directory before anything else can fail, so a
  * crashed head's workers can always be found and stopped (`drover down`). A worker that
- * dies (killed, crashed) is started again under the same node name, the local stand-in
- * for a cloud replacing a lost machine; the head then restarts the job on it.
+ * dies (killed, crashed) is reported lost; the head's repair loop terminates it and
+ * launches a replacement, which takes the lowest free name of its group (the same
+ * name), the local stand-in for a cloud replacing a lost machine.
  */
 export class LocalProvisioner implements Provisioner {
   readonly name = "local";
-  readonly sharesFilesystem = true;
-  private readonly children = new Map<string, ChildProcess>();
+  private readonly running = new Map<string, LocalNode>();
   private readonly records = new Map<string, LocalNodeRecord>();
-  private readonly respawns = new Map<string, number>();
-  /** Each node's group, for starting it again under the same name. */
-  private readonly groupOf = new Map<string, LocalGroup>();
+  private readonly listeners: Array<() => void> = [];
   private recordWrites: Promise<void> = Promise.resolve();
-  private context: ProvisionContext | undefined;
-  private stopping = false;
+  private closed = false;
+  /** Isolated groups' namespaces, made on the first launch; undefined inside when groups share loopback. */
+  private networks: Promise<GroupNetworks | undefined> | undefined;
 
-  constructor(private readonly spec: ClusterSpec) {}
+  constructor(private readonly spec: LocalSpec, private readonly context: BackendContext) {}
 
-  expectedNodes(): number {
-    return localNodeCount(this.spec);
+  onNodesChanged(listener: () => void): void {
+    this.listeners.push(listener);
   }
 
-  async provision(context: ProvisionContext): Promise<ProvisionedNode[]> {
-    this.context = context;
-    const nodes: ProvisionedNode[] = [];
-    for (const group of this.spec.local.groups) {
-      for (let index = 0; index < group.nodes; index++) {
-        context.signal.throwIfAborted();
-        const nodeName = localNodeName(group, index);
-        this.groupOf.set(nodeName, group);
-        const pid = await this.startNode(nodeName, context);
-        nodes.push({ nodeName, group: group.name, handle: `pid ${pid}` });
-      }
+  async launch(groupName: string, count: number, signal: AbortSignal): Promise<NodeRecord[]> {
+    const group = this.spec.groups.find((candidate) => candidate.name === groupName);
+    if (group === undefined) throw new ProvisionError(`local: no group named ${groupName}`, false, { group: groupName });
+    const started: NodeRecord[] = [];
+    for (let made = 0; made < count; made++) {
+      signal.throwIfAborted();
+      if (this.closed) throw new ProvisionError("local: the provisioner is closed", false);
+      let index = 0;
+      while (this.running.has(localNodeName(group.name, index))) index++;
+      const nodeName = localNodeName(group.name, index);
+      const networks = await this.groupNetworks(signal);
+      const pid = await this.startNode(nodeName, group, networks);
+      started.push(this.recordOf(nodeName, this.running.get(nodeName)!, pid));
     }
-    return nodes;
+    return started;
+  }
+
+  async nodes(): Promise<NodeRecord[]> {
+    return [...this.running.entries()].map(([nodeName, node]) => this.recordOf(nodeName, node, node.pid));
+  }
+
+  private recordOf(nodeName: string, node: LocalNode, pid: number): NodeRecord {
+    // Local workers report their own bridge address (they listen on a free port: on
+    // loopback, or on their group's wan address when groups are isolated).
+    return { id: nodeName, group: node.group, state: node.state, address: node.address, ports: [], handle: `pid ${pid}`, ...(node.reason ? { reason: node.reason } : {}) };
+  }
+
+  /**
+   * The isolated groups' namespaces (see local-group-network.ts), made once: with several
+   * groups and `isolateGroups` auto or true, when this machine can (root, `ip netns`,
+   * `tc`). The head and the embedded store, which listen on loopback, are forwarded to
+   * each group at the root end of its control link.
+   */
+  private groupNetworks(signal: AbortSignal): Promise<GroupNetworks | undefined> {
+    this.networks ??= (async () => {
+      const { isolateGroups, interGroupRate, groups } = this.spec;
+      if (isolateGroups === false || groups.length < 2) return undefined;
+      const unavailable = await isolationUnavailable();
+      if (unavailable) {
+        if (isolateGroups === true) throw new ProvisionError(`local.isolateGroups is true but groups cannot be isolated here: ${unavailable}`, false);
+        this.context.logger.warn("local groups share loopback (not isolated)", { reason: unavailable });
+        return undefined;
+      }
+      const plan = planGroupNetworks(this.context.state.root, groups.map((group) => group.name), interGroupRate);
+      await this.context.state.writeJson(NETWORKS_FILE, plan);
+      const networks = await GroupNetworks.create(plan, this.context.logger, signal);
+      for (const port of loopbackPorts(this.context)) await networks.forward(port);
+      return networks;
+    })();
+    return this.networks;
   }
 
   /** Starts one node's agent and records its pid before returning. */
-  private async startNode(nodeName: string, context: ProvisionContext): Promise<number> {
-    const { program, args: programArgs } = findWorkerProgram();
-    const group = this.groupOf.get(nodeName)!;
-    const stateDir = context.state.path("workers", nodeName);
+  private async startNode(nodeName: string, group: LocalGroup, networks: GroupNetworks | undefined): Promise<number> {
+    const worker = findWorkerProgram();
+    const network = networks?.group(group.name);
+    const { program, args: programArgs } = network ? GroupNetworks.command(network, worker.program, worker.args) : worker;
+    const { state, logger } = this.context;
+    const stateDir = state.path("workers", nodeName);
     await mkdir(stateDir, { recursive: true });
-    const logFd = openSync(context.state.path("workers", `${nodeName}.log`), "a");
+    // close() may have run meanwhile: a process spawned now would outlive the head.
+    if (this.closed) throw new ProvisionError("local: the provisioner is closed", false);
+    const logFd = openSync(state.path("workers", `${nodeName}.log`), "a");
     let child: ChildProcess;
     try {
       child = spawn(program, [
         ...programArgs,
-        "--head", context.headAddress,
+        "--head", network ? throughControlLink(this.context.headAddress, network) : this.context.headAddress,
         "--node-name", nodeName,
         "--group", group.name,
         "--slots", String(group.ranksPerNode),
         "--state-dir", stateDir,
         // A worker whose head vanished for good stops its trainers and exits by itself.
-        "--head-lost-timeout-ms", String(Math.max(60_000, this.spec.head.heartbeatTimeoutMs * 6)),
-        // The cross-group bridge on any free loopback port: local groups share this machine.
+        "--head-lost-timeout-ms", String(Math.max(60_000, this.context.heartbeatTimeoutMs * 6)),
+        // The cross-group bridge on any free port: on loopback when groups share this
+        // machine's, on the group's wan address when each group has a namespace.
         "--bridge-port", "0",
-        "--bridge-host", "127.0.0.1",
+        "--bridge-host", network ? network.wanAddress : "127.0.0.1",
       ], {
-        env: { ...process.env, ...context.agentEnv, DROVER_JOIN_TOKEN: context.joinToken },
+        env: { ...process.env, ...agentEnvFor(this.context.agentEnv, network), DROVER_JOIN_TOKEN: this.context.joinToken },
         stdio: ["ignore", logFd, logFd],
         detached: true,
       });
     } finally {
       closeSync(logFd);
     }
-    child.on("error", (error) => context.logger.error("local worker failed to start", { node: nodeName, error: error.message }));
+    child.on("error", (error) => logger.error("local worker failed to start", { node: nodeName, error: error.message }));
     if (child.pid === undefined) {
       throw new ProvisionError(`could not start ${program} for ${nodeName} (set DROVER_WORKER_BIN to the drover-worker program)`, false, { program });
     }
-    child.on("exit", (code, signal) => this.onExit(nodeName, child, code, signal));
-    this.children.set(nodeName, child);
+    const node: LocalNode = { group: group.name, child, pid: child.pid, state: "running", address: network ? network.controlAddress : "127.0.0.1" };
+    child.on("exit", (code, signal) => this.onExit(nodeName, node, code, signal));
+    this.running.set(nodeName, node);
     this.records.set(nodeName, { nodeName, pid: child.pid, stateDir });
-    await this.writeRecords(context.state);
-    context.logger.info("local worker started", { node: nodeName, pid: child.pid });
+    await this.writeRecords();
+    logger.info("local worker started", { node: nodeName, pid: child.pid });
     return child.pid;
   }
 
-  private writeRecords(state: StateDirectory): Promise<void> {
-    this.recordWrites = this.recordWrites.then(() => state.writeJson(NODES_FILE, [...this.records.values()]));
+  private writeRecords(): Promise<void> {
+    this.recordWrites = this.recordWrites.then(() => this.context.state.writeJson(NODES_FILE, [...this.records.values()]));
     return this.recordWrites;
   }
 
   /**
    * Exit 0 is a deliberate stop (SIGTERM, head gone for good) and exit 3 a refused join
-   * token, which a new agent would meet again; anything else is a dead node.
+   * token, which a new agent would meet again: the node is gone, not lost. Anything else
+   * is a lost node, for the repair loop to replace.
    */
-  private onExit(nodeName: string, child: ChildProcess, code: number | null, signal: NodeJS.Signals | null): void {
-    const context = this.context;
-    if (!context || this.stopping || context.signal.aborted || this.children.get(nodeName) !== child) return;
+  private onExit(nodeName: string, node: LocalNode, code: number | null, signal: NodeJS.Signals | null): void {
+    if (this.running.get(nodeName) !== node || this.closed) return;
     const how = signal ? `signal ${signal}` : `exit code ${code}`;
     if (code === 0 || code === 3) {
-      context.logger.info("local worker exited", { node: nodeName, how });
-      return;
+      this.context.logger.info("local worker exited", { node: nodeName, how });
+      this.running.delete(nodeName);
+    } else {
+      this.context.logger.warn("local worker died", { node: nodeName, how });
+      node.state = "lost";
+      node.reason = `its agent process ended (${how})`;
     }
-    const count = (this.respawns.get(nodeName) ?? 0) + 1;
-    if (count > MAX_RESPAWNS_PER_NODE) {
-      context.logger.error("local worker died again; not starting it any more", { node: nodeName, how, respawns: MAX_RESPAWNS_PER_NODE });
-      return;
-    }
-    this.respawns.set(nodeName, count);
-    context.logger.warn("local worker died; starting it again", { node: nodeName, how, respawn: count, of: MAX_RESPAWNS_PER_NODE });
-    const timer = setTimeout(() => {
-      if (this.stopping || context.signal.aborted) return;
-      this.startNode(nodeName, context).catch((error: Error) => context.logger.error("could not start the local worker again", { node: nodeName, error: error.message }));
-    }, RESPAWN_DELAY_MS);
-    timer.unref();
+    for (const listener of this.listeners) listener();
   }
 
-  async shutdown(context: Pick<ProvisionContext, "state" | "logger" | "signal">): Promise<void> {
-    this.stopping = true;
-    const exits = [...this.children.entries()].map(([nodeName, child]) => new Promise<void>((resolve) => {
-      if (child.exitCode !== null || child.signalCode !== null) return resolve();
-      child.once("exit", () => resolve());
-      try {
-        child.kill("SIGTERM");
-      } catch {
-        resolve();
-      }
-      context.logger.info("stopping local worker", { node: nodeName });
-    }));
-    const graceMs = 15_000;
-    await Promise.race([Promise.all(exits), new Promise((resolve) => setTimeout(resolve, graceMs).unref())]);
+  async terminate(nodeIds: readonly string[]): Promise<void> {
+    const stopping = nodeIds.flatMap((id) => {
+      const node = this.running.get(id);
+      if (node === undefined) return [];
+      this.running.delete(id);
+      return [{ id, node }];
+    });
+    await Promise.all(stopping.map(({ id, node }) => stopChild(id, node.child, this.context.logger)));
+    for (const { id } of stopping) this.records.delete(id);
+    await this.writeRecords();
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    const exits = [...this.running.entries()].map(([nodeName, node]) => stopChild(nodeName, node.child, this.context.logger));
+    await Promise.all(exits);
     await this.recordWrites.catch(() => undefined);
     // Whatever did not stop in time (and any trainer it left) is killed from the records.
-    await reapLocalNodes(context.state, context.logger);
-    this.children.clear();
+    await reapLocalNodes(this.context.state, this.context.logger);
+    this.running.clear();
     this.records.clear();
+    const networks = await this.networks?.catch(() => undefined);
+    await networks?.destroy();
   }
 
   allocateMasterPort(): Promise<number> {
     return freeLoopbackPort();
   }
+}
+
+/** SIGTERM to a worker's process group; resolves when it exited or after a grace period (the reaper then kills what is left). */
+function stopChild(nodeName: string, child: ChildProcess, logger: Logger): Promise<void> {
+  return new Promise<void>((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) return resolve();
+    const timer = setTimeout(resolve, 15_000);
+    timer.unref();
+    child.once("exit", () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    logger.info("stopping local worker", { node: nodeName });
+    try {
+      child.kill("SIGTERM");
+    } catch {
+      resolve();
+    }
+  });
+}
+
+/** Loopback ports of the head's services a node needs: the control plane, and the embedded store when there is one. */
+function loopbackPorts(context: BackendContext): number[] {
+  const ports = new Set<number>();
+  const head = /^(?:127\.0\.0\.1|localhost):(\d+)$/.exec(context.headAddress);
+  if (head) ports.add(Number(head[1]));
+  const endpoint = storageEndpoint(context.agentEnv);
+  if (endpoint && ["127.0.0.1", "localhost"].includes(endpoint.hostname)) ports.add(Number(endpoint.port || 80));
+  return [...ports];
+}
+
+function storageEndpoint(agentEnv: Readonly<Record<string, string>>): URL | undefined {
+  const text = agentEnv.DROVER_STORAGE_CONFIG;
+  if (!text) return undefined;
+  try {
+    const endpoint = (JSON.parse(text) as { store?: { endpoint?: string } }).store?.endpoint;
+    return endpoint ? new URL(endpoint) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** host:port of a loopback service as a namespaced group reaches it (its forwarder). */
+function throughControlLink(address: string, network: GroupNetwork): string {
+  return address.replace(/^(?:127\.0\.0\.1|localhost):/, `${network.rootAddress}:`);
+}
+
+/** The agents' environment, the store's loopback endpoint pointed at the group's forwarder. */
+function agentEnvFor(agentEnv: Readonly<Record<string, string>>, network: GroupNetwork | undefined): Record<string, string> {
+  const endpoint = storageEndpoint(agentEnv);
+  if (!network || !endpoint || !["127.0.0.1", "localhost"].includes(endpoint.hostname)) return { ...agentEnv };
+  const config = JSON.parse(agentEnv.DROVER_STORAGE_CONFIG!) as { store: { endpoint: string } };
+  endpoint.hostname = network.rootAddress;
+  config.store.endpoint = endpoint.toString().replace(/\/$/, "");
+  return { ...agentEnv, DROVER_STORAGE_CONFIG: JSON.stringify(config) };
 }
 
 /** A port free on loopback right now (the rendezvous binds it moments later). */
@@ -236,7 +339,13 @@ export async function reapLocalNodes(state: StateDirectory, logger: Logger): Pro
     }
   }
   if (records.length > 0 || unreadable) await state.writeJson(NODES_FILE, []);
-  const stopped = live.map((target) => `${target.what} (pid ${target.pid})`);
+  // Isolated groups' namespaces (and with them every veth and tbf) go last, with the processes in them gone.
+  const plan = await state.readJson<GroupNetworkPlan>(NETWORKS_FILE).catch(() => undefined);
+  if (plan?.wanNamespace && Array.isArray(plan.groups)) {
+    for (const namespace of await destroyNamespaces(plan)) live.push({ pid: 0, what: `network namespace ${namespace}` });
+    await state.writeJson(NETWORKS_FILE, {});
+  }
+  const stopped = live.map((target) => (target.pid ? `${target.what} (pid ${target.pid})` : target.what));
   if (unreadable) throw new PartialReapError(unreadable.message, stopped, { cause: unreadable });
   return stopped;
 }
@@ -289,7 +398,11 @@ async function processEnvironment(pid: number): Promise<string> {
   }
 }
 
-export const localBackend: ProvisionerBackend = {
-  create: (spec) => new LocalProvisioner(spec),
+export const localBackend: ProvisionerBackend<typeof localSpecSchema> = {
+  name: "local",
+  specSchema: localSpecSchema,
+  defaultSection: {},
+  sharesFilesystem: true,
+  create: (section, context) => new LocalProvisioner(section, context),
   reap: (state, logger) => reapLocalNodes(state, logger),
 };

@@ -27,7 +27,7 @@ import { DirectSecp256k1HdWallet, type EncodeObject, type GeneratedType } from "
 import { GasPrice, QueryClient, calculateFee, type StdFee } from "@cosmjs/stargate";
 import { connectComet, type CometClient } from "@cosmjs/tendermint-rpc";
 import { registerSecretValue } from "@drover/storage";
-import { ProvisionError } from "../errors.js";
+import { ProvisionError } from "../../../errors.js";
 import { formatDecimal, parseDecimal } from "./decimal-price.js";
 
 type StargateTxClient = ReturnType<typeof createStargateClient>;

@@ -1,6 +1,6 @@
 import { parseAkashGroups, type AkashGroupInput, type CompiledAkashGroup } from "@drover/sdl";
 import { describe, expect, it } from "vitest";
-import { SimulatedProvider, askFromGroup, type SimulatedProviderConfig } from "../akash-simulator/simulated-provider.js";
+import { SimulatedProvider, askFromGroup, type SimulatedProviderConfig } from "../simulator/simulated-provider.js";
 import { BidStrategy, describeDiagnosis, type BidAction, type BidStrategyOptions, type NoBidDiagnosis } from "./bid-strategy.js";
 import { compareDecimal } from "./decimal-price.js";
 

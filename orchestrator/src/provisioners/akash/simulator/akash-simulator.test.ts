@@ -5,7 +5,7 @@ import { TxRaw } from "@akashnetwork/chain-sdk/private-types/cosmos.v1beta1";
 import { DirectSecp256k1HdWallet } from "@cosmjs/proto-signing";
 import { buildManifest, deploymentVersion, parseAkashGroups, renderGroupSdlYaml } from "@drover/sdl";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { ProvisionError } from "../errors.js";
+import { ProvisionError } from "../../../errors.js";
 import { AkashChainClient } from "../market/akash-chain-client.js";
 import { AkashSimulator } from "./akash-simulator.js";
 
@@ -74,7 +74,10 @@ describe("Akash simulator through chain-sdk's tx client", () => {
     const status = await fetch(`${hostUri}/lease/1002/1/1/status`, { headers: { authorization: `Bearer ${jwt}` }, signal });
     expect(status.status).toBe(200);
     const body = (await status.json()) as { forwarded_ports: Record<string, Array<{ port: number; externalPort: number }>> };
-    expect(body.forwarded_ports["a100-leader"]).toEqual([expect.objectContaining({ port: 7077, externalPort: expect.any(Number) })]);
+    expect(body.forwarded_ports["a100-leader"]).toEqual([
+      expect.objectContaining({ port: 7077, externalPort: expect.any(Number) }),
+      expect.objectContaining({ port: 7447, externalPort: expect.any(Number) }),
+    ]);
 
     await client.broadcast(await client.sign([client.depositMessage("1002", { amount: "1000000", denom: "uact" })], signal), signal);
     // The lease draws its 800 per block from the escrow (at least the lease's and the deposit's blocks).
@@ -270,7 +273,7 @@ describe("the fake container runtime", () => {
     const put = await fetch(`${url}/deployment/${dseq}/manifest`, { method: "PUT", body: manifestToSortedJSON(groups), headers: { authorization: `Bearer ${jwt}` }, signal });
     expect(put.status).toBe(200);
     const status = await fetch(`${url}/lease/${dseq}/1/1/status`, { headers: { authorization: `Bearer ${jwt}` }, signal });
-    return (await status.json()) as { services: Record<string, { available: number; total: number }> };
+    return (await status.json()) as { services: Record<string, { available: number; total: number }>; forwarded_ports: Record<string, Array<{ port: number; externalPort: number }>> };
   }
 
   async function books(): Promise<{ deployments: unknown[]; leases: unknown[]; containers: Array<{ node: string; pid: number; running: boolean; dseq: string }> }> {
@@ -294,6 +297,10 @@ describe("the fake container runtime", () => {
     expect(environ).toEqual(expect.arrayContaining(["DROVER_NODE_NAME=a100-leader-2001-0", "DROVER_GROUP=a100", "DROVER_JOIN_TOKEN=join-secret", "DROVER_SLOTS=8", "DROVER_ADVERTISE_ADDRESS=127.0.0.1"]));
     expect(environ.some((entry) => entry.startsWith("DROVER_STATE_DIR=") && entry.includes("a100-leader-2001-0"))).toBe(true);
     expect(environ.some((entry) => entry.startsWith("DROVER_AKASH_MNEMONIC"))).toBe(false);
+    // The SDL's bridge port (7447) is a real loopback port per container here, reported as the forwarded one.
+    const bridgePort = Number(environ.find((entry) => entry.startsWith("DROVER_BRIDGE_PORT="))!.split("=")[1]);
+    expect(bridgePort).not.toBe(7447);
+    expect(status.forwarded_ports["a100-leader"]).toContainEqual(expect.objectContaining({ port: 7447, externalPort: bridgePort }));
 
     const lost = await fetch(`${runtimeSimulator.rpcUrl}/simulator/lose-lease?owner=${owner}&dseq=2001`, { method: "POST", signal });
     expect(lost.status).toBe(200);

@@ -11,6 +11,9 @@
 //   its own disk    -> DROVER_STATE_DIR, a fresh temporary directory per container
 //   its leased GPUs -> DROVER_SLOTS=<GPUs per node> (one CPU rank per GPU it would have)
 //   its pod address -> DROVER_ADVERTISE_ADDRESS=127.0.0.1 (all fake containers share loopback)
+//   its own ports   -> DROVER_BRIDGE_PORT=<a free loopback port> instead of the SDL's 7447
+//                      (which every container could use in its own network namespace);
+//                      lease status reports that real port as the bridge's forwarded port
 //   the image       -> this checkout's drover-worker and its .venv (python for trainers)
 // Stopping a container kills its process group, then whatever trainers it recorded (they
 // run in process groups of their own; a real container's cgroup would take them along).
@@ -21,8 +24,8 @@ import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { findWorkerProgram } from "../provisioners/local-provisioner.js";
-import { signalGroup } from "../state-store.js";
+import { findWorkerProgram, freeLoopbackPort } from "../../local/local-provisioner.js";
+import { signalGroup } from "../../../state-store.js";
 
 /** The parts of a manifest service (akash.manifest.v2beta3.Service, as JSON) the fake reads. */
 export interface ManifestServiceJson {
@@ -53,6 +56,8 @@ interface FakeContainer {
   readonly info: Omit<FakeContainerInfo, "running">;
   readonly child: ChildProcess;
   readonly stateDir: string;
+  /** Exposed port inside the container -> the port its process really listens on (loopback). */
+  readonly forwarded: ReadonlyMap<number, number>;
   started: boolean;
   exited: boolean;
   readonly exitedPromise: Promise<void>;
@@ -60,7 +65,7 @@ interface FakeContainer {
 
 /** Host variables a process needs to run at all; nothing else of the simulator's environment (a wallet mnemonic, say) leaks in. */
 const HOST_ENV = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR"] as const;
-const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
+const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..", "..", "..", "..");
 
 export interface FakeContainerRuntimeOptions {
   /** Directory for container state and logs; default a new temporary directory, removed on stop. */
@@ -97,12 +102,17 @@ export class FakeContainerRuntime {
       for (let replica = 0; replica < service.count; replica += 1) {
         const node = `${service.name}-${lease.dseq}-${replica}`;
         const stateDir = await mkdtemp(join(this.root, `${node}-`));
+        // Containers have a network namespace each, so every agent's bridge may listen on the
+        // SDL's DROVER_BRIDGE_PORT; here they share loopback, so each gets a port of its own,
+        // and that real port is what lease status reports as the forwarded one.
+        const bridgeInside = Number(envOf(service).DROVER_BRIDGE_PORT);
+        const bridgeListen = Number.isInteger(bridgeInside) && bridgeInside > 0 ? await freeLoopbackPort() : undefined;
         const logFile = join(this.root, `${node}.log`);
         const logFd = openSync(logFile, "a");
         let child: ChildProcess;
         try {
           child = spawn(program, args, {
-            env: containerEnv(service, { node, stateDir, group: group.name }),
+            env: { ...containerEnv(service, { node, stateDir, group: group.name }), ...(bridgeListen === undefined ? {} : { DROVER_BRIDGE_PORT: String(bridgeListen), DROVER_BRIDGE_HOST: "127.0.0.1" }) },
             stdio: ["ignore", logFd, logFd],
             // Its own process group, so that stopping the container stops all of it.
             detached: true,
@@ -112,6 +122,7 @@ export class FakeContainerRuntime {
         }
         const container: FakeContainer = {
           info: { lease: key, owner: lease.owner, dseq: lease.dseq, service: service.name, node, pid: child.pid ?? -1, logFile },
+          forwarded: bridgeListen === undefined ? new Map() : new Map([[bridgeInside, bridgeListen]]),
           child,
           stateDir,
           started: false,
@@ -133,6 +144,15 @@ export class FakeContainerRuntime {
         this.history.push(container);
       }
     }
+  }
+
+  /**
+   * The host port that reaches `port` of `service` from outside (Akash forwards one per
+   * exposed global port): the first replica's real listening port, when the runtime
+   * assigned one; undefined otherwise.
+   */
+  forwardedPort(lease: { owner: string; dseq: string; gseq: number; oseq: number; provider: string }, service: string, port: number): number | undefined {
+    return (this.leases.get(leaseKey(lease)) ?? []).find((container) => container.info.service === service)?.forwarded.get(port);
   }
 
   /** Replicas of `service` in this lease whose process is running. */
@@ -201,10 +221,7 @@ function containerEnv(service: ManifestServiceJson, container: { node: string; s
   // The image would carry python and torch; here the checkout's virtual environment does.
   const venvBin = join(REPO_ROOT, ".venv", "bin");
   if (existsSync(join(venvBin, "python"))) env.PATH = `${venvBin}:${env.PATH ?? ""}`;
-  for (const entry of service.env ?? []) {
-    const equals = entry.indexOf("=");
-    if (equals > 0) env[entry.slice(0, equals)] = entry.slice(equals + 1);
-  }
+  Object.assign(env, envOf(service));
   const gpus = Number(service.resources?.gpu?.units?.val ?? "0");
   return {
     ...env,
@@ -214,6 +231,16 @@ function containerEnv(service: ManifestServiceJson, container: { node: string; s
     DROVER_SLOTS: String(Number.isInteger(gpus) && gpus > 0 ? gpus : 1),
     DROVER_ADVERTISE_ADDRESS: "127.0.0.1",
   };
+}
+
+/** The manifest's `KEY=value` env entries of a service, as a record. */
+function envOf(service: ManifestServiceJson): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const entry of service.env ?? []) {
+    const equals = entry.indexOf("=");
+    if (equals > 0) env[entry.slice(0, equals)] = entry.slice(equals + 1);
+  }
+  return env;
 }
 
 async function recordedTrainers(stateDir: string): Promise<number[]> {

@@ -140,7 +140,9 @@ export class ProviderServer {
         for (const expose of service.expose ?? []) {
           if (!expose.global) continue;
           const key = `${owner}/${dseq}/${gseq}/${service.name}/${expose.port}`;
-          const externalPort = this.externalPorts.get(key) ?? this.nextExternalPort++;
+          // A port the fake runtime really listens on is reported as itself (so the bridge
+          // can be dialled); any other gets a made-up external port, as a provider assigns.
+          const externalPort = this.runtime?.forwardedPort(lease, service.name, expose.port) ?? this.externalPorts.get(key) ?? this.nextExternalPort++;
           this.externalPorts.set(key, externalPort);
           (forwardedPorts[service.name] ??= []).push({ host: "127.0.0.1", port: expose.port, externalPort, proto: expose.proto, name: service.name, available: 1 });
         }

@@ -1,0 +1,126 @@
+// Two groups, one model, end to end: the real CLI, head, worker agents (their bridges)
+// and the AT-1 trainer with DiLoCo outer steps. Group alpha runs 2 ranks, group beta 1
+// (so their FSDP shardings differ); each is its own torch world, and every outer step
+// their leaders' agents average the pseudo-gradients over the bridge. After every outer
+// step both groups must hold the same outer parameters to the bit (sha256 printed by
+// each group's rank 0), validation loss must fall, and a run stopped after a checkpoint
+// and resumed must continue exactly as the uninterrupted run did. As root, each group
+// runs in a network namespace of its own (only the bridge and the control plane connect
+// them), with the link between them shaped by tbf.
+import { spawnSync } from "node:child_process";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { isolationUnavailable } from "@drover/orchestrator";
+import { repoRoot, runDrover } from "./drover-cli.js";
+
+const at1Dir = join(repoRoot, "examples", "at1");
+const python = join(repoRoot, ".venv", "bin", "python");
+
+let scratch: string;
+let dataDir: string;
+
+const drover = (stateDir: string, args: string[]) => runDrover(stateDir, args, 240_000);
+
+/** `[rank R] outer step K: ... checksum H` lines: global rank -> outer step -> checksum. */
+function outerChecksums(stdout: string): Map<number, Map<number, string>> {
+  const byRank = new Map<number, Map<number, string>>();
+  for (const match of stdout.matchAll(/^\[rank (\d+)\] outer step (\d+): .*checksum ([0-9a-f]{16})/gm)) {
+    const rank = Number(match[1]);
+    const steps = byRank.get(rank) ?? new Map<number, string>();
+    steps.set(Number(match[2]), match[3]!);
+    byRank.set(rank, steps);
+  }
+  return byRank;
+}
+
+interface Point { rank: number; step: number; attempt: number; loss?: number; val_loss?: number }
+
+async function metrics(stateDir: string, jobId: string): Promise<Point[]> {
+  await new Promise((resolveDelay) => setTimeout(resolveDelay, 500)); // metric appends are asynchronous
+  return (await readFile(join(stateDir, "jobs", jobId, "metrics.ndjson"), "utf8")).split("\n").filter(Boolean).map((line) => JSON.parse(line) as Point);
+}
+
+const STEPS = 16;
+const trainArgs = (extra: string[]) => ["--working-dir", at1Dir, "--", "python", "train.py",
+  "--config", "tiny", "--data", dataDir, "--steps", String(STEPS), "--batch-size", "8", "--warmup-steps", "4", "--lr", "2e-3",
+  "--outer-every", "4", "--ckpt-every", "8", "--val-every", "8", "--val-samples", "32", "--log-every", "1", ...extra];
+
+describe("two local groups train one model through the bridge", { timeout: 600_000 }, () => {
+  beforeAll(async () => {
+    scratch = await mkdtemp(join(os.tmpdir(), "drover-outer-"));
+    dataDir = join(scratch, "data");
+    const made = spawnSync(python, ["make_synthetic_shards.py", "--out", dataDir, "--train-samples", "512", "--val-samples", "64", "--samples-per-shard", "64"], { cwd: at1Dir, encoding: "utf8" });
+    expect(made.status, made.stderr).toBe(0);
+  });
+  afterAll(async () => {
+    await rm(scratch, { recursive: true, force: true });
+  });
+
+  it("keeps both groups' outer parameters identical, lowers validation loss, and resumes exactly", async () => {
+    const stateDir = join(scratch, "state");
+    const spec = join(scratch, "groups.json");
+    await writeFile(spec, JSON.stringify({
+      name: "outer",
+      head: { heartbeatInterval: "1s", heartbeatTimeout: "10s" },
+      local: { groups: [{ name: "alpha", nodes: 1, ranksPerNode: 2 }, { name: "beta", nodes: 1, ranksPerNode: 1 }], interGroupRate: "200mbit" },
+    }));
+    try {
+      const up = await drover(stateDir, ["up", spec]);
+      expect(up.code, up.stdout + up.stderr).toBe(0);
+      // As root with ip netns and tc, each group has a namespace of its own and its bridge
+      // listens on the group's wan address; otherwise both share loopback.
+      const isolated = (await isolationUnavailable()) === undefined;
+      const bridgeLine = /"advertised":"([^"]+)"/.exec(await readFile(join(stateDir, "workers", "beta-0.log"), "utf8"))?.[1];
+      if (isolated) {
+        expect(spawnSync("ip", ["netns", "list"], { encoding: "utf8" }).stdout).toMatch(/drover-[0-9a-f]{4}-g1/);
+        expect(bridgeLine).toMatch(/^169\.254\.101\.2:\d+$/);
+      } else {
+        expect(bridgeLine).toMatch(/^127\.0\.0\.1:\d+$/);
+      }
+
+      // 1. The whole run.
+      const whole = await drover(stateDir, ["submit", "--run-id", "whole", ...trainArgs([])]);
+      expect(whole.code, whole.stdout + whole.stderr).toBe(0);
+      const checksums = outerChecksums(whole.stdout);
+      // Global rank 0 is alpha's rank 0, global rank 2 beta's.
+      const alpha = checksums.get(0);
+      const beta = checksums.get(2);
+      expect([...(alpha?.keys() ?? [])], whole.stdout).toEqual([1, 2, 3, 4]);
+      expect(beta).toEqual(alpha);
+      // The parameters move: no two outer steps leave the same model.
+      expect(new Set(alpha!.values()).size).toBe(4);
+      // The exchange went through the leaders' bridges, both groups in it.
+      expect(whole.stdout).toMatch(/outer step 1: groups alpha\+beta, [\d.]+ MiB sent/);
+      const wholeJob = /submitted (\S+)/.exec(whole.stdout)![1]!;
+      const wholePoints = await metrics(stateDir, wholeJob);
+      const validation = wholePoints.filter((point) => point.rank === 0 && typeof point.val_loss === "number").map((point) => [point.step, point.val_loss!] as const);
+      expect(validation.map(([step]) => step)).toEqual([8, 16]);
+      expect(validation[1]![1]).toBeLessThan(validation[0]![1]);
+
+      // 2. The same run stopped at step 10 (checkpoint 8 committed), then resumed.
+      const first = await drover(stateDir, ["submit", "--run-id", "resumed", ...trainArgs(["--stop-after-step", "10"])]);
+      expect(first.code, first.stdout + first.stderr).toBe(0);
+      const second = await drover(stateDir, ["submit", "--run-id", "resumed", ...trainArgs([])]);
+      expect(second.code, second.stdout + second.stderr).toBe(0);
+      expect(second.stdout).toMatch(/resumed from .*group-alpha at step 8/);
+      expect(second.stdout).toMatch(/resumed from .*group-beta at step 8/);
+      const resumedPoints = await metrics(stateDir, /submitted (\S+)/.exec(second.stdout)![1]!);
+      for (const rank of [0, 2]) {
+        const expected = new Map(wholePoints.filter((point) => point.rank === rank && typeof point.loss === "number").map((point) => [point.step, point.loss!]));
+        const got = resumedPoints.filter((point) => point.rank === rank && typeof point.loss === "number");
+        expect(got.map((point) => point.step)).toEqual(Array.from({ length: STEPS - 8 }, (_, index) => 9 + index));
+        for (const point of got) expect(Math.abs(point.loss! - expected.get(point.step)!), `rank ${rank} step ${point.step}`).toBeLessThan(1e-6);
+      }
+      // The outer steps after the resume land on the same parameters as the whole run's.
+      const resumedChecksums = outerChecksums(second.stdout);
+      expect(resumedChecksums.get(0)).toEqual(new Map([...alpha!].filter(([step]) => step > 2)));
+      expect(resumedChecksums.get(2)).toEqual(resumedChecksums.get(0));
+    } finally {
+      await drover(stateDir, ["down"]);
+      // Nothing of the cluster's namespaces is left.
+      expect(spawnSync("ip", ["netns", "list"], { encoding: "utf8" }).stdout ?? "").not.toMatch(/drover-[0-9a-f]{4}-(g\d|wan)/);
+    }
+  });
+});
