@@ -169,6 +169,29 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     expect(await processesOfThisTest()).toEqual([]);
   });
 
+  it("trains one model on two simulated providers: the groups' leaders sync through the bridge ports the providers forward", { timeout: 240_000 }, async () => {
+    const data = join(work, "at1-data");
+    const made = spawnSync(join(root, ".venv", "bin", "python"), ["make_synthetic_shards.py", "--out", data, "--train-samples", "256", "--val-samples", "0", "--samples-per-shard", "32"], { cwd: join(root, "examples", "at1"), encoding: "utf8" });
+    expect(made.status, made.stderr).toBe(0);
+    const up = drover(["up", specFile]);
+    expect(up.code, up.stdout + up.stderr).toBe(0);
+    try {
+      // Two leases at two providers; the topology names each leader's bridge at the port
+      // its provider forwards (the lease status), which the other group's leader dials.
+      const leases = JSON.parse(await readFile(join(stateDir, "akash", "leases.json"), "utf8")) as Array<{ group: string }>;
+      expect(leases.map((lease) => lease.group).sort()).toEqual(["sim-4090", "sim-a100"]);
+      const run = drover(["submit", "--working-dir", join(root, "examples", "at1"), "--", "python", "train.py", "--config", "tiny", "--data", data,
+        "--steps", "6", "--batch-size", "4", "--warmup-steps", "2", "--outer-every", "2", "--outer-codec", "bf16", "--val-samples", "0", "--log-every", "2"], 200_000);
+      expect(run.code, run.stdout + run.stderr).toBe(0);
+      // Groups by name: sim-4090 (1 rank) holds global rank 0, sim-a100 (2 ranks) global ranks 1 and 2.
+      const outer = (rank: number) => [...run.stdout.matchAll(new RegExp(`^\\[rank ${rank}\\] outer step (\\d+): groups (\\S+), .* codec bf16, checksum ([0-9a-f]{16})`, "gm"))].map((match) => [match[1], match[2], match[3]]);
+      expect(outer(0).map(([step, groups]) => [step, groups]), run.stdout).toEqual([["1", "sim-4090+sim-a100"], ["2", "sim-4090+sim-a100"], ["3", "sim-4090+sim-a100"]]);
+      expect(outer(1)).toEqual(outer(0));
+    } finally {
+      expect(drover(["down"]).code).toBe(0);
+    }
+  });
+
   it("after the head is killed with SIGKILL mid-provisioning, a new `drover up` closes what it left and leases afresh, never twice", async () => {
     const up = spawn(process.execPath, [cli, "up", specFile], { env: env(), stdio: ["ignore", "pipe", "pipe"] });
     await waitFor(async () => (await ledgerOps()).includes("create-deployment") && (await books()).deployments.length > 0, 30_000, "the first ask on chain");
