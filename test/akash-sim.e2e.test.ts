@@ -12,6 +12,7 @@ import { fileURLToPath } from "node:url";
 import { validateSdl } from "@drover/sdl";
 import { processAlive } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { runDrover } from "./drover-cli.js";
 import { waitFor } from "./wait-for.js";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -63,6 +64,15 @@ async function processesOfThisTest(): Promise<string[]> {
     if (environ.includes(work) || cmdline.includes(work)) found.push(`${entry}: ${cmdline.split("\0").join(" ")}`);
   }
   return found;
+}
+
+/** Synthetic AT-1 shards for the trainer runs, made once. */
+function at1Data(): string {
+  const data = join(work, "at1-data");
+  if (existsSync(data)) return data;
+  const made = spawnSync(join(root, ".venv", "bin", "python"), ["make_synthetic_shards.py", "--out", data, "--train-samples", "256", "--val-samples", "0", "--samples-per-shard", "32"], { cwd: join(root, "examples", "at1"), encoding: "utf8" });
+  expect(made.status, made.stderr).toBe(0);
+  return data;
 }
 
 async function ledgerOps(): Promise<string[]> {
@@ -170,9 +180,7 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
   });
 
   it("trains one model on two simulated providers: the groups' leaders sync through the bridge ports the providers forward", { timeout: 240_000 }, async () => {
-    const data = join(work, "at1-data");
-    const made = spawnSync(join(root, ".venv", "bin", "python"), ["make_synthetic_shards.py", "--out", data, "--train-samples", "256", "--val-samples", "0", "--samples-per-shard", "32"], { cwd: join(root, "examples", "at1"), encoding: "utf8" });
-    expect(made.status, made.stderr).toBe(0);
+    const data = at1Data();
     const up = drover(["up", specFile]);
     expect(up.code, up.stdout + up.stderr).toBe(0);
     try {
@@ -190,6 +198,42 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     } finally {
       expect(drover(["down"]).code).toBe(0);
     }
+  });
+
+  it("replaces a lease the provider loses mid-job: closes it, bids again, leases anew, and the job finishes from its checkpoint", { timeout: 240_000 }, async () => {
+    const data = at1Data();
+    const up = drover(["up", specFile]);
+    expect(up.code, up.stdout + up.stderr).toBe(0);
+    try {
+      const before = await books();
+      const lost = before.leases.find((lease) => lease.provider !== A100_PROVIDER)!;
+      const submitted = runDrover(stateDir, ["submit", "--run-id", "lose-lease", "--working-dir", join(root, "examples", "at1"), "--", "python", "train.py", "--config", "tiny", "--data", data,
+        "--steps", "40", "--batch-size", "4", "--warmup-steps", "2", "--ckpt-every", "5", "--val-samples", "0", "--log-every", "1"], 220_000, { DROVER_AKASH_MNEMONIC_FILE: walletFile });
+      // Once a checkpoint is committed, the provider of the sim-4090 group loses its lease.
+      await waitFor(async () => {
+        const cluster = JSON.parse(await readFile(join(stateDir, "cluster.json"), "utf8").catch(() => "{}")) as { jobs?: Array<{ lastCommittedStep?: number }> };
+        return (cluster.jobs ?? []).some((job) => (job.lastCommittedStep ?? 0) >= 5);
+      }, 120_000, "a committed checkpoint");
+      const response = await fetch(`${rpcUrl}/simulator/lose-lease?owner=${owner}&dseq=${lost.dseq}`, { method: "POST", signal: AbortSignal.timeout(5_000) });
+      expect(response.status).toBe(200);
+      const run = await submitted;
+      outputs.push(run.stdout, run.stderr);
+      expect(run.code, run.stdout + run.stderr).toBe(0);
+      expect(run.stdout).toMatch(/restart 1: attempt 1 ended at step \d+ \(.*sim-4090.*\); attempt 2 resumed from checkpoint step \d+/);
+      // The lost deployment is closed; the group runs on a new lease, bid for again; nothing else is open.
+      const now = await books();
+      expect(now.deployments.map((deployment) => deployment.dseq)).not.toContain(lost.dseq);
+      const replacement = now.leases.find((lease) => lease.dseq !== before.leases.find((other) => other.provider === A100_PROVIDER)!.dseq);
+      expect(replacement, JSON.stringify(now)).toBeDefined();
+      expect(replacement!.dseq).not.toBe(lost.dseq);
+      expect(now.leases).toHaveLength(2);
+      expect(now.deployments).toHaveLength(2);
+    } finally {
+      expect(drover(["down"]).code).toBe(0);
+    }
+    const after = await books();
+    expect(after.deployments).toEqual([]);
+    expect(after.leases).toEqual([]);
   });
 
   it("after the head is killed with SIGKILL mid-provisioning, a new `drover up` closes what it left and leases afresh, never twice", async () => {
@@ -218,8 +262,11 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     await waitFor(async () => (await books()).containers.every((container) => !container.running && !processAlive(container.pid)), 10_000, "fake containers to stop");
   });
 
-  it("after the head is killed with SIGKILL mid-provisioning, `drover down` closes what it left on chain", async () => {
-    const up = spawn(process.execPath, [cli, "up", specFile], { env: env(), stdio: ["ignore", "pipe", "pipe"] });
+  it("after the head is killed with SIGKILL mid-provisioning, `drover down` closes what it left on chain, with the spec file gone", async () => {
+    // `down` reaps by what head.json records, never by the spec: this one is deleted before it runs.
+    const doomedSpec = join(work, "doomed-spec.yaml");
+    await writeFile(doomedSpec, await readFile(specFile, "utf8"));
+    const up = spawn(process.execPath, [cli, "up", doomedSpec], { env: env(), stdio: ["ignore", "pipe", "pipe"] });
     let upOutput = "";
     up.stdout.on("data", (chunk) => (upOutput += chunk));
     up.stderr.on("data", (chunk) => (upOutput += chunk));
@@ -233,6 +280,7 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     const orphaned = await books();
     expect(orphaned.deployments.length).toBeGreaterThan(0);
 
+    await rm(doomedSpec);
     const down = drover(["down"]);
     expect(down.code, down.stdout + down.stderr).toBe(0);
     expect(down.stdout).toContain("is not running; releasing what it left");
