@@ -133,6 +133,39 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "everything to stop");
   });
 
+  it("restarts an attempt whose rank hangs (SIGSTOP): warned in status, restarted after twice the stall timeout", async () => {
+    await rm(stateDir, { recursive: true, force: true });
+    const spec = join(scratch, "stall.json");
+    await writeFile(spec, JSON.stringify({ name: "stall", local: { nodes: 1, ranksPerNode: 2 } }));
+    expect(drover(["up", spec]).code).toBe(0);
+    const submitted = droverAsync(["submit", "--stall-timeout", "3s", "--max-restarts", "1", "--working-dir", join(root, "examples", "minimal"), "--", "python", "steady_train.py", "--steps", "60"]);
+    // Once rank 1 has stepped a few times, it is frozen: rank 0 then waits in its all-reduce.
+    let rank1 = 0;
+    await waitFor(async () => {
+      const cluster = JSON.parse(await readFile(join(stateDir, "cluster.json"), "utf8").catch(() => "{}")) as { jobs?: Array<{ latestMetrics?: Record<string, { step: number }> }> };
+      if ((cluster.jobs?.[0]?.latestMetrics?.["1"]?.step ?? 0) < 3) return false;
+      for (const pid of await processesUnderState()) {
+        const environment = await readFile(`/proc/${pid}/environ`, "utf8").catch(() => "");
+        if (environment.split("\0").includes("RANK=1") && environment.includes("DROVER_JOB_ID=")) rank1 = pid;
+      }
+      return rank1 > 0;
+    }, 60_000, "rank 1 to step");
+    process.kill(rank1, "SIGSTOP");
+    try {
+      await waitFor(async () => /STALLED: rank \d has made no progress/.test(drover(["status"]).stdout), 20_000, "status to show the stall");
+    } catch (error) {
+      process.kill(rank1, "SIGCONT");
+      throw error;
+    }
+    const run = await submitted;
+    expect(run.code, run.stdout + run.stderr).toBe(0);
+    expect(run.stdout).toMatch(/warning: rank \d has made no progress \(no step, no output\) for \d+s/);
+    expect(run.stdout).toMatch(/restart 1: attempt 1 ended at step \d+ \(rank \d made no progress \(no step, no output\) for \d+s\)/);
+    expect(run.stdout).toContain("SUCCEEDED");
+    expect(drover(["down"]).code).toBe(0);
+    await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "everything to stop");
+  });
+
   it("shows each node's last heartbeat, not its registration, and no node as connected once the head is gone", async () => {
     await rm(stateDir, { recursive: true, force: true });
     const spec = join(scratch, "status.json");

@@ -15,6 +15,7 @@ import { newRunId, shipWorkingDir } from "./code-bundle.js";
 import { Head } from "./head.js";
 import { isFinal, type JobRecord } from "./job-controller.js";
 import { describeRestart, formatMetrics, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
+import { durationMs } from "./duration.js";
 import { createLogger } from "./logger.js";
 import { AKASH_LEASES_FILE, type AkashLeaseRecord } from "./provisioners/akash/akash-provisioner.js";
 import { backendNamed, provisionerBackends } from "./provisioners/registry.js";
@@ -27,7 +28,7 @@ usage:
   drover up [SPEC]                         start a head in the background and provision nodes
                                            (SPEC defaults to examples/local.yaml)
   drover submit [--working-dir DIR] [--run-id ID [--from-step N]] [--nodes N] [--env K=V]...
-                [--max-restarts N] [--ship-code] [--no-wait] -- CMD...
+                [--max-restarts N] [--stall-timeout 5m] [--ship-code] [--no-wait] -- CMD...
                                            run CMD on every rank; follows output until it ends; an
                                            existing --run-id resumes from its newest committed checkpoint;
                                            after a node failure the job restarts from it (default 3 times);
@@ -218,8 +219,12 @@ async function commandSubmit(args: string[]): Promise<number> {
       "from-step": { type: "string" },
       "max-restarts": { type: "string" },
       "ship-code": { type: "boolean" },
+      "stall-timeout": { type: "string" },
     },
   });
+  const stall = values["stall-timeout"] === undefined ? undefined : durationMs.safeParse(/^\d+$/.test(values["stall-timeout"]) ? Number(values["stall-timeout"]) : values["stall-timeout"]);
+  if (stall && (!stall.success || stall.data > 2 ** 31)) throw new UsageError(`--stall-timeout ${values["stall-timeout"]}: expected a duration like 90s or 10m (0 = no watchdog)`);
+  const stallTimeoutMs = stall?.success ? stall.data : undefined;
   const maxRestarts = values["max-restarts"] === undefined ? undefined : Number(values["max-restarts"]);
   if (maxRestarts !== undefined && (!Number.isInteger(maxRestarts) || maxRestarts < 0 || maxRestarts > 100)) throw new UsageError(`--max-restarts ${values["max-restarts"]}: expected 0 to 100`);
   const fromStep = values["from-step"] === undefined ? undefined : Number(values["from-step"]);
@@ -259,6 +264,8 @@ async function commandSubmit(args: string[]): Promise<number> {
       maxRestarts: maxRestarts ?? 0,
       hasMaxRestarts: maxRestarts !== undefined,
       codeBundleId,
+      stallTimeoutMs: stallTimeoutMs ?? 0,
+      hasStallTimeout: stallTimeoutMs !== undefined,
     }, new grpc.Metadata(), { timeoutMs: 30_000 });
     print(`submitted ${response.jobId} (run ${response.runId})`);
     if (values["no-wait"]) return 0;
@@ -364,6 +371,7 @@ async function commandStatus(args: string[]): Promise<number> {
     const committed = job.lastCommittedStep === undefined ? "" : `, committed step ${job.lastCommittedStep}`;
     print(`  ${job.jobId} ${job.state}${attempt}${rank0 ? `, ${formatMetrics(rank0.step, rank0.values)}` : ""}${committed}${job.failure ? `: ${job.failure.reason}` : ""}`);
     for (const restart of job.restarts ?? []) print(`    ${describeRestart(restart)}`);
+    if (job.state === "running") for (const stalled of job.stalled ?? []) print(`    STALLED: rank ${stalled.rank} has made no progress (no step, no output) for ${Math.round(stalled.idleMs / 1000)}s`);
   }
   return 0;
 }

@@ -28,7 +28,7 @@ export interface ControlServerDeps {
   /** Called by Admin.Shutdown after the reply is sent. */
   onShutdownRequested: () => void;
   /** Admission of a job: resolves the resume step, then hands it to the job controller. */
-  submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number; maxRestarts?: number; codeBundleId?: string }) => Promise<JobRecord>;
+  submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number; maxRestarts?: number; codeBundleId?: string; stallTimeoutMs?: number }) => Promise<JobRecord>;
 }
 
 function fail(callback: grpc.sendUnaryData<never>, code: grpc.status, details: string): void {
@@ -145,6 +145,7 @@ export class ControlServer {
           fromStep: request.hasFromStep ? Number(request.fromStep) : undefined,
           maxRestarts: request.hasMaxRestarts ? Number(request.maxRestarts) : undefined,
           codeBundleId: request.codeBundleId || undefined,
+          stallTimeoutMs: request.hasStallTimeout ? Number(request.stallTimeoutMs) : undefined,
         }).then(
           (job) => callback(null, { jobId: job.jobId, runId: job.runId }),
           (error: Error) => {

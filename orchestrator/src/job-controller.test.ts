@@ -199,3 +199,68 @@ describe("JobController: a job is done only when its checkpoints are", () => {
     expect(job.checkpointsLost).toEqual({});
   });
 });
+
+describe("JobController progress watchdog", () => {
+  let registry: WorkerRegistry;
+  let jobs: JobController;
+  afterEach(() => {
+    jobs?.dispose();
+    registry?.stop();
+  });
+
+  it("reports a rank with no step and no output as stalled, then restarts the attempt from the checkpoint", async () => {
+    let clock = 1_000_000;
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20, now: () => clock });
+    const lines: string[] = [];
+    jobs.on("log", (line) => lines.push(line.line));
+    const a = connect(registry, "local-0", "a-1");
+    const b = connect(registry, "local-1", "b-1");
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-w", stallTimeoutMs: 10_000 });
+    await until(() => starts(a).length === 1 && starts(b).length === 1, "attempt 1 to start");
+
+    // Every rank steps for a while; then global rank 3 (local-1's rank 1) goes silent.
+    const step = (node: TestNode, rank: number, at: number) => jobs.onMetric(node.workerId, { jobId: job.jobId, rank, step: at, values: { loss: 1 } });
+    for (let at = 1; at <= 5; at++) {
+      clock += 100;
+      step(a, 0, at); step(a, 1, at); step(b, 2, at); step(b, 3, at);
+    }
+    clock += 6_000;
+    step(a, 0, 6); step(a, 1, 6); step(b, 2, 6);
+    clock += 5_000; // rank 3: 11 s without progress; the others 5 s
+    await until(() => (job.stalled ?? []).length === 1, "rank 3 to be reported stalled");
+    expect(job.stalled).toEqual([expect.objectContaining({ rank: 3 })]);
+    expect(job.state).toBe("running");
+    expect(lines.some((line) => /warning: rank 3 has made no progress .* for 11s/.test(line))).toBe(true);
+
+    // Output counts as progress: a line from rank 3 clears it.
+    jobs.onLog(b.workerId, { jobId: job.jobId, rank: 3, stream: 1, line: "still here" });
+    expect(job.stalled).toEqual([]);
+
+    // Silent for twice the timeout: the attempt restarts from the checkpoint.
+    clock += 21_000;
+    await until(() => job.state === "restarting" || job.attempt === 2, "the attempt to restart");
+    expect(job.restarts[0]!.reason).toMatch(/rank \d made no progress \(no step, no output\) for \d+s/);
+    expect(stops(a)).toEqual([job.jobId]);
+  });
+
+  it("waits longer for a rank whose steps are slow", async () => {
+    let clock = 0;
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, now: () => clock });
+    const a = connect(registry, "local-0", "a-1");
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 1, stallTimeoutMs: 1_000 });
+    await until(() => starts(a).length === 1, "the job to start");
+    // Steps every 2 s: 20 steps' time (40 s) beats the 1 s timeout.
+    for (let at = 1; at <= 8; at++) {
+      clock += 2_000;
+      jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: at, values: {} });
+      jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 1, step: at, values: {} });
+    }
+    clock += 30_000;
+    await new Promise((resolve) => setTimeout(resolve, 1_200));
+    expect(job.stalled).toEqual([]);
+    clock += 15_000;
+    await until(() => (job.stalled ?? []).length === 2, "both ranks stalled past 20 step times");
+  });
+});

@@ -28,6 +28,13 @@ export interface JobRequest {
   maxRestarts?: number;
   /** The working directory shipped as a code bundle (runs/<run>/code/<id>/). */
   codeBundleId?: string;
+  /**
+   * A rank that reports no step and prints nothing for this long is reported stalled;
+   * for twice as long, the attempt is restarted from the checkpoint as a node failure
+   * would be. Raised to 20 of the rank's own recent step times when those are longer.
+   * 0 = no watchdog; default: the controller's.
+   */
+  stallTimeoutMs?: number;
 }
 
 /** One automatic restart: why the attempt ended and where the next one resumed. */
@@ -81,7 +88,21 @@ export interface JobRecord {
   checkpointsLost: Record<number, string>;
   /** Newest checkpoint step committed to the store by this job (or the one it resumed from). */
   lastCommittedStep?: number;
+  /** Ranks of the current attempt that made no progress (no step, no output) for the stall timeout. */
+  stalled?: Array<{ rank: number; idleMs: number }>;
 }
+
+/** What the watchdog knows of one rank of the current attempt. */
+interface RankProgress {
+  lastMs: number;
+  lastStepMs?: number;
+  /** Recent intervals between steps, newest last. */
+  stepIntervals: number[];
+}
+
+/** The watchdog's default stall timeout, and how often it looks. */
+export const DEFAULT_STALL_TIMEOUT_MS = 5 * 60_000;
+const WATCHDOG_TICK_MS = 1_000;
 
 export interface JobLogLine {
   jobId: string;
@@ -128,6 +149,9 @@ export class JobController extends EventEmitter<JobEvents> {
   private readonly draining = new Map<string, DrainingAttempt>();
   private starting = false;
   private startAgain = false;
+  private readonly watchdog: NodeJS.Timeout;
+  /** jobId -> global rank -> progress, for the current attempt. */
+  private readonly progress = new Map<string, Map<number, RankProgress>>();
 
   constructor(private readonly deps: {
     registry: WorkerRegistry;
@@ -154,9 +178,13 @@ export class JobController extends EventEmitter<JobEvents> {
      * (Head.bridgeAddressOf); undefined: the address the worker reported applies.
      */
     bridgeAddressOf?: (nodeName: string) => string | undefined;
+    /** The stall timeout of jobs whose request names none (0 = off); default 5 minutes. */
+    defaultStallTimeoutMs?: number;
     now?: () => number;
   }) {
     super();
+    this.watchdog = setInterval(() => this.checkProgress(), WATCHDOG_TICK_MS);
+    this.watchdog.unref();
     deps.registry.on("changed", () => void this.startPendingJobs());
     deps.registry.on("lost", (worker, reason) => this.onWorkerLost(worker, reason));
   }
@@ -274,6 +302,9 @@ export class JobController extends EventEmitter<JobEvents> {
     }
     job.state = "running";
     job.startedAtMs ??= this.now();
+    const startedMs = this.now();
+    this.progress.set(job.jobId, new Map(Array.from({ length: job.worldSize }, (_, rank) => [rank, { lastMs: startedMs, stepIntervals: [] }])));
+    job.stalled = [];
     this.log(job, `${job.attempt > 1 ? `attempt ${job.attempt}: ` : ""}starting ${job.worldSize} ranks on ${job.assignments.length} nodes: ${job.assignments.map((a) => `${a.nodeName}=ranks ${a.rankOffset}-${a.rankOffset + a.localWorldSize - 1}`).join(", ")}`);
     this.emit("changed", job);
     for (const assignment of job.assignments) {
@@ -321,13 +352,16 @@ export class JobController extends EventEmitter<JobEvents> {
       return;
     }
     const stream = line.stream === LogStream.LOG_STREAM_STDERR ? "stderr" : "stdout";
-    this.emit("log", { jobId: job.jobId, rank: this.globalRank(job, workerId, line.rank ?? 0), stream, line: line.line ?? "" });
+    const rank = this.globalRank(job, workerId, line.rank ?? 0);
+    this.madeProgress(job, rank, false);
+    this.emit("log", { jobId: job.jobId, rank, stream, line: line.line ?? "" });
   }
 
   onMetric(workerId: string, metric: IMetricReport): void {
     const job = this.current(metric.jobId);
     if (!job || (job.state !== "running" && job.state !== "finishing")) return;
     const rank = this.globalRank(job, workerId, metric.rank ?? 0);
+    if (job.latestMetrics[rank]?.step !== Number(metric.step ?? 0)) this.madeProgress(job, rank, true);
     job.latestMetrics[rank] = { step: Number(metric.step ?? 0), values: { ...(metric.values ?? {}) } };
     this.emit("metric", job, { ...metric, rank });
   }
@@ -584,6 +618,64 @@ export class JobController extends EventEmitter<JobEvents> {
 
   dispose(): void {
     for (const timer of this.waitTimers.values()) clearTimeout(timer);
+    clearInterval(this.watchdog);
+  }
+
+  private madeProgress(job: JobRecord, rank: number, step: boolean): void {
+    const progress = this.progress.get(job.jobId)?.get(rank);
+    if (!progress) return;
+    const now = this.now();
+    progress.lastMs = now;
+    if (step) {
+      if (progress.lastStepMs !== undefined) {
+        progress.stepIntervals.push(now - progress.lastStepMs);
+        if (progress.stepIntervals.length > 20) progress.stepIntervals.shift();
+      }
+      progress.lastStepMs = now;
+    }
+    if (job.stalled?.some((entry) => entry.rank === rank)) {
+      job.stalled = job.stalled.filter((entry) => entry.rank !== rank);
+      this.log(job, `rank ${rank} is making progress again`);
+      this.emit("changed", job);
+    }
+  }
+
+  /**
+   * The progress watchdog: a rank of a running attempt that has reported no step and
+   * printed nothing for the stall timeout (or 20 of its own recent step times, if
+   * longer) is reported stalled; for twice that, the attempt is restarted from the
+   * newest committed checkpoint, as a node failure would be. A rank that already exited
+   * is not watched.
+   */
+  private checkProgress(): void {
+    const now = this.now();
+    for (const job of this.jobs.values()) {
+      const ranks = this.progress.get(job.jobId);
+      if (job.state !== "running" || !ranks) continue;
+      const timeoutMs = job.request.stallTimeoutMs ?? this.deps.defaultStallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
+      if (timeoutMs <= 0) continue;
+      let changed = false;
+      for (const [rank, progress] of ranks) {
+        if (job.exitCodes[rank] !== undefined) continue;
+        const intervals = [...progress.stepIntervals].sort((a, b) => a - b);
+        const typicalStepMs = intervals.length >= 5 ? intervals[Math.floor(intervals.length / 2)]! : 0;
+        const limitMs = Math.max(timeoutMs, 20 * typicalStepMs);
+        const idleMs = now - progress.lastMs;
+        if (idleMs > 2 * limitMs) {
+          this.deps.logger.warn("rank stalled; restarting the attempt", { jobId: job.jobId, rank, idleMs });
+          this.fail(job, { reason: `rank ${rank} made no progress (no step, no output) for ${Math.round(idleMs / 1000)}s`, rank, lastLines: [] }, true);
+          break;
+        }
+        if (idleMs > limitMs && !job.stalled?.some((entry) => entry.rank === rank)) {
+          (job.stalled ??= []).push({ rank, idleMs });
+          this.log(job, `warning: rank ${rank} has made no progress (no step, no output) for ${Math.round(idleMs / 1000)}s; the attempt restarts from the checkpoint after ${Math.round((2 * limitMs) / 1000)}s`);
+          changed = true;
+        }
+        const entry = job.stalled?.find((candidate) => candidate.rank === rank);
+        if (entry) entry.idleMs = idleMs;
+      }
+      if (changed) this.emit("changed", job);
+    }
   }
 }
 
