@@ -138,7 +138,7 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     const spec = join(scratch, "stall.json");
     await writeFile(spec, JSON.stringify({ name: "stall", local: { nodes: 1, ranksPerNode: 2 } }));
     expect(drover(["up", spec]).code).toBe(0);
-    const submitted = droverAsync(["submit", "--stall-timeout", "3s", "--max-restarts", "1", "--working-dir", join(root, "examples", "minimal"), "--", "python", "steady_train.py", "--steps", "60"]);
+    const submitted = droverAsync(["submit", "--stall-timeout", "8s", "--max-restarts", "1", "--working-dir", join(root, "examples", "minimal"), "--", "python", "steady_train.py", "--steps", "60"]);
     // Once rank 1 has stepped a few times, it is frozen: rank 0 then waits in its all-reduce.
     let rank1 = 0;
     await waitFor(async () => {
@@ -152,7 +152,7 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     }, 60_000, "rank 1 to step");
     process.kill(rank1, "SIGSTOP");
     try {
-      await waitFor(async () => /STALLED: rank \d has made no progress/.test(drover(["status"]).stdout), 20_000, "status to show the stall");
+      await waitFor(async () => /STALLED: rank \d has made no progress/.test(drover(["status"]).stdout), 40_000, "status to show the stall");
     } catch (error) {
       process.kill(rank1, "SIGCONT");
       throw error;
