@@ -17,6 +17,7 @@ import { existsSync, openSync, closeSync } from "node:fs";
 import { mkdir, readFile } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { signalGroup } from "@drover/orchestrator";
 import { CoreV1Api, KubeConfig, PatchStrategy, Watch, setHeaderOptions, type V1EnvVar, type V1Pod } from "@kubernetes/client-node";
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -171,17 +172,5 @@ export class FakePodRuntime {
     this.stopped = true;
     this.watchController?.abort();
     await Promise.all([...this.running.keys()].map((name) => this.stopPod(name)));
-  }
-}
-
-function signalGroup(pid: number, signal: NodeJS.Signals): void {
-  try {
-    process.kill(-pid, signal);
-  } catch {
-    try {
-      process.kill(pid, signal);
-    } catch {
-      // gone already
-    }
   }
 }

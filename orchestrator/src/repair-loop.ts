@@ -1,3 +1,4 @@
+import { sleep } from "./abortable-sleep.js";
 import { ProvisionError } from "./errors.js";
 import type { Logger } from "./logger.js";
 import { BRIDGE_PORT_NAME, type NodeGroup, type NodeRecord, type Provisioner } from "./provisioners/provisioner.js";
@@ -205,23 +206,8 @@ export class RepairLoop {
         }
         const delayMs = Math.min(backoff.maxMs, backoff.initialMs * 2 ** (attempt - 1));
         this.options.logger.warn("launch failed; trying again", { group, count, what, attempt, of: attempts, inMs: delayMs, error: (error as Error).message });
-        await (this.options.sleep ?? sleepFor)(delayMs, signal);
+        await (this.options.sleep ?? sleep)(delayMs, signal);
       }
     }
   }
-}
-
-function sleepFor(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    signal.throwIfAborted();
-    const timer = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
 }

@@ -9,6 +9,7 @@
 // The wallet comes from DROVER_AKASH_MNEMONIC or the file named by
 // DROVER_AKASH_MNEMONIC_FILE; the mnemonic lives only inside the cosmjs wallets.
 
+import { sleep } from "../../abortable-sleep.js";
 import { readFile } from "node:fs/promises";
 import { manifestToSortedJSON } from "@akashnetwork/chain-sdk";
 import { buildManifest, deploymentVersion, renderGroupSdlYaml, serviceName, type CompiledAkashGroup } from "@drover/sdl";
@@ -663,22 +664,7 @@ function formatDuration(ms: number): string {
   return minutes < 60 ? `${minutes}m` : `${Math.floor(minutes / 60)}h ${minutes % 60}m`;
 }
 
-/** Waits `ms`, rejecting with the signal's reason when it aborts first; `unref`: the timer alone keeps no process alive. */
-export function sleep(ms: number, signal: AbortSignal, options: { unref?: boolean } = {}): Promise<void> {
-  return new Promise((resolve, reject) => {
-    signal.throwIfAborted();
-    const timer = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    if (options.unref) timer.unref();
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
-}
+export { sleep };
 
 /**
  * Registration. `reap` closes what a crashed head left, from the state directory's ledger
