@@ -229,6 +229,15 @@ describe("checkpoints survive dead nodes, end to end", { timeout: 300_000 }, () 
     expect(run.code, run.stdout + run.stderr).toBe(0);
     expect((await drover(stateDir, ["down"])).code).toBe(0);
 
+    // A head that crashed between a commit and its next record leaves cluster.json a
+    // commit behind: status asks the store instead (served from the state directory).
+    const clusterFile = join(stateDir, "cluster.json");
+    const cluster = JSON.parse(await readFile(clusterFile, "utf8")) as { jobs: Array<{ runId: string; lastCommittedStep?: number }> };
+    for (const job of cluster.jobs) if (job.runId === "emb") job.lastCommittedStep = 3;
+    await writeFile(clusterFile, JSON.stringify(cluster));
+    const status = await drover(stateDir, ["status"]);
+    expect(status.stdout, status.stdout + status.stderr).toMatch(/succeeded, .*committed step 6 \(in the store\)/);
+
     const runs = await drover(stateDir, ["ckpt", "ls"]);
     expect(runs.stdout).toContain("emb: 2 committed (newest 6)");
     const steps = await drover(stateDir, ["ckpt", "ls", "--run", "emb"]);

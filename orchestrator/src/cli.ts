@@ -365,15 +365,42 @@ async function commandStatus(args: string[]): Promise<number> {
   }
   const jobs = cluster?.jobs ?? [];
   print(`jobs: ${jobs.length === 0 ? "none" : ""}`);
+  // Without a running head its record may lag the store by a commit (a crash between a
+  // commit and the next write of cluster.json): the store says what is committed.
+  const fromStore = alive ? undefined : await committedStepsInStore(state, jobs.slice(-5).map((job) => job.runId));
   for (const job of jobs.slice(-5)) {
     const rank0 = job.latestMetrics[0];
     const attempt = job.attempt > 1 ? ` (attempt ${job.attempt}, ${job.restarts.length} restart${job.restarts.length === 1 ? "" : "s"})` : "";
-    const committed = job.lastCommittedStep === undefined ? "" : `, committed step ${job.lastCommittedStep}`;
+    const stored = fromStore?.steps.get(job.runId);
+    const committed = stored !== undefined
+      ? `, committed step ${stored} (in the store)`
+      : job.lastCommittedStep === undefined ? "" : `, committed step ${job.lastCommittedStep}${fromStore?.problem ? ` (as recorded; the store: ${fromStore.problem})` : ""}`;
     print(`  ${job.jobId} ${job.state}${attempt}${rank0 ? `, ${formatMetrics(rank0.step, rank0.values)}` : ""}${committed}${job.failure ? `: ${job.failure.reason}` : ""}`);
     for (const restart of job.restarts ?? []) print(`    ${describeRestart(restart)}`);
     if (job.state === "running") for (const stalled of job.stalled ?? []) print(`    STALLED: rank ${stalled.rank} has made no progress (no step, no output) for ${Math.round(stalled.idleMs / 1000)}s`);
   }
   return 0;
+}
+
+/** The newest committed step of each run, asked from the cluster's store (served from the state directory when embedded). */
+async function committedStepsInStore(state: StateDirectory, runs: string[]): Promise<{ steps: Map<string, number>; problem?: string } | undefined> {
+  if (runs.length === 0 || !existsSync(state.path("storage.json"))) return undefined;
+  const steps = new Map<string, number>();
+  const signal = AbortSignal.timeout(15_000);
+  try {
+    const opened = await openClusterStore(state, createLogger({ component: "status", file: state.path("cli.log") }), signal);
+    try {
+      for (const run of new Set(runs)) {
+        const latest = await opened.store.latest(run, { signal });
+        if (latest) steps.set(run, latest.step);
+      }
+    } finally {
+      await opened.close();
+    }
+    return { steps };
+  } catch (error) {
+    return { steps, problem: (error as Error).message };
+  }
 }
 
 async function commandLogs(args: string[]): Promise<number> {
