@@ -13,6 +13,7 @@ import { validateSdl } from "@drover/sdl";
 import { processAlive } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runDrover } from "./drover-cli.js";
+import { spawnS3Server } from "./s3-server-process.js";
 import { waitFor } from "./wait-for.js";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -107,15 +108,9 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     const groups = example.slice(example.indexOf("  groups:\n"));
     // Checkpoint storage, through which `drover submit` ships the working directory to the
     // (fake) containers, as it must for real ones.
-    s3Server = spawn(process.execPath, ["--input-type=module", "-e",
-      `const { startLocalS3Server } = await import("@drover/storage");
-       const server = await startLocalS3Server({ directory: ${JSON.stringify(join(work, "s3"))} });
-       process.stdout.write(JSON.stringify(server.storeConfig()) + "\\n");
-       process.on("SIGTERM", () => server.stop().then(() => process.exit(0)));`], { cwd: root, stdio: ["ignore", "pipe", "inherit"] });
-    let s3Output = "";
-    s3Server.stdout!.on("data", (chunk) => (s3Output += chunk));
-    await waitFor(() => s3Output.includes("\n") || s3Server.exitCode !== null, 30_000, "the S3 server");
-    const storeConfig = s3Output.trim();
+    const s3 = await spawnS3Server(join(work, "s3"));
+    s3Server = s3.child;
+    const storeConfig = s3.storeConfig;
     specFile = join(work, "sim.yaml");
     await writeFile(specFile, [
       "name: sim-e2e", "provisioner: akash", "head:", "  heartbeatTimeout: 10s", `storage: { store: ${storeConfig} }`, "akash:", `  rpc: ${rpcUrl}`,

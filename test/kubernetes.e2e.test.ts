@@ -4,7 +4,7 @@
 // GPU limits and an in-memory /dev/shm, their agents join, a torchrun script runs, a pod
 // deleted mid-job is replaced and the job resumes from its checkpoint, and `drover down`
 // (after kill -9 of the head, with the spec file deleted) leaves no object behind.
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { spawnSync, type ChildProcess } from "node:child_process";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
@@ -14,10 +14,11 @@ import { processAlive, type JobRecord } from "@drover/orchestrator";
 import { CoreV1Api, KubeConfig } from "@kubernetes/client-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { FakePodRuntime } from "./fake-pod-runtime.js";
+import { runDrover } from "./drover-cli.js";
+import { spawnS3Server } from "./s3-server-process.js";
 import { waitFor } from "./wait-for.js";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
-const cli = join(root, "orchestrator", "dist", "cli.js");
 const loopback = join(root, "test", "k8s-loopback.sh");
 const minimalDir = join(root, "examples", "minimal");
 const NAMESPACE = "default";
@@ -37,20 +38,7 @@ let s3Server: ChildProcess | undefined;
 let api: CoreV1Api;
 
 /** The CLI, asynchronously: the fake pod runtime lives in this process and must keep running. */
-function drover(args: string[], timeoutMs = 120_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolveRun) => {
-    const child = spawn(process.execPath, [cli, ...args], { env: { ...process.env, DROVER_STATE_DIR: stateDir, KUBECONFIG: kubeconfig }, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (chunk) => (stdout += chunk));
-    child.stderr.on("data", (chunk) => (stderr += chunk));
-    const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
-    child.on("close", (code) => {
-      clearTimeout(timer);
-      resolveRun({ code, stdout, stderr });
-    });
-  });
-}
+const drover = (args: string[], timeoutMs = 120_000) => runDrover(stateDir, args, timeoutMs, { KUBECONFIG: kubeconfig });
 
 async function clusterJob(jobId: string): Promise<JobRecord | undefined> {
   const text = await readFile(join(stateDir, "cluster.json"), "utf8").catch(() => undefined);
@@ -122,20 +110,14 @@ describe.skipIf(unavailable !== undefined)("Kubernetes backend against a loopbac
     config.loadFromFile(kubeconfig);
     api = config.makeApiClient(CoreV1Api);
     runtime = await FakePodRuntime.start({ kubeconfig, namespace: NAMESPACE, workDir: join(work, "runtime") });
-    s3Server = spawn(process.execPath, ["--input-type=module", "-e",
-      `const { startLocalS3Server } = await import("@drover/storage");
-       const server = await startLocalS3Server({ directory: ${JSON.stringify(join(work, "s3"))} });
-       process.stdout.write(JSON.stringify(server.storeConfig()) + "\\n");
-       process.on("SIGTERM", () => server.stop().then(() => process.exit(0)));`], { cwd: root, stdio: ["ignore", "pipe", "inherit"] });
-    let s3Output = "";
-    s3Server.stdout!.on("data", (chunk) => (s3Output += chunk));
-    await waitFor(() => s3Output.includes("\n") || s3Server!.exitCode !== null, 30_000, "the S3 server");
+    const s3 = await spawnS3Server(join(work, "s3"));
+    s3Server = s3.child;
     specFile = join(work, "k8s.yaml");
     await writeFile(specFile, [
       "name: k8s-e2e",
       "provisioner: kubernetes",
       "head: { heartbeatTimeout: 10s }",
-      `storage: { store: ${s3Output.trim()} }`,
+      `storage: { store: ${s3.storeConfig} }`,
       "kubernetes:",
       `  namespace: ${NAMESPACE}`,
       "  groups:",

@@ -41,7 +41,7 @@ cache=$root/.cache/worker-image
 mkdir -p "$cache"
 check_id="check-$$-$(date +%s)"
 label="drover.check-image=$check_id"
-work=$(mktemp -d "${TMPDIR:-/tmp}/drover-check-image.XXXXXX")
+work=$(mktemp -d -p "${TMPDIR:-/tmp}")  # a fresh private directory for this run
 started_dockerd=""
 head_started=""
 

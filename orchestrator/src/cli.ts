@@ -607,16 +607,13 @@ async function runDemo(spec: Extract<ClusterSpec, { provisioner: "local" }> & { 
       // A value the node did not report is shown as unknown, not as 0 or "undefined".
       print(`  node ${worker.nodeName} joined: ${worker.slots} ranks, ${worker.resources.cpuCount || "?"} cpus, shm ${worker.resources.shmBytes ? `${shmMiB} MiB` : "?"}`);
     }
-    // Each group's rank 0 speaks for its group (groups by name, ranks numbered across them).
-    const leaderRanks = new Set<number>([0]);
-    let offset = 0;
-    for (const group of [...spec.local.groups].sort((a, b) => a.name.localeCompare(b.name))) {
-      leaderRanks.add(offset);
-      offset += group.nodes * group.ranksPerNode;
-    }
+    // Each group's rank 0 speaks for its group: the global rank of every group leader's
+    // first rank, as the job's current attempt assigned them.
+    const isGroupRankZero = (jobId: string, rank: number) => rank === 0
+      || (head.jobs.get(jobId)?.assignments ?? []).some((assignment) => assignment.groupRank === 0 && assignment.globalRankOffset === rank);
     head.on("log", (line) => {
       if (line.rank < 0) print(`[drover] ${line.line}`);
-      else if (leaderRanks.has(line.rank) || line.stream === "stderr") print(`[rank ${line.rank}] ${line.line}`);
+      else if (isGroupRankZero(line.jobId, line.rank) || line.stream === "stderr") print(`[rank ${line.rank}] ${line.line}`);
     });
     if (!noFailure && expectedNodes(spec) > 1 && head.checkpoints) injectNodeFailure(head, new StateDirectory(stateRoot), 10);
     const job = await head.submit({ command: spec.job.command, workingDir: spec.job.workingDir, env: spec.job.env });

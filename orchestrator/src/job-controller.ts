@@ -575,6 +575,7 @@ export class JobController extends EventEmitter<JobEvents> {
     clearTimeout(this.waitTimers.get(job.jobId));
     job.state = state;
     job.endedAtMs = this.now();
+    this.progress.delete(job.jobId);
     if (failure) job.failure = failure;
     if (state === "failed") this.broadcastStop(job, failure?.reason ?? "job failed");
     this.log(job, `job ${state}${failure ? `: ${failure.reason}` : ""}`);

@@ -335,8 +335,10 @@ def _check_sharding(name: str, p: torch.Tensor) -> None:
         return
     if p.device_mesh.ndim != 1 or not all(isinstance(pl, (Shard, Replicate)) for pl in p.placements) or \
             any(isinstance(pl, Shard) and pl.dim != 0 for pl in p.placements):
-        raise NotImplementedError(f"OuterSync supports parameters sharded on dim 0 of a 1-D mesh (FSDP2) or replicated; "
-                                  f"{name} has placements {p.placements} on a {p.device_mesh.ndim}-D mesh")
+        # Refused, not half-done: an HSDP (2-D) mesh would need the pseudo-gradient reduced
+        # over the replicate dimension first; FSDP2 on one mesh dimension is what AT-1 runs.
+        raise OuterSyncError(f"OuterSync syncs parameters sharded on dim 0 of a 1-D mesh (FSDP2) or replicated; "
+                             f"{name} has placements {p.placements} on a {p.device_mesh.ndim}-D mesh (--hsdp is not supported with --outer-every)")
 
 
 def _piece_of(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
