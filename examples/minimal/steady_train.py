@@ -31,7 +31,10 @@ def main() -> None:
     print(f"DONE rank={rank} steps={args.steps}", flush=True)
     agent.close()
     dist.barrier()
-    dist.destroy_process_group()
+    # No process-group destructors at exit: torch 2.11's gloo teardown can abort a rank
+    # (see allreduce_train.py).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
