@@ -10,7 +10,7 @@ import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { validateSdl } from "@drover/sdl";
-import { processAlive } from "@drover/orchestrator";
+import { processAlive, StateDirectory } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runDrover } from "./drover-cli.js";
 import { spawnS3Server } from "./s3-server-process.js";
@@ -160,7 +160,7 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     for (const lease of leased.leases) expect(status.stdout).toContain(`-${lease.dseq}-0 (`);
     expect(status.stdout).toMatch(/sim-a100-leader-\d+-0 \(w-\w+\) connected, group sim-a100/);
     expect(status.stdout).toMatch(/sim-4090-leader-\d+-0 \(w-\w+\) connected, group sim-4090/);
-    const leasesFile = JSON.parse(await readFile(join(stateDir, "akash", "leases.json"), "utf8")) as Array<{ handle: string }>;
+    const leasesFile = (await new StateDirectory(stateDir).readJson<Array<{ handle: string }>>("akash/leases.json")) ?? [];
     expect(leasesFile.map((lease) => lease.handle)).toEqual(expect.arrayContaining(leased.leases.map((lease) => expect.stringContaining(`akash:${lease.dseq}/1/1@${lease.provider}`))));
     // `drover status` shows each group's lease handle.
     for (const lease of leased.leases) expect(status.stdout).toContain(`akash:${lease.dseq}/1/1@${lease.provider}`);
@@ -181,7 +181,7 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     try {
       // Two leases at two providers; the topology names each leader's bridge at the port
       // its provider forwards (the lease status), which the other group's leader dials.
-      const leases = JSON.parse(await readFile(join(stateDir, "akash", "leases.json"), "utf8")) as Array<{ group: string }>;
+      const leases = (await new StateDirectory(stateDir).readJson<Array<{ group: string }>>("akash/leases.json")) ?? [];
       expect(leases.map((lease) => lease.group).sort()).toEqual(["sim-4090", "sim-a100"]);
       const run = drover(["submit", "--working-dir", join(root, "examples", "at1"), "--", "python", "train.py", "--config", "tiny", "--data", data,
         "--steps", "6", "--batch-size", "4", "--warmup-steps", "2", "--outer-every", "2", "--outer-codec", "bf16", "--val-samples", "0", "--log-every", "2"], 200_000);

@@ -13,7 +13,7 @@ import os from "node:os";
 import { join } from "node:path";
 import { CheckpointStore, startLocalS3Server, type LocalS3Server } from "@drover/storage";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { stitchAttempts, type JobRecord, type MetricPoint } from "@drover/orchestrator";
+import { StateDirectory, stitchAttempts, type JobRecord, type MetricPoint } from "@drover/orchestrator";
 import { repoRoot, runDrover } from "./drover-cli.js";
 
 const at1Dir = join(repoRoot, "examples", "at1");
@@ -134,7 +134,7 @@ describe("checkpoints survive dead nodes, end to end", { timeout: 300_000 }, () 
       expect(submit.code, submit.stderr).toBe(0);
       const jobId = /submitted (\S+)/.exec(submit.stdout)![1]!;
       const job = async () => (await readJson<{ jobs: JobRecord[] }>(join(stateDir, "cluster.json")))?.jobs.find((candidate) => candidate.jobId === jobId);
-      const nodes = async () => (await readJson<Array<{ nodeName: string; pid: number }>>(join(stateDir, "local-nodes.json"))) ?? [];
+      const nodes = async () => (await new StateDirectory(stateDir).readJson<Array<{ nodeName: string; pid: number }>>("local-nodes.json").catch(() => undefined)) ?? [];
 
       // 1. Mid-training: a checkpoint is committed and training is 5 steps past it.
       const before = await waitFor(async () => {

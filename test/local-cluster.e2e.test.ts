@@ -6,7 +6,7 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { processAlive } from "@drover/orchestrator";
+import { processAlive, StateDirectory } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { waitFor } from "./wait-for.js";
 
@@ -127,7 +127,7 @@ describe("local cluster, end to end", { timeout: 180_000 }, () => {
 
   it("stops every local worker with `drover down` after the head was killed with SIGKILL", async () => {
     const head = await json<{ pid: number }>("head.json");
-    const nodes = await json<Array<{ nodeName: string; pid: number }>>("local-nodes.json");
+    const nodes = (await new StateDirectory(stateDir).readJson<Array<{ nodeName: string; pid: number }>>("local-nodes.json")) ?? [];
     expect(nodes).toHaveLength(2);
     for (const node of nodes) expect(processAlive(node.pid)).toBe(true);
 

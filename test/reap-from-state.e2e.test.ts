@@ -7,7 +7,7 @@ import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { processAlive } from "@drover/orchestrator";
+import { processAlive, StateDirectory } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { waitFor } from "./wait-for.js";
 
@@ -23,7 +23,7 @@ function drover(args: string[], timeoutMs = 90_000) {
 }
 
 async function localNodes(): Promise<Array<{ nodeName: string; pid: number }>> {
-  return JSON.parse(await readFile(join(stateDir, "local-nodes.json"), "utf8")) as Array<{ nodeName: string; pid: number }>;
+  return (await new StateDirectory(stateDir).readJson<Array<{ nodeName: string; pid: number }>>("local-nodes.json")) ?? [];
 }
 
 describe("local backend: repair loop and reaping from the state directory", { timeout: 120_000 }, () => {

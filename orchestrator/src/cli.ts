@@ -5,22 +5,21 @@ import { mkdir, open, readFile, rm } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import * as grpc from "@grpc/grpc-js";
-import { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions } from "@drover/proto";
-import { commandAkashSim, commandBids, commandSdl } from "./provisioners/akash/akash-cli.js";
-import { backendSection, EMBEDDED_LOCAL_SPEC, expectedNodes, loadClusterSpec, type ClusterSpec } from "./cluster-spec.js";
+import type * as grpc from "@grpc/grpc-js";
+import type { AdminClient } from "@drover/proto";
+import type { ClusterSpec } from "./cluster-spec.js";
 import { DroverError, HeadUnreachableError, PartialReapError, StateError } from "./errors.js";
-import { commandCkpt, openClusterStore } from "./ckpt-cli.js";
-import { newRunId, shipWorkingDir } from "./code-bundle.js";
-import { Head } from "./head.js";
-import { isFinal, type JobRecord } from "./job-controller.js";
+import type { Head } from "./head.js";
+import type { JobRecord } from "./job-controller.js";
 import { describeRestart, formatMetrics, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
-import { durationMs } from "./duration.js";
-import { createLogger } from "./logger.js";
-import { AKASH_LEASES_FILE, type AkashLeaseRecord } from "./provisioners/akash/akash-provisioner.js";
-import { backendNamed, provisionerBackends } from "./provisioners/registry.js";
-import { isolationUnavailable } from "./provisioners/local/local-group-network.js";
+import type { AkashLeaseRecord } from "./provisioners/akash/akash-provisioner.js";
 import { processAlive, StateDirectory, StateLock, type HeadRecord } from "./state-store.js";
+
+// Only what every command needs is imported above. Each command loads the rest with
+// import() when it runs: gRPC, the head, the provisioners (the Akash chain client on
+// cosmjs), the S3 client and the embedded S3 server together took about a second to
+// load, which `drover --help` and `drover status` paid on every call.
+// test/cli-lazy-load.e2e.test.ts keeps those two free of every package.
 
 const USAGE = `drover: train on rented GPUs as if they were one cluster
 
@@ -78,14 +77,31 @@ async function readHead(state: StateDirectory): Promise<HeadRecord | undefined> 
   return state.readJson<HeadRecord>("head.json");
 }
 
-async function adminClient(state: StateDirectory): Promise<{ client: AdminClient; token: string; head: HeadRecord }> {
+/** A connection to a running head's Admin service. */
+interface AdminConnection {
+  client: AdminClient;
+  token: string;
+  head: HeadRecord;
+  protocolVersion: number;
+  /** One unary Admin call, ended by its deadline. */
+  call<Request, Response>(invoke: (request: Request, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>, callback: grpc.requestCallback<Response>) => grpc.ClientUnaryCall, request: Request, timeoutMs: number): Promise<Response>;
+}
+
+async function adminClient(state: StateDirectory): Promise<AdminConnection> {
   const head = await readHead(state);
   if (!head || !processAlive(head.pid) || head.state === "stopped") {
     throw new HeadUnreachableError(`no running head over ${state.root}; start one with \`drover up\``);
   }
   const credentials = await state.readJson<{ adminToken: string }>("admin-token");
   if (!credentials) throw new StateError(`${state.path("admin-token")} is missing`);
-  return { client: new AdminClient(head.adminAddress, grpc.credentials.createInsecure(), controlChannelOptions), token: credentials.adminToken, head };
+  const [grpcJs, { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions }] = await Promise.all([import("@grpc/grpc-js"), import("@drover/proto")]);
+  return {
+    client: new AdminClient(head.adminAddress, grpcJs.credentials.createInsecure(), controlChannelOptions),
+    token: credentials.adminToken,
+    head,
+    protocolVersion: PROTOCOL_VERSION,
+    call: (invoke, request, timeoutMs) => callUnary(invoke, request, new grpcJs.Metadata(), { timeoutMs }),
+  };
 }
 
 /** Takes the state directory's lock for `command`, or fails naming who holds it. */
@@ -97,6 +113,7 @@ async function takeLock(state: StateDirectory, command: string): Promise<StateLo
 
 async function commandUp(args: string[]): Promise<number> {
   const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
+  const { EMBEDDED_LOCAL_SPEC, loadClusterSpec } = await import("./cluster-spec.js");
   const specPath = resolve(positionals[0] ?? EMBEDDED_LOCAL_SPEC);
   const spec = await loadClusterSpec(specPath);
   const state = new StateDirectory(StateDirectory.defaultRoot());
@@ -145,6 +162,7 @@ async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirector
   process.once("SIGTERM", cancel);
   process.once("SIGINT", cancel);
   // Akash takes bid windows and container starts, not seconds: wait as long as the spec allows.
+  const [{ backendSection, expectedNodes }, { backendNamed }] = await Promise.all([import("./cluster-spec.js"), import("./provisioners/registry.js")]);
   const backend = backendNamed(spec.provisioner)!;
   const expected = { nodes: expectedNodes(spec), deadlineMs: backend.startDeadlineMs?.(backendSection(spec)) ?? 60_000 };
   const startedAt = Date.now();
@@ -179,6 +197,7 @@ async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirector
 /** The head process itself (what `drover up` runs in the background). */
 async function commandHead(args: string[]): Promise<number> {
   const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
+  const [{ EMBEDDED_LOCAL_SPEC, loadClusterSpec }, { Head }, { createLogger }] = await Promise.all([import("./cluster-spec.js"), import("./head.js"), import("./logger.js")]);
   const spec = await loadClusterSpec(positionals[0] ?? EMBEDDED_LOCAL_SPEC);
   const stateRoot = StateDirectory.defaultRoot();
   const logger = createLogger({ component: "head", file: join(stateRoot, "head.log") });
@@ -222,6 +241,7 @@ async function commandSubmit(args: string[]): Promise<number> {
       "stall-timeout": { type: "string" },
     },
   });
+  const { durationMs } = await import("./duration.js");
   const stall = values["stall-timeout"] === undefined ? undefined : durationMs.safeParse(/^\d+$/.test(values["stall-timeout"]) ? Number(values["stall-timeout"]) : values["stall-timeout"]);
   if (stall && (!stall.success || stall.data > 2 ** 31)) throw new UsageError(`--stall-timeout ${values["stall-timeout"]}: expected a duration like 90s or 10m (0 = no watchdog)`);
   const stallTimeoutMs = stall?.success ? stall.data : undefined;
@@ -231,7 +251,7 @@ async function commandSubmit(args: string[]): Promise<number> {
   if (fromStep !== undefined && (!Number.isInteger(fromStep) || fromStep < 0)) throw new UsageError(`--from-step ${values["from-step"]}: expected a step number`);
   if (positionals.length === 0) throw new UsageError("drover submit needs a command after --, e.g. drover submit -- python train.py");
   const state = new StateDirectory(StateDirectory.defaultRoot());
-  const { client, token, head } = await adminClient(state);
+  const { client, token, head, protocolVersion, call } = await adminClient(state);
   const workingDir = resolve(values["working-dir"] ?? ".");
   let runId = values["run-id"];
   let codeBundleId = "";
@@ -241,6 +261,7 @@ async function commandSubmit(args: string[]): Promise<number> {
       print(`note: this cluster has no checkpoint storage, so ${workingDir} is not shipped; nodes run the command in --working-dir as it exists in their image`);
     } else if (values["ship-code"] || head.sharesFilesystem === false) {
       // Nodes elsewhere get the working directory through the checkpoint store.
+      const [{ newRunId, shipWorkingDir }, { openClusterStore }, { createLogger }] = await Promise.all([import("./code-bundle.js"), import("./ckpt-cli.js"), import("./logger.js")]);
       runId ??= newRunId();
       const opened = await openClusterStore(state, createLogger({ component: "submit", file: state.path("cli.log") }), AbortSignal.timeout(10 * 60_000));
       try {
@@ -251,8 +272,8 @@ async function commandSubmit(args: string[]): Promise<number> {
         await opened.close();
       }
     }
-    const response = await callUnary(client.submitJob.bind(client), {
-      protocolVersion: PROTOCOL_VERSION,
+    const response = await call(client.submitJob.bind(client), {
+      protocolVersion,
       adminToken: token,
       command: positionals,
       workingDir,
@@ -266,7 +287,7 @@ async function commandSubmit(args: string[]): Promise<number> {
       codeBundleId,
       stallTimeoutMs: stallTimeoutMs ?? 0,
       hasStallTimeout: stallTimeoutMs !== undefined,
-    }, new grpc.Metadata(), { timeoutMs: 30_000 });
+    }, 30_000);
     print(`submitted ${response.jobId} (run ${response.runId})`);
     if (values["no-wait"]) return 0;
     const job = await followJob(state, response.jobId, { follow: true });
@@ -300,6 +321,7 @@ async function followJob(state: StateDirectory, jobId: string, options: { follow
   let printed = "";
   let finalSeenAt: number | undefined;
   const path = state.path("jobs", jobId, "output.log");
+  const { isFinal } = await import("./job-controller.js");
   for (;;) {
     const job = await latestJob(state, jobId);
     if (existsSync(path)) {
@@ -339,8 +361,8 @@ async function commandStatus(args: string[]): Promise<number> {
   const head = await readHead(state);
   const cluster = await state.readJson<{ workers: Array<Record<string, any>>; jobs: JobRecord[] }>("cluster.json");
   const alive = head ? processAlive(head.pid) : false;
-  const leases = (await state.readJson<AkashLeaseRecord[]>(AKASH_LEASES_FILE).catch(() => undefined)) ?? [];
   if (values.json) {
+    const leases = await akashLeases(state, head);
     print(JSON.stringify({ stateDir: state.root, head: head && { ...head, alive }, workers: cluster?.workers ?? [], leases, jobs: cluster?.jobs ?? [] }, null, 2));
     return 0;
   }
@@ -348,6 +370,7 @@ async function commandStatus(args: string[]): Promise<number> {
     print(`no cluster over ${state.root} (drover up starts one)`);
     return 0;
   }
+  const leases = await akashLeases(state, head);
   print(`cluster ${head.clusterName}: head pid ${head.pid} ${alive ? head.state : `NOT RUNNING (last state ${head.state})`}; control ${head.controlAddress}; state ${state.root}`);
   print(`nodes:`);
   for (const worker of cluster?.workers ?? []) {
@@ -382,12 +405,24 @@ async function commandStatus(args: string[]): Promise<number> {
   return 0;
 }
 
+/**
+ * The Akash leases the state directory records. They are the Akash backend's, so its
+ * module (and the chain client with it) is loaded only when head.json names that
+ * backend, names none (a head of an older release), or is missing.
+ */
+async function akashLeases(state: StateDirectory, head: HeadRecord | undefined): Promise<AkashLeaseRecord[]> {
+  if (head?.provisioner !== undefined && head.provisioner !== "akash") return [];
+  const { AKASH_LEASES_FILE } = await import("./provisioners/akash/akash-provisioner.js");
+  return (await state.readJson<AkashLeaseRecord[]>(AKASH_LEASES_FILE).catch(() => undefined)) ?? [];
+}
+
 /** The newest committed step of each run, asked from the cluster's store (served from the state directory when embedded). */
 async function committedStepsInStore(state: StateDirectory, runs: string[]): Promise<{ steps: Map<string, number>; problem?: string } | undefined> {
   if (runs.length === 0 || !existsSync(state.path("storage.json"))) return undefined;
   const steps = new Map<string, number>();
   const signal = AbortSignal.timeout(15_000);
   try {
+    const [{ openClusterStore }, { createLogger }] = await Promise.all([import("./ckpt-cli.js"), import("./logger.js")]);
     const opened = await openClusterStore(state, createLogger({ component: "status", file: state.path("cli.log") }), signal);
     try {
       for (const run of new Set(runs)) {
@@ -417,9 +452,9 @@ async function commandStop(args: string[]): Promise<number> {
   const state = new StateDirectory(StateDirectory.defaultRoot());
   const job = await latestJob(state, values.job);
   if (!job) throw new StateError("no job to stop");
-  const { client, token } = await adminClient(state);
+  const { client, token, call } = await adminClient(state);
   try {
-    const response = await callUnary(client.stopJob.bind(client), { adminToken: token, jobId: job.jobId }, new grpc.Metadata(), { timeoutMs: 10_000 });
+    const response = await call(client.stopJob.bind(client), { adminToken: token, jobId: job.jobId }, 10_000);
     print(response.stopped ? `stopping ${job.jobId}` : `${job.jobId} is not running`);
   } finally {
     client.close();
@@ -480,8 +515,8 @@ async function tearDown(state: StateDirectory): Promise<number> {
   if (head && processAlive(head.pid) && head.state !== "stopped") {
     print(`stopping head (pid ${head.pid})`);
     try {
-      const { client, token } = await adminClient(state);
-      await callUnary(client.shutdown.bind(client), { adminToken: token }, new grpc.Metadata(), { timeoutMs: 5_000 }).finally(() => client.close());
+      const { client, token, call } = await adminClient(state);
+      await call(client.shutdown.bind(client), { adminToken: token }, 5_000).finally(() => client.close());
     } catch {
       process.kill(head.pid, "SIGTERM");
     }
@@ -491,6 +526,7 @@ async function tearDown(state: StateDirectory): Promise<number> {
   } else if (head) {
     print(`head (pid ${head.pid}) is not running; releasing what it left`);
   }
+  const [{ createLogger }, { backendNamed, provisionerBackends }] = await Promise.all([import("./logger.js"), import("./provisioners/registry.js")]);
   const logger = createLogger({ component: "cli", file: state.path("head.log") });
   // The backend head.json names; without a readable record, every backend reaps what its
   // own records in the state directory name. The spec file is never read again: it may be
@@ -569,6 +605,7 @@ async function lossCurveLine(state: StateDirectory, job: JobRecord): Promise<str
 /** up + submit + wait + down in one process: the quickest way to see Drover work. */
 async function commandDemo(args: string[]): Promise<number> {
   const { positionals, values } = parseArgs({ args, allowPositionals: true, options: { "no-failure": { type: "boolean" } } });
+  const { EMBEDDED_LOCAL_SPEC, loadClusterSpec } = await import("./cluster-spec.js");
   const spec = await loadClusterSpec(positionals[0] ?? EMBEDDED_LOCAL_SPEC);
   if (!spec.job) throw new DroverError(`${spec.source} has no job: section for the demo to run`);
   preferProjectPython();
@@ -583,6 +620,12 @@ async function commandDemo(args: string[]): Promise<number> {
 }
 
 async function runDemo(spec: Extract<ClusterSpec, { provisioner: "local" }> & { job: NonNullable<ClusterSpec["job"]> }, stateRoot: string, noFailure: boolean): Promise<number> {
+  const [{ expectedNodes }, { Head }, { createLogger }, { isolationUnavailable }] = await Promise.all([
+    import("./cluster-spec.js"),
+    import("./head.js"),
+    import("./logger.js"),
+    import("./provisioners/local/local-group-network.js"),
+  ]);
   const logger = createLogger({ component: "head", file: join(stateRoot, "head.log") });
   const head = await Head.create(spec, { stateDir: stateRoot, logger });
   const interrupted = new AbortController();
@@ -643,10 +686,10 @@ async function main(argv: string[]): Promise<number> {
     case "stop": return commandStop(rest);
     case "down": return commandDown();
     case "demo": return commandDemo(rest);
-    case "sdl": return commandSdl(rest);
-    case "bids": return commandBids(rest);
-    case "akash-sim": return commandAkashSim(rest);
-    case "ckpt": return commandCkpt(rest);
+    case "sdl": return (await import("./provisioners/akash/akash-cli.js")).commandSdl(rest);
+    case "bids": return (await import("./provisioners/akash/akash-cli.js")).commandBids(rest);
+    case "akash-sim": return (await import("./provisioners/akash/akash-cli.js")).commandAkashSim(rest);
+    case "ckpt": return (await import("./ckpt-cli.js")).commandCkpt(rest);
     case undefined: case "help": case "--help": case "-h":
       print(USAGE);
       return command === undefined ? 2 : 0;

@@ -20,6 +20,10 @@ import { StateError } from "./errors.js";
  *   jobs/<id>/output.log  every rank's output lines, prefixed with the rank
  *   jobs/<id>/metrics.ndjson
  *   workers/<node>/       a local worker's own state (trainers.json: trainer pids)
+ *
+ * Every JSON file carries the format it was written in (`formatVersion`, see
+ * STATE_FORMAT_VERSION), so that a release never acts on a file whose meaning it does
+ * not know, and the format can change later without guessing.
  */
 export class StateDirectory {
   constructor(readonly root: string) {}
@@ -32,14 +36,21 @@ export class StateDirectory {
     return join(this.root, ...parts);
   }
 
-  async writeJson(relative: string, value: unknown, mode = 0o644): Promise<void> {
-    await writeFileAtomic(this.path(relative), JSON.stringify(value, null, 2) + "\n", mode);
+  /**
+   * Saves a state file in this release's format: an object gets `formatVersion` as its
+   * first field; a list, which has no room for a field, is saved as
+   * `{"formatVersion": 1, "entries": [...]}` and read back as the list.
+   */
+  async writeJson(relative: string, value: object, mode = 0o644): Promise<void> {
+    await writeFileAtomic(this.path(relative), JSON.stringify(withFormatVersion(value), null, 2) + "\n", mode);
   }
 
   /**
    * A state file, or undefined when there is none. A file that cannot be read or parsed
    * is a StateError naming it and what is wrong (`drover` exits 2 on it), never a bare
-   * JSON message: a crash or a full disk can leave a file cut short.
+   * JSON message: a crash or a full disk can leave a file cut short. So is a file of a
+   * newer format than this release reads; one without `formatVersion` was written before
+   * the field existed and is format 1. The value comes back without the field.
    */
   async readJson<T>(relative: string): Promise<T | undefined> {
     const path = this.path(relative);
@@ -50,11 +61,13 @@ export class StateDirectory {
       if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
       throw new StateError(`state file ${path} cannot be read: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`, { file: path }, { cause: error });
     }
+    let parsed: unknown;
     try {
-      return JSON.parse(text) as T;
+      parsed = JSON.parse(text);
     } catch (error) {
       throw new StateError(`state file ${path} is not valid JSON (${(error as Error).message}); it was cut short or edited. \`drover down\` still stops what it can find; remove the file to start over`, { file: path }, { cause: error });
     }
+    return withoutFormatVersion(parsed, path) as T;
   }
 
   async append(relative: string, text: string): Promise<void> {
@@ -62,6 +75,38 @@ export class StateDirectory {
     await mkdir(dirname(path), { recursive: true });
     await appendFile(path, text);
   }
+}
+
+/**
+ * The format of the JSON state files this release writes and the newest it reads. Raise
+ * it when a file's meaning changes in a way an older release would misread (a field
+ * renamed, a pid list moved): older releases then refuse the file instead of acting on it.
+ */
+export const STATE_FORMAT_VERSION = 1;
+
+function withFormatVersion(value: object): object {
+  if (Array.isArray(value)) return { formatVersion: STATE_FORMAT_VERSION, entries: value };
+  // A value read back from a file has no formatVersion (readJson drops it); one that does is overruled.
+  const { formatVersion: _ignored, ...fields } = value as Record<string, unknown>;
+  return { formatVersion: STATE_FORMAT_VERSION, ...fields };
+}
+
+function withoutFormatVersion(parsed: unknown, path: string): unknown {
+  if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) return parsed;
+  const { formatVersion, ...fields } = parsed as Record<string, unknown>;
+  if (formatVersion === undefined) return parsed;
+  if (typeof formatVersion !== "number" || !Number.isInteger(formatVersion) || formatVersion < 1) {
+    throw new StateError(`state file ${path} has format version ${JSON.stringify(formatVersion)}, which is no version number; it was edited. \`drover down\` still stops what it can find; remove the file to start over`, { file: path });
+  }
+  if (formatVersion > STATE_FORMAT_VERSION) {
+    throw new StateError(
+      `state file ${path} has format version ${formatVersion}, newer than this drover reads (format ${STATE_FORMAT_VERSION}): a newer release of drover wrote it; use that release. \`drover down\` still stops what it can find`,
+      { file: path, formatVersion, readableFormatVersion: STATE_FORMAT_VERSION },
+    );
+  }
+  const keys = Object.keys(fields);
+  if (keys.length === 1 && keys[0] === "entries" && Array.isArray(fields.entries)) return fields.entries;
+  return fields;
 }
 
 export async function writeFileAtomic(path: string, contents: string, mode = 0o644): Promise<void> {
@@ -156,7 +201,7 @@ export class StateLock {
         const handle = await open(path, "wx", 0o600);
         try {
           const record: StateLockRecord = { pid: process.pid, command, startedAt: new Date().toISOString() };
-          await handle.writeFile(JSON.stringify(record) + "\n");
+          await handle.writeFile(JSON.stringify({ formatVersion: STATE_FORMAT_VERSION, ...record }) + "\n");
         } finally {
           await handle.close();
         }
@@ -184,6 +229,10 @@ export class StateLock {
   }
 }
 
+/**
+ * The holder of a lock file. Its format version is not checked: a lock written by another
+ * release still names a live pid that must not be overrun, and a pid is all it takes.
+ */
 async function readLock(path: string): Promise<StateLockRecord | undefined> {
   try {
     const parsed = JSON.parse(await readFile(path, "utf8")) as Partial<StateLockRecord>;

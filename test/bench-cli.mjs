@@ -1,0 +1,66 @@
+// npm run bench:cli: how long `drover --help` and `drover status` (over an empty state
+// directory) take from spawn to exit, against a bare `node -e ''` started the same way
+// in the same run, rounds taking turns. Prints each median in ms, its ratio to the bare
+// process and the overhead above it (goal: under 300 ms each). BENCH_ROUNDS sets the
+// measured rounds (default 15), after one warm-up round that is not counted (it fills
+// the page cache). Run `npm run build` first: this times orchestrator/dist/cli.js.
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const cli = join(root, "orchestrator", "dist", "cli.js");
+const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 15);
+const GOAL_OVERHEAD_MS = 300;
+
+if (!existsSync(cli)) {
+  process.stderr.write(`bench:cli: ${cli} is missing; run \`npm run build\` first\n`);
+  process.exit(2);
+}
+
+const stateDir = mkdtempSync(join(os.tmpdir(), "drover-bench-cli-"));
+const env = { ...process.env, DROVER_STATE_DIR: stateDir };
+const subjects = [
+  { label: "node -e ''", args: ["-e", ""] },
+  { label: "drover --help", args: [cli, "--help"] },
+  { label: "drover status", args: [cli, "status"] },
+];
+
+/** Milliseconds from spawn to exit of one run; a run that fails ends the bench. */
+function timeOnce(subject) {
+  const started = process.hrtime.bigint();
+  const result = spawnSync(process.execPath, subject.args, { env, stdio: ["ignore", "ignore", "pipe"], encoding: "utf8" });
+  const elapsedMs = Number(process.hrtime.bigint() - started) / 1e6;
+  if (result.status !== 0) throw new Error(`${subject.label} exited ${result.status ?? result.signal}: ${result.stderr}`);
+  return elapsedMs;
+}
+
+function median(values) {
+  const sorted = [...values].sort((a, b) => a - b);
+  const middle = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[middle] : (sorted[middle - 1] + sorted[middle]) / 2;
+}
+
+try {
+  for (const subject of subjects) timeOnce(subject);
+  const runs = new Map(subjects.map((subject) => [subject.label, []]));
+  // Interleaved so that drift of the machine (other load, CPU frequency) hits all alike.
+  for (let round = 0; round < ROUNDS; round++) {
+    for (const subject of subjects) runs.get(subject.label).push(timeOnce(subject));
+  }
+  const baseline = median(runs.get(subjects[0].label));
+  process.stdout.write(`spawn to exit, median of ${ROUNDS} rounds, node ${process.version}, ${os.cpus().length} cpus\n`);
+  process.stdout.write(`${subjects[0].label.padEnd(15)} ${baseline.toFixed(1).padStart(7)} ms  (the bare process)\n`);
+  let missed = 0;
+  for (const subject of subjects.slice(1)) {
+    const ms = median(runs.get(subject.label));
+    const overhead = ms - baseline;
+    if (overhead >= GOAL_OVERHEAD_MS) missed += 1;
+    process.stdout.write(`${subject.label.padEnd(15)} ${ms.toFixed(1).padStart(7)} ms  ${(ms / baseline).toFixed(2)}x the bare process, +${overhead.toFixed(1)} ms (goal < ${GOAL_OVERHEAD_MS} ms)\n`);
+  }
+  process.stdout.write(missed === 0 ? `goal met: every command starts within ${GOAL_OVERHEAD_MS} ms of a bare node\n` : `goal MISSED by ${missed} command(s)\n`);
+} finally {
+  rmSync(stateDir, { recursive: true, force: true });
+}
