@@ -12,8 +12,19 @@ import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { isolationUnavailable } from "@drover/orchestrator";
+import { isolationUnavailable, StateDirectory, stitchAttempts, type JobRecord, type MetricPoint } from "@drover/orchestrator";
 import { repoRoot, runDrover } from "./drover-cli.js";
+
+/** Polls until `probe` gives a value; fails naming `what` after `timeoutMs`. */
+async function until<T>(probe: () => Promise<T | undefined>, timeoutMs: number, what: string): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, 200));
+  }
+}
 
 const at1Dir = join(repoRoot, "examples", "at1");
 const python = join(repoRoot, ".venv", "bin", "python");
@@ -56,6 +67,81 @@ describe("two local groups train one model through the bridge", { timeout: 600_0
   });
   afterAll(async () => {
     await rm(scratch, { recursive: true, force: true });
+  });
+
+  it("goes on without a group whose leader is killed, and the group rejoins with the live outer state", async () => {
+    const stateDir = join(scratch, "state-kill");
+    const spec = join(scratch, "kill.json");
+    await writeFile(spec, JSON.stringify({
+      name: "outer-kill",
+      head: { heartbeatInterval: "1s", heartbeatTimeout: "5s" },
+      local: { groups: [{ name: "alpha", nodes: 1, ranksPerNode: 1 }, { name: "beta", nodes: 1, ranksPerNode: 1 }] },
+    }));
+    const steps = 96;
+    try {
+      const up = await drover(stateDir, ["up", spec]);
+      expect(up.code, up.stdout + up.stderr).toBe(0);
+      const submit = await drover(stateDir, ["submit", "--no-wait", "--run-id", "kill", "--working-dir", at1Dir, "--", "python", "train.py",
+        "--config", "tiny", "--data", dataDir, "--steps", String(steps), "--batch-size", "8", "--warmup-steps", "4", "--lr", "2e-3",
+        "--outer-every", "4", "--outer-timeout", "10", "--ckpt-every", "8", "--val-samples", "32", "--log-every", "1"]);
+      expect(submit.code, submit.stdout + submit.stderr).toBe(0);
+      const jobId = /submitted (\S+)/.exec(submit.stdout)![1]!;
+      const state = new StateDirectory(stateDir);
+      const job = async () => (await state.readJson<{ jobs: JobRecord[] }>("cluster.json").catch(() => undefined))?.jobs.find((candidate) => candidate.jobId === jobId);
+
+      // Mid-run, after a committed checkpoint, beta's leader agent freezes (SIGSTOP) until
+      // alpha has gone on without it, then is killed (kill -9): the local provisioner
+      // starts a new agent, and the head restarts group beta alone.
+      await until(async () => {
+        const current = await job();
+        const step = current?.latestMetrics[0]?.step;
+        return current?.lastCommittedStep !== undefined && step !== undefined && step >= current.lastCommittedStep + 4 ? current : undefined;
+      }, 150_000, "a committed checkpoint and 4 more steps");
+      const nodes = await state.readJson<Array<{ nodeName: string; pid: number }>>("local-nodes.json");
+      const beta = nodes.find((node) => node.nodeName.startsWith("beta"))!;
+      const output = () => readFile(join(stateDir, "jobs", jobId, "output.log"), "utf8");
+      process.kill(beta.pid, "SIGSTOP");
+      try {
+        await until(async () => ((await output()).includes("group beta left the outer steps") ? true : undefined), 60_000, "alpha to go on without beta");
+      } finally {
+        process.kill(beta.pid, "SIGKILL");
+      }
+
+      const final = await until(async () => {
+        const current = await job();
+        return current && ["succeeded", "failed", "stopped"].includes(current.state) ? current : undefined;
+      }, 300_000, "the job to end");
+      const log = await output();
+      expect(final.state, `${JSON.stringify(final.failure)}\n${log.slice(-4000)}`).toBe("succeeded");
+      // Only beta restarted: the job stayed in its first attempt.
+      expect(final.attempt).toBe(1);
+      expect(final.restarts).toHaveLength(1);
+      expect(final.restarts[0]).toMatchObject({ group: "beta" });
+      // Alpha went on alone while beta was gone, and said so.
+      expect(log).toMatch(/\[rank 0\] outer step \d+: groups alpha, /);
+      // Beta came back and took alpha's live outer state over the bridge.
+      // (Under load an outer step may time out again later and split the groups for a
+      // while; the group of the higher index then takes the state again: the last take counts.)
+      const took = [...log.matchAll(/\[rank 1\] joined: took group alpha's live outer state at outer step (\d+) \(inner step (\d+)\)/g)].at(-1);
+      expect(took, log.slice(-4000)).toBeDefined();
+      const joinedAt = Number(took![1]);
+      expect(Number(took![2])).toBe(joinedAt * 4);
+      // From the next outer step on, both groups step together on the same parameters.
+      const checksums = outerChecksums(log);
+      const afterJoin = [...(checksums.get(0) ?? new Map<number, string>()).keys()].filter((step) => step > joinedAt);
+      expect(afterJoin.length).toBeGreaterThan(0);
+      for (const step of afterJoin) expect(checksums.get(1)?.get(step), `outer step ${step}\n${log.slice(-4000)}`).toBe(checksums.get(0)!.get(step));
+      expect(log).toMatch(new RegExp(`\\[rank 0\\] outer step ${afterJoin[0]}: groups alpha\\+beta`));
+      // The stitched curve (rank 0, alpha, never restarted) has every step once.
+      await new Promise((resolveDelay) => setTimeout(resolveDelay, 500));
+      const points = (await readFile(join(stateDir, "jobs", jobId, "metrics.ndjson"), "utf8")).split("\n").filter(Boolean)
+        .map((line) => JSON.parse(line) as MetricPoint & { rank: number; loss?: number }).filter((point) => point.rank === 0 && typeof point.loss === "number");
+      expect(stitchAttempts(points, final.restarts).map((point) => point.step)).toEqual(Array.from({ length: steps }, (_, index) => index + 1));
+    } finally {
+      const down = await drover(stateDir, ["down"]);
+      expect(down.code, down.stdout + down.stderr).toBe(0);
+      expect(spawnSync("ip", ["netns", "list"], { encoding: "utf8" }).stdout ?? "").not.toMatch(/drover-[0-9a-f]{4}-(g\d|wan)/);
+    }
   });
 
   it("keeps both groups' outer parameters identical, lowers validation loss, and resumes exactly", async () => {

@@ -383,6 +383,14 @@ def train(args: argparse.Namespace, ctx: DistContext, agent: drover_agent.Agent)
 
     model.train()
     step = start_step
+    if outer is not None:
+        # A group that (re)starts while another trains on takes that group's live outer
+        # state and continues at its step (the data stream goes on where this group's
+        # checkpoint left it: no sample is skipped, a few may be seen twice).
+        joined = outer.join()
+        if joined is not None and joined["mode"] == "state":
+            step = joined["inner_step"]
+            result.final_step = step
     train_start = time.perf_counter()
     step_seconds = 0.0  # time in training steps only, without validation and checkpoints
     interval_seconds, interval_steps = 0.0, 0  # since the last progress line
@@ -440,6 +448,11 @@ def train(args: argparse.Namespace, ctx: DistContext, agent: drover_agent.Agent)
                 if ctx.is_main:
                     agent.metric(step, outer_step=report["outer_step"], outer_seconds=report["seconds"],
                                  outer_bytes=report["bytes_sent"])
+                joined = report.get("joined")
+                if joined is not None and joined["mode"] == "state":
+                    step = joined["inner_step"]  # this group fell out of step and took the lineage's state
+                    result.final_step = step
+                    continue
 
         stop = False
         if validator and args.val_every and step % args.val_every == 0:

@@ -1,4 +1,4 @@
-import { setMaxListeners } from "node:events";
+import { EventEmitter, setMaxListeners } from "node:events";
 import { CheckpointStore, retryThroughOutage, STORE_OUTAGE_RETRY, type OutageRetryPolicy, type RankUploadReport } from "@drover/storage";
 import type { ICheckpointReport } from "@drover/proto";
 import type { JobController, JobRecord } from "./job-controller.js";
@@ -12,7 +12,12 @@ import type { Logger } from "./logger.js";
 /** One commit try (it checks every object of the step) is abandoned after this long. */
 const COMMIT_TRY_TIMEOUT_MS = 120_000;
 
-export class CheckpointCoordinator {
+export interface CheckpointCoordinatorEvents {
+  /** A step's MANIFEST.json is written; `seconds` from the last rank's report, retries included. */
+  committed: [{ runId: string; step: number; seconds: number }];
+}
+
+export class CheckpointCoordinator extends EventEmitter<CheckpointCoordinatorEvents> {
   /** Reports per attempt (a failed attempt's partial reports must never mix with the next one's). */
   private readonly pending = new Map<string, Map<number, RankUploadReport[]>>();
   /** Commits running per job, which a restart waits for before it picks its step. */
@@ -25,6 +30,7 @@ export class CheckpointCoordinator {
     /** A commit failing because the store is unreachable is tried again this long. */
     private readonly retry: OutageRetryPolicy = STORE_OUTAGE_RETRY,
   ) {
+    super();
     jobs.on("checkpoint", (job, report) => {
       const commit = this.onReport(job, report);
       const running = this.inFlight.get(job.jobId) ?? new Set();
@@ -40,16 +46,21 @@ export class CheckpointCoordinator {
     this.pending.set(job.wireJobId, byStep);
     const reports = byStep.get(step) ?? [];
     byStep.set(step, reports);
-    reports.push({
+    const rankReport = {
       run: job.runId,
       step,
       rank: report.rank ?? 0,
       files: (report.files ?? []).map((file) => ({ path: file.path ?? "", size: Number(file.size ?? 0), sha256: file.sha256 ?? "" })),
-    });
+    };
+    // A group restarted on its own may report a step again: its newer upload replaces the old.
+    const earlier = reports.findIndex((candidate) => candidate.rank === rankReport.rank);
+    if (earlier >= 0) reports[earlier] = rankReport;
+    else reports.push(rankReport);
     if (reports.length < job.worldSize) return;
     byStep.delete(step);
+    const allReportedAt = performance.now();
     try {
-      await retryThroughOutage(() => this.commitOnce(job, step, reports), {
+      await retryThroughOutage(() => this.commitOnce(job, step, reports, allReportedAt), {
         policy: this.retry,
         onRetry: ({ attempt, delayMs, error }) => {
           this.jobs.note(job.jobId, `checkpoint step ${step}: commit failed (${error.message}); trying again in ${Math.round(delayMs / 1000)}s`);
@@ -63,7 +74,7 @@ export class CheckpointCoordinator {
     }
   }
 
-  private async commitOnce(job: JobRecord, step: number, reports: RankUploadReport[]): Promise<void> {
+  private async commitOnce(job: JobRecord, step: number, reports: RankUploadReport[], allReportedAt: number): Promise<void> {
     const signal = AbortSignal.timeout(COMMIT_TRY_TIMEOUT_MS);
     // The commit checks every object concurrently, each request listening on this signal.
     setMaxListeners(256, signal);
@@ -75,6 +86,7 @@ export class CheckpointCoordinator {
       signal,
     });
     this.jobs.markCommitted(job.jobId, step);
+    this.emit("committed", { runId: job.runId, step, seconds: (performance.now() - allReportedAt) / 1000 });
     try {
       const pruned = await this.store.prune({ run: job.runId, signal });
       if (pruned.deleted.length > 0) this.logger.info("pruned checkpoints", { run: job.runId, steps: pruned.deleted });

@@ -38,6 +38,15 @@ describe("cluster spec", () => {
     }
   });
 
+  it("serves /metrics on loopback and keeps an hour of telemetry unless told otherwise", () => {
+    expect(parseClusterSpecYaml("name: demo\n", "/tmp/m.yaml").head).toMatchObject({ metricsHost: "127.0.0.1", metricsPort: 0, telemetryRetentionMs: 3_600_000 });
+    expect(parseClusterSpecYaml("head:\n  metricsHost: 0.0.0.0\n  metricsPort: 9464\n  telemetryRetention: 6h\n", "/tmp/m.yaml").head)
+      .toMatchObject({ metricsHost: "0.0.0.0", metricsPort: 9464, telemetryRetentionMs: 6 * 3_600_000 });
+    expect(() => parseClusterSpecYaml("head:\n  metricsPort: 70000\n", "/tmp/m.yaml")).toThrow(/head\.metricsPort: /);
+    expect(() => parseClusterSpecYaml("head:\n  telemetryRetention: 2d\n", "/tmp/m.yaml")).toThrow(/head\.telemetryRetention: expected a duration/);
+    expect(() => parseClusterSpecYaml("head:\n  telemetryRetention: 48h\n", "/tmp/m.yaml")).toThrow(/head\.telemetryRetention: must be at most 24h/);
+  });
+
   it("reads head.advertise and refuses a URL there, naming the field", () => {
     expect(parseClusterSpecYaml("head:\n  host: 0.0.0.0\n  port: 7070\n  advertise: head.example.org\n", "/tmp/a.yaml").head.advertise).toBe("head.example.org");
     expect(() => parseClusterSpecYaml("head:\n  advertise: http://head.example.org\n", "/tmp/b.yaml")).toThrow(/head\.advertise: expected host or host:port/);

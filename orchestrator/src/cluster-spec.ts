@@ -44,6 +44,15 @@ const headSchema = z.object({
   heartbeatTimeout: durationMs.default(10_000),
   /** How long to wait for the requested workers before a job fails. */
   workerWaitTimeout: durationMs.default(120_000),
+  /**
+   * Where the head serves Prometheus metrics (`/metrics`): loopback unless asked, since
+   * it names nodes and runs to whoever can reach it. Port 0 = any free port; the URL is
+   * logged and written to `<state>/metrics.json`.
+   */
+  metricsHost: z.string().min(1).default("127.0.0.1"),
+  metricsPort: z.number().int().min(0).max(65_535).default(0),
+  /** How much node and GPU telemetry the head keeps (and persists) per series. */
+  telemetryRetention: durationMs.pipe(z.number().min(60_000, "must be at least 1m").max(24 * 3_600_000, "must be at most 24h")).default(3_600_000),
 }).strict().superRefine((head, ctx) => {
   // A node is declared lost after heartbeatTimeout of silence: with fewer than two
   // heartbeats in that window, one late heartbeat would restart the job.
@@ -57,6 +66,9 @@ const headSchema = z.object({
   heartbeatIntervalMs: head.heartbeatInterval,
   heartbeatTimeoutMs: head.heartbeatTimeout,
   workerWaitTimeoutMs: head.workerWaitTimeout,
+  metricsHost: head.metricsHost,
+  metricsPort: head.metricsPort,
+  telemetryRetentionMs: head.telemetryRetention,
 })).prefault({});
 
 /** What every spec has, whatever its backend. */

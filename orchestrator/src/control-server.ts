@@ -2,7 +2,7 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import * as grpc from "@grpc/grpc-js";
 import {
   PROTOCOL_VERSION, adminService, controlChannelOptions, controlService,
-  type AdminHandlers, type ControlHandlers, type IHeadMessage, type IWorkerMessage,
+  type AdminHandlers, type ControlHandlers, type IHeadMessage, type ITelemetry, type IWorkerMessage,
 } from "@drover/proto";
 import { DroverError, JobRequestError } from "./errors.js";
 import type { JobController, JobRecord } from "./job-controller.js";
@@ -28,6 +28,8 @@ export interface ControlServerDeps {
   /** Called by Admin.Shutdown after the reply is sent. */
   onShutdownRequested: () => void;
   /** Admission of a job: resolves the resume step, then hands it to the job controller. */
+  /** A worker's Telemetry batch (checked and kept by the head's telemetry). */
+  onTelemetry?: (workerId: string, telemetry: ITelemetry) => void;
   submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number; maxRestarts?: number; codeBundleId?: string; stallTimeoutMs?: number }) => Promise<JobRecord>;
 }
 
@@ -112,6 +114,7 @@ export class ControlServer {
           else if (message.rankExit) jobs.onRankExit(workerId, message.rankExit);
           else if (message.checkpoint) jobs.onCheckpoint(workerId, message.checkpoint);
           else if (message.jobFailure) jobs.onJobFailure(workerId, message.jobFailure.jobId ?? "", message.jobFailure.reason ?? "the node could not run the job");
+          else if (message.telemetry) this.deps.onTelemetry?.(workerId, message.telemetry);
         });
         const end = () => registry.detach(workerId, channel);
         call.on("end", () => {

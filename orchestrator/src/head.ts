@@ -12,6 +12,7 @@ import type { Logger } from "./logger.js";
 import { backendNamed, createProvisioner, type Provisioner } from "./provisioners/registry.js";
 import { RepairLoop } from "./repair-loop.js";
 import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
+import { HeadTelemetry } from "./telemetry/head-telemetry.js";
 import { WorkerRegistry } from "./worker-registry.js";
 
 export type HeadState = "created" | "starting" | "provisioning" | "ready" | "stopping" | "stopped" | "failed";
@@ -60,6 +61,8 @@ export class Head extends EventEmitter<HeadEvents> {
   private embeddedS3: LocalS3Server | undefined;
   private storageConfig: StorageConfigInput | undefined;
   checkpoints: CheckpointCoordinator | undefined;
+  /** Node and GPU telemetry, its persisted history and /metrics. */
+  readonly telemetry: HeadTelemetry;
   private stopped: Promise<void> | undefined;
   private shutdownRequested!: () => void;
   readonly shutdownRequestedPromise = new Promise<void>((resolve) => (this.shutdownRequested = resolve));
@@ -92,6 +95,15 @@ export class Head extends EventEmitter<HeadEvents> {
       },
       logger: logger.child({ component: "jobs" }),
     });
+    this.telemetry = HeadTelemetry.create({
+      metricsHost: spec.head.metricsHost,
+      metricsPort: spec.head.metricsPort,
+      retentionMs: spec.head.telemetryRetentionMs,
+      stateDir,
+      workers: this.registry,
+      jobs: this.jobs,
+      logger: logger.child({ component: "telemetry" }),
+    });
     this.server = new ControlServer({
       registry: this.registry,
       jobs: this.jobs,
@@ -102,6 +114,7 @@ export class Head extends EventEmitter<HeadEvents> {
       logger: logger.child({ component: "control-server" }),
       onShutdownRequested: () => this.shutdownRequested(),
       submitJob: (request) => this.submit(request),
+      onTelemetry: (workerId, telemetry) => this.telemetry.onTelemetry(workerId, telemetry),
     });
     this.registry.on("lost", (worker, reason) => this.repair?.nodeLost(worker.nodeName, reason, worker.registeredAtMs));
     this.registry.on("changed", () => {
@@ -185,6 +198,9 @@ export class Head extends EventEmitter<HeadEvents> {
       // status reads would show the time since registration.
       this.heartbeatSnapshots = setInterval(() => this.scheduleSnapshot(), this.spec.head.heartbeatIntervalMs);
       this.heartbeatSnapshots.unref();
+      phase = "starting the metrics server";
+      await this.telemetry.start(this.shutdownController.signal);
+      phase = "starting the control server";
       await this.server.listen(this.spec.head.host, this.spec.head.port);
       await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
       phase = "opening checkpoint storage";
@@ -232,6 +248,7 @@ export class Head extends EventEmitter<HeadEvents> {
     if (!this.storageConfig) return;
     const store = CheckpointStore.fromConfig(this.storageConfig, { logger: this.logger.child({ component: "checkpoints" }), resumeStateDir: this.stateDir.path("upload-journal") });
     this.checkpoints = new CheckpointCoordinator(store, this.jobs, this.logger.child({ component: "checkpoints" }));
+    this.telemetry.watchCheckpoints(this.checkpoints);
     // The CLI's `drover ckpt` reads the same store; the file holds credentials, so 0600.
     await this.stateDir.writeJson("storage.json", { storage: this.storageConfig, embedded: this.embeddedS3 !== undefined }, 0o600);
   }
@@ -337,6 +354,7 @@ export class Head extends EventEmitter<HeadEvents> {
       this.jobs.dispose();
       this.registry.stop();
       await this.server.close();
+      await this.telemetry.shutdown();
       this.checkpoints?.store.close();
       await this.embeddedS3?.stop();
       clearTimeout(this.snapshotTimer);

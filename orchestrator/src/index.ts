@@ -9,3 +9,6 @@ export { createLogger, silentLogger, type Logger } from "./logger.js";
 export { summarizeJob, formatMetrics, describeRestart, stitchAttempts, type MetricPoint } from "./job-view.js";
 export * from "./errors.js";
 export { isolationUnavailable, planGroupNetworks, GroupNetworks } from "./provisioners/local/local-group-network.js";
+export { HeadTelemetry, TELEMETRY_FILE, METRICS_FILE, type HeadTelemetryState } from "./telemetry/head-telemetry.js";
+export { TelemetryStore, SeriesRing, GPU_METRICS, NODE_METRICS, TELEMETRY_FILE_VERSION, type SeriesInfo, type TelemetryFile } from "./telemetry/telemetry-store.js";
+export { checkTelemetry, type TelemetryBatch, type TelemetrySample } from "./telemetry/telemetry-report.js";

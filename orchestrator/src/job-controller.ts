@@ -47,6 +47,11 @@ export interface JobRestart {
   lastStep?: number;
   /** Committed checkpoint the next attempt starts from; undefined = from scratch. */
   resumeStep?: number;
+  /**
+   * Set when only this group restarted (a job with several groups): the other groups
+   * trained on, and the group took their live outer state when it came back.
+   */
+  group?: string;
 }
 
 export interface JobFailure {
@@ -90,6 +95,25 @@ export interface JobRecord {
   lastCommittedStep?: number;
   /** Ranks of the current attempt that made no progress (no step, no output) for the stall timeout. */
   stalled?: Array<{ rank: number; idleMs: number }>;
+  /**
+   * The job id the workers of a group restarted on its own run under (`<wireJobId>-g<index>r<n>`);
+   * groups not listed run under wireJobId. All of an attempt's groups share wireJobId on the bridge.
+   */
+  groupWireIds?: Record<string, string>;
+  /** Groups restarting on their own right now (the others train on). */
+  groupsRestarting?: string[];
+}
+
+/** One group of a several-group job restarting on its own. */
+interface GroupRestart {
+  group: string;
+  /** draining: its old ranks are being stopped; waiting: for its nodes to be connected. */
+  phase: "draining" | "waiting";
+  /** Global ranks of the group still expected to report their exit. */
+  waiting: Set<number>;
+  drained: () => void;
+  resumeStep?: number;
+  waitTimer?: NodeJS.Timeout;
 }
 
 /** What the watchdog knows of one rank of the current attempt. */
@@ -152,6 +176,11 @@ export class JobController extends EventEmitter<JobEvents> {
   private readonly watchdog: NodeJS.Timeout;
   /** jobId -> global rank -> progress, for the current attempt. */
   private readonly progress = new Map<string, Map<number, RankProgress>>();
+  /** jobId -> the bridge key of the current attempt (several groups only; never logged or stored). */
+  private readonly bridgeSecrets = new Map<string, Buffer>();
+  /** jobId -> group -> its restart on its own, while it lasts. */
+  private readonly groupRestarts = new Map<string, Map<string, GroupRestart>>();
+  private groupRestartCount = 0;
 
   constructor(private readonly deps: {
     registry: WorkerRegistry;
@@ -185,7 +214,10 @@ export class JobController extends EventEmitter<JobEvents> {
     super();
     this.watchdog = setInterval(() => this.checkProgress(), WATCHDOG_TICK_MS);
     this.watchdog.unref();
-    deps.registry.on("changed", () => void this.startPendingJobs());
+    deps.registry.on("changed", () => {
+      void this.startPendingJobs();
+      void this.startWaitingGroups();
+    });
     deps.registry.on("lost", (worker, reason) => this.onWorkerLost(worker, reason));
   }
 
@@ -241,7 +273,22 @@ export class JobController extends EventEmitter<JobEvents> {
   /** The job a worker message is about, if it is about the job's current attempt. */
   private current(wireJobId: string | null | undefined): JobRecord | undefined {
     const job = this.byWireId.get(wireJobId ?? "");
-    return job && job.wireJobId === wireJobId ? job : undefined;
+    if (!job) return undefined;
+    return job.wireJobId === wireJobId || Object.values(job.groupWireIds ?? {}).includes(wireJobId ?? "") ? job : undefined;
+  }
+
+  /** The job id a group's workers run under now. */
+  private wireIdOf(job: JobRecord, group: string): string {
+    return job.groupWireIds?.[group] ?? job.wireJobId;
+  }
+
+  /**
+   * Whether a worker's message is from its group's current run: a group restarted on its
+   * own runs under a job id of its own, and its old ranks' late messages are not.
+   */
+  private fromCurrentRun(job: JobRecord, workerId: string, wireJobId: string | null | undefined): NodeAssignment | undefined {
+    const assignment = job.assignments.find((candidate) => candidate.workerId === workerId);
+    return assignment && this.wireIdOf(job, assignment.group) === wireJobId ? assignment : undefined;
   }
 
   get(jobId: string): JobRecord | undefined {
@@ -294,6 +341,10 @@ export class JobController extends EventEmitter<JobEvents> {
     // attempt's own: a leader of a stopped attempt cannot pass as a peer of the next.
     const groupCount = job.assignments[0]?.groupCount ?? 1;
     const bridgeSecret = groupCount > 1 ? randomBytes(32) : undefined;
+    if (bridgeSecret) this.bridgeSecrets.set(job.jobId, bridgeSecret);
+    else this.bridgeSecrets.delete(job.jobId);
+    job.groupWireIds = {};
+    job.groupsRestarting = [];
     if (bridgeSecret) {
       const without = job.assignments.filter((assignment) => assignment.groupRank === 0 && !assignment.bridgeAddress);
       if (without.length > 0) {
@@ -308,34 +359,39 @@ export class JobController extends EventEmitter<JobEvents> {
     this.log(job, `${job.attempt > 1 ? `attempt ${job.attempt}: ` : ""}starting ${job.worldSize} ranks on ${job.assignments.length} nodes: ${job.assignments.map((a) => `${a.nodeName}=ranks ${a.rankOffset}-${a.rankOffset + a.localWorldSize - 1}`).join(", ")}`);
     this.emit("changed", job);
     for (const assignment of job.assignments) {
-      const sent = this.deps.registry.send(assignment.workerId, {
-        startJob: {
-          jobId: job.wireJobId,
-          runId: job.runId,
-          command: job.request.command,
-          workingDir: job.request.workingDir,
-          env: job.request.env,
-          topology: topologyFor(job.assignments, assignment),
-          maxRestarts: job.maxRestarts,
-          worldSize: assignment.worldSize,
-          rankOffset: assignment.rankOffset,
-          localWorldSize: assignment.localWorldSize,
-          groupRank: assignment.groupRank,
-          masterAddr: assignment.masterAddr,
-          masterPort: masterPorts.get(assignment.group)!,
-          group: assignment.group,
-          resume: job.resumeStep !== undefined,
-          resumeStep: job.resumeStep ?? 0,
-          attempt: job.attempt,
-          codeBundleId: job.request.codeBundleId ?? "",
-          ...(bridgeSecret && assignment.groupRank === 0 ? { bridgeSecret } : {}),
-        },
-      });
+      const sent = this.deps.registry.send(assignment.workerId, { startJob: this.startJobMessage(job, assignment, masterPorts.get(assignment.group)!, job.resumeStep) });
       if (!sent) {
         this.fail(job, { reason: `node ${assignment.nodeName} disconnected before the job could start`, lastLines: [] }, true);
         return;
       }
     }
+  }
+
+  /** What one node is told to run: its ranks, its group's rendezvous, the job's topology. */
+  private startJobMessage(job: JobRecord, assignment: NodeAssignment, masterPort: number, resumeStep: number | undefined) {
+    const bridgeSecret = this.bridgeSecrets.get(job.jobId);
+    return {
+      jobId: this.wireIdOf(job, assignment.group),
+      bridgeJobId: job.wireJobId,
+      runId: job.runId,
+      command: job.request.command,
+      workingDir: job.request.workingDir,
+      env: job.request.env,
+      topology: topologyFor(job.assignments, assignment),
+      maxRestarts: job.maxRestarts,
+      worldSize: assignment.worldSize,
+      rankOffset: assignment.rankOffset,
+      localWorldSize: assignment.localWorldSize,
+      groupRank: assignment.groupRank,
+      masterAddr: assignment.masterAddr,
+      masterPort,
+      group: assignment.group,
+      resume: resumeStep !== undefined,
+      resumeStep: resumeStep ?? 0,
+      attempt: job.attempt,
+      codeBundleId: job.request.codeBundleId ?? "",
+      ...(bridgeSecret && assignment.groupRank === 0 ? { bridgeSecret } : {}),
+    };
   }
 
   /** Global rank of a (worker, local) report: workers report group-local ranks. */
@@ -359,7 +415,7 @@ export class JobController extends EventEmitter<JobEvents> {
 
   onMetric(workerId: string, metric: IMetricReport): void {
     const job = this.current(metric.jobId);
-    if (!job || (job.state !== "running" && job.state !== "finishing")) return;
+    if (!job || (job.state !== "running" && job.state !== "finishing") || !this.fromCurrentRun(job, workerId, metric.jobId)) return;
     const rank = this.globalRank(job, workerId, metric.rank ?? 0);
     if (job.latestMetrics[rank]?.step !== Number(metric.step ?? 0)) this.madeProgress(job, rank, true);
     job.latestMetrics[rank] = { step: Number(metric.step ?? 0), values: { ...(metric.values ?? {}) } };
@@ -370,13 +426,15 @@ export class JobController extends EventEmitter<JobEvents> {
     const job = this.current(report.jobId);
     // Reports of a failed attempt never count: its ranks may not all have written the step.
     // A finishing job still takes them: agents report a rank's exit only after its uploads.
-    if (!job || (job.state !== "running" && job.state !== "finishing")) return;
+    if (!job || (job.state !== "running" && job.state !== "finishing") || !this.fromCurrentRun(job, workerId, report.jobId)) return;
     const rank = this.globalRank(job, workerId, report.rank ?? 0);
     if (report.error) {
       this.checkpointLost(job.jobId, Number(report.step ?? 0), `rank ${rank} could not store it: ${report.error}`);
       return;
     }
-    (job.checkpointsReported[Number(report.step)] ??= []).push(rank);
+    // A rank of a group that restarted on its own may report a step its earlier run reported.
+    const reported = (job.checkpointsReported[Number(report.step)] ??= []);
+    if (!reported.includes(rank)) reported.push(rank);
     this.emit("checkpoint", job, { ...report, rank });
   }
 
@@ -390,6 +448,15 @@ export class JobController extends EventEmitter<JobEvents> {
     }
     const job = this.current(exit.jobId);
     if (!job) return;
+    const assignment = job.assignments.find((candidate) => candidate.workerId === workerId);
+    const restarting = assignment ? this.groupRestarts.get(job.jobId)?.get(assignment.group) : undefined;
+    if (restarting) {
+      // The old ranks of a group restarting on its own: their exits only end its drain.
+      restarting.waiting.delete(this.globalRank(job, workerId, exit.rank ?? 0));
+      if (restarting.waiting.size === 0) restarting.drained();
+      return;
+    }
+    if (!this.fromCurrentRun(job, workerId, exit.jobId)) return;
     const rank = this.globalRank(job, workerId, exit.rank ?? 0);
     const exitCode = exit.exitCode ?? 0;
     job.exitCodes[rank] = exitCode;
@@ -401,7 +468,8 @@ export class JobController extends EventEmitter<JobEvents> {
       const reason = downNodes.length > 0
         ? `rank ${rank} exited with ${how} while node ${downNodes.map((node) => node.nodeName).join(", ")} was down`
         : `rank ${rank} exited with ${how}`;
-      this.fail(job, { reason, rank, lastLines: exit.lastLines ?? [] }, downNodes.length > 0);
+      const downGroups = new Set(downNodes.map((node) => node.group));
+      this.fail(job, { reason, rank, lastLines: exit.lastLines ?? [] }, downNodes.length > 0, downGroups.size === 1 ? [...downGroups][0] : undefined);
       return;
     }
     if (Object.keys(job.exitCodes).length === job.worldSize && job.state !== "failed") {
@@ -420,9 +488,10 @@ export class JobController extends EventEmitter<JobEvents> {
   private onWorkerLost(worker: RegisteredWorker, reason: string): void {
     for (const job of this.jobs.values()) {
       if (job.state !== "running" && job.state !== "stopping") continue;
-      if (!job.assignments.some((assignment) => assignment.workerId === worker.workerId)) continue;
+      const assignment = job.assignments.find((candidate) => candidate.workerId === worker.workerId);
+      if (!assignment) continue;
       if (job.state === "stopping") this.finish(job, "stopped", { reason: `node ${worker.nodeName} lost (${reason}) while stopping`, lastLines: [] });
-      else this.fail(job, { reason: `node ${worker.nodeName} lost (${reason})`, lastLines: [] }, true);
+      else this.fail(job, { reason: `node ${worker.nodeName} lost (${reason})`, lastLines: [] }, true, assignment.group);
     }
   }
 
@@ -477,18 +546,165 @@ export class JobController extends EventEmitter<JobEvents> {
     return this.reportedSteps(job).filter((step) => !job.checkpointsCommitted.includes(step));
   }
 
-  /** A node failure restarts the job while restarts are left; anything else fails it. */
-  private fail(job: JobRecord, failure: JobFailure, nodeFailure: boolean): void {
+  /**
+   * A node failure restarts the job while restarts are left; anything else fails it. A
+   * failure within one group of a several-group job restarts that group alone while
+   * another group trains on (the groups share no torch world, only outer steps).
+   */
+  private fail(job: JobRecord, failure: JobFailure, nodeFailure: boolean, group?: string): void {
     if (job.state !== "running") return;
+    if (nodeFailure && group !== undefined && this.groupRestarts.get(job.jobId)?.has(group)) return; // already restarting
     if (!nodeFailure || job.restarts.length >= job.maxRestarts) {
       const exhausted = nodeFailure ? ` (no restarts left: ${job.maxRestarts} allowed)` : "";
       this.finish(job, "failed", { ...failure, reason: failure.reason + exhausted });
+      return;
+    }
+    if (group !== undefined && this.canRestartGroupAlone(job, group)) {
+      void this.restartGroup(job, group, failure.reason).catch((error: Error) => {
+        this.deps.logger.error("group restart failed", { jobId: job.jobId, group, error: error.message });
+        this.finish(job, "failed", { reason: `could not restart group ${group} after "${failure.reason}": ${error.message}`, lastLines: [] });
+      });
       return;
     }
     void this.restart(job, failure.reason).catch((error: Error) => {
       this.deps.logger.error("restart failed", { jobId: job.jobId, error: error.message });
       this.finish(job, "failed", { reason: `could not restart after "${failure.reason}": ${error.message}`, lastLines: [] });
     });
+  }
+
+  /** Another group of the job trains on (connected, not restarting itself). */
+  private canRestartGroupAlone(job: JobRecord, group: string): boolean {
+    if ((job.assignments[0]?.groupCount ?? 1) < 2 || !this.bridgeSecrets.has(job.jobId)) return false;
+    const restarting = this.groupRestarts.get(job.jobId);
+    return job.assignments.some((assignment) => assignment.group !== group && !restarting?.has(assignment.group)
+      && this.deps.registry.get(assignment.workerId)?.connection === "connected");
+  }
+
+  private globalRanksOf(job: JobRecord, group: string): number[] {
+    return job.assignments.filter((assignment) => assignment.group === group)
+      .flatMap((assignment) => Array.from({ length: assignment.localWorldSize }, (_, local) => assignment.globalRankOffset + local));
+  }
+
+  /**
+   * Restarts one group of a several-group job while the others train on: stops its
+   * ranks (bounded wait), then starts it again from the newest committed checkpoint on
+   * its nodes once they are connected, under a job id of its own. Its trainers join the
+   * others over the bridge and take their live outer state (OuterSync.join).
+   */
+  private async restartGroup(job: JobRecord, group: string, reason: string): Promise<void> {
+    const lastStep = job.latestMetrics[0]?.step;
+    job.restarts.push({ attempt: job.attempt, reason, atMs: this.now(), group, ...(lastStep === undefined ? {} : { lastStep }) });
+    this.log(job, `group ${group} failed: ${reason}; restarting that group alone while the other groups train on (restart ${job.restarts.length} of at most ${job.maxRestarts})`);
+    const members = job.assignments.filter((assignment) => assignment.group === group);
+    const waiting = new Set<number>();
+    for (const assignment of members) {
+      if (this.deps.registry.get(assignment.workerId)?.connection !== "connected") continue;
+      for (let local = 0; local < assignment.localWorldSize; local++) {
+        const rank = assignment.globalRankOffset + local;
+        if (job.exitCodes[rank] === undefined) waiting.add(rank);
+      }
+    }
+    const entry: GroupRestart = { group, phase: "draining", waiting, drained: () => undefined };
+    const drained = new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, this.deps.stopGraceMs + 5_000);
+      entry.drained = () => { clearTimeout(timer); resolve(); };
+      if (waiting.size === 0) entry.drained();
+    });
+    const restarts = this.groupRestarts.get(job.jobId) ?? new Map<string, GroupRestart>();
+    this.groupRestarts.set(job.jobId, restarts);
+    restarts.set(group, entry);
+    job.groupsRestarting = [...restarts.keys()];
+    this.emit("changed", job);
+    for (const assignment of members) {
+      this.deps.registry.send(assignment.workerId, { stopJob: { jobId: this.wireIdOf(job, group), reason: `restarting group ${group}: ${reason}`, graceMs: this.deps.stopGraceMs } });
+    }
+    await drained;
+    const ranks = new Set(this.globalRanksOf(job, group));
+    for (const rank of ranks) delete job.exitCodes[rank];
+    job.stalled = job.stalled?.filter((entry) => !ranks.has(entry.rank));
+    let resumeStep = job.lastCommittedStep ?? job.resumeStep;
+    if (this.deps.restartStep) {
+      try {
+        resumeStep = await this.deps.restartStep(job);
+      } catch (error) {
+        this.log(job, `could not ask the checkpoint store for the newest step (${(error as Error).message}); using step ${resumeStep ?? "none"} known to the head`);
+      }
+    }
+    if (job.state !== "running" || restarts.get(group) !== entry) return;
+    entry.phase = "waiting";
+    entry.resumeStep = resumeStep;
+    this.log(job, `group ${group} will start again ${resumeStep === undefined ? "from scratch" : `from committed checkpoint step ${resumeStep}`} and rejoin the groups that trained on (a trainer syncing with OuterSync takes their live outer state), once its ${members.length} node${members.length === 1 ? " is" : "s are"} connected`);
+    entry.waitTimer = setTimeout(() => {
+      if (restarts.get(group) !== entry || entry.phase !== "waiting" || job.state !== "running") return;
+      this.fail(job, { reason: `group ${group}'s nodes were not connected again within ${Math.round(this.deps.workerWaitTimeoutMs / 1000)}s`, lastLines: [] }, true);
+    }, this.deps.workerWaitTimeoutMs);
+    this.emit("changed", job);
+    await this.startWaitingGroups();
+  }
+
+  /** Starts every restarting group whose nodes are connected again. */
+  private async startWaitingGroups(): Promise<void> {
+    for (const job of this.jobs.values()) {
+      if (job.state !== "running") continue;
+      for (const entry of [...(this.groupRestarts.get(job.jobId)?.values() ?? [])]) {
+        if (entry.phase !== "waiting") continue;
+        const members = job.assignments.filter((assignment) => assignment.group === entry.group).sort((a, b) => a.groupRank - b.groupRank);
+        const taken = new Set(job.assignments.filter((assignment) => assignment.group !== entry.group).map((assignment) => assignment.workerId));
+        const workers = this.deps.registry.connected().filter((worker) => worker.group === entry.group && !taken.has(worker.workerId))
+          .sort((a, b) => a.nodeName.localeCompare(b.nodeName)).slice(0, members.length);
+        if (workers.length < members.length) continue;
+        if (workers.some((worker, index) => worker.slots !== members[index]!.localWorldSize)) {
+          clearTimeout(entry.waitTimer);
+          this.groupRestarts.get(job.jobId)?.delete(entry.group);
+          this.fail(job, { reason: `group ${entry.group} came back with other slot counts than it had; the job restarts as a whole`, lastLines: [] }, true);
+          continue;
+        }
+        await this.startGroup(job, entry, members, workers);
+      }
+    }
+  }
+
+  private async startGroup(job: JobRecord, entry: GroupRestart, members: NodeAssignment[], workers: RegisteredWorker[]): Promise<void> {
+    clearTimeout(entry.waitTimer);
+    entry.phase = "draining"; // not picked up twice while the port is allocated
+    const masterAddr = workers[0]!.resources.address || "127.0.0.1";
+    const replaced = new Map(members.map((member, index) => {
+      const worker = workers[index]!;
+      return [member.workerId, {
+        ...member,
+        workerId: worker.workerId,
+        nodeName: worker.nodeName,
+        masterAddr,
+        bridgeAddress: member.groupRank === 0 ? (this.deps.bridgeAddressOf?.(worker.nodeName) ?? worker.bridgeAddress) : member.bridgeAddress,
+      } satisfies NodeAssignment];
+    }));
+    job.assignments = job.assignments.map((assignment) => replaced.get(assignment.workerId) ?? assignment);
+    const leader = job.assignments.find((assignment) => assignment.group === entry.group && assignment.groupRank === 0)!;
+    const masterPort = await this.deps.allocateMasterPort(leader);
+    if (job.state !== "running" || this.groupRestarts.get(job.jobId)?.get(entry.group) !== entry) return;
+    this.groupRestartCount += 1;
+    const wireId = `${job.wireJobId}-g${leader.groupIndex}r${this.groupRestartCount}`;
+    job.groupWireIds = { ...job.groupWireIds, [entry.group]: wireId };
+    this.byWireId.set(wireId, job);
+    this.groupRestarts.get(job.jobId)!.delete(entry.group);
+    job.groupsRestarting = [...(this.groupRestarts.get(job.jobId)?.keys() ?? [])];
+    const now = this.now();
+    const progress = this.progress.get(job.jobId);
+    for (const rank of this.globalRanksOf(job, entry.group)) progress?.set(rank, { lastMs: now, stepIntervals: [] });
+    const groupNodes = job.assignments.filter((assignment) => assignment.group === entry.group);
+    this.log(job, `group ${entry.group} starting again on ${groupNodes.map((a) => `${a.nodeName}=ranks ${a.globalRankOffset}-${a.globalRankOffset + a.localWorldSize - 1}`).join(", ")}`);
+    this.emit("changed", job);
+    for (const assignment of groupNodes) {
+      const sent = this.deps.registry.send(assignment.workerId, { startJob: this.startJobMessage(job, assignment, masterPort, entry.resumeStep) });
+      if (!sent) {
+        this.fail(job, { reason: `node ${assignment.nodeName} disconnected before group ${entry.group} could start again`, lastLines: [] }, true);
+        return;
+      }
+    }
+    // The groups that trained on learn where the group's leader listens now.
+    for (const other of job.assignments.filter((assignment) => assignment.groupRank === 0 && assignment.group !== entry.group)) {
+      this.deps.registry.send(other.workerId, { bridgePeers: { jobId: this.wireIdOf(job, other.group), groups: topologyFor(job.assignments, other).groups } });
+    }
   }
 
   /**
@@ -505,6 +721,13 @@ export class JobController extends EventEmitter<JobEvents> {
     this.emit("changed", job);
 
     const previous = job.wireJobId;
+    const previousIds = [previous, ...Object.values(job.groupWireIds ?? {})];
+    for (const entry of this.groupRestarts.get(job.jobId)?.values() ?? []) {
+      clearTimeout(entry.waitTimer);
+      entry.drained();
+    }
+    this.groupRestarts.delete(job.jobId);
+    job.groupsRestarting = [];
     const waiting = new Set<number>();
     for (const assignment of job.assignments) {
       if (this.deps.registry.get(assignment.workerId)?.connection !== "connected") continue;
@@ -515,7 +738,7 @@ export class JobController extends EventEmitter<JobEvents> {
     }
     const drained = new Promise<void>((resolve) => {
       const timer = setTimeout(resolve, this.deps.stopGraceMs + 5_000);
-      this.draining.set(previous, { wireJobId: previous, waiting, done: () => { clearTimeout(timer); resolve(); } });
+      for (const id of previousIds) this.draining.set(id, { wireJobId: previous, waiting, done: () => { clearTimeout(timer); resolve(); } });
       if (waiting.size === 0) {
         clearTimeout(timer);
         resolve();
@@ -523,7 +746,7 @@ export class JobController extends EventEmitter<JobEvents> {
     });
     this.broadcastStop(job, `restarting: ${reason}`);
     await drained;
-    this.draining.delete(previous);
+    for (const id of previousIds) this.draining.delete(id);
 
     let resumeStep = job.lastCommittedStep ?? job.resumeStep;
     if (this.deps.restartStep) {
@@ -566,7 +789,7 @@ export class JobController extends EventEmitter<JobEvents> {
 
   private broadcastStop(job: JobRecord, reason: string): void {
     for (const assignment of job.assignments) {
-      this.deps.registry.send(assignment.workerId, { stopJob: { jobId: job.wireJobId, reason, graceMs: this.deps.stopGraceMs } });
+      this.deps.registry.send(assignment.workerId, { stopJob: { jobId: this.wireIdOf(job, assignment.group), reason, graceMs: this.deps.stopGraceMs } });
     }
   }
 
@@ -576,6 +799,10 @@ export class JobController extends EventEmitter<JobEvents> {
     job.state = state;
     job.endedAtMs = this.now();
     this.progress.delete(job.jobId);
+    for (const entry of this.groupRestarts.get(job.jobId)?.values() ?? []) clearTimeout(entry.waitTimer);
+    this.groupRestarts.delete(job.jobId);
+    this.bridgeSecrets.delete(job.jobId);
+    job.groupsRestarting = [];
     if (failure) job.failure = failure;
     if (state === "failed") this.broadcastStop(job, failure?.reason ?? "job failed");
     this.log(job, `job ${state}${failure ? `: ${failure.reason}` : ""}`);
@@ -656,15 +883,17 @@ export class JobController extends EventEmitter<JobEvents> {
       const timeoutMs = job.request.stallTimeoutMs ?? this.deps.defaultStallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
       if (timeoutMs <= 0) continue;
       let changed = false;
+      const restarting = new Set([...(this.groupRestarts.get(job.jobId)?.keys() ?? [])].flatMap((group) => this.globalRanksOf(job, group)));
       for (const [rank, progress] of ranks) {
-        if (job.exitCodes[rank] !== undefined) continue;
+        if (job.exitCodes[rank] !== undefined || restarting.has(rank)) continue;
         const intervals = [...progress.stepIntervals].sort((a, b) => a - b);
         const typicalStepMs = intervals.length >= 5 ? intervals[Math.floor(intervals.length / 2)]! : 0;
         const limitMs = Math.max(timeoutMs, 20 * typicalStepMs);
         const idleMs = now - progress.lastMs;
         if (idleMs > 2 * limitMs) {
           this.deps.logger.warn("rank stalled; restarting the attempt", { jobId: job.jobId, rank, idleMs });
-          this.fail(job, { reason: `rank ${rank} made no progress (no step, no output) for ${Math.round(idleMs / 1000)}s`, rank, lastLines: [] }, true);
+          const group = job.assignments.find((assignment) => rank >= assignment.globalRankOffset && rank < assignment.globalRankOffset + assignment.localWorldSize)?.group;
+          this.fail(job, { reason: `rank ${rank} made no progress (no step, no output) for ${Math.round(idleMs / 1000)}s`, rank, lastLines: [] }, true, group);
           break;
         }
         if (idleMs > limitMs && !job.stalled?.some((entry) => entry.rank === rank)) {

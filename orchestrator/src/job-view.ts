@@ -38,6 +38,9 @@ export function summarizeJob(job: JobRecord): string[] {
 
 export function describeRestart(restart: JobRestart): string {
   const at = restart.lastStep === undefined ? "" : ` at step ${restart.lastStep}`;
+  if (restart.group !== undefined) {
+    return `group ${restart.group} restarted alone${at} (${restart.reason}); the other groups trained on`;
+  }
   const from = restart.resumeStep === undefined ? "from scratch" : `from checkpoint step ${restart.resumeStep}`;
   return `restart ${restart.attempt}: attempt ${restart.attempt} ended${at} (${restart.reason}); attempt ${restart.attempt + 1} resumed ${from}`;
 }
@@ -56,7 +59,8 @@ export interface MetricPoint {
  */
 export function stitchAttempts(points: readonly MetricPoint[], restarts: readonly JobRestart[]): MetricPoint[] {
   const keptUpTo = new Map<number, number>();
-  for (const restart of restarts) keptUpTo.set(restart.attempt, restart.resumeStep ?? 0);
+  // A group restarted on its own ends no attempt: the other groups' ranks train on.
+  for (const restart of restarts) if (restart.group === undefined) keptUpTo.set(restart.attempt, restart.resumeStep ?? 0);
   return points
     .filter((point) => point.step <= (keptUpTo.get(point.attempt) ?? Number.POSITIVE_INFINITY))
     .sort((a, b) => a.step - b.step || a.attempt - b.attempt);

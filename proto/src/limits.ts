@@ -19,3 +19,11 @@ export const controlChannelOptions = {
   "grpc.keepalive_permit_without_calls": 1,
   "grpc.http2.min_ping_interval_without_data_ms": 5_000,
 } as const;
+
+/**
+ * Bounds of one Telemetry message: samples in one batch (an agent that was cut off from
+ * the head sends its backlog in several) and GPUs in one sample (as at Register). The
+ * head refuses a batch beyond them.
+ */
+export const TELEMETRY_MAX_SAMPLES_PER_BATCH = 60;
+export const TELEMETRY_MAX_GPUS = 64;

@@ -7,3 +7,6 @@ export * from "./errors.js";
 export { BridgeLink, BridgeListener, MAX_FRAME_MESSAGE_BYTES, type BridgeMessage, type PeerIdentity } from "./bridge/bridge-link.js";
 export { allReduceAcrossGroups, ExchangeBuffers, type AllReduceOptions, type AllReduceResult, type GroupTensor, type OuterStepContribution } from "./bridge/group-all-reduce.js";
 export { CODECS, decodeFrame, encodeFrame, encodeTensor, TensorAssembler, type Codec, type Frame, type FrameHeader } from "./bridge/tensor-frame.js";
+export { GpuSampler, parseGpuTelemetryCsv, queryNvidiaSmi, GPU_QUERY_ARGS, GPU_QUERY_FIELDS, type GpuQueryResult } from "./telemetry/gpu-sampler.js";
+export { NodeSampler, parseMeminfo, parseNetDev, parseProcStat, cpuUtilization } from "./telemetry/node-sampler.js";
+export { TelemetryReporter, parseTelemetryInterval, DEFAULT_TELEMETRY_INTERVAL_MS, type TelemetryReporterState } from "./telemetry/telemetry-reporter.js";

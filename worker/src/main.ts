@@ -6,11 +6,13 @@ import { parseArgs } from "node:util";
 import { registerSecretValue, type StorageConfigInput } from "@drover/storage";
 import { JoinRefusedError, WorkerConfigError, WorkerError } from "./errors.js";
 import { createLogger } from "./logger.js";
+import { parseTelemetryInterval } from "./telemetry/telemetry-reporter.js";
 import { WorkerAgent } from "./worker-agent.js";
 
 const usage = `usage: drover-worker --head HOST:PORT --node-name NAME --slots N --state-dir DIR
   [--group NAME] [--advertise-address ADDR] [--head-lost-timeout-ms MS] [--upload-retry-ms MS]
   [--bridge-port PORT] [--bridge-host ADDR] [--bridge-advertise HOST:PORT]
+  [--telemetry-interval DURATION]
 In a container every option may come from the environment instead (what an SDL sets):
 DROVER_HEAD, DROVER_NODE_NAME (default: the hostname), DROVER_SLOTS (default: the GPU
 count, else 1), DROVER_STATE_DIR (default /var/lib/drover), DROVER_GROUP,
@@ -19,7 +21,8 @@ is tried again, default 15 minutes), DROVER_BRIDGE_PORT / DROVER_BRIDGE_HOST /
 DROVER_BRIDGE_ADVERTISE (the cross-group bridge: the port to listen on, 0 = any; the
 interface, default 0.0.0.0; host:port as other groups reach it, default the advertise
 address and the port; without a port the node cannot lead a group of a job that syncs
-across groups). The join token is read from DROVER_JOIN_TOKEN or
+across groups), DROVER_TELEMETRY_INTERVAL (how often node and GPU telemetry goes to the
+head: 5s by default, 0 = off). The join token is read from DROVER_JOIN_TOKEN or
 --join-token-file (never from argv, which any local user can read).`;
 
 /** DROVER_STORAGE_CONFIG: the @drover/storage config as JSON (set in the container's env). */
@@ -36,6 +39,10 @@ function readStorageConfig(): StorageConfigInput | undefined {
 
 function optionalNumber(text: string | undefined): number | undefined {
   return text === undefined || text === "" ? undefined : Number(text);
+}
+
+function telemetryInterval(text: string | undefined): number | undefined {
+  return text === undefined || text === "" ? undefined : parseTelemetryInterval(text);
 }
 
 /** One rank per GPU when the node has GPUs (what torchrun's --nproc-per-node=gpu does). */
@@ -64,6 +71,7 @@ async function main(): Promise<number> {
       "bridge-port": { type: "string" },
       "bridge-host": { type: "string" },
       "bridge-advertise": { type: "string" },
+      "telemetry-interval": { type: "string" },
       "join-token-file": { type: "string" },
       help: { type: "boolean" },
     },
@@ -91,6 +99,7 @@ async function main(): Promise<number> {
       bridgePort: optionalNumber(values["bridge-port"] ?? env.DROVER_BRIDGE_PORT),
       bridgeHost: values["bridge-host"] ?? (env.DROVER_BRIDGE_HOST || undefined),
       bridgeAdvertise: values["bridge-advertise"] ?? env.DROVER_BRIDGE_ADVERTISE,
+      telemetryIntervalMs: telemetryInterval(values["telemetry-interval"] ?? env.DROVER_TELEMETRY_INTERVAL),
     }, logger);
   } catch (error) {
     process.stderr.write(`drover-worker: ${(error as Error).message}\n${usage}\n`);

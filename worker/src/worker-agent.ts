@@ -20,6 +20,7 @@ import { probeResources } from "./resource-probe.js";
 import { TrainerSupervisor } from "./trainer-supervisor.js";
 import { BridgeEndpoint, type BridgePeer, type JobBridge } from "./bridge/job-bridge.js";
 import { OuterSyncSocketServer } from "./bridge/outer-sync-socket.js";
+import { DEFAULT_TELEMETRY_INTERVAL_MS, MIN_TELEMETRY_INTERVAL_MS, TelemetryReporter } from "./telemetry/telemetry-reporter.js";
 
 export const AGENT_VERSION = "0.1.0";
 
@@ -58,6 +59,8 @@ export const workerOptionsSchema = z.object({
    * node's own environment (DROVER_STORAGE_CONFIG), never over the control plane.
    */
   storage: z.custom<StorageConfigInput>().optional(),
+  /** How often node and GPU telemetry is sampled and sent to the head; 0 = never. */
+  telemetryIntervalMs: z.number().int().refine((ms) => ms === 0 || ms >= MIN_TELEMETRY_INTERVAL_MS, `at least ${MIN_TELEMETRY_INTERVAL_MS}ms, or 0 for off`).default(DEFAULT_TELEMETRY_INTERVAL_MS),
 });
 export type WorkerOptionsInput = z.input<typeof workerOptionsSchema>;
 export type WorkerOptions = z.output<typeof workerOptionsSchema>;
@@ -110,6 +113,7 @@ export class WorkerAgent {
   private pidFileWrites: Promise<void> = Promise.resolve();
 
   private bridge: BridgeEndpoint | undefined;
+  private telemetry: TelemetryReporter | undefined;
   private readonly checkpoints: CheckpointStore | undefined;
   /** Tells the head this is a new agent process (see RegisterRequest.incarnation). */
   private readonly incarnation = randomUUID();
@@ -142,6 +146,7 @@ export class WorkerAgent {
     await mkdir(this.options.stateDir, { recursive: true });
     await this.reapLeftoverTrainers();
     await this.openBridge();
+    this.startTelemetry();
     this.client = new ControlClient(this.options.headAddress, grpc.credentials.createInsecure(), controlChannelOptions);
     let backoffMs = this.options.reconnectInitialMs;
     try {
@@ -165,6 +170,7 @@ export class WorkerAgent {
         backoffMs = Math.min(backoffMs * 2, this.options.reconnectMaxMs);
       }
     } finally {
+      await this.telemetry?.shutdown();
       await this.stopAllJobs("worker stopping");
       this.client.close();
       this.setState("stopped");
@@ -228,6 +234,24 @@ export class WorkerAgent {
     throw new Error("session stream ended");
   }
 
+  /**
+   * Telemetry never queues in the outbox: the reporter keeps its own bounded backlog
+   * and sends it once the stream is back and the outbox (exits, checkpoints) is empty.
+   */
+  private startTelemetry(): void {
+    this.telemetry = TelemetryReporter.create({
+      intervalMs: this.options.telemetryIntervalMs,
+      workDir: this.options.stateDir,
+      logger: this.logger.child({ component: "telemetry" }),
+      send: (telemetry) => {
+        if (!this.stream || this.outbox.length > 0) return false;
+        this.send({ telemetry });
+        return true;
+      },
+    });
+    void this.telemetry.run();
+  }
+
   private handleHeadMessage(message: HeadMessage): void {
     if (message.startJob) {
       this.startJob(message.startJob).catch((error: Error) => {
@@ -242,6 +266,11 @@ export class WorkerAgent {
         running.outer?.bridge.close();
         void running.supervisor.stop(message.stopJob.graceMs || this.options.stopGraceMs);
       }
+    } else if (message.bridgePeers) {
+      // Another group restarted or moved: its leader's bridge may listen elsewhere now.
+      const running = this.jobs.get(message.bridgePeers.jobId ?? "");
+      running?.outer?.bridge.updatePeers((message.bridgePeers.groups ?? []).filter((group) => group.name !== running.job.group)
+        .map((group) => ({ group: group.name ?? "", index: group.index ?? 0, address: group.bridgeAddress ?? "" })));
     }
   }
 
@@ -341,16 +370,20 @@ export class WorkerAgent {
     const groupIndex = job.topology?.groupIndex ?? 0;
     const peers: BridgePeer[] = groups.filter((_, index) => index !== groupIndex)
       .map((entry) => ({ group: entry.name ?? "", index: entry.index ?? 0, address: entry.bridgeAddress ?? "" }));
-    const bridge = this.bridge.open({ job: jobId, group: job.group ?? "", groupIndex, key, peers, logger: this.logger });
+    // Every group of the attempt meets under one id, also a group restarted on its own.
+    const bridge = this.bridge.open({ job: job.bridgeJobId || jobId, group: job.group ?? "", groupIndex, key, peers, logger: this.logger, onEvent: (line) => this.agentLog(jobId, line) });
+    // A success is the trainer's to print (with the checksum of the new outer
+    // parameters); a failure is told here too, naming the peer, since the trainer may
+    // not live to say it.
+    const told = <T>(what: string) => (error: Error): T => {
+      if (!bridge.closed) this.agentLog(jobId, `${what} failed: ${error.message}`);
+      throw error;
+    };
     try {
-      const socket = await OuterSyncSocketServer.listen(agentSocketPath(this.options.stateDir, `${jobId}-outer`), async (request) => {
-        // A success is the trainer's to print (with the checksum of the new outer
-        // parameters); a failure is told here too, naming the peer, since the trainer
-        // may not live to say it.
-        return bridge.exchange(request).catch((error: Error) => {
-          if (!bridge.closed) this.agentLog(jobId, `outer step ${request.outerStep} failed: ${error.message}`);
-          throw error;
-        });
+      const socket = await OuterSyncSocketServer.listen(agentSocketPath(this.options.stateDir, `${jobId}-outer`), {
+        exchange: (request) => bridge.exchange(request).catch(told(`outer step ${request.outerStep}`)),
+        join: (request) => bridge.join(request).catch(told(`joining at outer step ${request.outerStep}`)),
+        shareState: (request) => bridge.shareState(request).catch(told(`sending the outer state of step ${request.outerStep}`)),
       }, this.logger);
       return { bridge, socket };
     } catch (error) {

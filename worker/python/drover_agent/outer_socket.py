@@ -36,6 +36,27 @@ A response that is neither of those, answers another outer step, lists other ten
 codec, or whose payload is cut short or followed by stray bytes raises OuterSocketError
 naming what was wrong; an outer_error raises OuterStepRefused with the agent's message.
 Every socket operation of one exchange shares one deadline of T + 60 s.
+
+An outer_result may carry "send_state_to": [groups] (groups rejoining the job wait for
+this group's outer state: send it now with `share_state`) and "rejoin": true (this group
+fell out of step with a group of a lower index: `join` now). Two more requests serve
+groups that leave and come back (worker/src/bridge/job-bridge.ts decides):
+
+    {"v":1,"kind":"join","outer_step":K,"inner_step":N,"timeout_ms":T,"tensors":[...]}
+
+with no payload, answered by
+
+    {"v":1,"kind":"join_result","mode":"own"|"state","outer_step":K2,"inner_step":N2,
+     "from":group,"groups":[...],"send_state_to":[...],"tensors":[same list]}
+
+and, for mode "state", every outer parameter then every momentum tensor (fp32, 2x the
+tensor list's size): the live state of group `from` at its outer step K2, inner step N2.
+Mode "own": start on this group's own state. And
+
+    {"v":1,"kind":"state","outer_step":K,"inner_step":N,"tensors":[...]}
+    + every outer parameter then every momentum tensor (fp32)
+
+answered by {"v":1,"kind":"state_sent","outer_step":K,"groups":[the groups it went to]}.
 """
 from __future__ import annotations
 
@@ -45,7 +66,7 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 PROTOCOL_VERSION = 1
@@ -96,6 +117,32 @@ class OuterResult:
     bytes_sent: int
     seconds: float
     codec: str
+    send_state_to: list[str] = field(default_factory=list)
+    rejoin: bool = False
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    mode: str  # "own" or "state"
+    outer_step: int
+    inner_step: int
+    source: str
+    groups: list[str]
+    send_state_to: list[str]
+
+
+def _group_list(header: dict, field: str, what: str, required: bool = True) -> list[str]:
+    value = header.get(field, None if required else [])
+    if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
+        raise OuterSocketError(f"outer socket: the answer to {what} has no list of group names in {field}: {value!r}")
+    return value
+
+
+def _count(header: dict, field: str, what: str) -> int:
+    value = header.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OuterSocketError(f"outer socket: the answer to {what} has no count {field}: {value!r}")
+    return value
 
 
 def frame(header: dict) -> bytes:
@@ -253,6 +300,88 @@ class OuterSocketClient:
             self.close()  # e.g. KeyboardInterrupt mid-message: the stream is out of step
             raise
 
+    def join(self, *, outer_step: int, inner_step: int, timeout_ms: int, tensors: Sequence[TensorSpec], result: Any) -> JoinResult:
+        """Asks whether a live group is further along; for mode "state" its outer
+        parameters then momentum are read into `result` (2x the tensors' fp32 bytes)."""
+        if not isinstance(timeout_ms, int) or not 1 <= timeout_ms <= MAX_TIMEOUT_MS:
+            raise ValueError(f"timeout_ms must be an integer from 1 to {MAX_TIMEOUT_MS}, got {timeout_ms!r}")
+        size = 2 * check_tensors(tensors)
+        result_view = _byte_view(result)
+        if len(result_view) != size or result_view.readonly:
+            raise ValueError(f"the result buffer must be writable and hold {size} bytes, it holds {len(result_view)}")
+        header = {"v": PROTOCOL_VERSION, "kind": "join", "outer_step": int(outer_step), "inner_step": int(inner_step),
+                  "timeout_ms": timeout_ms, "tensors": [t.to_json() for t in tensors]}
+        what = f"the join at outer step {outer_step}"
+        deadline = Deadline(timeout_ms / 1000 + SOCKET_GRACE_S)
+
+        def receive(sock: socket.socket) -> JoinResult:
+            answer = self._answer(sock, deadline, "join_result", what, outer_step)
+            mode = answer.get("mode")
+            if mode not in ("own", "state"):
+                raise OuterSocketError(f"outer socket: the answer to {what} has mode {mode!r}, expected own or state")
+            if answer.get("tensors") != header["tensors"]:
+                raise OuterSocketError(f"outer socket: the answer to {what} lists other tensors than the request "
+                                       f"({_first_difference(header['tensors'], answer.get('tensors'))})")
+            source = answer.get("from")
+            if not isinstance(source, str):
+                raise OuterSocketError(f"outer socket: the answer to {what} names no group it came from: {source!r}")
+            joined = JoinResult(mode=mode, outer_step=_count(answer, "outer_step", what), inner_step=_count(answer, "inner_step", what),
+                                source=source, groups=_group_list(answer, "groups", what),
+                                send_state_to=_group_list(answer, "send_state_to", what))
+            if mode == "state":
+                recv_exactly_into(sock, result_view, deadline, f"group {source}'s outer state")
+            return joined
+
+        return self._request(frame(header), [], deadline, receive, outer_step)
+
+    def share_state(self, *, outer_step: int, inner_step: int, tensors: Sequence[TensorSpec], payload: Iterable[Any],
+                    timeout_ms: int = 600_000) -> list[str]:
+        """Sends this group's outer parameters then momentum (buffers adding up to 2x the
+        tensors' fp32 bytes) to the groups waiting for them; returns those it reached."""
+        size = 2 * check_tensors(tensors)
+        views = [_byte_view(part) for part in payload]
+        if sum(len(v) for v in views) != size:
+            raise ValueError(f"the state buffers hold {sum(len(v) for v in views)} bytes, the tensor list describes {size}")
+        header = {"v": PROTOCOL_VERSION, "kind": "state", "outer_step": int(outer_step), "inner_step": int(inner_step),
+                  "tensors": [t.to_json() for t in tensors]}
+        what = f"the state of outer step {outer_step}"
+        deadline = Deadline(timeout_ms / 1000 + SOCKET_GRACE_S)
+
+        def receive(sock: socket.socket) -> list[str]:
+            return _group_list(self._answer(sock, deadline, "state_sent", what, outer_step), "groups", what)
+
+        return self._request(frame(header), views, deadline, receive, outer_step, size)
+
+    def _request(self, message: bytes, views: list[memoryview], deadline: Deadline, receive: Any, step: int, size: int = 0) -> Any:
+        try:
+            sock = self._connected(deadline)
+            self._send(sock, message, views, size, deadline)
+            answer = receive(sock)
+            if _closed_or_stray(sock, step):
+                self.close()
+            return answer
+        except OuterSocketError:
+            self.close()
+            raise
+        except OSError as e:
+            self.close()
+            raise OuterSocketError(f"outer socket {self.path or '(connected socket)'}: request at outer step {step} failed ({e})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _answer(sock: socket.socket, deadline: Deadline, kind: str, what: str, step: int) -> dict:
+        header = read_header(sock, deadline)
+        if header.get("v") != PROTOCOL_VERSION:
+            raise OuterSocketError(f"outer socket: the agent answered protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+        if header.get("kind") == "outer_error":
+            message = header.get("error")
+            raise OuterStepRefused(f"{what} failed in the agent: {message if isinstance(message, str) else header}", step)
+        if header.get("kind") != kind:
+            raise OuterSocketError(f"outer socket: unexpected answer kind {header.get('kind')!r} to {what} (expected {kind} or outer_error)")
+        return header
+
     @staticmethod
     def _send(sock: socket.socket, message: bytes, payload: list[memoryview], size: int, deadline: Deadline) -> None:
         deadline.arm(sock, "sending the request header")
@@ -302,9 +431,14 @@ class OuterSocketClient:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise OuterSocketError(f"outer socket: the answer to outer step {step} has no number {field}: {value!r}")
             numbers[field] = value
+        send_state_to = _group_list(header, "send_state_to", f"outer step {step}", required=False)
+        rejoin = header.get("rejoin", False)
+        if not isinstance(rejoin, bool):
+            raise OuterSocketError(f"outer socket: the answer to outer step {step} has rejoin {rejoin!r}, expected true or false")
         recv_exactly_into(sock, result, deadline, f"the mean of outer step {step}")
         return OuterResult(outer_step=step, groups=groups, weights={k: float(v) for k, v in weights.items()},
-                           bytes_sent=int(numbers["bytes_sent"]), seconds=float(numbers["seconds"]), codec=header["codec"])
+                           bytes_sent=int(numbers["bytes_sent"]), seconds=float(numbers["seconds"]), codec=header["codec"],
+                           send_state_to=send_state_to, rejoin=rejoin)
 
 
 def _closed_or_stray(sock: socket.socket, step: int) -> bool:

@@ -38,6 +38,21 @@ float32) lets groups compare; rank 0 prints it with each step:
 
     outer step 3: groups a+b, 12.0 MiB sent, 1.52 s, codec fp32, checksum 0123456789abcdef
 
+Groups leave and come back. A group whose leader is gone, silent past the timeout or
+out of step is left out by the others, who complete the step among themselves. A
+(re)started group calls `join()` after restoring its checkpoint: where a live group is
+further along, it takes that group's outer parameters and momentum over the bridge
+(after the live group's next outer step; the live group's ranks send them as part of
+`maybe_step`) and returns the inner step to continue from:
+
+    sync = OuterSync(model, every=H, inner_step=restored_step)
+    sync.load_state_dict(...)               # when the checkpoint has outer state
+    joined = sync.join()                    # None with one group
+    step = joined["inner_step"] if joined else restored_step
+
+`maybe_step`'s report carries "joined" (join()'s answer) when this group had to take
+another group's state after the step; the trainer continues from its "inner_step".
+
 If the exchange fails (agent unreachable, a peer group gone, a protocol error), rank 0
 tells every rank and every rank raises OuterSyncError with the same message; no rank
 is left waiting in a collective, and the model and outer state are unchanged. Rank 0
@@ -152,6 +167,10 @@ class OuterSync:
             return None
         report = self.step(samples_since_last)
         self.last_inner_step = inner_step
+        if report["send_state_to"]:
+            self._send_state()
+        if report["rejoin"]:
+            report["joined"] = self.join()
         return report
 
     def step(self, weight: float) -> dict:
@@ -166,7 +185,8 @@ class OuterSync:
             deltas = [torch.sub(outer, _local(p).to(torch.float32)) for outer, (_, p) in zip(self._outer, self._params)]
             if self.group_count == 1:
                 means = deltas  # one worker: the mean is the group's own pseudo-gradient
-                info = {"groups": [self.group], "weights": {self.group: weight}, "bytes_sent": 0, "seconds": 0.0}
+                info = {"groups": [self.group], "weights": {self.group: weight}, "bytes_sent": 0, "seconds": 0.0,
+                        "send_state_to": [], "rejoin": False}
             else:
                 means, info = self._exchange(k, weight, deltas)
             del deltas
@@ -178,7 +198,7 @@ class OuterSync:
         checksum = self.checksum()
         report = {"outer_step": k, "groups": info["groups"], "weights": info["weights"], "bytes_sent": info["bytes_sent"],
                   "seconds": time.perf_counter() - started, "exchange_seconds": info["seconds"], "codec": self.codec,
-                  "checksum": checksum}
+                  "checksum": checksum, "send_state_to": info["send_state_to"], "rejoin": info["rejoin"]}
         if self.rank == 0:
             self.log(f"outer step {k}: groups {'+'.join(report['groups'])}, {report['bytes_sent'] / 2 ** 20:.1f} MiB sent, "
                      f"{report['seconds']:.2f} s, codec {self.codec}, checksum {checksum[:16]}")
@@ -254,7 +274,99 @@ class OuterSync:
                     raise
                 self.log(f"outer step {k}: the exchange failed ({e}); trying again (try {attempt + 1} of {self.tries})")
         return {"error": None, "groups": result.groups, "weights": result.weights, "bytes_sent": result.bytes_sent,
-                "seconds": result.seconds}
+                "seconds": result.seconds, "send_state_to": list(result.send_state_to), "rejoin": result.rejoin}
+
+    # -- groups that leave and come back ---------------------------------------------
+
+    def join(self, timeout_s: float | None = None) -> dict | None:
+        """Call on every rank after restoring (or instead of restoring) the checkpoint,
+        before training: asks the agent whether a live group is further along. Returns
+        None with one group, else {mode: "own"|"state", outer_step, inner_step, source,
+        groups}; for "state" the outer parameters, momentum and the model now hold the
+        live group's outer state and the trainer continues from inner_step. Waits up to
+        timeout_s (default: this sync's timeout plus 10 minutes, as a live group sends
+        its state only after its next outer step)."""
+        if self.group_count == 1:
+            return None
+        timeout = float(timeout_s) if timeout_s is not None else self.timeout_s + 600.0
+        specs = [TensorSpec(name, tuple(int(d) for d in p.shape)) for name, p in self._params]
+        total = sum(p.numel() for _, p in self._params)
+        answer: dict = {"error": None}
+        state = None
+        if self.rank == 0:
+            state = torch.empty(2 * total, dtype=torch.float32)
+            try:
+                if self._client is None:
+                    self._client = OuterSocketClient(self.socket_path)
+                for attempt in range(1, self.tries + 1):
+                    try:
+                        joined = self._client.join(outer_step=self.outer_step, inner_step=self.last_inner_step,
+                                                   timeout_ms=int(timeout * 1000), tensors=specs, result=state.numpy())
+                        break
+                    except OuterSocketError as e:
+                        if attempt == self.tries:
+                            raise
+                        self.log(f"joining at outer step {self.outer_step}: {e}; trying again (try {attempt + 1} of {self.tries})")
+                answer = {"error": None, "mode": joined.mode, "outer_step": joined.outer_step, "inner_step": joined.inner_step,
+                          "source": joined.source, "groups": joined.groups, "send_state_to": joined.send_state_to}
+            except Exception as e:  # every rank must hear of it
+                answer = {"error": f"group {self.group}: joining at outer step {self.outer_step}: {e}"}
+        answer = self._share(answer)
+        if answer["error"]:
+            raise OuterSyncError(answer["error"])
+        if answer["mode"] == "state":
+            with torch.no_grad():
+                for kind, offset in (("params", 0), ("momentum", total)):
+                    targets = self._outer if kind == "params" else self._momentum
+                    for (_, p), target in zip(self._params, targets):
+                        shape, numel = tuple(p.shape), p.numel()
+                        if self.rank == 0:
+                            full = state[offset:offset + numel].view(shape).to(self.device)
+                        else:
+                            full = torch.empty(shape, dtype=torch.float32, device=self.device)
+                        if self._dist:
+                            dist.broadcast(full, src=0)
+                        target.copy_(_piece_of(p, full))
+                        offset += numel
+                for outer, (_, p) in zip(self._outer, self._params):
+                    _local(p).copy_(outer)
+            self.outer_step = int(answer["outer_step"])
+            self.last_inner_step = int(answer["inner_step"])
+            if self.rank == 0:
+                self.log(f"joined: took group {answer['source']}'s live outer state at outer step {self.outer_step} "
+                         f"(inner step {self.last_inner_step}); in step with {'+'.join(answer['groups'])}; checksum {self.checksum()[:16]}")
+            else:
+                self.checksum()  # a collective: every rank takes part
+        elif self.rank == 0:
+            self.log(f"joined at outer step {self.outer_step} on this group's own state; in step with {'+'.join(answer['groups'])}")
+        del state
+        if answer["send_state_to"]:
+            self._send_state()
+        return {"mode": answer["mode"], "outer_step": self.outer_step, "inner_step": self.last_inner_step,
+                "source": answer["source"], "groups": answer["groups"]}
+
+    def _send_state(self) -> None:
+        """Sends the outer parameters and momentum (gathered on rank 0: a collective) to
+        the groups waiting for them. A failure is told, not raised: the group asks again."""
+        fulls = []
+        with torch.no_grad():
+            for kind in (self._outer, self._momentum):
+                for (_, p), local in zip(self._params, kind):
+                    full = self._full(p, local)
+                    if self.rank == 0:
+                        fulls.append(full.to("cpu", torch.float32).contiguous().reshape(-1))
+                    del full
+        if self.rank != 0:
+            return
+        specs = [TensorSpec(name, tuple(int(d) for d in p.shape)) for name, p in self._params]
+        try:
+            if self._client is None:
+                self._client = OuterSocketClient(self.socket_path)
+            groups = self._client.share_state(outer_step=self.outer_step, inner_step=self.last_inner_step, tensors=specs,
+                                              payload=[t.numpy() for t in fulls], timeout_ms=int(self.timeout_s * 1000))
+            self.log(f"outer step {self.outer_step}: sent the outer state to group {'+'.join(groups) or '(none: they left)'}")
+        except OuterSocketError as e:
+            self.log(f"outer step {self.outer_step}: could not send the outer state ({e}); the waiting group asks again")
 
     # -- collectives -----------------------------------------------------------------
 

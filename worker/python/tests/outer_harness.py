@@ -35,7 +35,8 @@ def read_request(conn: socket.socket, deadline_s: float = 30.0) -> tuple[dict, n
     deadline = Deadline(deadline_s)
     header = read_header(conn, deadline, who="the trainer")
     numel = sum(int(np.prod(t["shape"], dtype=np.int64)) for t in header["tensors"])
-    payload = bytearray(numel * 4)
+    copies = {"outer_step": 1, "join": 0, "state": 2}[header["kind"]]
+    payload = bytearray(numel * 4 * copies)
     recv_exactly_into(conn, memoryview(payload), deadline, "the payload")
     return header, np.frombuffer(payload, dtype="<f4").copy()
 
@@ -44,8 +45,13 @@ class FakeOuterAgent:
     """Serves outer-step requests on a unix socket, one connection after the other.
     `fail` maps an outer step to an error message answered (once) as outer_error."""
 
-    def __init__(self, path: str, respond: Callable = weighted_mean_with_other_group, fail: dict[int, str] | None = None):
+    def __init__(self, path: str, respond: Callable = weighted_mean_with_other_group, fail: dict[int, str] | None = None,
+                 join_state: np.ndarray | None = None, join_at: tuple[int, int] = (0, 0), send_state_to: list[str] | None = None):
         self.path, self.respond, self.fail = path, respond, dict(fail or {})
+        # A join is answered with this state (outer parameters then momentum) of group "b"
+        # at join_at = (outer step, inner step); outer steps ask for the state to go to send_state_to.
+        self.join_state, self.join_at, self.send_state_to = join_state, join_at, list(send_state_to or [])
+        self.states: list[tuple[dict, np.ndarray]] = []
         self.requests: list[dict] = []
         self.connections = 0
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -68,11 +74,24 @@ class FakeOuterAgent:
                     except Exception:
                         break  # the trainer closed the connection
                     self.requests.append(header)
+                    if header["kind"] == "join":
+                        mode = "own" if self.join_state is None else "state"
+                        outer_step, inner_step = self.join_at if mode == "state" else (header["outer_step"], header["inner_step"])
+                        answer = {"v": 1, "kind": "join_result", "mode": mode, "outer_step": outer_step, "inner_step": inner_step,
+                                  "from": "b" if mode == "state" else "", "groups": ["a", "b"], "send_state_to": [],
+                                  "tensors": header["tensors"]}
+                        conn.sendall(frame(answer) + (b"" if self.join_state is None else self.join_state.astype("<f4").tobytes()))
+                        continue
+                    if header["kind"] == "state":
+                        self.states.append((header, payload))
+                        conn.sendall(frame({"v": 1, "kind": "state_sent", "outer_step": header["outer_step"], "groups": self.send_state_to}))
+                        continue
                     error = self.fail.pop(header["outer_step"], None)
                     if error is not None:
                         conn.sendall(frame({"v": 1, "kind": "outer_error", "outer_step": header["outer_step"], "error": error}))
                         continue
                     answer, data = self.respond(header, payload)
+                    answer = {**answer, "send_state_to": self.send_state_to}
                     conn.sendall(frame(answer) + data)
 
     def close(self) -> None:
@@ -161,6 +180,54 @@ def spawned_outer_run(rank: int, world_size: int, port: int, sock_path: str, out
     completed = False
     try:
         outer_run(rank, world_size, sock_path, out_dir)
+        completed = True
+    finally:
+        if completed:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def join_run(rank: int, world_size: int, sock_path: str, out_dir: str) -> None:
+    """Joins (the agent hands over group b's live state), then one outer step whose
+    answer asks for this group's state. Saves what this rank holds after each."""
+    import torch
+
+    from drover_agent.contract import TrainerEnv
+    from drover_agent.outer_sync import OuterSync
+
+    model = small_model()
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    env = TrainerEnv.from_env({"RANK": str(rank), "WORLD_SIZE": str(world_size), "DROVER_GROUP": "a",
+                               "DROVER_GROUP_COUNT": "2", "DROVER_GROUP_INDEX": "0"})
+    lines: list[str] = []
+    sync = OuterSync(model, every=4, env=env, socket_path=sock_path if rank == 0 else None, log=lines.append, inner_step=8)
+    joined = sync.join()
+    full = lambda tensors: {name: sync._full(p, t).clone() for (name, p), t in zip(sync._params, tensors)}  # noqa: E731
+    params = lambda: {name: sync._full(p, p.to_local() if hasattr(p, "to_local") else p.detach()).clone() for name, p in model.named_parameters()}  # noqa: E731
+    after_join = {"outer": full(sync._outer), "momentum": full(sync._momentum), "params": params(),
+                  "outer_step": sync.outer_step, "last_inner_step": sync.last_inner_step}
+    inner_update(model, 1)
+    report = sync.maybe_step(joined["inner_step"] + 4, samples_since_last=32)
+    after_step = {"outer": full(sync._outer), "momentum": full(sync._momentum), "outer_step": sync.outer_step}
+    torch.save({"joined": joined, "after_join": after_join, "after_step": after_step, "report_send": report["send_state_to"],
+                "lines": lines}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def spawned_join_run(rank: int, world_size: int, port: int, sock_path: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method="env://")
+    completed = False
+    try:
+        join_run(rank, world_size, sock_path, out_dir)
         completed = True
     finally:
         if completed:

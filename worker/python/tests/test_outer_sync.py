@@ -314,3 +314,44 @@ def test_a_failed_exchange_is_tried_again_before_it_fails_the_step(tmp_path):
     assert [r["outer_step"] for r in reports] == [1, 2, 3]
     assert [r["outer_step"] for r in agent.requests] == [1, 2, 2, 3]
     assert any("outer step 2: the exchange failed" in line and "checksum mismatch" in line and "try 2 of 3" in line for line in lines), lines
+
+
+def test_a_rejoining_group_takes_the_live_state_into_its_shards_and_sends_its_own_when_asked(tmp_path):
+    """join(): the agent hands over another group's outer parameters and momentum; both
+    ranks of an FSDP group take their pieces, the model holds the outer parameters and
+    training continues at the live group's inner step. Then an outer step whose answer
+    names a waiting group makes the ranks send their (gathered) outer state."""
+    numel = sum(p.numel() for p in outer_harness.small_model().parameters())
+    state = np.arange(2 * numel, dtype=np.float32) / np.float32(1000)
+    agent = outer_harness.FakeOuterAgent(_sock_path("join"), join_state=state, join_at=(5, 20), send_state_to=["c"])
+    try:
+        mp.spawn(outer_harness.spawned_join_run, args=(2, _free_port(), agent.path, str(tmp_path)), nprocs=2, join=True)
+    finally:
+        agent.close()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    names = [name for name, _ in outer_harness.small_model().named_parameters()]
+    shapes = [p.shape for p in outer_harness.small_model().parameters()]
+    offset, params, momentum = 0, {}, {}
+    for name, shape in zip(names, shapes):
+        n = int(np.prod(shape))
+        params[name] = torch.from_numpy(state[offset:offset + n].copy()).view(shape)
+        momentum[name] = torch.from_numpy(state[numel + offset:numel + offset + n].copy()).view(shape)
+        offset += n
+    for rank in ranks:
+        assert rank["joined"] == {"mode": "state", "outer_step": 5, "inner_step": 20, "source": "b", "groups": ["a", "b"]}
+        after = rank["after_join"]
+        assert (after["outer_step"], after["last_inner_step"]) == (5, 20)
+        for name in names:
+            assert torch.equal(after["outer"][name], params[name]), name
+            assert torch.equal(after["momentum"][name], momentum[name]), name
+            assert torch.equal(after["params"][name], params[name]), name
+        assert rank["report_send"] == ["c"]
+    assert ranks[0]["lines"][0].startswith("joined: took group b's live outer state at outer step 5 (inner step 20); in step with a+b")
+    # The state sent after outer step 6: what the ranks hold, gathered whole, params then momentum.
+    requests = [r for r in agent.requests if r["kind"] == "join"]
+    assert [(r["outer_step"], r["inner_step"]) for r in requests] == [(0, 8)]
+    assert len(agent.states) == 1
+    header, payload = agent.states[0]
+    assert (header["outer_step"], header["inner_step"]) == (6, 24)
+    expected = np.concatenate([ranks[0]["after_step"][kind][name].reshape(-1).numpy() for kind in ("outer", "momentum") for name in names])
+    assert np.array_equal(payload, expected)

@@ -1,5 +1,5 @@
 import { BridgeExchangeError, BridgeFrameError } from "../errors.js";
-import type { BridgeLink } from "./bridge-link.js";
+import type { BridgeMessage } from "./bridge-link.js";
 import { CODECS, readFrame, TensorAssembler, tensorFrameParts, type Codec, type ReadFrame } from "./tensor-frame.js";
 
 // The weighted average of one tensor set across groups, as the group leaders' agents
@@ -15,6 +15,19 @@ export interface GroupTensor {
   name: string;
   shape: number[];
   values: Float32Array;
+}
+
+/** What the exchange needs of a link to a peer group (a BridgeLink, or the job bridge's view of one). */
+export interface ExchangeLink {
+  readonly peer: { group: string };
+  readonly closedReason: Error | undefined;
+  sendControl(message: Record<string, unknown>): Promise<void>;
+  sendFrame(parts: Buffer[]): Promise<void>;
+  flushed(): Promise<void>;
+  /** The one consumer of the link's incoming exchange messages (undefined detaches it). */
+  receive(consumer: ((message: BridgeMessage) => void) | undefined): void;
+  on(event: "close", listener: (error: Error | undefined) => void): unknown;
+  off(event: "close", listener: (error: Error | undefined) => void): unknown;
 }
 
 export interface OuterStepContribution {
@@ -44,8 +57,8 @@ export class ExchangeBuffers {
 export interface AllReduceOptions {
   job: string;
   group: string;
-  /** One authenticated link per other group (BridgeLink.peer.group names it). */
-  links: BridgeLink[];
+  /** One authenticated link per other group (link.peer.group names it). */
+  links: ExchangeLink[];
   codec: Codec;
   /** Elements per frame. */
   chunkElements: number;
@@ -80,7 +93,9 @@ interface StepAnnouncement {
 function readAnnouncement(message: Record<string, unknown>, peer: string, own: OuterStepContribution, codec: Codec): StepAnnouncement {
   const fail = (what: string) => new BridgeExchangeError(`bridge peer ${peer}: ${what}`, { peer });
   if (message.kind !== "step") throw fail(`sent control message ${JSON.stringify(message.kind)}, expected a step announcement`);
-  if (message.outerStep !== own.outerStep) throw fail(`announced outer step ${String(message.outerStep)}, this group is at ${own.outerStep}`);
+  if (message.outerStep !== own.outerStep) {
+    throw new BridgeExchangeError(`bridge peer ${peer}: announced outer step ${String(message.outerStep)}, this group is at ${own.outerStep}`, { peer, outOfStep: true });
+  }
   const weight = message.weight;
   if (typeof weight !== "number" || !Number.isFinite(weight) || weight < 0 || weight > 1e15) throw fail(`weight ${String(weight)} is not a finite non-negative number`);
   if (typeof message.codec !== "string" || !(CODECS as readonly string[]).includes(message.codec) || message.codec !== codec) throw fail(`uses codec ${String(message.codec)}, this group ${codec}`);
@@ -154,8 +169,8 @@ export async function allReduceAcrossGroups(own: OuterStepContribution, options:
   }));
   received.catch(() => undefined); // awaited below; a peer failing while we send must not go unhandled
   const announcement: StepAnnouncement = { kind: "step", outerStep: own.outerStep, group: options.group, weight: own.weight, codec, tensors: own.tensors.map(({ name, shape }) => ({ name, shape })) };
-  const sendTo = (link: BridgeLink, send: () => Promise<void>) => send().catch((error: Error) => {
-    throw new BridgeExchangeError(`bridge peer ${link.peer.group} went away during outer step ${own.outerStep}: ${error.message}`, { peer: link.peer.group });
+  const sendTo = (link: ExchangeLink, send: () => Promise<void>) => send().catch((error: Error) => {
+    throw new BridgeExchangeError(`bridge peer ${link.peer.group} went away during outer step ${own.outerStep}: ${error.message}`, { peer: link.peer.group, gone: true });
   });
   await Promise.all(options.links.map((link) => sendTo(link, () => link.sendControl({ ...announcement }))));
   // This group's own contribution, as its peers receive it: the tensors themselves for
@@ -235,7 +250,7 @@ function weightedSum(out: Float32Array, inputs: Float32Array[], shares: number[]
 
 /** One peer's announcement and frames for this step, assembled and checked. */
 function receiveContribution(
-  link: BridgeLink,
+  link: ExchangeLink,
   own: OuterStepContribution,
   assemblerList: TensorAssembler[],
   progress: ProgressSink,
@@ -246,13 +261,17 @@ function receiveContribution(
     let announcement: StepAnnouncement | undefined;
     const assemblers = new Map(own.tensors.map((tensor, index) => [tensor.name, { index, assembler: assemblerList[index]! }]));
     const done = new Set<string>();
+    let settled = false;
     const cleanup = () => {
+      // Once only: a late timer or abort must not detach the consumer of a later step.
+      settled = true;
       clearTimeout(timer);
       link.receive(undefined);
       link.off("close", onClose);
       options.signal.removeEventListener("abort", onAbort);
     };
     const fail = (error: Error) => {
+      if (settled) return;
       cleanup();
       reject(error);
     };
@@ -287,7 +306,7 @@ function receiveContribution(
         }
         progress.delivered(peer, entry.index, whole ? whole.length : entry.assembler.contiguousElements);
         if (whole) done.add(frame.tensor);
-        if (done.size === own.tensors.length) {
+        if (done.size === own.tensors.length && !settled) {
           cleanup();
           resolve();
         }
@@ -295,15 +314,17 @@ function receiveContribution(
         fail(error as Error);
       }
     };
-    const onClose = (error: Error | undefined) => fail(new BridgeExchangeError(`bridge peer ${peer} went away during outer step ${own.outerStep}${error ? `: ${error.message}` : ""}`, { peer }));
+    const onClose = (error: Error | undefined) => fail(new BridgeExchangeError(`bridge peer ${peer} went away during outer step ${own.outerStep}${error ? `: ${error.message}` : ""}`, { peer, gone: true }));
     const onAbort = () => fail(options.signal.reason as Error);
-    const timer = setTimeout(() => fail(new BridgeExchangeError(`bridge peer ${peer} did not deliver outer step ${own.outerStep} within ${(options.timeoutMs / 1000).toFixed(1)}s`, { peer })), options.timeoutMs);
+    const timer = setTimeout(() => fail(new BridgeExchangeError(`bridge peer ${peer} did not deliver outer step ${own.outerStep} within ${(options.timeoutMs / 1000).toFixed(1)}s`, { peer, gone: true })), options.timeoutMs);
     if (link.closedReason) {
       onClose(link.closedReason);
       return;
     }
+    // Listeners first: attaching the consumer hands over what already arrived, which
+    // may complete (and clean up) this receive at once.
     link.on("close", onClose);
-    link.receive((message) => (message.kind === "frame" ? onFrame(message.frame) : onControl(message.control)));
     options.signal.addEventListener("abort", onAbort, { once: true });
+    link.receive((message) => (message.kind === "frame" ? onFrame(message.frame) : onControl(message.control)));
   });
 }

@@ -6,7 +6,11 @@ import { afterEach, describe, expect, it } from "vitest";
 import { silentLogger } from "../logger.js";
 import { BridgeLink } from "./bridge-link.js";
 import { BridgeEndpoint, splitHostPort, type JobBridge } from "./job-bridge.js";
-import { encodeOuterMessage, OuterSyncSocketServer, readOuterStepHeader } from "./outer-sync-socket.js";
+import { encodeOuterMessage, OuterSyncSocketServer, readOuterStepHeader, type OuterSyncHandlers } from "./outer-sync-socket.js";
+
+function handlersOf(bridge: JobBridge): OuterSyncHandlers {
+  return { exchange: (request) => bridge.exchange(request), join: (request) => bridge.join(request), shareState: (request) => bridge.shareState(request) };
+}
 
 // The bridge as agents run it: one endpoint per agent, a JobBridge per led group that
 // dials or waits for its peers, and the trainer's outer-step socket in front of it.
@@ -29,8 +33,9 @@ async function outerStep(path: string, header: Record<string, unknown>, payload:
   socket.on("data", (chunk) => chunks.push(chunk));
   socket.write(encodeOuterMessage(header));
   for (const tensor of payload) socket.write(Buffer.from(tensor.buffer, tensor.byteOffset, tensor.byteLength));
-  const expectedBytes = (answerHeader: Record<string, unknown>) => answerHeader.kind === "outer_result"
-    ? (answerHeader.tensors as Array<{ shape: number[] }>).reduce((sum, tensor) => sum + tensor.shape.reduce((a, b) => a * b, 1) * 4, 0) : 0;
+  const tensorBytes = (answerHeader: Record<string, unknown>) => (answerHeader.tensors as Array<{ shape: number[] }>).reduce((sum, tensor) => sum + tensor.shape.reduce((a, b) => a * b, 1) * 4, 0);
+  const expectedBytes = (answerHeader: Record<string, unknown>) => answerHeader.kind === "outer_result" ? tensorBytes(answerHeader)
+    : answerHeader.kind === "join_result" && answerHeader.mode === "state" ? 2 * tensorBytes(answerHeader) : 0;
   for (;;) {
     const all = Buffer.concat(chunks);
     if (all.length >= 4) {
@@ -50,9 +55,19 @@ async function outerStep(path: string, header: Record<string, unknown>, payload:
   }
 }
 
+async function waitUntil(condition: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > until) throw new Error("condition not met in time");
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
 describe("JobBridge and the outer-step socket", () => {
   const cleanups: Array<() => Promise<void> | void> = [];
+  const events: string[] = [];
   afterEach(async () => {
+    events.length = 0;
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
   });
 
@@ -61,7 +76,7 @@ describe("JobBridge and the outer-step socket", () => {
     const betaEndpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", logger: silentLogger });
     cleanups.push(() => alphaEndpoint.close(), () => betaEndpoint.close());
     const peers = [{ group: "alpha", index: 0, address: alphaEndpoint.advertised }, { group: "beta", index: 1, address: options.betaAddress ?? betaEndpoint.advertised }];
-    const open = (endpoint: BridgeEndpoint, index: number): JobBridge => endpoint.open({ job: JOB, group: peers[index]!.group, groupIndex: index, key: KEY, peers: peers.filter((_, at) => at !== index), logger: silentLogger });
+    const open = (endpoint: BridgeEndpoint, index: number): JobBridge => endpoint.open({ job: JOB, group: peers[index]!.group, groupIndex: index, key: KEY, peers: peers.filter((_, at) => at !== index), logger: silentLogger, onEvent: (line) => events.push(`${peers[index]!.group}: ${line}`) });
     const alpha = open(alphaEndpoint, 0);
     const beta = open(betaEndpoint, 1);
     cleanups.push(() => alpha.close(), () => beta.close());
@@ -72,7 +87,7 @@ describe("JobBridge and the outer-step socket", () => {
     const { alpha, beta } = await twoGroups();
     const dir = await mkdtemp(join(os.tmpdir(), "drover-outer-"));
     cleanups.push(() => rm(dir, { recursive: true, force: true }));
-    const servers = await Promise.all([alpha, beta].map((bridge, index) => OuterSyncSocketServer.listen(join(dir, `${index}.sock`), (request) => bridge.exchange(request), silentLogger)));
+    const servers = await Promise.all([alpha, beta].map((bridge, index) => OuterSyncSocketServer.listen(join(dir, `${index}.sock`), handlersOf(bridge), silentLogger)));
     cleanups.push(...servers.map((server) => () => server.close()));
 
     const tensors = [{ name: "w", shape: [3, 1000] }, { name: "b", shape: [7] }];
@@ -94,19 +109,137 @@ describe("JobBridge and the outer-step socket", () => {
     });
   });
 
-  it("answers a malformed request with an error naming the field, and a missing peer with an error naming the group", async () => {
+  it("answers a malformed request with an error naming the field, and goes on alone when a peer never links", async () => {
     const { alpha } = await twoGroups({ betaAddress: "127.0.0.1:1" });
     const dir = await mkdtemp(join(os.tmpdir(), "drover-outer-"));
     cleanups.push(() => rm(dir, { recursive: true, force: true }));
-    const server = await OuterSyncSocketServer.listen(join(dir, "a.sock"), (request) => alpha.exchange(request), silentLogger);
+    const server = await OuterSyncSocketServer.listen(join(dir, "a.sock"), handlersOf(alpha), silentLogger);
     cleanups.push(() => server.close());
 
     const bad = await outerStep(server.path, { kind: "outer_step", outer_step: 1, weight: -3, codec: "fp32", timeout_ms: 1000, tensors: [{ name: "w", shape: [2] }] }, []);
     expect(bad.header).toMatchObject({ kind: "outer_error", error: expect.stringContaining("weight") });
 
-    const lonely = await outerStep(server.path, { kind: "outer_step", outer_step: 1, weight: 8, codec: "fp32", timeout_ms: 500, tensors: [{ name: "w", shape: [2] }] }, [new Float32Array(2)]);
-    expect(lonely.header).toMatchObject({ kind: "outer_error" });
-    expect(String(lonely.header.error)).toMatch(/no bridge link to group beta \(127\.0\.0\.1:1\)/);
+    const lonely = await outerStep(server.path, { kind: "outer_step", outer_step: 1, weight: 8, codec: "int8", timeout_ms: 500, tensors: [{ name: "w", shape: [2] }] }, [Float32Array.of(0.25, -1.5)]);
+    // Alone, the mean is the group's own contribution, untouched by the codec.
+    expect(lonely.header).toMatchObject({ kind: "outer_result", groups: ["alpha"], weights: { alpha: 8 } });
+    expect([...lonely.payload]).toEqual([0.25, -1.5]);
+    expect(events.join("\n")).toMatch(/outer step 1: group beta left the outer steps \(no bridge link to 127\.0\.0\.1:1 within 0\.5s\); going on with alpha/);
+  });
+
+  it("keeps exchanging when the groups reach their outer steps seconds apart, whoever comes first", async () => {
+    // A finished step's timers must not touch the next step's receive: before a fix, the
+    // timeout of step N, firing during step N+1, detached step N+1's consumer.
+    const { alpha, beta } = await twoGroups();
+    const dir = await mkdtemp(join(os.tmpdir(), "drover-outer-"));
+    cleanups.push(() => rm(dir, { recursive: true, force: true }));
+    const servers = await Promise.all([alpha, beta].map((bridge, index) => OuterSyncSocketServer.listen(join(dir, `${index}.sock`), handlersOf(bridge), silentLogger)));
+    cleanups.push(...servers.map((server) => () => server.close()));
+    const tensors = Array.from({ length: 12 }, (_, index) => ({ name: `t${index}`, shape: [index % 3 === 0 ? 4000 : 100] }));
+    const payload = tensors.map((tensor, index) => values(tensor.shape[0]!, index));
+    for (let step = 1; step <= 4; step++) {
+      const request = { kind: "outer_step", outer_step: step, weight: 1, codec: "fp32", timeout_ms: 1_500, tensors };
+      const [first, second] = step % 2 ? [servers[1]!, servers[0]!] : [servers[0]!, servers[1]!];
+      const early = outerStep(first.path, request, payload);
+      await new Promise((resolveDelay) => setTimeout(resolveDelay, 700));
+      const [a, b] = await Promise.all([early, outerStep(second.path, request, payload)]);
+      expect([step, a.header.groups, b.header.groups], JSON.stringify([a.header.error, b.header.error])).toEqual([step, ["alpha", "beta"], ["alpha", "beta"]]);
+    }
+  });
+
+  it("drops a group that goes away, and gives it the live outer state when it comes back elsewhere", async () => {
+    const { alpha, beta, betaEndpoint } = await twoGroups();
+    const dir = await mkdtemp(join(os.tmpdir(), "drover-outer-"));
+    cleanups.push(() => rm(dir, { recursive: true, force: true }));
+    const alphaServer = await OuterSyncSocketServer.listen(join(dir, "a.sock"), handlersOf(alpha), silentLogger);
+    const betaServer = await OuterSyncSocketServer.listen(join(dir, "b.sock"), handlersOf(beta), silentLogger);
+    cleanups.push(() => alphaServer.close(), () => betaServer.close());
+    const tensors = [{ name: "w", shape: [5000] }, { name: "b", shape: [3] }];
+    const step = (path: string, outer: number, seed: number, timeoutMs = 10_000) =>
+      outerStep(path, { kind: "outer_step", outer_step: outer, weight: 10, codec: "fp32", timeout_ms: timeoutMs, tensors }, [values(5000, seed), values(3, seed + 1)]);
+    const joinAt = (path: string, outer: number) => outerStep(path, { kind: "join", outer_step: outer, inner_step: outer * 10, timeout_ms: 10_000, tensors }, []);
+
+    // Both start together at outer step 0, then take one step as one model.
+    const [joinedA, joinedB] = await Promise.all([joinAt(alphaServer.path, 0), joinAt(betaServer.path, 0)]);
+    expect(joinedA.header).toMatchObject({ kind: "join_result", mode: "own", groups: ["alpha", "beta"] });
+    expect(joinedB.header).toMatchObject({ kind: "join_result", mode: "own", groups: ["beta", "alpha"] });
+    const [one, oneB] = await Promise.all([step(alphaServer.path, 1, 1), step(betaServer.path, 1, 5)]);
+    expect(one.header.groups).toEqual(["alpha", "beta"]);
+    expect(Buffer.from(one.payload.buffer).equals(Buffer.from(oneB.payload.buffer))).toBe(true);
+
+    // Beta's leader dies (its agent and endpoint gone): alpha's next step goes on alone
+    // after the step's timeout, saying so.
+    beta.close();
+    await betaEndpoint.close();
+    const two = await step(alphaServer.path, 2, 2, 800);
+    expect(two.header).toMatchObject({ kind: "outer_result", groups: ["alpha"], send_state_to: [], rejoin: false });
+    expect(events.join("\n")).toMatch(/alpha: outer step 2: group beta left the outer steps/);
+
+    // Beta comes back on another node (a new endpoint, a new address the head passes on),
+    // restored from its checkpoint at outer step 1, and asks to join.
+    const newEndpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", logger: silentLogger });
+    cleanups.push(() => newEndpoint.close());
+    const newBeta = newEndpoint.open({ job: JOB, group: "beta", groupIndex: 1, key: KEY, peers: [{ group: "alpha", index: 0, address: "" }], logger: silentLogger, onEvent: (line) => events.push(`beta: ${line}`) });
+    cleanups.push(() => newBeta.close());
+    alpha.updatePeers([{ group: "beta", index: 1, address: newEndpoint.advertised }]);
+    const newBetaServer = await OuterSyncSocketServer.listen(join(dir, "b2.sock"), handlersOf(newBeta), silentLogger);
+    cleanups.push(() => newBetaServer.close());
+    const rejoined = joinAt(newBetaServer.path, 1);
+
+    // Alpha's next step still runs without beta (it is not in step yet) and asks alpha's
+    // trainer for its state, which goes to beta.
+    await waitUntil(() => events.some((line) => line.includes("asks group alpha")));
+    const three = await step(alphaServer.path, 3, 3);
+    expect(three.header).toMatchObject({ groups: ["alpha"], send_state_to: ["beta"] });
+    const params = [values(5000, 11), values(3, 12)];
+    const momentum = [values(5000, 13), values(3, 14)];
+    const shared = await outerStep(alphaServer.path, { kind: "state", outer_step: 3, inner_step: 30, tensors }, [...params, ...momentum]);
+    expect(shared.header).toMatchObject({ kind: "state_sent", groups: ["beta"] });
+    const taken = await rejoined;
+    expect(taken.header).toMatchObject({ kind: "join_result", mode: "state", from: "alpha", outer_step: 3, inner_step: 30, groups: ["beta", "alpha"] });
+    const sentBytes = Buffer.concat([...params, ...momentum].map((tensor) => Buffer.from(tensor.buffer)));
+    expect(Buffer.from(taken.payload.buffer, taken.payload.byteOffset, taken.payload.byteLength).equals(sentBytes)).toBe(true);
+    expect(events.join("\n")).toMatch(/beta: group beta took group alpha's live outer state at outer step 3 \(inner step 30\)/);
+
+    // From here on they are one model again.
+    const [four, fourB] = await Promise.all([step(alphaServer.path, 4, 4), step(newBetaServer.path, 4, 8)]);
+    expect(four.header.groups).toEqual(["alpha", "beta"]);
+    expect(Buffer.from(four.payload.buffer).equals(Buffer.from(fourB.payload.buffer))).toBe(true);
+  });
+
+  it("refuses a state whose tensors do not fit the model, naming the peer and tensor, and one nobody asked for", async () => {
+    const endpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", logger: silentLogger });
+    cleanups.push(() => endpoint.close());
+    const beta = endpoint.open({ job: JOB, group: "beta", groupIndex: 1, key: KEY, peers: [{ group: "alpha", index: 0, address: "" }], logger: silentLogger });
+    cleanups.push(() => beta.close());
+    const dir = await mkdtemp(join(os.tmpdir(), "drover-outer-"));
+    cleanups.push(() => rm(dir, { recursive: true, force: true }));
+    const server = await OuterSyncSocketServer.listen(join(dir, "b.sock"), handlersOf(beta), silentLogger);
+    cleanups.push(() => server.close());
+
+    // A hand-driven "alpha": live at outer step 5, it answers beta's want-state with a
+    // state of another shape.
+    const fakeAlpha = async () => {
+      const link = await BridgeLink.dial({ host: "127.0.0.1", port: endpoint.port, self: { job: JOB, group: "alpha" }, key: KEY, signal: AbortSignal.timeout(5_000) });
+      cleanups.push(() => link.destroy());
+      const asked = new Promise<Record<string, unknown>>((resolve) => link.receive((message) => {
+        if (message.kind === "control" && message.control.kind === "want-state") resolve(message.control);
+      }));
+      await link.sendControl({ kind: "hello", phase: "live", outerStep: 5, reply: false });
+      return { link, asked };
+    };
+    const first = await fakeAlpha();
+    const joining = outerStep(server.path, { kind: "join", outer_step: 2, inner_step: 20, timeout_ms: 5_000, tensors: [{ name: "w", shape: [4] }] }, []);
+    expect(await first.asked).toMatchObject({ outerStep: 2 });
+    await first.link.sendControl({ kind: "state", outerStep: 5, innerStep: 50, tensors: [{ name: "w", shape: [5] }] });
+    const refused = await joining;
+    expect(refused.header).toMatchObject({ kind: "outer_error" });
+    expect(String(refused.header.error)).toMatch(/group alpha's state has tensor w \[5\] where this model has w \[4\]/);
+
+    // A state beta did not ask for breaks the link; beta's next join starts clean.
+    const second = await fakeAlpha();
+    const closed = new Promise((resolve) => second.link.once("close", resolve));
+    await second.link.sendControl({ kind: "state", outerStep: 5, innerStep: 50, tensors: [{ name: "w", shape: [4] }] });
+    await closed;
   });
 
   it("refuses a dialer of another job even with the right key, and checks request headers field by field", async () => {

@@ -1,8 +1,9 @@
-import { BridgeExchangeError } from "../errors.js";
+import { BridgeExchangeError, BridgeFrameError } from "../errors.js";
 import type { Logger } from "../logger.js";
-import { BridgeLink, BridgeListener } from "./bridge-link.js";
-import { allReduceAcrossGroups, ExchangeBuffers } from "./group-all-reduce.js";
-import type { OuterStepAnswer, OuterStepRequest } from "./outer-sync-socket.js";
+import { BridgeLink, BridgeListener, type BridgeMessage } from "./bridge-link.js";
+import { allReduceAcrossGroups, ExchangeBuffers, type ExchangeLink } from "./group-all-reduce.js";
+import type { JoinAnswer, JoinRequest, OuterState, OuterStepAnswer, OuterStepRequest, StateRequest, TensorShape } from "./outer-sync-socket.js";
+import { readFrame, TensorAssembler, tensorFrameParts, type ReadFrame } from "./tensor-frame.js";
 
 // The bridge as a worker agent runs it. One BridgeEndpoint per agent listens on the
 // node's bridge port and hands each authenticated link to the job it belongs to; one
@@ -76,20 +77,157 @@ export interface JobBridgeOptions {
   key: Buffer;
   peers: BridgePeer[];
   logger: Logger;
+  /** Membership events worth the job's log (a group dropped, a rejoin); never secrets. */
+  onEvent?: (line: string) => void;
   onClose: () => void;
 }
 
+/**
+ * What this group knows of one other group. `inSync`: the two hold the same outer
+ * state (same lineage), so outer steps include it. A group leaves that set when it
+ * fails an outer step (gone, silent past the timeout, out of step) and re-enters it by
+ * joining: at the same outer step as a peer, or by taking a live peer's state.
+ */
+interface PeerView {
+  peer: BridgePeer;
+  link?: BridgeLink;
+  exchange?: ExchangeView;
+  /** What the peer last said of itself on the current link. */
+  status?: { joining: boolean; outerStep: number };
+  inSync: boolean;
+  /** The peer asked for this group's state: it is sent after this group's next outer step. */
+  wantsState: boolean;
+  /** A state transfer from this peer in progress. */
+  incoming?: StateReceiver;
+}
+
+/**
+ * A link as the exchange sees it: the job bridge reads every message first and passes
+ * on what is not membership (hello, want-state, rejoin, state transfers).
+ */
+class ExchangeView implements ExchangeLink {
+  private consumer: ((message: BridgeMessage) => void) | undefined;
+  private readonly inbox: BridgeMessage[] = [];
+
+  constructor(private readonly link: BridgeLink) {}
+
+  get peer(): { group: string } {
+    return this.link.peer;
+  }
+
+  get closedReason(): Error | undefined {
+    return this.link.closedReason;
+  }
+
+  sendControl(message: Record<string, unknown>): Promise<void> {
+    return this.link.sendControl(message);
+  }
+
+  sendFrame(parts: Buffer[]): Promise<void> {
+    return this.link.sendFrame(parts);
+  }
+
+  flushed(): Promise<void> {
+    return this.link.flushed();
+  }
+
+  receive(consumer: ((message: BridgeMessage) => void) | undefined): void {
+    this.consumer = consumer;
+    while (this.consumer && this.inbox.length > 0) this.consumer(this.inbox.shift()!);
+  }
+
+  deliver(message: BridgeMessage): void {
+    if (this.consumer) {
+      this.consumer(message);
+      return;
+    }
+    // A peer a step ahead: its announcement and frames wait for this group's step. Frames
+    // may be views of the link's read buffer, so kept ones are copied.
+    this.inbox.push(message.kind === "frame" ? { kind: "frame", frame: Buffer.from(message.frame) } : message);
+  }
+
+  on(event: "close", listener: (error: Error | undefined) => void): this {
+    this.link.on(event, listener);
+    return this;
+  }
+
+  off(event: "close", listener: (error: Error | undefined) => void): this {
+    this.link.off(event, listener);
+    return this;
+  }
+}
+
+/** One incoming state transfer: every outer parameter, then every momentum tensor, fp32. */
+class StateReceiver {
+  private readonly params: Map<string, TensorAssembler>;
+  private readonly momentum: Map<string, TensorAssembler>;
+  private readonly paramsDone = new Set<string>();
+  private complete = 0;
+
+  constructor(private readonly peer: string, private readonly header: { job: string; outerStep: number; innerStep: number }, tensors: TensorShape[]) {
+    const assemblers = () => new Map(tensors.map((tensor) => [tensor.name, new TensorAssembler({ job: header.job, outerStep: header.outerStep, tensor: tensor.name, shape: tensor.shape })]));
+    this.params = assemblers();
+    this.momentum = assemblers();
+  }
+
+  /** Adds one frame; returns the whole state after the last one. */
+  add(bytes: Buffer): OuterState | undefined {
+    let read: ReadFrame;
+    try {
+      read = readFrame(bytes);
+    } catch (error) {
+      throw new BridgeFrameError(`state from group ${this.peer}: ${(error as Error).message}`, { peer: this.peer });
+    }
+    const name = read.header.tensor;
+    const param = this.params.get(name);
+    if (!param) throw new BridgeFrameError(`state from group ${this.peer}: tensor ${name} is not part of this model`, { peer: this.peer, tensor: name });
+    if (read.header.codec !== "fp32") throw new BridgeFrameError(`state from group ${this.peer}: tensor ${name} in codec ${read.header.codec}; state moves as fp32`, { peer: this.peer, tensor: name });
+    // Every parameter comes before every momentum tensor, so a name's first tensor is its parameter.
+    const assembler = this.paramsDone.has(name) ? this.momentum.get(name)! : param;
+    try {
+      if (assembler.addRead(read)) {
+        this.complete += 1;
+        this.paramsDone.add(name);
+      }
+    } catch (error) {
+      throw new BridgeFrameError(`state from group ${this.peer}: ${(error as Error).message}`, { peer: this.peer, tensor: name });
+    }
+    if (this.complete < 2 * this.params.size) return undefined;
+    const values = (assemblers: Map<string, TensorAssembler>) => new Map([...assemblers].map(([key, value]) => [key, value.target]));
+    return { outerStep: this.header.outerStep, innerStep: this.header.innerStep, params: values(this.params), momentum: values(this.momentum) };
+  }
+}
+
+/** A join waiting for a live peer's state. */
+interface JoinWait {
+  source: string;
+  tensors: TensorShape[];
+  resolve: (state: OuterState) => void;
+  reject: (error: Error) => void;
+}
+
 export class JobBridge {
-  private readonly links = new Map<string, BridgeLink>();
+  private readonly views = new Map<string, PeerView>();
   private readonly waiters = new Set<() => void>();
   private readonly stopped = new AbortController();
   private readonly buffers = new ExchangeBuffers();
   private readonly logger: Logger;
+  /**
+   * fresh: the trainer has not joined (a trainer that never does trains as if every
+   * group started together, so every peer counts as in step); joining: its join is
+   * being decided; live: it trains at `outerStep`.
+   */
+  private phase: "fresh" | "joining" | "live" = "fresh";
+  private outerStep = 0;
+  /** This group fell out of step with a group of a lower index: it takes that group's state at its next boundary. */
+  private rejoinFrom: string | undefined;
+  private joinWait: JoinWait | undefined;
 
   constructor(private readonly options: JobBridgeOptions) {
     this.logger = options.logger.child({ component: "bridge", jobId: options.job });
+    for (const peer of options.peers) this.views.set(peer.group, { peer: { ...peer }, inSync: true, wantsState: false });
     for (const peer of options.peers) {
-      if (peer.index > options.groupIndex) void this.keepDialing(peer);
+      if (peer.index > options.groupIndex) void this.keepDialing(peer.group);
     }
   }
 
@@ -102,27 +240,146 @@ export class JobBridge {
     return { group: this.options.group, key: this.options.key };
   }
 
+  /** Groups whose outer state this group shares now (itself first). */
+  get inSyncGroups(): string[] {
+    return [this.options.group, ...[...this.views.values()].filter((view) => view.inSync).map((view) => view.peer.group)];
+  }
+
+  /**
+   * New addresses of other groups' leaders (a restarted or replaced group's new node):
+   * the next dial uses them.
+   */
+  updatePeers(peers: BridgePeer[]): void {
+    for (const peer of peers) {
+      const view = this.views.get(peer.group);
+      if (!view || view.peer.address === peer.address) continue;
+      this.logger.info("bridge peer moved", { peer: peer.group, address: peer.address });
+      view.peer.address = peer.address;
+      view.link?.destroy(new Error(`group ${peer.group}'s leader moved to ${peer.address}`));
+    }
+    this.notify();
+  }
+
   /** A link a peer dialed in (already authenticated with this job's key). */
   accepted(link: BridgeLink): void {
-    const peer = this.options.peers.find((candidate) => candidate.group === link.peer.group);
-    if (!peer || peer.index > this.options.groupIndex || this.stopped.signal.aborted) {
+    const view = this.views.get(link.peer.group);
+    if (!view || view.peer.index > this.options.groupIndex || this.stopped.signal.aborted) {
       this.logger.warn("bridge link from an unexpected group closed", { peer: link.description });
       link.close();
       return;
     }
-    this.adopt(peer, link);
+    this.adopt(view, link);
   }
 
-  private adopt(peer: BridgePeer, link: BridgeLink): void {
-    this.links.get(peer.group)?.close();
-    this.links.set(peer.group, link);
+  private adopt(view: PeerView, link: BridgeLink): void {
+    view.link?.close();
+    view.link = link;
+    view.exchange = new ExchangeView(link);
+    view.status = undefined;
     this.logger.info("bridge link up", { peer: link.description });
+    link.receive((message) => this.onMessage(view, link, message));
     link.once("close", (error) => {
-      if (this.links.get(peer.group) === link) this.links.delete(peer.group);
+      if (view.link === link) {
+        view.link = undefined;
+        view.exchange = undefined;
+        view.status = undefined;
+        view.wantsState = false;
+        view.incoming = undefined; // a join waiting for it asks again on the next link
+      }
       if (!this.stopped.signal.aborted) this.logger.info("bridge link down", { peer: link.description, error: error?.message });
       this.notify();
     });
+    this.sendHello(view, false);
     this.notify();
+  }
+
+  private sendHello(view: PeerView, reply: boolean): void {
+    view.link?.sendControl({ kind: "hello", phase: this.phase, outerStep: this.outerStep, reply }).catch(() => undefined);
+  }
+
+  private event(line: string): void {
+    this.logger.info(line);
+    this.options.onEvent?.(line);
+  }
+
+  /** Membership messages are the bridge's; the rest goes to the outer-step exchange. */
+  private onMessage(view: PeerView, link: BridgeLink, message: BridgeMessage): void {
+    const group = view.peer.group;
+    try {
+      if (view.incoming) {
+        if (message.kind !== "frame") throw new BridgeFrameError(`group ${group} sent a control message in the middle of its state`, { peer: group });
+        const state = view.incoming.add(message.frame);
+        if (state) {
+          view.incoming = undefined;
+          this.joinWait?.resolve(state);
+        }
+        return;
+      }
+      if (message.kind === "control") {
+        const control = message.control;
+        switch (control.kind) {
+          case "hello":
+            return this.onHello(view, control);
+          case "want-state":
+            view.wantsState = true;
+            view.inSync = false;
+            this.logger.info("peer asked for this group's state", { peer: group });
+            this.notify();
+            return;
+          case "rejoin":
+            if (view.peer.index < this.options.groupIndex) this.rejoinFrom = group;
+            return;
+          case "state":
+            return this.onStateHeader(view, control);
+        }
+      }
+      view.exchange?.deliver(message);
+    } catch (error) {
+      this.logger.warn("bridge peer broke the membership protocol", { peer: group, error: (error as Error).message });
+      if (this.joinWait?.source === group) this.joinWait.reject(error as Error);
+      view.incoming = undefined;
+      link.destroy(error as Error);
+    }
+  }
+
+  private onHello(view: PeerView, control: Record<string, unknown>): void {
+    const outerStep = control.outerStep;
+    if (typeof outerStep !== "number" || !Number.isInteger(outerStep) || outerStep < 0 || outerStep > 2 ** 40 || !["fresh", "joining", "live"].includes(String(control.phase))) {
+      throw new BridgeFrameError(`group ${view.peer.group} sent a hello without a valid phase and outer step`, { peer: view.peer.group });
+    }
+    if (control.reply !== true) this.sendHello(view, true);
+    // A fresh peer's trainer has not said where it starts yet: nothing to decide on.
+    view.status = control.phase === "fresh" ? undefined : { joining: control.phase === "joining", outerStep };
+    if (!view.status) {
+      this.notify();
+      return;
+    }
+    if (this.phase === "live" && !view.status.joining && !view.inSync && !view.wantsState) {
+      // Both train, but not on the same outer state (each went on alone after a split):
+      // the group of the lower index is the lineage; the other takes its state.
+      if (view.peer.index < this.options.groupIndex) this.rejoinFrom ??= view.peer.group;
+      else view.link?.sendControl({ kind: "rejoin" }).catch(() => undefined);
+    }
+    if (this.phase === "live" && view.status.joining && outerStep === this.outerStep && !view.wantsState) view.inSync = true;
+    this.notify();
+  }
+
+  private onStateHeader(view: PeerView, control: Record<string, unknown>): void {
+    const wait = this.joinWait;
+    const group = view.peer.group;
+    if (!wait || wait.source !== group) throw new BridgeFrameError(`group ${group} sent its state unasked`, { peer: group });
+    const { outerStep, innerStep, tensors } = control;
+    if (typeof outerStep !== "number" || !Number.isInteger(outerStep) || outerStep < 0 || typeof innerStep !== "number" || !Number.isInteger(innerStep) || innerStep < 0) {
+      throw new BridgeFrameError(`group ${group}'s state has no valid outer/inner step`, { peer: group });
+    }
+    if (!Array.isArray(tensors) || tensors.length !== wait.tensors.length) throw new BridgeFrameError(`group ${group}'s state lists ${Array.isArray(tensors) ? tensors.length : "no"} tensors, this model has ${wait.tensors.length}`, { peer: group });
+    wait.tensors.forEach((mine, index) => {
+      const theirs = tensors[index] as { name?: unknown; shape?: unknown } | undefined;
+      if (theirs?.name !== mine.name || JSON.stringify(theirs.shape) !== JSON.stringify(mine.shape)) {
+        throw new BridgeFrameError(`group ${group}'s state has tensor ${String(theirs?.name)} ${JSON.stringify(theirs?.shape)} where this model has ${mine.name} ${JSON.stringify(mine.shape)}`, { peer: group, tensor: mine.name });
+      }
+    });
+    view.incoming = new StateReceiver(group, { job: this.options.job, outerStep, innerStep }, wait.tensors);
   }
 
   private notify(): void {
@@ -130,19 +387,22 @@ export class JobBridge {
   }
 
   /** Dials a peer of a higher group index, again whenever the link drops, until closed. */
-  private async keepDialing(peer: BridgePeer): Promise<void> {
+  private async keepDialing(group: string): Promise<void> {
     const signal = this.stopped.signal;
+    const view = this.views.get(group)!;
     let backoffMs = DIAL_BACKOFF_INITIAL_MS;
     let failures = 0;
     while (!signal.aborted) {
-      if (this.links.has(peer.group)) {
+      if (view.link) {
         await this.changed(signal);
         continue;
       }
-      const [host, port] = splitHostPort(peer.address);
+      const address = view.peer.address;
+      const [host, port] = splitHostPort(address);
       if (!host) {
-        this.logger.warn("bridge peer has no address; its leader runs without a bridge", { peer: peer.group });
-        return;
+        this.logger.warn("bridge peer has no address; its leader runs without a bridge", { peer: group });
+        await this.changed(signal);
+        continue;
       }
       try {
         const link = await BridgeLink.dial({ host, port, self: { job: this.options.job, group: this.options.group }, key: this.options.key, signal: AbortSignal.any([signal, AbortSignal.timeout(DIAL_TIMEOUT_MS)]) });
@@ -150,11 +410,11 @@ export class JobBridge {
           link.close();
           return;
         }
-        if (link.peer.group !== peer.group) {
+        if (link.peer.group !== group) {
           link.close();
-          throw new Error(`${peer.address} answered as group ${link.peer.group}`);
+          throw new Error(`${address} answered as group ${link.peer.group}`);
         }
-        this.adopt(peer, link);
+        this.adopt(view, link);
         backoffMs = DIAL_BACKOFF_INITIAL_MS;
         failures = 0;
       } catch (error) {
@@ -162,71 +422,246 @@ export class JobBridge {
         failures += 1;
         // The peer's agent may not have its job yet (it is refused until then): quiet at first.
         const log = failures % 10 === 0 ? "warn" : "debug";
-        this.logger[log]("bridge dial failed; retrying", { peer: peer.group, address: peer.address, error: (error as Error).message, failures });
-        await sleep(backoffMs, signal);
+        this.logger[log]("bridge dial failed; retrying", { peer: group, address, error: (error as Error).message, failures });
+        // A new address (updatePeers) cuts the wait short.
+        await this.changed(AbortSignal.any([signal, AbortSignal.timeout(backoffMs)]));
         backoffMs = Math.min(backoffMs * 2, DIAL_BACKOFF_MAX_MS);
       }
     }
   }
 
-  /** Resolves on the next link change (or the stop). */
-  private changed(signal: AbortSignal, timeoutMs?: number): Promise<void> {
+  /** Resolves on the next change (a link, a peer's status, a state request) or the abort. */
+  private changed(signal: AbortSignal): Promise<void> {
     return new Promise((resolve) => {
       const done = () => {
         this.waiters.delete(done);
         signal.removeEventListener("abort", done);
-        clearTimeout(timer);
         resolve();
       };
-      const timer = timeoutMs === undefined ? undefined : setTimeout(done, timeoutMs);
+      if (signal.aborted) return resolve();
       this.waiters.add(done);
       signal.addEventListener("abort", done, { once: true });
     });
   }
 
+  private closedError(): BridgeExchangeError {
+    return new BridgeExchangeError(`the bridge of job ${this.options.job} is closed`, {});
+  }
+
+  /** Takes a group out of this group's outer steps, saying why. */
+  private drop(view: PeerView, outerStep: number, why: string): void {
+    if (!view.inSync) return;
+    view.inSync = false;
+    this.event(`outer step ${outerStep}: group ${view.peer.group} left the outer steps (${why}); going on with ${this.inSyncGroups.join("+")}`);
+  }
+
   /**
-   * One outer step with every other group: waits (within the step's timeout) for a link
-   * to each, then exchanges and averages. A failed step closes every link, so the next
-   * try starts on fresh streams with no stale frames in them.
+   * The trainer (re)starts at `outerStep`: learns where the other groups are and either
+   * starts on its own state (every group it hears of is at the same outer step, or
+   * behind) or takes the state of a live group that is further along (the lowest index
+   * among the furthest), waiting for it until its next outer step is done. Groups not
+   * heard of within the timeout are left to join later themselves.
+   */
+  async join(request: JoinRequest): Promise<JoinAnswer> {
+    if (this.joinWait || this.phase === "joining") throw new BridgeExchangeError("a join is already in progress", {});
+    this.phase = "joining";
+    this.outerStep = request.outerStep;
+    const forced = this.rejoinFrom;
+    this.rejoinFrom = undefined;
+    for (const view of this.views.values()) {
+      view.inSync = false;
+      this.sendHello(view, false);
+    }
+    const signal = AbortSignal.any([this.stopped.signal, AbortSignal.timeout(request.timeoutMs)]);
+    try {
+      let source: PeerView | undefined;
+      for (;;) {
+        let allKnown = true;
+        source = forced ? this.views.get(forced) : undefined;
+        if (source && (!source.link || !source.status)) {
+          source = undefined;
+          allKnown = false;
+        }
+        for (const view of this.views.values()) {
+          if (!view.link || !view.status) {
+            allKnown = false;
+            continue;
+          }
+          if (forced) continue;
+          const theirs = view.status.outerStep;
+          if (theirs > request.outerStep) {
+            if (!source || theirs > source.status!.outerStep) source = view;
+          } else if (theirs === request.outerStep) {
+            view.inSync = true;
+          }
+        }
+        if (source || allKnown || signal.aborted) break;
+        await this.changed(signal);
+      }
+      if (this.stopped.signal.aborted) throw this.closedError();
+      if (!source) {
+        this.phase = "live";
+        const missing = [...this.views.values()].filter((view) => !view.status).map((view) => view.peer.group);
+        this.event(`group ${this.options.group} starts at outer step ${request.outerStep} on its own state with ${this.inSyncGroups.join("+")}${missing.length ? ` (not heard of: ${missing.join(", ")}; they join when they come)` : ""}`);
+        for (const view of this.views.values()) this.sendHello(view, false);
+        return { mode: "own", groups: this.inSyncGroups, sendStateTo: this.stateWanted() };
+      }
+      const from = source.peer.group;
+      this.event(`group ${this.options.group} (at outer step ${request.outerStep}) asks group ${from} (at outer step ${source.status!.outerStep}) for its live outer state`);
+      const state = await this.receiveState(source, request, signal);
+      this.phase = "live";
+      this.outerStep = state.outerStep;
+      source.inSync = true;
+      for (const view of this.views.values()) {
+        if (view.status && !view.status.joining && view.status.outerStep === state.outerStep) view.inSync = true;
+        this.sendHello(view, false);
+      }
+      this.event(`group ${this.options.group} took group ${from}'s live outer state at outer step ${state.outerStep} (inner step ${state.innerStep}); in step with ${this.inSyncGroups.join("+")}`);
+      return { mode: "state", from, groups: this.inSyncGroups, sendStateTo: this.stateWanted(), state };
+    } catch (error) {
+      this.phase = "live";
+      throw error;
+    }
+  }
+
+  /**
+   * Asks `source` for its state and waits for it; asks again on every new link to it
+   * (a broken link drops the request on its side), until the join's timeout.
+   */
+  private async receiveState(source: PeerView, request: JoinRequest, signal: AbortSignal): Promise<OuterState> {
+    const from = source.peer.group;
+    let received: OuterState | undefined;
+    let failure: Error | undefined;
+    this.joinWait = {
+      source: from,
+      tensors: request.tensors,
+      resolve: (state) => { received = state; this.notify(); },
+      reject: (error) => { failure = error; this.notify(); },
+    };
+    try {
+      let askedOn: BridgeLink | undefined;
+      while (!received) {
+        if (failure) throw failure;
+        if (signal.aborted) {
+          throw this.stopped.signal.aborted ? this.closedError() : new BridgeExchangeError(`group ${from} did not send its state within ${(request.timeoutMs / 1000).toFixed(1)}s`, { peer: from });
+        }
+        if (source.link && source.link !== askedOn) {
+          askedOn = source.link;
+          source.link.sendControl({ kind: "want-state", outerStep: request.outerStep }).catch(() => undefined);
+        }
+        await this.changed(signal);
+      }
+      return received;
+    } finally {
+      this.joinWait = undefined;
+    }
+  }
+
+  private stateWanted(): string[] {
+    return [...this.views.values()].filter((view) => view.wantsState && view.link).map((view) => view.peer.group);
+  }
+
+  /** Sends this group's outer state to every group that asked for it (after an outer step). */
+  async shareState(request: StateRequest): Promise<{ groups: string[] }> {
+    const sent: string[] = [];
+    const tensors = request.tensors.map(({ name, shape }) => ({ name, shape }));
+    for (const view of this.views.values()) {
+      if (!view.wantsState || !view.link) continue;
+      const link = view.link;
+      const started = performance.now();
+      try {
+        await link.sendControl({ kind: "state", outerStep: request.outerStep, innerStep: request.innerStep, tensors });
+        for (const tensor of [...request.tensors, ...request.momentum]) {
+          for (const parts of tensorFrameParts({ job: this.options.job, outerStep: request.outerStep, tensor: tensor.name, shape: tensor.shape, codec: "fp32" }, tensor.values, CHUNK_ELEMENTS)) {
+            await link.sendFrame(parts);
+          }
+        }
+        await link.flushed(); // the frames are views of the trainer's payload buffer
+        view.wantsState = false;
+        view.inSync = true;
+        sent.push(view.peer.group);
+        this.event(`sent group ${view.peer.group} this group's outer state at outer step ${request.outerStep} (${(performance.now() - started) / 1000 < 0.01 ? "<0.01" : ((performance.now() - started) / 1000).toFixed(2)} s)`);
+      } catch (error) {
+        this.logger.warn("could not send the outer state; the peer asks again", { peer: view.peer.group, error: (error as Error).message });
+      }
+    }
+    return { groups: sent };
+  }
+
+  /**
+   * One outer step with the groups in step with this one: waits (within the step's
+   * timeout) for a link to each, then exchanges and averages. A group that is gone,
+   * silent past the timeout or out of step leaves the set and the others complete the
+   * step without it; a damaged frame fails the step (the trainer tries again) after
+   * every link is closed, so the next try starts on fresh streams.
    */
   async exchange(request: OuterStepRequest): Promise<OuterStepAnswer> {
+    if (this.phase === "joining") throw new BridgeExchangeError(`outer step ${request.outerStep} requested while the group is joining`, {});
     const started = performance.now();
     const deadline = Date.now() + request.timeoutMs;
     const signal = AbortSignal.any([this.stopped.signal, AbortSignal.timeout(request.timeoutMs)]);
-    while (this.links.size < this.options.peers.length) {
-      if (signal.aborted) {
-        if (this.stopped.signal.aborted) throw new BridgeExchangeError(`the bridge of job ${this.options.job} is closed`, {});
-        const missing = this.options.peers.filter((peer) => !this.links.has(peer.group)).map((peer) => `${peer.group} (${peer.address || "no bridge address"})`);
-        throw new BridgeExchangeError(`outer step ${request.outerStep}: no bridge link to group ${missing.join(", ")} within ${(request.timeoutMs / 1000).toFixed(1)}s`, { peers: missing });
+    const waitingFor = () => [...this.views.values()].filter((view) => view.inSync && !view.link);
+    while (waitingFor().length > 0 && !signal.aborted) await this.changed(signal);
+    if (this.stopped.signal.aborted) throw this.closedError();
+    for (const view of waitingFor()) this.drop(view, request.outerStep, `no bridge link to ${view.peer.address || "(no bridge address)"} within ${(request.timeoutMs / 1000).toFixed(1)}s`);
+    let participants = [...this.views.values()].filter((view) => view.inSync && view.exchange);
+    let answer: Omit<OuterStepAnswer, "seconds" | "sendStateTo" | "rejoin">;
+    for (;;) {
+      if (participants.length === 0) {
+        // Alone: the mean of one contribution is itself, untouched by the codec.
+        answer = { groups: [this.options.group], weights: { [this.options.group]: request.weight }, bytesSent: 0, tensors: new Map(request.tensors.map((tensor) => [tensor.name, tensor.values])) };
+        break;
       }
-      await this.changed(signal);
+      try {
+        const result = await allReduceAcrossGroups({ outerStep: request.outerStep, weight: request.weight, tensors: request.tensors }, {
+          job: this.options.job,
+          group: this.options.group,
+          links: participants.map((view) => view.exchange!),
+          codec: request.codec,
+          chunkElements: CHUNK_ELEMENTS,
+          timeoutMs: Math.max(1, deadline - Date.now()),
+          // Its own per-peer timer says who was silent; the job's stop ends it early.
+          signal: this.stopped.signal,
+          buffers: this.buffers,
+        });
+        answer = { groups: result.groups, weights: result.weights, bytesSent: result.bytesSent, tensors: result.tensors };
+        break;
+      } catch (error) {
+        if (this.stopped.signal.aborted) throw this.closedError();
+        const context = (error as BridgeExchangeError).context ?? {};
+        const view = typeof context.peer === "string" ? this.views.get(context.peer) : undefined;
+        if (view && (context.gone === true || context.outOfStep === true)) {
+          this.drop(view, request.outerStep, (error as Error).message);
+          if (context.outOfStep === true) {
+            if (view.peer.index < this.options.groupIndex) this.rejoinFrom ??= view.peer.group;
+            else view.link?.sendControl({ kind: "rejoin" }).catch(() => undefined);
+          }
+          const remaining = participants.filter((candidate) => candidate !== view);
+          // Alone, the step completes at once; with others left, their links may hold
+          // half of this try: the trainer tries again on fresh links without the group.
+          if (remaining.length === 0) {
+            participants = remaining;
+            continue;
+          }
+        }
+        this.logger.warn("outer step failed; closing the bridge links for a fresh start", { outerStep: request.outerStep, error: (error as Error).message });
+        for (const candidate of this.views.values()) candidate.link?.destroy();
+        throw error;
+      }
     }
-    try {
-      const result = await allReduceAcrossGroups({ outerStep: request.outerStep, weight: request.weight, tensors: request.tensors }, {
-        job: this.options.job,
-        group: this.options.group,
-        links: this.options.peers.map((peer) => this.links.get(peer.group)!),
-        codec: request.codec,
-        chunkElements: CHUNK_ELEMENTS,
-        timeoutMs: Math.max(1, deadline - Date.now()),
-        signal,
-        buffers: this.buffers,
-      });
-      const seconds = (performance.now() - started) / 1000;
-      this.logger.info("outer step exchanged", { outerStep: request.outerStep, groups: result.groups, bytesSent: result.bytesSent, seconds, codec: request.codec });
-      return { groups: result.groups, weights: result.weights, bytesSent: result.bytesSent, seconds, tensors: result.tensors };
-    } catch (error) {
-      this.logger.warn("outer step failed; closing the bridge links for a fresh start", { outerStep: request.outerStep, error: (error as Error).message });
-      for (const link of this.links.values()) link.destroy();
-      throw error;
-    }
+    this.phase = "live";
+    this.outerStep = request.outerStep;
+    const seconds = (performance.now() - started) / 1000;
+    this.logger.info("outer step exchanged", { outerStep: request.outerStep, groups: answer.groups, bytesSent: answer.bytesSent, seconds, codec: request.codec });
+    const rejoin = this.rejoinFrom !== undefined;
+    if (rejoin) this.event(`group ${this.options.group} is out of step with group ${this.rejoinFrom}; it takes that group's state`);
+    return { ...answer, seconds, sendStateTo: this.stateWanted(), rejoin };
   }
 
   close(): void {
     if (this.stopped.signal.aborted) return;
     this.stopped.abort(new Error(`job ${this.options.job} stopped`));
-    for (const link of this.links.values()) link.close();
-    this.links.clear();
+    for (const view of this.views.values()) view.link?.close();
     this.notify();
     this.options.onClose();
   }
@@ -238,17 +673,4 @@ export function splitHostPort(address: string): [string, number] {
   const match = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(address);
   if (!match) return ["", 0];
   return [match[1] ?? match[2]!, Number(match[3])];
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const timer = setTimeout(done, ms);
-    function done() {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    }
-    signal.addEventListener("abort", done, { once: true });
-  });
 }

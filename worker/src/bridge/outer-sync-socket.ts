@@ -18,6 +18,19 @@ import { CODECS, FRAME_LIMITS, type Codec } from "./tensor-frame.js";
 // answer   {"v":1,"kind":"outer_result","outer_step":K,"groups":[...],"weights":{...},
 //           "bytes_sent":N,"seconds":S,"codec":C,"tensors":[...]} + the mean, same layout
 //       or {"v":1,"kind":"outer_error","outer_step":K,"error":"..."} and no payload.
+//   An outer_result may ask the trainer for more: "send_state_to":[groups] (send the new
+//   outer state with a `state` request now: those groups are rejoining) and
+//   "rejoin":true (this group fell out of step with a group of a lower index: `join` now).
+//
+// join     {"v":1,"kind":"join","outer_step":K,"inner_step":N,"timeout_ms":T,"tensors":[...]}
+//          no payload: the trainer is (re)starting at outer step K and asks whether a live
+//          group is further along
+// answer   {"v":1,"kind":"join_result","mode":"own"|"state","outer_step":K',"inner_step":N',
+//           "from":group,"groups":[...],"send_state_to":[...],"tensors":[...]} and, for
+//          mode "state", a payload of every outer parameter then every momentum tensor
+// state    {"v":1,"kind":"state","outer_step":K,"inner_step":N,"tensors":[...]} + every
+//          outer parameter then every momentum tensor (fp32)
+// answer   {"v":1,"kind":"state_sent","outer_step":K,"groups":[groups it went to]}
 //
 // One request at a time per connection. A malformed request is answered with
 // outer_error naming the field, and the connection is closed (its byte stream can no
@@ -48,47 +61,127 @@ export interface OuterStepAnswer {
   bytesSent: number;
   seconds: number;
   tensors: Map<string, Float32Array>;
+  /** Groups waiting for this group's outer state after this step. */
+  sendStateTo?: string[];
+  /** This group must take a peer's state (join) after this step. */
+  rejoin?: boolean;
 }
 
-export type OuterStepHandler = (request: OuterStepRequest) => Promise<OuterStepAnswer>;
+export interface TensorShape {
+  name: string;
+  shape: number[];
+}
 
-/** Checks a request header field by field; the error names the field. */
-export function readOuterStepHeader(header: unknown): Omit<OuterStepRequest, "tensors"> & { tensors: Array<{ name: string; shape: number[]; elements: number }>; payloadBytes: number } {
-  const fail = (field: string, what: string) => new OuterSyncRequestError(`outer-step request ${field}: ${what}`, { field });
-  if (typeof header !== "object" || header === null || Array.isArray(header)) throw fail("header", "is not a JSON object");
+export interface JoinRequest {
+  outerStep: number;
+  innerStep: number;
+  timeoutMs: number;
+  tensors: TensorShape[];
+}
+
+/** A group's whole outer state: parameters and momentum, by tensor name. */
+export interface OuterState {
+  outerStep: number;
+  innerStep: number;
+  params: Map<string, Float32Array>;
+  momentum: Map<string, Float32Array>;
+}
+
+export type JoinAnswer =
+  | { mode: "own"; groups: string[]; sendStateTo: string[] }
+  | { mode: "state"; from: string; groups: string[]; sendStateTo: string[]; state: OuterState };
+
+export interface StateRequest {
+  outerStep: number;
+  innerStep: number;
+  tensors: GroupTensor[];
+  momentum: GroupTensor[];
+}
+
+/** What the socket asks of the job's bridge, one request kind each. */
+export interface OuterSyncHandlers {
+  exchange(request: OuterStepRequest): Promise<OuterStepAnswer>;
+  join(request: JoinRequest): Promise<JoinAnswer>;
+  shareState(request: StateRequest): Promise<{ groups: string[] }>;
+}
+
+type RequestField = (field: string, what: string) => OuterSyncRequestError;
+const requestFail: RequestField = (field, what) => new OuterSyncRequestError(`outer-step request ${field}: ${what}`, { field });
+
+function requestObject(header: unknown): Record<string, unknown> {
+  if (typeof header !== "object" || header === null || Array.isArray(header)) throw requestFail("header", "is not a JSON object");
   const h = header as Record<string, unknown>;
-  if (h.v !== 1) throw fail("v", `is ${JSON.stringify(h.v)}, this agent speaks version 1`);
-  if (h.kind !== "outer_step") throw fail("kind", `is ${JSON.stringify(h.kind)}, expected "outer_step"`);
-  const outerStep = h.outer_step;
-  if (typeof outerStep !== "number" || !Number.isInteger(outerStep) || outerStep < 1 || outerStep > 2 ** 40) throw fail("outer_step", "is not an integer from 1");
-  const weight = h.weight;
-  if (typeof weight !== "number" || !Number.isFinite(weight) || weight <= 0 || weight > 1e15) throw fail("weight", "is not a positive finite number (samples since the last outer step)");
-  if (typeof h.codec !== "string" || !(CODECS as readonly string[]).includes(h.codec)) throw fail("codec", `is ${JSON.stringify(h.codec)}, expected one of ${CODECS.join(", ")}`);
-  const timeoutMs = h.timeout_ms;
-  if (typeof timeoutMs !== "number" || !Number.isInteger(timeoutMs) || timeoutMs < 1 || timeoutMs > OUTER_SOCKET_LIMITS.maxTimeoutMs) throw fail("timeout_ms", `is not an integer from 1 to ${OUTER_SOCKET_LIMITS.maxTimeoutMs}`);
+  if (h.v !== 1) throw requestFail("v", `is ${JSON.stringify(h.v)}, this agent speaks version 1`);
+  return h;
+}
+
+function readInteger(h: Record<string, unknown>, field: string, min: number, max: number): number {
+  const value = h[field];
+  if (typeof value !== "number" || !Number.isInteger(value) || value < min || value > max) throw requestFail(field, `is not an integer from ${min} to ${max}`);
+  return value;
+}
+
+/** The tensor list of a request: unique, bounded names and shapes; `copies` payloads of it. */
+function readTensorList(h: Record<string, unknown>, copies: number): { tensors: Array<{ name: string; shape: number[]; elements: number }>; payloadBytes: number } {
   const list = h.tensors;
-  if (!Array.isArray(list) || list.length === 0) throw fail("tensors", "is not a non-empty list");
-  if (list.length > OUTER_SOCKET_LIMITS.maxTensors) throw fail("tensors", `lists ${list.length} tensors, more than ${OUTER_SOCKET_LIMITS.maxTensors}`);
+  if (!Array.isArray(list) || list.length === 0) throw requestFail("tensors", "is not a non-empty list");
+  if (list.length > OUTER_SOCKET_LIMITS.maxTensors) throw requestFail("tensors", `lists ${list.length} tensors, more than ${OUTER_SOCKET_LIMITS.maxTensors}`);
   const names = new Set<string>();
   let payloadBytes = 0;
   const tensors = list.map((entry: unknown, index) => {
     const at = `tensors[${index}]`;
-    if (typeof entry !== "object" || entry === null) throw fail(at, "is not an object");
+    if (typeof entry !== "object" || entry === null) throw requestFail(at, "is not an object");
     const { name, shape } = entry as { name?: unknown; shape?: unknown };
     if (typeof name !== "string" || name.length === 0 || Buffer.byteLength(name) > OUTER_SOCKET_LIMITS.maxTensorNameBytes || /[\u0000-\u001f]/.test(name)) {
-      throw fail(`${at}.name`, `is not a name of 1 to ${OUTER_SOCKET_LIMITS.maxTensorNameBytes} bytes without control characters`);
+      throw requestFail(`${at}.name`, `is not a name of 1 to ${OUTER_SOCKET_LIMITS.maxTensorNameBytes} bytes without control characters`);
     }
-    if (names.has(name)) throw fail(`${at}.name`, `${name} is listed twice`);
+    if (names.has(name)) throw requestFail(`${at}.name`, `${name} is listed twice`);
     names.add(name);
     if (!Array.isArray(shape) || shape.length > OUTER_SOCKET_LIMITS.maxShapeRank || shape.some((dim) => typeof dim !== "number" || !Number.isInteger(dim) || dim < 0 || dim > 2 ** 31)) {
-      throw fail(`${at}.shape`, `of ${name} is not a list of at most ${OUTER_SOCKET_LIMITS.maxShapeRank} non-negative integers`);
+      throw requestFail(`${at}.shape`, `of ${name} is not a list of at most ${OUTER_SOCKET_LIMITS.maxShapeRank} non-negative integers`);
     }
     const elements = (shape as number[]).reduce((product, dim) => product * dim, 1);
-    payloadBytes += elements * 4;
-    if (payloadBytes > OUTER_SOCKET_LIMITS.maxPayloadBytes) throw fail("tensors", `add up to more than ${OUTER_SOCKET_LIMITS.maxPayloadBytes} bytes`);
+    payloadBytes += elements * 4 * copies;
+    if (payloadBytes > OUTER_SOCKET_LIMITS.maxPayloadBytes) throw requestFail("tensors", `add up to more than ${OUTER_SOCKET_LIMITS.maxPayloadBytes} bytes`);
     return { name, shape: shape as number[], elements };
   });
-  return { outerStep, weight, codec: h.codec as Codec, timeoutMs, tensors, payloadBytes };
+  return { tensors, payloadBytes };
+}
+
+/** Checks an outer_step request header field by field; the error names the field. */
+export function readOuterStepHeader(header: unknown): Omit<OuterStepRequest, "tensors"> & { tensors: Array<{ name: string; shape: number[]; elements: number }>; payloadBytes: number } {
+  const h = requestObject(header);
+  if (h.kind !== "outer_step") throw requestFail("kind", `is ${JSON.stringify(h.kind)}, expected "outer_step"`);
+  const outerStep = readInteger(h, "outer_step", 1, 2 ** 40);
+  const weight = h.weight;
+  if (typeof weight !== "number" || !Number.isFinite(weight) || weight <= 0 || weight > 1e15) throw requestFail("weight", "is not a positive finite number (samples since the last outer step)");
+  if (typeof h.codec !== "string" || !(CODECS as readonly string[]).includes(h.codec)) throw requestFail("codec", `is ${JSON.stringify(h.codec)}, expected one of ${CODECS.join(", ")}`);
+  const timeoutMs = readInteger(h, "timeout_ms", 1, OUTER_SOCKET_LIMITS.maxTimeoutMs);
+  return { outerStep, weight, codec: h.codec as Codec, timeoutMs, ...readTensorList(h, 1) };
+}
+
+export type TrainerRequest =
+  | ({ kind: "outer_step" } & ReturnType<typeof readOuterStepHeader>)
+  | { kind: "join"; outerStep: number; innerStep: number; timeoutMs: number; tensors: Array<{ name: string; shape: number[]; elements: number }>; payloadBytes: 0 }
+  | { kind: "state"; outerStep: number; innerStep: number; tensors: Array<{ name: string; shape: number[]; elements: number }>; payloadBytes: number };
+
+/** Any request on the socket, checked field by field; the error names the field. */
+export function readTrainerRequest(header: unknown): TrainerRequest {
+  const h = requestObject(header);
+  if (h.kind === "outer_step") return { kind: "outer_step", ...readOuterStepHeader(h) };
+  if (h.kind === "join") {
+    const outerStep = readInteger(h, "outer_step", 0, 2 ** 40);
+    const innerStep = readInteger(h, "inner_step", 0, 2 ** 50);
+    const timeoutMs = readInteger(h, "timeout_ms", 1, OUTER_SOCKET_LIMITS.maxTimeoutMs);
+    const { tensors } = readTensorList(h, 2);
+    return { kind: "join", outerStep, innerStep, timeoutMs, tensors, payloadBytes: 0 };
+  }
+  if (h.kind === "state") {
+    const outerStep = readInteger(h, "outer_step", 0, 2 ** 40);
+    const innerStep = readInteger(h, "inner_step", 0, 2 ** 50);
+    return { kind: "state", outerStep, innerStep, ...readTensorList(h, 2) };
+  }
+  throw requestFail("kind", `is ${JSON.stringify(h.kind)}, expected "outer_step", "join" or "state"`);
 }
 
 /** One message: the length prefix and header; the payload parts follow it. */
@@ -108,7 +201,7 @@ export class OuterSyncSocketServer {
 
   private constructor(private readonly server: net.Server, readonly path: string) {}
 
-  static async listen(path: string, handler: OuterStepHandler, logger: Logger): Promise<OuterSyncSocketServer> {
+  static async listen(path: string, handler: OuterSyncHandlers, logger: Logger): Promise<OuterSyncSocketServer> {
     await rm(path, { force: true });
     let instance: OuterSyncSocketServer | undefined;
     const server = net.createServer((socket) => {
@@ -137,10 +230,52 @@ export class OuterSyncSocketServer {
 type Phase =
   | { kind: "length"; have: Buffer[]; haveBytes: number }
   | { kind: "header"; length: number; have: Buffer[]; haveBytes: number }
-  | { kind: "payload"; request: ReturnType<typeof readOuterStepHeader>; payload: Buffer; filled: number }
+  | { kind: "payload"; request: TrainerRequest; payload: Buffer; filled: number }
   | { kind: "busy" };
 
-function serveConnection(socket: net.Socket, handler: OuterStepHandler, logger: Logger): void {
+/** Views of a payload as consecutive fp32 tensors, `copies` times over the same list. */
+function tensorViews(payload: Buffer, list: Array<{ name: string; shape: number[]; elements: number }>, copies: number): GroupTensor[][] {
+  let offset = 0;
+  return Array.from({ length: copies }, () => list.map(({ name, shape, elements }) => {
+    const values = new Float32Array(payload.buffer, payload.byteOffset + offset, elements);
+    offset += elements * 4;
+    return { name, shape, values };
+  }));
+}
+
+/** The header and payload parts of one answer to a trainer's request. */
+async function answer(request: TrainerRequest, payload: Buffer, handler: OuterSyncHandlers): Promise<Buffer[]> {
+  const valuesOf = (tensors: Map<string, Float32Array>, name: string) => {
+    const values = tensors.get(name);
+    if (!values) throw new OuterSyncRequestError(`the bridge returned no values for tensor ${name}`, { tensor: name });
+    return Buffer.from(values.buffer, values.byteOffset, values.byteLength);
+  };
+  const shapes = request.tensors.map(({ name, shape }) => ({ name, shape }));
+  if (request.kind === "outer_step") {
+    const [tensors] = tensorViews(payload, request.tensors, 1);
+    const result = await handler.exchange({ outerStep: request.outerStep, weight: request.weight, codec: request.codec, timeoutMs: request.timeoutMs, tensors: tensors! });
+    return [encodeOuterMessage({
+      kind: "outer_result", outer_step: request.outerStep, groups: result.groups, weights: result.weights,
+      bytes_sent: result.bytesSent, seconds: result.seconds, codec: request.codec, tensors: shapes,
+      send_state_to: result.sendStateTo ?? [], rejoin: result.rejoin ?? false,
+    }), ...request.tensors.map(({ name }) => valuesOf(result.tensors, name))];
+  }
+  if (request.kind === "join") {
+    const result = await handler.join({ outerStep: request.outerStep, innerStep: request.innerStep, timeoutMs: request.timeoutMs, tensors: shapes });
+    if (result.mode === "own") {
+      return [encodeOuterMessage({ kind: "join_result", mode: "own", outer_step: request.outerStep, inner_step: request.innerStep, from: "", groups: result.groups, send_state_to: result.sendStateTo, tensors: shapes })];
+    }
+    const { state } = result;
+    return [encodeOuterMessage({ kind: "join_result", mode: "state", outer_step: state.outerStep, inner_step: state.innerStep, from: result.from, groups: result.groups, send_state_to: result.sendStateTo, tensors: shapes }),
+      ...request.tensors.map(({ name }) => valuesOf(state.params, name)),
+      ...request.tensors.map(({ name }) => valuesOf(state.momentum, name))];
+  }
+  const [tensors, momentum] = tensorViews(payload, request.tensors, 2);
+  const result = await handler.shareState({ outerStep: request.outerStep, innerStep: request.innerStep, tensors: tensors!, momentum: momentum! });
+  return [encodeOuterMessage({ kind: "state_sent", outer_step: request.outerStep, groups: result.groups })];
+}
+
+function serveConnection(socket: net.Socket, handler: OuterSyncHandlers, logger: Logger): void {
   let phase: Phase = { kind: "length", have: [], haveBytes: 0 };
   // Kept from one outer step to the next: a fresh multi-GB buffer per step costs more in
   // first-touch page faults than the copy into it.
@@ -153,28 +288,12 @@ function serveConnection(socket: net.Socket, handler: OuterStepHandler, logger: 
     phase = { kind: "busy" };
   };
 
-  const run = async (request: ReturnType<typeof readOuterStepHeader>, payload: Buffer) => {
+  const run = async (request: TrainerRequest, payload: Buffer) => {
     socket.pause();
     phase = { kind: "busy" };
-    let offset = 0;
-    const tensors: GroupTensor[] = request.tensors.map(({ name, shape, elements }) => {
-      const values = new Float32Array(payload.buffer, payload.byteOffset + offset, elements);
-      offset += elements * 4;
-      return { name, shape, values };
-    });
     let parts: Buffer[];
     try {
-      const answer = await handler({ outerStep: request.outerStep, weight: request.weight, codec: request.codec, timeoutMs: request.timeoutMs, tensors });
-      parts = [encodeOuterMessage({
-        kind: "outer_result", outer_step: request.outerStep, groups: answer.groups, weights: answer.weights,
-        bytes_sent: answer.bytesSent, seconds: answer.seconds, codec: request.codec,
-        tensors: request.tensors.map(({ name, shape }) => ({ name, shape })),
-      })];
-      for (const { name } of request.tensors) {
-        const values = answer.tensors.get(name);
-        if (!values) throw new OuterSyncRequestError(`the exchange returned no values for tensor ${name}`, { tensor: name });
-        parts.push(Buffer.from(values.buffer, values.byteOffset, values.byteLength));
-      }
+      parts = await answer(request, payload, handler);
     } catch (error) {
       parts = [encodeOuterMessage({ kind: "outer_error", outer_step: request.outerStep, error: (error as Error).message })];
     }
@@ -216,7 +335,7 @@ function serveConnection(socket: net.Socket, handler: OuterStepHandler, logger: 
         const { whole, rest } = take(phase, chunk, phase.length);
         chunk = rest;
         if (!whole) return;
-        let request: ReturnType<typeof readOuterStepHeader>;
+        let request: TrainerRequest;
         let parsed: unknown;
         try {
           try {
@@ -224,14 +343,17 @@ function serveConnection(socket: net.Socket, handler: OuterStepHandler, logger: 
           } catch {
             throw new OuterSyncRequestError("outer-step request header: is not valid JSON", {});
           }
-          request = readOuterStepHeader(parsed);
+          request = readTrainerRequest(parsed);
         } catch (error) {
           refuse((parsed as { outer_step?: unknown } | undefined)?.outer_step, error as Error);
           return;
         }
+        if (request.payloadBytes === 0) {
+          void run(request, Buffer.alloc(0)); // a join: nothing to keep a buffer for
+          continue;
+        }
         if (payloadBuffer?.length !== request.payloadBytes) payloadBuffer = Buffer.allocUnsafeSlow(request.payloadBytes);
         phase = { kind: "payload", request, payload: payloadBuffer, filled: 0 };
-        if (request.payloadBytes === 0) void run(request, payloadBuffer);
       } else {
         const copied = chunk.copy(phase.payload, phase.filled, 0, Math.min(chunk.length, phase.payload.length - phase.filled));
         phase.filled += copied;

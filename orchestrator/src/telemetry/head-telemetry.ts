@@ -1,0 +1,165 @@
+import { rm } from "node:fs/promises";
+import type { IMetricReport, ITelemetry } from "@drover/proto";
+import type { CheckpointCoordinator } from "../checkpoint-coordinator.js";
+import type { JobController, JobRecord } from "../job-controller.js";
+import type { Logger } from "../logger.js";
+import type { StateDirectory } from "../state-store.js";
+import type { WorkerRegistry } from "../worker-registry.js";
+import { MetricsServer } from "./metrics-server.js";
+import { HeadMetrics } from "./prometheus-metrics.js";
+import { checkTelemetry } from "./telemetry-report.js";
+import { TelemetryStore } from "./telemetry-store.js";
+
+/** `<state>/telemetry.json`: the store, rewritten this often while it changes. */
+export const TELEMETRY_FILE = "telemetry.json";
+export const DEFAULT_TELEMETRY_SAVE_INTERVAL_MS = 30_000;
+/** `<state>/metrics.json`: where /metrics is served ({ formatVersion, url }), while the head runs. */
+export const METRICS_FILE = "metrics.json";
+/** A worker sending bad telemetry is told about at most this often (it would be every sample). */
+const REFUSAL_LOG_INTERVAL_MS = 60_000;
+
+export type HeadTelemetryState = "created" | "starting" | "running" | "stopping" | "stopped";
+
+export interface HeadTelemetryOptions {
+  metricsHost: string;
+  metricsPort: number;
+  retentionMs: number;
+  stateDir: StateDirectory;
+  workers: WorkerRegistry;
+  jobs: JobController;
+  logger: Logger;
+  saveIntervalMs?: number;
+  now?: () => number;
+}
+
+/**
+ * The head's view of its nodes and runs over time: keeps checked Telemetry batches in
+ * the time-series store (persisted to the state directory, so a restarted head, or a
+ * reader of the file after a crash, still has the last hour), and serves it with the
+ * training and checkpoint metrics on /metrics.
+ */
+export class HeadTelemetry {
+  state: HeadTelemetryState = "created";
+  private store: TelemetryStore;
+  private metrics: HeadMetrics | undefined;
+  private server: MetricsServer | undefined;
+  private saveTimer: NodeJS.Timeout | undefined;
+  private saving: Promise<void> | undefined;
+  private changedSinceSave = false;
+  private readonly refusals = new Map<string, { lastLoggedMs: number; since: number }>();
+  private readonly onMetric = (job: JobRecord, metric: IMetricReport) => {
+    this.metrics?.observeTrainMetric(job.runId, metric.rank ?? 0, Number(metric.step ?? 0), metric.values ?? {});
+  };
+
+  private constructor(private readonly options: HeadTelemetryOptions) {
+    this.store = new TelemetryStore({ retentionMs: options.retentionMs, now: options.now });
+  }
+
+  static create(options: HeadTelemetryOptions): HeadTelemetry {
+    return new HeadTelemetry(options);
+  }
+
+  private now(): number {
+    return this.options.now?.() ?? Date.now();
+  }
+
+  private setState(state: HeadTelemetryState): void {
+    this.options.logger.info("telemetry state", { from: this.state, to: state });
+    this.state = state;
+  }
+
+  /** http://host:port/metrics once started. */
+  get metricsUrl(): string | undefined {
+    return this.server?.url;
+  }
+
+  /** The series kept so far (read-only use: status, dashboard). */
+  get series(): TelemetryStore {
+    return this.store;
+  }
+
+  /** Loads the persisted series, serves /metrics and writes metrics.json. Before any worker can connect. */
+  async start(signal?: AbortSignal): Promise<void> {
+    this.setState("starting");
+    const path = this.options.stateDir.path(TELEMETRY_FILE);
+    const loaded = await TelemetryStore.load(path, { retentionMs: this.options.retentionMs, now: this.options.now, signal });
+    if (loaded.problem) this.options.logger.warn("telemetry file not read; starting with no history", { file: path, problem: loaded.problem });
+    else if (loaded.store.seriesCount > 0) this.options.logger.info("telemetry history loaded", { file: path, series: loaded.store.seriesCount });
+    this.store = loaded.store;
+    const metrics = new HeadMetrics({ store: this.store, workers: this.options.workers });
+    this.metrics = metrics;
+    this.options.jobs.on("metric", this.onMetric);
+    this.server = await MetricsServer.listen({
+      host: this.options.metricsHost,
+      port: this.options.metricsPort,
+      render: async () => ({ contentType: metrics.contentType, body: await metrics.text() }),
+      logger: this.options.logger,
+    });
+    await this.options.stateDir.writeJson(METRICS_FILE, { formatVersion: 1, url: this.server.url });
+    this.options.logger.info("serving Prometheus metrics", { url: this.server.url });
+    this.saveTimer = setInterval(() => void this.save(), this.options.saveIntervalMs ?? DEFAULT_TELEMETRY_SAVE_INTERVAL_MS);
+    this.saveTimer.unref();
+    this.setState("running");
+  }
+
+  /** A Telemetry message on a worker's Session: checked, then kept under the node's registered name and group. */
+  onTelemetry(workerId: string, message: ITelemetry): void {
+    if (this.state !== "running") return;
+    const worker = this.options.workers.get(workerId);
+    if (!worker) return;
+    const checked = checkTelemetry(message, this.now());
+    if (!checked.ok) {
+      this.refused(worker.nodeName, checked.error);
+      return;
+    }
+    this.store.record(worker.nodeName, worker.group, checked.value);
+    this.changedSinceSave = true;
+  }
+
+  private refused(node: string, error: string): void {
+    const now = this.now();
+    const seen = this.refusals.get(node) ?? { lastLoggedMs: -Infinity, since: 0 };
+    seen.since += 1;
+    if (now - seen.lastLoggedMs >= REFUSAL_LOG_INTERVAL_MS) {
+      this.options.logger.warn("telemetry refused", { node, error, refusedSinceLastWarning: seen.since });
+      seen.lastLoggedMs = now;
+      seen.since = 0;
+    }
+    this.refusals.set(node, seen);
+  }
+
+  /** Times every checkpoint commit into drover_checkpoint_commit_seconds. */
+  watchCheckpoints(coordinator: CheckpointCoordinator): void {
+    coordinator.on("committed", ({ seconds }) => this.metrics?.observeCheckpointCommit(seconds));
+  }
+
+  /** Writes the store when it changed since the last write; one write at a time. */
+  async save(): Promise<void> {
+    if (this.saving || !this.changedSinceSave) return this.saving;
+    this.changedSinceSave = false;
+    const path = this.options.stateDir.path(TELEMETRY_FILE);
+    this.saving = this.store.save(path)
+      .catch((error: Error) => {
+        this.changedSinceSave = true;
+        this.options.logger.warn("could not write the telemetry file", { file: path, error: error.message });
+      })
+      .finally(() => (this.saving = undefined));
+    return this.saving;
+  }
+
+  /** Saves what is kept, stops serving /metrics and removes metrics.json. Idempotent. */
+  async shutdown(): Promise<void> {
+    if (this.state === "stopped" || this.state === "stopping") return;
+    const started = this.state !== "created";
+    this.setState("stopping");
+    clearInterval(this.saveTimer);
+    this.options.jobs.off("metric", this.onMetric);
+    if (started) {
+      await this.saving;
+      await this.save();
+    }
+    await this.server?.close();
+    if (this.server) await rm(this.options.stateDir.path(METRICS_FILE), { force: true });
+    this.setState("stopped");
+  }
+}

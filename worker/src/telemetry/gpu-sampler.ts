@@ -1,0 +1,191 @@
+import { spawn } from "node:child_process";
+import { TELEMETRY_MAX_GPUS, type IGpuTelemetry } from "@drover/proto";
+import type { Logger } from "../logger.js";
+
+/** The fields asked of nvidia-smi, in the order its CSV answers them. */
+export const GPU_QUERY_FIELDS = [
+  "index", "uuid", "utilization.gpu", "memory.used", "memory.total", "temperature.gpu",
+  "power.draw", "power.limit", "clocks.sm", "clocks_throttle_reasons.active",
+] as const;
+
+export const GPU_QUERY_ARGS = [`--query-gpu=${GPU_QUERY_FIELDS.join(",")}`, "--format=csv,noheader,nounits"];
+
+/** A hung driver call must not stall the sampling loop: nvidia-smi is killed after this. */
+export const DEFAULT_GPU_QUERY_TIMEOUT_MS = 10_000;
+/** Eight GPUs answer in well under 1 KiB; anything near this is not nvidia-smi's CSV. */
+const MAX_OUTPUT_BYTES = 64 * 1024;
+const MiB = 2 ** 20;
+
+export type GpuQueryResult =
+  | { kind: "ok"; gpus: IGpuTelemetry[] }
+  /** No nvidia-smi (or no GPU behind it): a CPU node, nothing to warn about. */
+  | { kind: "absent" }
+  | { kind: "timeout"; timeoutMs: number }
+  | { kind: "malformed"; error: string }
+  | { kind: "failed"; error: string };
+
+/** How a cell reads when the driver has no value: "[N/A]", "[Not Supported]", "[Unknown Error]", ... */
+const UNAVAILABLE = /^\[[^\]]*\]$|^N\/A$/;
+const DECIMAL = /^-?\d+(?:\.\d+)?$/;
+
+function shown(line: string): string {
+  return JSON.stringify(line.length > 120 ? `${line.slice(0, 120)}...` : line);
+}
+
+/**
+ * Parses the CSV of `nvidia-smi` with GPU_QUERY_ARGS. Every line must have every field;
+ * a reading the driver does not give is left out, and anything else that is not a
+ * number rejects the whole answer with an error naming the line (half-parsed readings
+ * would put a wrong GPU on the dashboard).
+ */
+export function parseGpuTelemetryCsv(text: string): { ok: true; gpus: IGpuTelemetry[] } | { ok: false; error: string } {
+  const lines = text.split("\n").map((line) => line.replace(/\r$/, ""));
+  const gpus: IGpuTelemetry[] = [];
+  const seen = new Set<number>();
+  for (const [at, line] of lines.entries()) {
+    if (line.trim() === "") continue;
+    const where = `nvidia-smi output line ${at + 1} (${shown(line)})`;
+    if (gpus.length === TELEMETRY_MAX_GPUS) return { ok: false, error: `${where}: more than ${TELEMETRY_MAX_GPUS} GPUs` };
+    const cells = line.split(",").map((cell) => cell.trim());
+    if (cells.length !== GPU_QUERY_FIELDS.length) return { ok: false, error: `${where}: ${cells.length} field${cells.length === 1 ? "" : "s"}, expected ${GPU_QUERY_FIELDS.length}` };
+    const [index, uuid, utilization, memoryUsed, memoryTotal, temperature, powerDraw, powerLimit, smClock, throttle] = cells as [string, string, string, string, string, string, string, string, string, string];
+    if (!/^\d{1,3}$/.test(index) || Number(index) > 255) return { ok: false, error: `${where}: index ${JSON.stringify(index)} is not a GPU index` };
+    if (seen.has(Number(index))) return { ok: false, error: `${where}: GPU index ${index} appears twice` };
+    seen.add(Number(index));
+    if (!/^[A-Za-z0-9._:-]{1,128}$/.test(uuid)) return { ok: false, error: `${where}: uuid ${JSON.stringify(uuid.slice(0, 40))} is not a GPU uuid` };
+    // To base units; a percentage is divided (97 * 0.01 is not 0.97 in floating point).
+    const numbers: Array<[string, string, (value: number) => number]> = [
+      ["utilization.gpu", utilization, (percent) => percent / 100],
+      ["memory.used", memoryUsed, (mib) => mib * MiB],
+      ["memory.total", memoryTotal, (mib) => mib * MiB],
+      ["temperature.gpu", temperature, (celsius) => celsius],
+      ["power.draw", powerDraw, (watts) => watts],
+      ["power.limit", powerLimit, (watts) => watts],
+      ["clocks.sm", smClock, (mhz) => mhz * 1e6],
+    ];
+    const values: Array<number | undefined> = [];
+    for (const [field, cell, toBaseUnit] of numbers) {
+      if (UNAVAILABLE.test(cell)) values.push(undefined);
+      else if (DECIMAL.test(cell)) values.push(toBaseUnit(Number(cell)));
+      else return { ok: false, error: `${where}: ${field} ${JSON.stringify(cell.slice(0, 40))} is not a number` };
+    }
+    let throttleReasons: number | undefined;
+    if (/^0x[0-9A-Fa-f]{1,16}$/.test(throttle)) throttleReasons = Number(BigInt(throttle));
+    else if (!UNAVAILABLE.test(throttle)) return { ok: false, error: `${where}: clocks_throttle_reasons.active ${JSON.stringify(throttle.slice(0, 40))} is not a bitmask` };
+    const [utilizationRatio, memoryUsedBytes, memoryTotalBytes, temperatureCelsius, powerDrawWatts, powerLimitWatts, smClockHz] = values;
+    gpus.push(withoutUnset({
+      index: Number(index), uuid, utilizationRatio, memoryUsedBytes, memoryTotalBytes, temperatureCelsius,
+      powerDrawWatts, powerLimitWatts, smClockHz, throttleReasons,
+    }));
+  }
+  return { ok: true, gpus };
+}
+
+function withoutUnset(gpu: Record<string, number | string | undefined>): IGpuTelemetry {
+  return Object.fromEntries(Object.entries(gpu).filter(([, value]) => value !== undefined)) as IGpuTelemetry;
+}
+
+/**
+ * Runs nvidia-smi once. It is killed (its whole process group: a wrapper script's
+ * children too) after `timeoutMs` or on abort, and the answer does not wait for its
+ * pipes to close: a process stuck in the driver cannot be reaped at once, and the
+ * sampling loop must go on without it.
+ */
+export function queryNvidiaSmi(options: { command?: string; timeoutMs?: number; signal?: AbortSignal }): Promise<GpuQueryResult> {
+  const timeoutMs = options.timeoutMs ?? DEFAULT_GPU_QUERY_TIMEOUT_MS;
+  return new Promise((resolve) => {
+    if (options.signal?.aborted) return resolve({ kind: "failed", error: "aborted" });
+    const child = spawn(options.command ?? "nvidia-smi", GPU_QUERY_ARGS, { stdio: ["ignore", "pipe", "pipe"], detached: true });
+    let stdout = "";
+    let stderr = "";
+    let settled = false;
+    const finish = (result: GpuQueryResult, kill: boolean) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      options.signal?.removeEventListener("abort", onAbort);
+      if (kill && child.pid !== undefined) {
+        try {
+          process.kill(-child.pid, "SIGKILL");
+        } catch {
+          child.kill("SIGKILL");
+        }
+      }
+      child.stdout?.destroy();
+      child.stderr?.destroy();
+      child.unref();
+      resolve(result);
+    };
+    const timer = setTimeout(() => finish({ kind: "timeout", timeoutMs }, true), timeoutMs);
+    const onAbort = () => finish({ kind: "failed", error: "aborted" }, true);
+    options.signal?.addEventListener("abort", onAbort, { once: true });
+    child.stdout!.setEncoding("utf8").on("data", (chunk: string) => {
+      stdout += chunk;
+      if (stdout.length > MAX_OUTPUT_BYTES) finish({ kind: "malformed", error: `nvidia-smi printed more than ${MAX_OUTPUT_BYTES / 1024} KiB` }, true);
+    });
+    child.stderr!.setEncoding("utf8").on("data", (chunk: string) => {
+      if (stderr.length < 4096) stderr += chunk;
+    });
+    child.on("error", (error: NodeJS.ErrnoException) => {
+      finish(error.code === "ENOENT" ? { kind: "absent" } : { kind: "failed", error: error.message }, false);
+    });
+    child.on("close", (code, signal) => {
+      const said = (stderr.trim() || stdout.trim()).split("\n")[0]?.slice(0, 200) ?? "";
+      // nvidia-smi exits 6 with "No devices were found" on a machine with a driver but no GPU.
+      if (code !== 0 && /no devices were found/i.test(said)) return finish({ kind: "absent" }, false);
+      if (code !== 0) return finish({ kind: "failed", error: `nvidia-smi exited with ${signal ? `signal ${signal}` : `code ${code}`}${said ? `: ${said}` : ""}` }, false);
+      const parsed = parseGpuTelemetryCsv(stdout);
+      finish(parsed.ok ? { kind: "ok", gpus: parsed.gpus } : { kind: "malformed", error: parsed.error }, false);
+    });
+  });
+}
+
+/**
+ * Per-GPU readings for the telemetry loop. A node without nvidia-smi has no GPUs and is
+ * not asked again; a hanging, failing or garbled nvidia-smi gives no readings for that
+ * sample and is reported once per kind of problem (every few seconds would bury the
+ * log), and again after it has worked in between.
+ */
+export class GpuSampler {
+  private absent = false;
+  private inFlight = false;
+  private readonly warned = new Set<GpuQueryResult["kind"]>();
+
+  constructor(private readonly options: { logger: Logger; command?: string; timeoutMs?: number }) {}
+
+  async sample(signal?: AbortSignal): Promise<IGpuTelemetry[]> {
+    // One query at a time: a hanging nvidia-smi is killed on its timeout, never piled up.
+    if (this.absent || this.inFlight) return [];
+    this.inFlight = true;
+    try {
+      const result = await queryNvidiaSmi({ command: this.options.command, timeoutMs: this.options.timeoutMs, signal });
+      if (signal?.aborted) return [];
+      switch (result.kind) {
+        case "ok":
+          this.warned.clear();
+          return result.gpus;
+        case "absent":
+          this.absent = true;
+          this.options.logger.info("no nvidia-smi on this node; telemetry has no GPU readings");
+          return [];
+        case "timeout":
+          this.warnOnce(result.kind, `nvidia-smi did not answer within ${result.timeoutMs} ms and was killed; GPU readings are missing until it answers`);
+          return [];
+        case "malformed":
+          this.warnOnce(result.kind, "nvidia-smi output rejected; GPU readings are missing until it is readable", { error: result.error });
+          return [];
+        case "failed":
+          this.warnOnce(result.kind, "nvidia-smi failed; GPU readings are missing until it works", { error: result.error });
+          return [];
+      }
+    } finally {
+      this.inFlight = false;
+    }
+  }
+
+  private warnOnce(kind: GpuQueryResult["kind"], message: string, fields?: Record<string, unknown>): void {
+    if (this.warned.has(kind)) return;
+    this.warned.add(kind);
+    this.options.logger.warn(message, fields);
+  }
+}
