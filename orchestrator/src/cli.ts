@@ -24,8 +24,9 @@ import { processAlive, StateDirectory, StateLock, type HeadRecord } from "./stat
 const USAGE = `drover: train on rented GPUs as if they were one cluster
 
 usage:
-  drover up [SPEC]                         start a head in the background and provision nodes
-                                           (SPEC defaults to examples/local.yaml)
+  drover up [--supervise] [SPEC]           start a head in the background and provision nodes
+                                           (SPEC defaults to examples/local.yaml); --supervise
+                                           starts the head again if it dies (5 times in 10 min)
   drover submit [--working-dir DIR] [--run-id ID [--from-step N]] [--nodes N] [--env K=V]...
                 [--max-restarts N] [--stall-timeout 5m] [--ship-code] [--no-wait] -- CMD...
                                            run CMD on every rank; follows output until it ends; an
@@ -112,29 +113,32 @@ async function takeLock(state: StateDirectory, command: string): Promise<StateLo
 }
 
 async function commandUp(args: string[]): Promise<number> {
-  const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
+  const { positionals, values } = parseArgs({ args, allowPositionals: true, options: { supervise: { type: "boolean" } } });
   const { EMBEDDED_LOCAL_SPEC, loadClusterSpec } = await import("./cluster-spec.js");
   const specPath = resolve(positionals[0] ?? EMBEDDED_LOCAL_SPEC);
   const spec = await loadClusterSpec(specPath);
   const state = new StateDirectory(StateDirectory.defaultRoot());
   const lock = await takeLock(state, "up");
   try {
-    return await bringUp(spec, specPath, state, lock);
+    return await bringUp(spec, specPath, state, lock, values.supervise === true);
   } finally {
     await lock.release();
   }
 }
 
-async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirectory, lock: StateLock): Promise<number> {
+async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirectory, lock: StateLock, supervise: boolean): Promise<number> {
   const existing = await readHead(state);
   if (existing && processAlive(existing.pid) && existing.state !== "stopped") {
     throw new StateError(`a head (pid ${existing.pid}) is already running over ${state.root}; \`drover down\` first`);
   }
-  await rm(state.path("head.json"), { force: true });
+  // head.json stays: a head that died under its jobs (not `drover down`) left it, and the
+  // new head resumes those jobs from it.
   preferProjectPython();
   await mkdir(state.root, { recursive: true, mode: 0o700 });
   const logFd = openSync(state.path("head.out"), "a");
-  const child = spawn(process.execPath, [fileURLToPath(import.meta.url), "head", specPath], {
+  // With --supervise a supervisor starts the head and starts it again if it dies
+  // (bounded); `drover down` stops the supervisor first.
+  const child = spawn(process.execPath, [fileURLToPath(import.meta.url), supervise ? "head-supervisor" : "head", specPath], {
     detached: true,
     stdio: ["ignore", logFd, logFd],
     env: { ...process.env, DROVER_STATE_DIR: state.root },
@@ -171,14 +175,15 @@ async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirector
   while (Date.now() < deadline) {
     await new Promise((resolveDelay) => setTimeout(resolveDelay, 250));
     const head = await readHead(state);
-    if (head && head.pid === child.pid && head.state === "failed") {
+    const ours = head !== undefined && (head.pid === child.pid || head.supervisorPid === child.pid);
+    if (head && ours && head.state === "failed") {
       throw new DroverError(`the head failed to start: ${head.error ?? "see " + state.path("head.log")}; nothing is left running`);
     }
     if (!processAlive(child.pid!)) {
       const said = (await readFile(state.path("head.out"), "utf8").catch(() => "")).trim().split("\n").filter(Boolean).at(-1);
       throw new DroverError(`the head exited during start${said ? `: ${said}` : ""}; see ${state.path("head.out")} and ${state.path("head.log")}`);
     }
-    if (!head || head.pid !== child.pid) continue;
+    if (!head || !ours) continue;
     const cluster = await state.readJson<{ workers: { connection: string }[] }>("cluster.json");
     const connected = cluster?.workers.filter((worker) => worker.connection === "connected").length ?? 0;
     const market = (await backend.progress?.(state, startedAt)) ?? "";
@@ -192,6 +197,55 @@ async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirector
     if (head.state === "failed") throw new DroverError(`the head failed: ${head.error ?? "see " + state.path("head.log")}`);
   }
   throw new DroverError(`the cluster did not come up within ${Math.round(expected.deadlineMs / 1000)}s; see ${state.path("head.log")} (drover down cleans up)`);
+}
+
+/** Restarts of a dead head the supervisor allows within RESTART_WINDOW_MS before it gives up. */
+const HEAD_RESTARTS_ALLOWED = 5;
+const HEAD_RESTART_WINDOW_MS = 10 * 60_000;
+
+/**
+ * What `drover up --supervise` runs in the background: starts the head and starts it again when it
+ * dies (a crash, kill -9), at most HEAD_RESTARTS_ALLOWED times in ten minutes. The new
+ * head resumes the dead one's unfinished jobs from their newest committed checkpoints.
+ * A head that exits 0 (stopped), that failed to start, or a SIGTERM here ends it.
+ */
+async function commandHeadSupervisor(args: string[]): Promise<number> {
+  const { positionals } = parseArgs({ args, allowPositionals: true, options: {} });
+  const state = new StateDirectory(StateDirectory.defaultRoot());
+  let stopping = false;
+  let child: ReturnType<typeof spawn> | undefined;
+  for (const signal of ["SIGTERM", "SIGINT"] as const) {
+    process.on(signal, () => {
+      stopping = true;
+      child?.kill("SIGTERM");
+    });
+  }
+  const restarts: number[] = [];
+  for (;;) {
+    child = spawn(process.execPath, [fileURLToPath(import.meta.url), "head", ...positionals], {
+      stdio: ["ignore", "inherit", "inherit"],
+      env: { ...process.env, DROVER_HEAD_SUPERVISOR_PID: String(process.pid) },
+    });
+    const startedPid = child.pid;
+    const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolveExit) => child!.once("exit", (exitCode, exitSignal) => resolveExit([exitCode, exitSignal])));
+    if (stopping || code === 0) return code ?? 0;
+    const head = await readHead(state).catch(() => undefined);
+    const how = signal ? `signal ${signal}` : `exit code ${code}`;
+    if (head && head.pid === startedPid && head.state === "failed") {
+      process.stderr.write(`drover head-supervisor: the head failed to start (${head.error ?? how}); not restarting it\n`);
+      return 1;
+    }
+    const now = Date.now();
+    restarts.push(now);
+    while (restarts.length > 0 && restarts[0]! < now - HEAD_RESTART_WINDOW_MS) restarts.shift();
+    if (restarts.length > HEAD_RESTARTS_ALLOWED) {
+      process.stderr.write(`drover head-supervisor: the head (pid ${startedPid}) ended with ${how}, the ${restarts.length}th time in ${HEAD_RESTART_WINDOW_MS / 60_000} minutes; not restarting it\n`);
+      return 1;
+    }
+    process.stderr.write(`drover head-supervisor: the head (pid ${startedPid}) ended with ${how}; starting it again (${restarts.length} of at most ${HEAD_RESTARTS_ALLOWED} in ${HEAD_RESTART_WINDOW_MS / 60_000} minutes)\n`);
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, 1_000));
+    if (stopping) return 0;
+  }
 }
 
 /** The head process itself (what `drover up` runs in the background). */
@@ -512,19 +566,47 @@ async function tearDown(state: StateDirectory): Promise<number> {
     problems.push(error.message);
     return undefined;
   });
+  // The supervisor first, or it would start the head again.
+  if (head?.supervisorPid && processAlive(head.supervisorPid)) {
+    try {
+      process.kill(head.supervisorPid, "SIGTERM");
+    } catch {
+      // gone already
+    }
+  }
   if (head && processAlive(head.pid) && head.state !== "stopped") {
     print(`stopping head (pid ${head.pid})`);
+    const signal = (name: NodeJS.Signals) => {
+      try {
+        process.kill(head.pid, name);
+      } catch {
+        // it ended meanwhile (its supervisor stops it too)
+      }
+    };
     try {
       const { client, token, call } = await adminClient(state);
       await call(client.shutdown.bind(client), { adminToken: token }, 5_000).finally(() => client.close());
     } catch {
-      process.kill(head.pid, "SIGTERM");
+      signal("SIGTERM");
     }
     const deadline = Date.now() + 30_000;
     while (processAlive(head.pid) && Date.now() < deadline) await new Promise((resolveDelay) => setTimeout(resolveDelay, 200));
-    if (processAlive(head.pid)) process.kill(head.pid, "SIGKILL");
+    if (processAlive(head.pid)) signal("SIGKILL");
   } else if (head) {
     print(`head (pid ${head.pid}) is not running; releasing what it left`);
+  }
+  // The supervisor ends once its head has; it must not outlive `down`.
+  if (head?.supervisorPid) {
+    const supervisor = head.supervisorPid;
+    const deadline = Date.now() + 10_000;
+    while (processAlive(supervisor) && Date.now() < deadline) await new Promise((resolveDelay) => setTimeout(resolveDelay, 100));
+    if (processAlive(supervisor)) {
+      try {
+        process.kill(supervisor, "SIGKILL");
+      } catch {
+        // ended meanwhile
+      }
+    }
   }
   const [{ createLogger }, { backendNamed, provisionerBackends }] = await Promise.all([import("./logger.js"), import("./provisioners/registry.js")]);
   const logger = createLogger({ component: "cli", file: state.path("head.log") });
@@ -680,6 +762,7 @@ async function main(argv: string[]): Promise<number> {
   switch (command) {
     case "up": return commandUp(rest);
     case "head": return commandHead(rest);
+    case "head-supervisor": return commandHeadSupervisor(rest);
     case "submit": return commandSubmit(rest);
     case "status": return commandStatus(rest);
     case "logs": return commandLogs(rest);

@@ -73,6 +73,8 @@ export class Head extends EventEmitter<HeadEvents> {
     private readonly logger: Logger,
     readonly joinToken: string,
     private readonly adminToken: string,
+    /** What a head that stopped without `drover down` (a crash, kill -9) left: taken up again by start(). */
+    private readonly interrupted: { jobs: JobRecord[] } | undefined,
   ) {
     super();
     this.appender = new OrderedAppender(stateDir);
@@ -152,7 +154,18 @@ export class Head extends EventEmitter<HeadEvents> {
     const adminToken = randomBytes(24).toString("base64url");
     registerSecretValue(joinToken);
     registerSecretValue(adminToken);
-    return new Head(spec, state, options.logger, joinToken, adminToken);
+    // A previous head that neither stopped nor failed to start died under its jobs: its
+    // nodes are reaped and its unfinished jobs resume from their newest committed
+    // checkpoints (read now, before this head's first snapshot replaces cluster.json).
+    let interrupted: { jobs: JobRecord[] } | undefined;
+    if (previous && !["stopped", "failed"].includes(previous.state)) {
+      const cluster = await state.readJson<{ jobs?: JobRecord[] }>("cluster.json").catch((error: Error) => {
+        options.logger.warn("the previous head's cluster.json is unreadable; its jobs cannot be resumed", { error: error.message });
+        return undefined;
+      });
+      interrupted = { jobs: (cluster?.jobs ?? []).filter((job) => !isFinal(job.state)) };
+    }
+    return new Head(spec, state, options.logger, joinToken, adminToken, interrupted);
   }
 
   private async setState(state: HeadState): Promise<void> {
@@ -182,6 +195,7 @@ export class Head extends EventEmitter<HeadEvents> {
       // `drover down` reaps with this backend, from the state directory alone.
       provisioner: this.spec.provisioner,
       ...(this.failure ? { error: this.failure } : {}),
+      ...(process.env.DROVER_HEAD_SUPERVISOR_PID ? { supervisorPid: Number(process.env.DROVER_HEAD_SUPERVISOR_PID) } : {}),
       startedAt: this.startedAt,
       updatedAt: new Date().toISOString(),
     };
@@ -190,9 +204,18 @@ export class Head extends EventEmitter<HeadEvents> {
 
   /** Starts the servers and provisions the nodes; resolves once every node was asked for. */
   async start(): Promise<void> {
+    // Before this head's first snapshot replaces cluster.json: the jobs it takes up again
+    // are in it from the start (their resume step is refined once the store is open).
+    const resumed = (this.interrupted?.jobs ?? []).map((previous) =>
+      this.jobs.resumeInterrupted(previous, previous.lastCommittedStep ?? previous.resumeStep, `the head stopped unexpectedly while the job was ${previous.state}`));
     await this.setState("starting");
     let phase = "starting the control server";
     try {
+      if (this.interrupted) {
+        // First: the dead head's agents must not register here with their trainers running.
+        phase = "releasing what the previous head left";
+        await this.releaseInterrupted();
+      }
       this.registry.start();
       // Heartbeats change lastSeenMs without any other event; without this the state file
       // status reads would show the time since registration.
@@ -205,6 +228,7 @@ export class Head extends EventEmitter<HeadEvents> {
       await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
       phase = "opening checkpoint storage";
       await this.startStorage();
+      if (this.interrupted) await this.refineResumeSteps(resumed);
       await this.setState("provisioning");
       phase = "provisioning";
       const provisionerLogger = this.logger.child({ component: `provisioner:${this.spec.provisioner}` });
@@ -230,6 +254,35 @@ export class Head extends EventEmitter<HeadEvents> {
       throw error;
     }
     await this.setState("ready");
+  }
+
+  /**
+   * The previous head died without stopping its nodes: they and their trainers are
+   * stopped from the state directory's records (as `drover down` would) before this
+   * head provisions, so no trainer of the dead head writes into a step the resumed job
+   * writes again.
+   */
+  private async releaseInterrupted(): Promise<void> {
+    const backend = backendNamed(this.spec.provisioner);
+    if (!backend) return;
+    const reaped = await backend.reap(this.stateDir, this.logger.child({ component: "reap" }), AbortSignal.timeout(60_000)).catch((error: Error) => {
+      this.logger.warn("could not release everything the previous head left", { error: error.message });
+      return [];
+    });
+    if (reaped.length > 0) this.logger.info("released what the previous head left", { reaped });
+  }
+
+  /** The store is the truth about what is committed: a resumed job starts from its newest step. */
+  private async refineResumeSteps(jobs: JobRecord[]): Promise<void> {
+    if (!this.checkpoints) return;
+    for (const job of jobs) {
+      try {
+        const latest = (await this.checkpoints.store.latest(job.runId, { signal: AbortSignal.timeout(30_000) }))?.step;
+        if (latest !== undefined) this.jobs.resumeFrom(job.jobId, latest);
+      } catch (error) {
+        this.logger.warn("could not ask the store for a resumed job's newest step", { jobId: job.jobId, error: (error as Error).message });
+      }
+    }
   }
 
   /**

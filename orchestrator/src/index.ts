@@ -3,7 +3,7 @@ export { clusterSpecSchema, compileClusterSpec, parseClusterSpecYaml, loadCluste
 export { JobController, isFinal, type JobRecord, type JobRequest, type JobRestart, type JobState } from "./job-controller.js";
 export { WorkerRegistry, type RegisteredWorker, type Clock } from "./worker-registry.js";
 export { assignRanks, type NodeAssignment, type RankCandidate } from "./rank-assignment.js";
-export { StateDirectory, writeFileAtomic, processAlive, signalGroup } from "./state-store.js";
+export { StateDirectory, writeFileAtomic, processAlive, signalGroup, type HeadRecord } from "./state-store.js";
 export { provisionerBackends } from "./provisioners/registry.js";
 export { createLogger, silentLogger, type Logger } from "./logger.js";
 export { summarizeJob, formatMetrics, describeRestart, stitchAttempts, type MetricPoint } from "./job-view.js";

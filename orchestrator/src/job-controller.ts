@@ -259,6 +259,55 @@ export class JobController extends EventEmitter<JobEvents> {
     return job;
   }
 
+  /**
+   * A job a previous head was running when it died: it goes on here as its next attempt,
+   * from `resumeStep` (the newest committed checkpoint), once its nodes are connected.
+   * The same job id, so its output and metrics continue in the same files.
+   */
+  resumeInterrupted(previous: JobRecord, resumeStep: number | undefined, reason: string): JobRecord {
+    const attempt = previous.attempt + 1;
+    const lastStep = previous.latestMetrics?.[0]?.step;
+    const job: JobRecord = {
+      ...previous,
+      state: "pending",
+      attempt,
+      wireJobId: `${previous.jobId}-a${attempt}`,
+      resumeStep,
+      restarts: [...(previous.restarts ?? []), { attempt: previous.attempt, reason, atMs: this.now(), ...(lastStep === undefined ? {} : { lastStep }), ...(resumeStep === undefined ? {} : { resumeStep }) }],
+      assignments: [],
+      worldSize: 0,
+      exitCodes: {},
+      checkpointsReported: {},
+      checkpointsCommitted: [],
+      checkpointsLost: previous.checkpointsLost ?? {},
+      latestMetrics: previous.latestMetrics ?? {},
+      groupWireIds: {},
+      groupsRestarting: [],
+      stalled: [],
+    };
+    delete job.failure;
+    delete job.endedAtMs;
+    this.jobs.set(job.jobId, job);
+    this.byWireId.set(job.wireJobId, job);
+    this.deps.logger.info("job resumed after a head restart", { jobId: job.jobId, runId: job.runId, attempt, resumeStep });
+    this.log(job, `${reason}; attempt ${attempt} resumes ${resumeStep === undefined ? "from scratch (nothing committed yet)" : `from committed checkpoint step ${resumeStep}`} once ${job.request.nodes} nodes are connected`);
+    this.armWaitTimer(job);
+    this.emit("changed", job);
+    void this.startPendingJobs();
+    return job;
+  }
+
+  /** A resumed job that has not started yet starts from `step` instead (a newer commit the store knows of). */
+  resumeFrom(jobId: string, step: number): void {
+    const job = this.jobs.get(jobId);
+    if (!job || job.state !== "pending" || job.resumeStep === step) return;
+    job.resumeStep = step;
+    const restart = job.restarts.at(-1);
+    if (restart) restart.resumeStep = step;
+    this.log(job, `the store's newest committed checkpoint of run ${job.runId} is step ${step}; attempt ${job.attempt} resumes from it`);
+    this.emit("changed", job);
+  }
+
   /** A pending job fails when its nodes are not all connected in time. */
   private armWaitTimer(job: JobRecord): void {
     clearTimeout(this.waitTimers.get(job.jobId));

@@ -171,6 +171,8 @@ export interface HeadRecord {
   provisioner?: string;
   /** Why the head failed to start (state `failed`). */
   error?: string;
+  /** The process that restarts the head when it dies (`drover up` starts one); `drover down` stops it first. */
+  supervisorPid?: number;
   startedAt: string;
   updatedAt: string;
 }
