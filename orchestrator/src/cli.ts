@@ -13,6 +13,7 @@ import type { Head } from "./head.js";
 import type { JobRecord } from "./job-controller.js";
 import { describeRestart, formatMetrics, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
 import type { AkashLeaseRecord } from "./provisioners/akash/akash-provisioner.js";
+import type { Alert, NodeTelemetry } from "./telemetry/telemetry-alerts.js";
 import { processAlive, StateDirectory, StateLock, type HeadRecord } from "./state-store.js";
 
 // Only what every command needs is imported above. Each command loads the rest with
@@ -34,7 +35,10 @@ usage:
                                            after a node failure the job restarts from it (default 3 times);
                                            remote nodes get the working dir as a verified code bundle
                                            (--ship-code: local nodes too)
-  drover status [--json]                   head, nodes and jobs
+  drover status [--json]                   head, nodes (with their newest telemetry), jobs and alerts
+  drover top [--interval 2s] [--once]      a refreshing table of nodes, GPUs, the job's ranks and the
+                                           alerts, from the state directory (works over ssh, head or not);
+                                           --once (or stdout not a terminal) prints one frame
   drover logs [-f] [--job ID]              output of the latest (or given) job
   drover stop [--job ID]                   stop the running job
   drover down                              stop jobs, release every node, stop the head
@@ -417,7 +421,12 @@ async function commandStatus(args: string[]): Promise<number> {
   const alive = head ? processAlive(head.pid) : false;
   if (values.json) {
     const leases = await akashLeases(state, head);
-    print(JSON.stringify({ stateDir: state.root, head: head && { ...head, alive }, workers: cluster?.workers ?? [], leases, jobs: cluster?.jobs ?? [] }, null, 2));
+    const telemetry = head ? await readTelemetryPicture(state, head, cluster) : undefined;
+    print(JSON.stringify({
+      stateDir: state.root, head: head && { ...head, alive }, workers: cluster?.workers ?? [], leases, jobs: cluster?.jobs ?? [],
+      telemetry: telemetry && { savedAt: telemetry.savedAtMs === undefined ? undefined : new Date(telemetry.savedAtMs).toISOString(), problem: telemetry.problem, nodes: [...telemetry.nodes.values()] },
+      alerts: telemetry?.alerts ?? [],
+    }, null, 2));
     return 0;
   }
   if (!head) {
@@ -425,7 +434,12 @@ async function commandStatus(args: string[]): Promise<number> {
     return 0;
   }
   const leases = await akashLeases(state, head);
+  const telemetry = await readTelemetryPicture(state, head, cluster);
+  const { nodeTelemetryLines } = await import("./top-view.js");
   print(`cluster ${head.clusterName}: head pid ${head.pid} ${alive ? head.state : `NOT RUNNING (last state ${head.state})`}; control ${head.controlAddress}; state ${state.root}`);
+  if (telemetry.problem) print(`telemetry: ${state.path("telemetry.json")} ${telemetry.problem}`);
+  else if (telemetry.savedAtMs === undefined) print(`telemetry: none saved yet (the head writes it every head.telemetrySaveInterval, 30s by default)`);
+  else print(`telemetry: as the head saved it ${Math.max(0, Math.round((Date.now() - telemetry.savedAtMs) / 1000))}s ago`);
   print(`nodes:`);
   for (const worker of cluster?.workers ?? []) {
     const resources = worker.resources ?? {};
@@ -435,6 +449,7 @@ async function commandStatus(args: string[]): Promise<number> {
     // Without a running head the record is only what it last knew.
     const connection = alive ? worker.connection : `${worker.connection === "connected" ? "disconnected" : worker.connection} (head not running)`;
     print(`  ${worker.nodeName} (${worker.workerId}) ${connection}, group ${worker.group}, ${worker.slots} ranks, ${resources.cpuCount || "?"} cpus, ${gpus} gpus, shm ${resources.shmBytes ? `${shmMiB} MiB` : "?"}, seen ${ago}s ago`);
+    if (telemetry.savedAtMs !== undefined) for (const line of nodeTelemetryLines(telemetry.nodes.get(worker.nodeName), telemetry.savedAtMs)) print(`    ${line}`);
   }
   if (leases.length > 0) {
     print(`leases:`);
@@ -456,7 +471,84 @@ async function commandStatus(args: string[]): Promise<number> {
     for (const restart of job.restarts ?? []) print(`    ${describeRestart(restart)}`);
     if (job.state === "running") for (const stalled of job.stalled ?? []) print(`    STALLED: rank ${stalled.rank} has made no progress (no step, no output) for ${Math.round(stalled.idleMs / 1000)}s`);
   }
+  for (const alert of telemetry.alerts) print(`warning: ${alert.message}`);
   return 0;
+}
+
+/**
+ * The state directory's telemetry and alerts: telemetry.json as the head last saved it
+ * (its module, and zod with it, loaded only when the file exists) and cluster.json's
+ * jobs. Telemetry alerts are judged as of the save, so a file that is seconds old does
+ * not make live nodes look silent; only nodes cluster.json lists as connected are judged.
+ */
+async function readTelemetryPicture(state: StateDirectory, head: HeadRecord, cluster: { workers: Array<Record<string, any>>; jobs: JobRecord[] } | undefined): Promise<{ nodes: Map<string, NodeTelemetry>; savedAtMs?: number; problem?: string; alerts: Alert[] }> {
+  const { DEFAULT_ALERT_THRESHOLDS, evaluateAlerts, latestByNode } = await import("./telemetry/telemetry-alerts.js");
+  const path = state.path("telemetry.json");
+  const snapshot = existsSync(path) ? await (await import("./telemetry/telemetry-store.js")).TelemetryStore.loadSnapshot(path, AbortSignal.timeout(15_000)) : undefined;
+  const nodes = new Map((snapshot && !snapshot.problem ? latestByNode(snapshot.store.latest(() => Infinity)) : []).map((node) => [node.node, node]));
+  const connected = new Set((cluster?.workers ?? []).filter((worker) => worker.connection === "connected").map((worker) => String(worker.nodeName)));
+  const alerts = evaluateAlerts({
+    nodes: [...nodes.values()].filter((node) => connected.has(node.node)),
+    jobs: cluster?.jobs ?? [],
+    nowMs: snapshot?.savedAtMs ?? Date.now(),
+    thresholds: head.alerts ?? DEFAULT_ALERT_THRESHOLDS,
+  });
+  return { nodes, alerts, ...(snapshot && !snapshot.problem ? { savedAtMs: snapshot.savedAtMs } : {}), ...(snapshot?.problem ? { problem: snapshot.problem } : {}) };
+}
+
+/** `--interval`: "2s", "500ms", "1m" or a number of seconds. */
+function parseInterval(text: string): number {
+  const match = /^(\d+(?:\.\d+)?)(ms|s|m)?$/.exec(text);
+  const ms = match ? Number(match[1]) * (match[2] === "ms" ? 1 : match[2] === "m" ? 60_000 : 1_000) : NaN;
+  if (!Number.isFinite(ms) || ms < 200 || ms > 3_600_000) throw new UsageError(`--interval ${text}: expected a duration from 200ms to 1h, like 2s`);
+  return ms;
+}
+
+/**
+ * The cluster in the terminal, redrawn every --interval from the state directory's files
+ * alone (cluster.json, telemetry.json), so it works over ssh without the head's ports.
+ */
+async function commandTop(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { interval: { type: "string" }, once: { type: "boolean" } } });
+  const intervalMs = parseInterval(values.interval ?? "2s");
+  // A pipe or a file gets one frame: escape codes and an endless loop help no script.
+  const once = values.once === true || !process.stdout.isTTY;
+  const state = new StateDirectory(StateDirectory.defaultRoot());
+  const { renderTop } = await import("./top-view.js");
+  for (;;) {
+    const head = await readHead(state);
+    if (!head) {
+      print(`no cluster over ${state.root} (drover up starts one)`);
+      return 0;
+    }
+    const cluster = await state.readJson<{ workers: Array<Record<string, any>>; jobs: JobRecord[] }>("cluster.json");
+    const telemetry = await readTelemetryPicture(state, head, cluster);
+    const jobs = cluster?.jobs ?? [];
+    const job = jobs.findLast((candidate) => candidate.state === "running") ?? jobs.at(-1);
+    const alive = processAlive(head.pid);
+    const lines = renderTop({
+      clusterName: head.clusterName,
+      headState: alive ? head.state : `NOT RUNNING (last state ${head.state})`,
+      nowMs: Date.now(),
+      ...(telemetry.savedAtMs === undefined ? {} : { telemetrySavedAtMs: telemetry.savedAtMs }),
+      ...(telemetry.problem ? { telemetryProblem: telemetry.problem } : {}),
+      nodes: (cluster?.workers ?? []).map((worker) => ({
+        nodeName: String(worker.nodeName),
+        group: String(worker.group),
+        connection: alive ? String(worker.connection) : "head not running",
+        ...(telemetry.nodes.has(worker.nodeName) ? { telemetry: telemetry.nodes.get(worker.nodeName)! } : {}),
+      })),
+      ...(job ? { job } : {}),
+      alerts: telemetry.alerts,
+    });
+    if (once) {
+      for (const line of lines) print(line);
+      return 0;
+    }
+    // Home the cursor and clear the screen, then draw: one write, so no half-drawn frame shows.
+    process.stdout.write(`\x1b[H\x1b[2J${lines.join("\n")}\n`);
+    await new Promise((resolveDelay) => setTimeout(resolveDelay, intervalMs));
+  }
 }
 
 /**
@@ -765,6 +857,7 @@ async function main(argv: string[]): Promise<number> {
     case "head-supervisor": return commandHeadSupervisor(rest);
     case "submit": return commandSubmit(rest);
     case "status": return commandStatus(rest);
+    case "top": return commandTop(rest);
     case "logs": return commandLogs(rest);
     case "stop": return commandStop(rest);
     case "down": return commandDown();

@@ -47,6 +47,20 @@ describe("cluster spec", () => {
     expect(() => parseClusterSpecYaml("head:\n  telemetryRetention: 48h\n", "/tmp/m.yaml")).toThrow(/head\.telemetryRetention: must be at most 24h/);
   });
 
+  it("fills the alert thresholds and the telemetry save interval, and refuses thresholds out of bounds", () => {
+    expect(parseClusterSpecYaml("name: demo\n", "/tmp/m.yaml").head).toMatchObject({
+      telemetrySaveIntervalMs: 30_000,
+      alerts: { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5 },
+    });
+    expect(parseClusterSpecYaml("head:\n  telemetrySaveInterval: 2s\n  alerts:\n    gpuTemperatureCelsius: 80\n    stragglerRatio: 0.7\n", "/tmp/m.yaml").head)
+      .toMatchObject({ telemetrySaveIntervalMs: 2_000, alerts: { gpuTemperatureCelsius: 80, silentIntervals: 3, stragglerRatio: 0.7 } });
+    expect(() => parseClusterSpecYaml("head:\n  alerts:\n    gpuTemperatureCelsius: 300\n", "/tmp/m.yaml")).toThrow(/head\.alerts\.gpuTemperatureCelsius: must be at most 120/);
+    expect(() => parseClusterSpecYaml("head:\n  alerts:\n    stragglerRatio: 1.5\n", "/tmp/m.yaml")).toThrow(/head\.alerts\.stragglerRatio: must be below 1/);
+    expect(() => parseClusterSpecYaml("head:\n  alerts:\n    silentIntervals: 1\n", "/tmp/m.yaml")).toThrow(/head\.alerts\.silentIntervals: must be at least 2/);
+    expect(() => parseClusterSpecYaml("head:\n  alerts:\n    escrowHours: 2\n", "/tmp/m.yaml")).toThrow(/head\.alerts/);
+    expect(() => parseClusterSpecYaml("head:\n  telemetrySaveInterval: 100ms\n", "/tmp/m.yaml")).toThrow(/head\.telemetrySaveInterval: must be at least 1s/);
+  });
+
   it("reads head.advertise and refuses a URL there, naming the field", () => {
     expect(parseClusterSpecYaml("head:\n  host: 0.0.0.0\n  port: 7070\n  advertise: head.example.org\n", "/tmp/a.yaml").head.advertise).toBe("head.example.org");
     expect(() => parseClusterSpecYaml("head:\n  advertise: http://head.example.org\n", "/tmp/b.yaml")).toThrow(/head\.advertise: expected host or host:port/);

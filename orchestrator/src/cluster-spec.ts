@@ -29,6 +29,17 @@ const MIN_HEARTBEAT_MS = 100;
 /** A cluster spec is a page of YAML; a larger file is refused before it is read. */
 export const MAX_SPEC_BYTES = 1024 * 1024;
 
+/**
+ * When the head and `drover status`/`top` warn (telemetry-alerts.ts): a GPU hotter than
+ * gpuTemperatureCelsius, a node silent for more than silentIntervals of its sampling
+ * interval, a rank below stragglerRatio x its group's median images_per_s.
+ */
+const alertsSchema = z.object({
+  gpuTemperatureCelsius: z.number().min(40, "must be at least 40").max(120, "must be at most 120").default(85),
+  silentIntervals: z.number().int().min(2, "must be at least 2 (one late sample is not silence)").max(1_000, "must be at most 1000").default(3),
+  stragglerRatio: z.number().gt(0, "must be above 0").lt(1, "must be below 1").default(0.5),
+}).strict().prefault({});
+
 const headSchema = z.object({
   /** Interface the control server listens on; loopback for local mode. */
   host: z.string().default("127.0.0.1"),
@@ -53,6 +64,9 @@ const headSchema = z.object({
   metricsPort: z.number().int().min(0).max(65_535).default(0),
   /** How much node and GPU telemetry the head keeps (and persists) per series. */
   telemetryRetention: durationMs.pipe(z.number().min(60_000, "must be at least 1m").max(24 * 3_600_000, "must be at most 24h")).default(3_600_000),
+  /** How often the head rewrites `<state>/telemetry.json` (what `drover status` and `drover top` read). */
+  telemetrySaveInterval: durationMs.pipe(z.number().min(1_000, "must be at least 1s").max(600_000, "must be at most 10m")).default(30_000),
+  alerts: alertsSchema,
 }).strict().superRefine((head, ctx) => {
   // A node is declared lost after heartbeatTimeout of silence: with fewer than two
   // heartbeats in that window, one late heartbeat would restart the job.
@@ -69,6 +83,8 @@ const headSchema = z.object({
   metricsHost: head.metricsHost,
   metricsPort: head.metricsPort,
   telemetryRetentionMs: head.telemetryRetention,
+  telemetrySaveIntervalMs: head.telemetrySaveInterval,
+  alerts: head.alerts,
 })).prefault({});
 
 /** What every spec has, whatever its backend. */

@@ -101,6 +101,8 @@ export class Head extends EventEmitter<HeadEvents> {
       metricsHost: spec.head.metricsHost,
       metricsPort: spec.head.metricsPort,
       retentionMs: spec.head.telemetryRetentionMs,
+      saveIntervalMs: spec.head.telemetrySaveIntervalMs,
+      alerts: spec.head.alerts,
       stateDir,
       workers: this.registry,
       jobs: this.jobs,
@@ -194,6 +196,8 @@ export class Head extends EventEmitter<HeadEvents> {
       sharesFilesystem: backendNamed(this.spec.provisioner)?.sharesFilesystem ?? false,
       // `drover down` reaps with this backend, from the state directory alone.
       provisioner: this.spec.provisioner,
+      // `drover status` and `drover top` judge alerts by the spec's thresholds without reading it.
+      alerts: this.spec.head.alerts,
       ...(this.failure ? { error: this.failure } : {}),
       ...(process.env.DROVER_HEAD_SUPERVISOR_PID ? { supervisorPid: Number(process.env.DROVER_HEAD_SUPERVISOR_PID) } : {}),
       startedAt: this.startedAt,

@@ -169,6 +169,8 @@ export interface HeadRecord {
   sharesFilesystem?: boolean;
   /** The provisioner backend (`drover down` reaps with it, without reading the spec again). */
   provisioner?: string;
+  /** The spec's `head.alerts` thresholds (telemetry-alerts.ts), for readers of the state directory. */
+  alerts?: { gpuTemperatureCelsius: number; silentIntervals: number; stragglerRatio: number };
   /** Why the head failed to start (state `failed`). */
   error?: string;
   /** The process that restarts the head when it dies (`drover up` starts one); `drover down` stops it first. */

@@ -55,6 +55,46 @@ describe("HeadTelemetry", () => {
     return response.text();
   }
 
+  it("logs each alert once when it is raised and once when it clears, by the spec's thresholds", async () => {
+    const lines: string[] = [];
+    telemetry = HeadTelemetry.create({ metricsHost: "127.0.0.1", metricsPort: 0, retentionMs: 3_600_000, stateDir: new StateDirectory(dir), workers: registry, jobs, logger: recordingLogger(lines), now: () => now, alerts: { gpuTemperatureCelsius: 80, silentIntervals: 3, stragglerRatio: 0.5 } });
+    await telemetry.start();
+    const workerId = register("h100-0", "h100");
+    const sample = (temperatureCelsius: number, throttleReasons: number) => telemetry!.onTelemetry(workerId, { sentTimeMs: now, intervalMs: 5_000, samples: [{ timeMs: now - 1_000, node: { cpuUtilizationRatio: 0.5 }, gpus: [{ ...gpuReading, temperatureCelsius, throttleReasons }] }] });
+    const alertLines = () => lines.filter((line) => line.includes("alert"));
+
+    sample(82, 0x40);
+    expect(telemetry.checkAlerts().map((alert) => alert.key)).toEqual(["gpu-temperature:h100-0:0", "gpu-throttle:h100-0:0"]);
+    now += 5_000;
+    sample(83, 0x40);
+    telemetry.checkAlerts();
+    expect(alertLines()).toEqual([
+      'warn alert: h100-0 GPU 0 at 82 C (threshold 80 C) {"alert":"gpu-temperature:h100-0:0","node":"h100-0"}',
+      'warn alert: h100-0 GPU 0 throttled: hardware thermal slowdown (clocks_throttle_reasons 0x40) {"alert":"gpu-throttle:h100-0:0","node":"h100-0"}',
+    ]);
+    now += 5_000;
+    sample(70, 0x4);
+    expect(telemetry.checkAlerts()).toEqual([]);
+    expect(alertLines().slice(2)).toEqual([
+      'info alert cleared: h100-0 GPU 0 at 83 C (threshold 80 C) {"alert":"gpu-temperature:h100-0:0","node":"h100-0"}',
+      'info alert cleared: h100-0 GPU 0 throttled: hardware thermal slowdown (clocks_throttle_reasons 0x40) {"alert":"gpu-throttle:h100-0:0","node":"h100-0"}',
+    ]);
+    // Silence: three intervals pass with no sample.
+    now += 16_000;
+    expect(telemetry.checkAlerts().map((alert) => alert.key)).toEqual(["node-silent:h100-0"]);
+    expect(alertLines()).toHaveLength(5);
+
+    // What status and top read once the head is gone: the file as saved, judged as of the save.
+    await telemetry.shutdown();
+    const { TelemetryStore } = await import("./telemetry-store.js");
+    const snapshot = (await TelemetryStore.loadSnapshot(join(dir, TELEMETRY_FILE)))!;
+    expect(snapshot.problem).toBeUndefined();
+    expect(snapshot.savedAtMs).toBe(now);
+    const temperature = snapshot.store.latest(() => Infinity).find((point) => point.metric === "temperatureCelsius");
+    expect(temperature).toMatchObject({ node: "h100-0", gpu: 0, value: 70 });
+    expect(await TelemetryStore.loadSnapshot(join(dir, "absent.json"))).toBeUndefined();
+  });
+
   it("serves node, GPU, training and checkpoint series on /metrics and writes where to metrics.json", async () => {
     const head = create();
     await head.start();

@@ -7,6 +7,7 @@ import type { StateDirectory } from "../state-store.js";
 import type { WorkerRegistry } from "../worker-registry.js";
 import { MetricsServer } from "./metrics-server.js";
 import { HeadMetrics } from "./prometheus-metrics.js";
+import { alertTransitions, DEFAULT_ALERT_THRESHOLDS, evaluateAlerts, latestByNode, type Alert, type AlertThresholds } from "./telemetry-alerts.js";
 import { checkTelemetry } from "./telemetry-report.js";
 import { TelemetryStore } from "./telemetry-store.js";
 
@@ -17,6 +18,8 @@ export const DEFAULT_TELEMETRY_SAVE_INTERVAL_MS = 30_000;
 export const METRICS_FILE = "metrics.json";
 /** A worker sending bad telemetry is told about at most this often (it would be every sample). */
 const REFUSAL_LOG_INTERVAL_MS = 60_000;
+/** How often the head evaluates the alert rules (a node samples every 5 s by default). */
+export const DEFAULT_ALERT_CHECK_INTERVAL_MS = 5_000;
 
 export type HeadTelemetryState = "created" | "starting" | "running" | "stopping" | "stopped";
 
@@ -29,6 +32,9 @@ export interface HeadTelemetryOptions {
   jobs: JobController;
   logger: Logger;
   saveIntervalMs?: number;
+  /** `head.alerts` of the spec; the defaults without. */
+  alerts?: AlertThresholds;
+  alertCheckIntervalMs?: number;
   now?: () => number;
 }
 
@@ -44,6 +50,9 @@ export class HeadTelemetry {
   private metrics: HeadMetrics | undefined;
   private server: MetricsServer | undefined;
   private saveTimer: NodeJS.Timeout | undefined;
+  private alertTimer: NodeJS.Timeout | undefined;
+  /** The alerts of the last check, by key: a change is logged once, not every check. */
+  private activeAlerts = new Map<string, Alert>();
   private saving: Promise<void> | undefined;
   private changedSinceSave = false;
   private readonly refusals = new Map<string, { lastLoggedMs: number; since: number }>();
@@ -99,6 +108,8 @@ export class HeadTelemetry {
     this.options.logger.info("serving Prometheus metrics", { url: this.server.url });
     this.saveTimer = setInterval(() => void this.save(), this.options.saveIntervalMs ?? DEFAULT_TELEMETRY_SAVE_INTERVAL_MS);
     this.saveTimer.unref();
+    this.alertTimer = setInterval(() => this.checkAlerts(), this.options.alertCheckIntervalMs ?? DEFAULT_ALERT_CHECK_INTERVAL_MS);
+    this.alertTimer.unref();
     this.setState("running");
   }
 
@@ -128,6 +139,21 @@ export class HeadTelemetry {
     this.refusals.set(node, seen);
   }
 
+  /**
+   * Evaluates the alert rules over the connected nodes' newest samples and the running
+   * jobs, and logs each alert once when it is raised and once when it clears.
+   */
+  checkAlerts(): Alert[] {
+    const connected = new Set(this.options.workers.connected().map((worker) => worker.nodeName));
+    const nodes = latestByNode(this.store.latest(() => Infinity)).filter((node) => connected.has(node.node));
+    const current = evaluateAlerts({ nodes, jobs: this.options.jobs.all(), nowMs: this.now(), thresholds: this.options.alerts ?? DEFAULT_ALERT_THRESHOLDS });
+    const { raised, cleared } = alertTransitions(this.activeAlerts, current);
+    for (const alert of raised) this.options.logger.warn(`alert: ${alert.message}`, { alert: alert.key, node: alert.node });
+    for (const alert of cleared) this.options.logger.info(`alert cleared: ${alert.message}`, { alert: alert.key, node: alert.node });
+    this.activeAlerts = new Map(current.map((alert) => [alert.key, alert]));
+    return current;
+  }
+
   /** Times every checkpoint commit into drover_checkpoint_commit_seconds. */
   watchCheckpoints(coordinator: CheckpointCoordinator): void {
     coordinator.on("committed", ({ seconds }) => this.metrics?.observeCheckpointCommit(seconds));
@@ -153,6 +179,7 @@ export class HeadTelemetry {
     const started = this.state !== "created";
     this.setState("stopping");
     clearInterval(this.saveTimer);
+    clearInterval(this.alertTimer);
     this.options.jobs.off("metric", this.onMetric);
     if (started) {
       await this.saving;

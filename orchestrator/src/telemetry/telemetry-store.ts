@@ -285,6 +285,32 @@ export class TelemetryStore {
     }
     return TelemetryStore.fromFile(raw, options);
   }
+
+  /**
+   * The store as the head last saved it, for readers without a head (`drover status`,
+   * `drover top`): the clock is stopped at the file's `savedAt` and the retention is the
+   * file's, so every saved point is kept however long ago the head stopped, and age is
+   * judged as of the save. No file: undefined.
+   */
+  static async loadSnapshot(path: string, signal?: AbortSignal): Promise<{ store: TelemetryStore; savedAtMs: number; problem?: string } | undefined> {
+    let text: string;
+    try {
+      text = await readFile(path, { encoding: "utf8", signal });
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      return { store: new TelemetryStore({ retentionMs: 60_000 }), savedAtMs: NaN, problem: `cannot be read: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}` };
+    }
+    let raw: { savedAt?: unknown; retentionMs?: unknown } | null;
+    try {
+      raw = JSON.parse(text) as typeof raw;
+    } catch (error) {
+      return { store: new TelemetryStore({ retentionMs: 60_000 }), savedAtMs: NaN, problem: `is not valid JSON (${(error as Error).message})` };
+    }
+    const savedAtMs = typeof raw?.savedAt === "string" ? Date.parse(raw.savedAt) : NaN;
+    if (!Number.isFinite(savedAtMs)) return { store: new TelemetryStore({ retentionMs: 60_000 }), savedAtMs, problem: "has no valid savedAt" };
+    const retentionMs = typeof raw?.retentionMs === "number" && raw.retentionMs > 0 && raw.retentionMs <= 24 * 3_600_000 ? raw.retentionMs : 3_600_000;
+    return { ...TelemetryStore.fromFile(raw, { retentionMs, now: () => savedAtMs }), savedAtMs };
+  }
 }
 
 function seriesKey(id: SeriesId): string {
