@@ -11,21 +11,12 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { processAlive, StateDirectory, stitchAttempts, type HeadRecord, type JobRecord, type MetricPoint } from "@drover/orchestrator";
 import { repoRoot, runDrover } from "./drover-cli.js";
+import { waitForValue } from "./wait-for.js";
 
 const at1Dir = join(repoRoot, "examples", "at1");
 const python = join(repoRoot, ".venv", "bin", "python");
 let scratch: string;
 let dataDir: string;
-
-async function until<T>(probe: () => Promise<T | undefined>, timeoutMs: number, what: string): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolveDelay) => setTimeout(resolveDelay, 200));
-  }
-}
 
 describe("a head killed under a running job", { timeout: 300_000 }, () => {
   beforeAll(async () => {
@@ -56,7 +47,7 @@ describe("a head killed under a running job", { timeout: 300_000 }, () => {
         const jobId = /submitted (\S+)/.exec(submit.stdout)![1]!;
         const job = async () => (await state.readJson<{ jobs: JobRecord[] }>("cluster.json").catch(() => undefined))?.jobs.find((candidate) => candidate.jobId === jobId);
 
-        const before = await until(async () => {
+        const before = await waitForValue(async () => {
           const current = await job();
           const step = current?.latestMetrics[0]?.step;
           return current?.lastCommittedStep !== undefined && step !== undefined && step >= current.lastCommittedStep + 3 ? current : undefined;
@@ -65,11 +56,11 @@ describe("a head killed under a running job", { timeout: 300_000 }, () => {
         expect(dead.supervisorPid !== undefined).toBe(supervise);
         process.kill(dead.pid, "SIGKILL");
         if (!supervise) {
-          await until(async () => (processAlive(dead.pid) ? undefined : true), 5_000, "the head to die");
+          await waitForValue(async () => (processAlive(dead.pid) ? undefined : true), 5_000, "the head to die");
           const again = await drover(["up", spec]);
           expect(again.code, again.stdout + again.stderr).toBe(0);
         }
-        const final = await until(async () => {
+        const final = await waitForValue(async () => {
           const current = await job();
           return current && ["succeeded", "failed", "stopped"].includes(current.state) ? current : undefined;
         }, 200_000, "the job to end");

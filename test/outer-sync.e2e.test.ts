@@ -14,17 +14,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { isolationUnavailable, StateDirectory, stitchAttempts, type JobRecord, type MetricPoint } from "@drover/orchestrator";
 import { repoRoot, runDrover } from "./drover-cli.js";
-
-/** Polls until `probe` gives a value; fails naming `what` after `timeoutMs`. */
-async function until<T>(probe: () => Promise<T | undefined>, timeoutMs: number, what: string): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolveDelay) => setTimeout(resolveDelay, 200));
-  }
-}
+import { waitForValue } from "./wait-for.js";
 
 const at1Dir = join(repoRoot, "examples", "at1");
 const python = join(repoRoot, ".venv", "bin", "python");
@@ -92,7 +82,7 @@ describe("two local groups train one model through the bridge", { timeout: 600_0
       // Mid-run, after a committed checkpoint, beta's leader agent freezes (SIGSTOP) until
       // alpha has gone on without it, then is killed (kill -9): the local provisioner
       // starts a new agent, and the head restarts group beta alone.
-      await until(async () => {
+      await waitForValue(async () => {
         const current = await job();
         const step = current?.latestMetrics[0]?.step;
         return current?.lastCommittedStep !== undefined && step !== undefined && step >= current.lastCommittedStep + 4 ? current : undefined;
@@ -102,12 +92,12 @@ describe("two local groups train one model through the bridge", { timeout: 600_0
       const output = () => readFile(join(stateDir, "jobs", jobId, "output.log"), "utf8");
       process.kill(beta.pid, "SIGSTOP");
       try {
-        await until(async () => ((await output()).includes("group beta left the outer steps") ? true : undefined), 60_000, "alpha to go on without beta");
+        await waitForValue(async () => ((await output()).includes("group beta left the outer steps") ? true : undefined), 60_000, "alpha to go on without beta");
       } finally {
         process.kill(beta.pid, "SIGKILL");
       }
 
-      const final = await until(async () => {
+      const final = await waitForValue(async () => {
         const current = await job();
         return current && ["succeeded", "failed", "stopped"].includes(current.state) ? current : undefined;
       }, 300_000, "the job to end");

@@ -3,12 +3,13 @@
 // files of a newer format are refused by every command, naming the file and both
 // versions (exit 2), and `drover down` still stops every worker and trainer it can find.
 import { spawnSync } from "node:child_process";
-import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { join } from "node:path";
 import { processAlive } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { droverCli } from "./drover-cli.js";
+import { processesUnderState } from "./processes-under-state.js";
 import { waitFor } from "./wait-for.js";
 
 let scratch: string;
@@ -20,19 +21,6 @@ const drover = (args: string[]) => {
 
 const stateFile = (name: string) => join(stateDir, name);
 const readState = async (name: string) => JSON.parse(await readFile(stateFile(name), "utf8")) as Record<string, unknown>;
-
-/** Processes whose command line or environment mention the state directory. */
-async function processesUnderState(): Promise<number[]> {
-  const pids: number[] = [];
-  for (const entry of await readdir("/proc")) {
-    const pid = Number(entry);
-    if (!Number.isInteger(pid) || pid === process.pid) continue;
-    const commandLine = await readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
-    const environment = await readFile(`/proc/${pid}/environ`, "utf8").catch(() => "");
-    if (commandLine.includes(stateDir) || environment.includes(`DROVER_CKPT_DIR=${stateDir}`)) pids.push(pid);
-  }
-  return pids;
-}
 
 describe("state files of another format", { timeout: 180_000 }, () => {
   beforeAll(async () => {
@@ -67,7 +55,7 @@ describe("state files of another format", { timeout: 180_000 }, () => {
     const head = headOfEarlierRelease as { pid: number };
     process.kill(head.pid, "SIGKILL");
     await waitFor(() => !processAlive(head.pid), 5_000, "the head to die");
-    expect((await processesUnderState()).length).toBeGreaterThanOrEqual(2); // the worker and its trainer
+    expect((await processesUnderState(stateDir)).length).toBeGreaterThanOrEqual(2); // the worker and its trainer
 
     // What a newer release would leave: the same records under a format this one does not know.
     for (const name of ["head.json", "cluster.json", "local-nodes.json"]) {
@@ -85,6 +73,6 @@ describe("state files of another format", { timeout: 180_000 }, () => {
     expect(down.stdout).toContain(refused("local-nodes.json"));
     expect(down.stdout).toMatch(/stopped local-0 \(pid \d+\)/);
     expect(down.stdout).toMatch(/stopped trainer of local-0 \(pid \d+\)/);
-    await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "every process under the state directory to stop");
+    await waitFor(async () => (await processesUnderState(stateDir)).length === 0, 20_000, "every process under the state directory to stop");
   });
 });

@@ -3,13 +3,14 @@
 // torn write would leave them). Every command names the file and what is wrong (exit 2),
 // and `drover down` still stops every worker and trainer under the state directory.
 import { spawnSync } from "node:child_process";
-import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { processAlive } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runDrover } from "./drover-cli.js";
+import { processesUnderState } from "./processes-under-state.js";
 import { waitFor } from "./wait-for.js";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -23,19 +24,6 @@ const drover = (args: string[]) => {
 };
 
 const droverAsync = (args: string[], env: Record<string, string> = {}) => runDrover(stateDir, args, 120_000, env);
-
-/** Processes whose command line or environment mention the state directory. */
-async function processesUnderState(): Promise<number[]> {
-  const pids: number[] = [];
-  for (const entry of await readdir("/proc")) {
-    const pid = Number(entry);
-    if (!Number.isInteger(pid) || pid === process.pid) continue;
-    const commandLine = await readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
-    const environment = await readFile(`/proc/${pid}/environ`, "utf8").catch(() => "");
-    if (commandLine.includes(stateDir) || environment.includes(`DROVER_CKPT_DIR=${stateDir}`)) pids.push(pid);
-  }
-  return pids;
-}
 
 describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
   beforeAll(async () => {
@@ -62,7 +50,7 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     const head = JSON.parse(await readFile(join(stateDir, "head.json"), "utf8")) as { pid: number };
     process.kill(head.pid, "SIGKILL");
     await waitFor(() => !processAlive(head.pid), 5_000, "the head to die");
-    const before = await processesUnderState();
+    const before = await processesUnderState(stateDir);
     expect(before.length).toBeGreaterThanOrEqual(3); // the worker and its two trainers
 
     await writeFile(join(stateDir, "head.json"), '{"pid": 12');
@@ -79,7 +67,7 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     expect(down.stdout).toContain(`state file ${join(stateDir, "local-nodes.json")} is not valid JSON`);
     expect(down.stdout).toMatch(/stopped local-0 \(pid \d+\)/);
     expect(down.stdout).toMatch(/stopped trainer of local-0 \(pid \d+\)/);
-    await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "every process under the state directory to stop");
+    await waitFor(async () => (await processesUnderState(stateDir)).length === 0, 20_000, "every process under the state directory to stop");
   });
 
   it("ends `drover up` with the head's start-up error when it cannot listen, leaving nothing running", async () => {
@@ -95,7 +83,7 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     expect(head.state).toBe("failed");
     expect(head.error).toMatch(/starting the control server failed: cannot listen on 192\.0\.2\.1:0/);
     await waitFor(() => !processAlive(head.pid), 10_000, "the failed head to exit");
-    expect(await processesUnderState()).toEqual([]);
+    expect(await processesUnderState(stateDir)).toEqual([]);
   });
 
   it("lets one of two simultaneous `drover up` start a head and refuses the other, naming who holds the state", async () => {
@@ -106,11 +94,11 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     const results = [first, second].sort((a, b) => (a.code ?? 9) - (b.code ?? 9));
     expect(results.map((result) => result.code)).toEqual([0, 2]);
     expect(results[1]!.stderr).toMatch(/is in use by `drover up` \(pid \d+|a head \(pid \d+\) is already running/);
-    const heads = (await processesUnderState()).length;
+    const heads = (await processesUnderState(stateDir)).length;
     expect(heads).toBeGreaterThan(0);
     const down = drover(["down"]);
     expect(down.code, down.stdout).toBe(0);
-    await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "everything to stop");
+    await waitFor(async () => (await processesUnderState(stateDir)).length === 0, 20_000, "everything to stop");
   });
 
   it("`drover down` during `drover up` cancels the start and leaves nothing running", async () => {
@@ -130,7 +118,7 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     expect(down.stdout).toContain("cluster is down");
     const upResult = await up;
     expect(upResult.code).not.toBe(0);
-    await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "everything to stop");
+    await waitFor(async () => (await processesUnderState(stateDir)).length === 0, 20_000, "everything to stop");
   });
 
   it("restarts an attempt whose rank hangs (SIGSTOP): warned in status, restarted after twice the stall timeout", async () => {
@@ -144,7 +132,7 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     await waitFor(async () => {
       const cluster = JSON.parse(await readFile(join(stateDir, "cluster.json"), "utf8").catch(() => "{}")) as { jobs?: Array<{ latestMetrics?: Record<string, { step: number }> }> };
       if ((cluster.jobs?.[0]?.latestMetrics?.["1"]?.step ?? 0) < 3) return false;
-      for (const pid of await processesUnderState()) {
+      for (const pid of await processesUnderState(stateDir)) {
         const environment = await readFile(`/proc/${pid}/environ`, "utf8").catch(() => "");
         if (environment.split("\0").includes("RANK=1") && environment.includes("DROVER_JOB_ID=")) rank1 = pid;
       }
@@ -163,7 +151,7 @@ describe("a broken state directory after a crash", { timeout: 180_000 }, () => {
     expect(run.stdout).toMatch(/restart 1: attempt 1 ended at step \d+ \(rank \d made no progress \(no step, no output\) for \d+s\)/);
     expect(run.stdout).toContain("SUCCEEDED");
     expect(drover(["down"]).code).toBe(0);
-    await waitFor(async () => (await processesUnderState()).length === 0, 20_000, "everything to stop");
+    await waitFor(async () => (await processesUnderState(stateDir)).length === 0, 20_000, "everything to stop");
   });
 
   it("shows each node's last heartbeat, not its registration, and no node as connected once the head is gone", async () => {

@@ -621,6 +621,18 @@ export class JobController extends EventEmitter<JobEvents> {
     });
   }
 
+  /** The step a restart resumes from: the store's newest committed one, else what the head knows. */
+  private async newestCommittedStep(job: JobRecord): Promise<number | undefined> {
+    const known = job.lastCommittedStep ?? job.resumeStep;
+    if (!this.deps.restartStep) return known;
+    try {
+      return await this.deps.restartStep(job);
+    } catch (error) {
+      this.log(job, `could not ask the checkpoint store for the newest step (${(error as Error).message}); using step ${known ?? "none"} known to the head`);
+      return known;
+    }
+  }
+
   /** Another group of the job trains on (connected, not restarting itself). */
   private canRestartGroupAlone(job: JobRecord, group: string): boolean {
     if ((job.assignments[0]?.groupCount ?? 1) < 2 || !this.bridgeSecrets.has(job.jobId)) return false;
@@ -671,14 +683,7 @@ export class JobController extends EventEmitter<JobEvents> {
     const ranks = new Set(this.globalRanksOf(job, group));
     for (const rank of ranks) delete job.exitCodes[rank];
     job.stalled = job.stalled?.filter((entry) => !ranks.has(entry.rank));
-    let resumeStep = job.lastCommittedStep ?? job.resumeStep;
-    if (this.deps.restartStep) {
-      try {
-        resumeStep = await this.deps.restartStep(job);
-      } catch (error) {
-        this.log(job, `could not ask the checkpoint store for the newest step (${(error as Error).message}); using step ${resumeStep ?? "none"} known to the head`);
-      }
-    }
+    const resumeStep = await this.newestCommittedStep(job);
     if (job.state !== "running" || restarts.get(group) !== entry) return;
     entry.phase = "waiting";
     entry.resumeStep = resumeStep;
@@ -797,14 +802,7 @@ export class JobController extends EventEmitter<JobEvents> {
     await drained;
     for (const id of previousIds) this.draining.delete(id);
 
-    let resumeStep = job.lastCommittedStep ?? job.resumeStep;
-    if (this.deps.restartStep) {
-      try {
-        resumeStep = await this.deps.restartStep(job);
-      } catch (error) {
-        this.log(job, `could not ask the checkpoint store for the newest step (${(error as Error).message}); using step ${resumeStep ?? "none"} known to the head`);
-      }
-    }
+    const resumeStep = await this.newestCommittedStep(job);
     if (job.state !== "restarting") return; // stopped meanwhile
     restart.resumeStep = resumeStep;
     job.attempt += 1;

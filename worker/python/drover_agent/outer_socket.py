@@ -281,24 +281,9 @@ class OuterSocketClient:
         views = [_byte_view(part) for part in payload]
         if sum(len(v) for v in views) != size:
             raise ValueError(f"the payload buffers hold {sum(len(v) for v in views)} bytes, the tensor list describes {size}")
-        message = frame(header)
         deadline = Deadline(timeout_ms / 1000 + SOCKET_GRACE_S)
-        try:
-            sock = self._connected(deadline)
-            self._send(sock, message, views, size, deadline)
-            answer = self._receive(sock, header, result_view, deadline)
-            if _closed_or_stray(sock, outer_step):
-                self.close()  # the agent hung up after answering; the next step connects anew
-            return answer
-        except OuterSocketError:
-            self.close()
-            raise
-        except OSError as e:
-            self.close()
-            raise OuterSocketError(f"outer socket {self.path or '(connected socket)'}: outer step {outer_step} failed ({e})") from None
-        except BaseException:
-            self.close()  # e.g. KeyboardInterrupt mid-message: the stream is out of step
-            raise
+        return self._request(frame(header), views, deadline, lambda sock: self._receive(sock, header, result_view, deadline),
+                             outer_step, size)
 
     def join(self, *, outer_step: int, inner_step: int, timeout_ms: int, tensors: Sequence[TensorSpec], result: Any) -> JoinResult:
         """Asks whether a live group is further along; for mode "state" its outer
@@ -353,21 +338,23 @@ class OuterSocketClient:
         return self._request(frame(header), views, deadline, receive, outer_step, size)
 
     def _request(self, message: bytes, views: list[memoryview], deadline: Deadline, receive: Any, step: int, size: int = 0) -> Any:
+        """Sends one request and reads its answer with `receive`; any failure closes the
+        connection (its byte stream is out of step) and the next request connects anew."""
         try:
             sock = self._connected(deadline)
             self._send(sock, message, views, size, deadline)
             answer = receive(sock)
             if _closed_or_stray(sock, step):
-                self.close()
+                self.close()  # the agent hung up after answering
             return answer
         except OuterSocketError:
             self.close()
             raise
         except OSError as e:
             self.close()
-            raise OuterSocketError(f"outer socket {self.path or '(connected socket)'}: request at outer step {step} failed ({e})") from None
+            raise OuterSocketError(f"outer socket {self.path or '(connected socket)'}: outer step {step} failed ({e})") from None
         except BaseException:
-            self.close()
+            self.close()  # e.g. KeyboardInterrupt mid-message: the stream is out of step
             raise
 
     @staticmethod

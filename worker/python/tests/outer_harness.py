@@ -169,7 +169,8 @@ def outer_run(rank: int, world_size: int, sock_path: str, out_dir: str) -> None:
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def spawned_outer_run(rank: int, world_size: int, port: int, sock_path: str, out_dir: str) -> None:
+def _in_process_group(rank: int, world_size: int, port: int, run: Callable, sock_path: str, out_dir: str) -> None:
+    """Runs `run` as one rank of a gloo process group (what mp.spawn starts)."""
     import torch
     import torch.distributed as dist
 
@@ -179,12 +180,16 @@ def spawned_outer_run(rank: int, world_size: int, port: int, sock_path: str, out
     dist.init_process_group("gloo", init_method="env://")
     completed = False
     try:
-        outer_run(rank, world_size, sock_path, out_dir)
+        run(rank, world_size, sock_path, out_dir)
         completed = True
     finally:
         if completed:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def spawned_outer_run(rank: int, world_size: int, port: int, sock_path: str, out_dir: str) -> None:
+    _in_process_group(rank, world_size, port, outer_run, sock_path, out_dir)
 
 
 def join_run(rank: int, world_size: int, sock_path: str, out_dir: str) -> None:
@@ -218,18 +223,4 @@ def join_run(rank: int, world_size: int, sock_path: str, out_dir: str) -> None:
 
 
 def spawned_join_run(rank: int, world_size: int, port: int, sock_path: str, out_dir: str) -> None:
-    import torch
-    import torch.distributed as dist
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="env://")
-    completed = False
-    try:
-        join_run(rank, world_size, sock_path, out_dir)
-        completed = True
-    finally:
-        if completed:
-            dist.barrier()
-        dist.destroy_process_group()
+    _in_process_group(rank, world_size, port, join_run, sock_path, out_dir)
