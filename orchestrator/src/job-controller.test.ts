@@ -12,8 +12,8 @@ interface TestNode {
   channel: WorkerChannel;
 }
 
-function connect(registry: WorkerRegistry, nodeName: string, incarnation: string): TestNode {
-  const worker = registry.register({ nodeName, group: "local", slots: 2, resources: { address: "127.0.0.1" }, agentVersion: "test", incarnation });
+function connect(registry: WorkerRegistry, nodeName: string, incarnation: string, group = "local"): TestNode {
+  const worker = registry.register({ nodeName, group, slots: 2, resources: { address: "127.0.0.1" }, agentVersion: "test", incarnation, bridgeAddress: `${nodeName}:7447` });
   const sent: IHeadMessage[] = [];
   const node: TestNode = { workerId: worker.workerId, sent, channel: { send: (message) => sent.push(message), close: () => {} } };
   registry.attach(worker.workerId, worker.sessionToken, node.channel);
@@ -106,6 +106,62 @@ describe("JobController restarts", () => {
     connect(registry, "local-0", "a-2");
     expect(job.state).toBe("failed");
     expect(job.failure?.reason).toBe("node local-0 lost (its agent restarted) (no restarts left: 1 allowed)");
+  });
+});
+
+describe("JobController: a group of a several-group job restarts alone", () => {
+  let registry: WorkerRegistry;
+  let jobs: JobController;
+  afterEach(() => {
+    jobs?.dispose();
+    registry?.stop();
+  });
+
+  it("stops only the failed group, starts it again under a job id of its own, and tells the other leader where it listens", async () => {
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20 });
+    const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+    const beta = connect(registry, "beta-0", "b-1", "beta");
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-g" });
+    await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+    expect(starts(beta)[0]).toMatchObject({ jobId: job.jobId, bridgeJobId: job.jobId });
+
+    // beta's agent is replaced (killed, started again): only beta restarts.
+    const beta2 = connect(registry, "beta-0", "b-2", "beta");
+    expect(job.state).toBe("running");
+    expect(job.groupsRestarting).toEqual(["beta"]);
+    expect(stops(alpha)).toEqual([]);
+    await until(() => starts(beta2).length === 1, "beta to start again");
+    const restarted = starts(beta2)[0]!;
+    expect(restarted).toMatchObject({ jobId: `${job.jobId}-g1r1`, bridgeJobId: job.jobId, resume: true, resumeStep: 20, group: "beta" });
+    expect(restarted.bridgeSecret).toEqual(starts(alpha)[0]!.bridgeSecret);
+    expect(restarted.topology?.groups?.map((group) => group.bridgeAddress)).toEqual(["alpha-0:7447", "beta-0:7447"]);
+    const peers = alpha.sent.flatMap((message) => (message.bridgePeers ? [message.bridgePeers] : []));
+    expect(peers).toEqual([expect.objectContaining({ jobId: job.jobId })]);
+    expect(job.restarts).toEqual([expect.objectContaining({ attempt: 1, group: "beta", reason: "node beta-0 lost (its agent restarted)" })]);
+    expect(job.attempt).toBe(1);
+
+    // The old beta's late exit is not the new one's; the job ends when both groups' current ranks have.
+    jobs.onRankExit(beta.workerId, { jobId: job.jobId, rank: 2, exitCode: 1 });
+    expect(job.state).toBe("running");
+    for (const rank of [0, 1]) jobs.onRankExit(alpha.workerId, { jobId: job.jobId, rank, exitCode: 0 });
+    expect(job.state).toBe("running");
+    for (const rank of [0, 1]) jobs.onRankExit(beta2.workerId, { jobId: `${job.jobId}-g1r1`, rank, exitCode: 0 });
+    await until(() => job.state === "succeeded", "the job to succeed");
+  });
+
+  it("restarts the whole job when no other group is up to train on", async () => {
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => undefined });
+    const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+    const beta = connect(registry, "beta-0", "b-1", "beta");
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2 });
+    await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+    registry.detach(alpha.workerId, alpha.channel);
+    registry.detach(beta.workerId, beta.channel);
+    jobs.onRankExit(beta.workerId, { jobId: job.jobId, rank: 2, exitCode: 1 });
+    expect(job.state).toBe("restarting");
+    expect(job.restarts[0]?.group).toBeUndefined();
   });
 });
 
