@@ -8,6 +8,7 @@ import { parseArgs } from "node:util";
 import type * as grpc from "@grpc/grpc-js";
 import type { AdminClient } from "@drover/proto";
 import type { ClusterSpec } from "./cluster-spec.js";
+import type { CostReport } from "./cost/run-cost.js";
 import { DroverError, HeadUnreachableError, PartialReapError, StateError } from "./errors.js";
 import type { Head } from "./head.js";
 import type { JobRecord } from "./job-controller.js";
@@ -422,10 +423,12 @@ async function commandStatus(args: string[]): Promise<number> {
   if (values.json) {
     const leases = await akashLeases(state, head);
     const telemetry = head ? await readTelemetryPicture(state, head, cluster) : undefined;
+    const cost = await readCost(state);
     print(JSON.stringify({
       stateDir: state.root, head: head && { ...head, alive }, workers: cluster?.workers ?? [], leases, jobs: cluster?.jobs ?? [],
       telemetry: telemetry && { savedAt: telemetry.savedAtMs === undefined ? undefined : new Date(telemetry.savedAtMs).toISOString(), problem: telemetry.problem, nodes: [...telemetry.nodes.values()] },
       alerts: telemetry?.alerts ?? [],
+      cost: cost?.report,
     }, null, 2));
     return 0;
   }
@@ -455,6 +458,8 @@ async function commandStatus(args: string[]): Promise<number> {
     print(`leases:`);
     for (const lease of leases) print(`  ${lease.group}: ${lease.nodes} nodes, ${lease.handle}, ${lease.price} ${lease.denom}/block`);
   }
+  const cost = await readCost(state);
+  if (cost) for (const line of cost.lines(Date.now())) print(line);
   const jobs = cluster?.jobs ?? [];
   print(`jobs: ${jobs.length === 0 ? "none" : ""}`);
   // Without a running head its record may lag the store by a commit (a crash between a
@@ -560,6 +565,17 @@ async function akashLeases(state: StateDirectory, head: HeadRecord | undefined):
   if (head?.provisioner !== undefined && head.provisioner !== "akash") return [];
   const { AKASH_LEASES_FILE } = await import("./provisioners/akash/akash-provisioner.js");
   return (await state.readJson<AkashLeaseRecord[]>(AKASH_LEASES_FILE).catch(() => undefined)) ?? [];
+}
+
+/**
+ * `<state>/cost.json` as the head last wrote it (it outlives the head: the figures say
+ * how old they are). The cost module is loaded only when there is a file to show.
+ */
+async function readCost(state: StateDirectory): Promise<{ report: CostReport; lines: (nowMs: number) => string[] } | undefined> {
+  if (!existsSync(state.path("cost.json"))) return undefined;
+  const { COST_FILE, costLines } = await import("./cost/run-cost.js");
+  const report = await state.readJson<CostReport>(COST_FILE);
+  return report && { report, lines: (nowMs) => costLines(report, nowMs) };
 }
 
 /** The newest committed step of each run, asked from the cluster's store (served from the state directory when embedded). */

@@ -66,6 +66,16 @@ describe("cluster spec", () => {
     expect(() => parseClusterSpecYaml("head:\n  advertise: http://head.example.org\n", "/tmp/b.yaml")).toThrow(/head\.advertise: expected host or host:port/);
   });
 
+  it("reads a node-hour price exactly, and names the field of a bad one", () => {
+    expect(parseClusterSpecYaml("cost:\n  pricePerNodeHour: { amount: 2.50, denom: usd }\n", "/tmp/c.yaml").cost).toEqual({ pricePerNodeHour: { amount: "2.5", denom: "usd" } });
+    expect(parseClusterSpecYaml("cost:\n  pricePerNodeHour: { amount: \"0.000000000000000001\", denom: eur }\n", "/tmp/c.yaml").cost?.pricePerNodeHour?.amount).toBe("0.000000000000000001");
+    expect(parseClusterSpecYaml("name: plain\n", "/tmp/c.yaml").cost).toBeUndefined();
+    expect(() => parseClusterSpecYaml("cost:\n  pricePerNodeHour: { amount: -1, denom: usd }\n", "/tmp/c.yaml")).toThrow(/cost\.pricePerNodeHour\.amount: must be a non-negative decimal/);
+    expect(() => parseClusterSpecYaml("cost:\n  pricePerNodeHour: { amount: 5000000, denom: usd }\n", "/tmp/c.yaml")).toThrow(/cost\.pricePerNodeHour\.amount: must be at most 1000000/);
+    expect(() => parseClusterSpecYaml("cost:\n  pricePerNodeHour: { amount: 1, denom: \"$\" }\n", "/tmp/c.yaml")).toThrow(/cost\.pricePerNodeHour\.denom: must be a currency/);
+    expect(() => parseClusterSpecYaml("cost:\n  perHour: 1\n", "/tmp/c.yaml")).toThrow(/cost/);
+  });
+
   it("names the failing field, the file, and every problem", () => {
     const bad = "name: Bad Name\nlocal:\n  nodes: 99\n  ranksPerNode: 0\nhead:\n  heartbeatTimeout: soon\n";
     let caught: unknown;
@@ -138,6 +148,10 @@ describe("cluster spec", () => {
       expect(() => parseClusterSpecYaml("provisioner: akash\n", "/tmp/a.yaml")).toThrow(/^ {2}akash: is required with provisioner: akash/m);
       const local = akashSpec().replace("provisioner: akash", "provisioner: local");
       expect(() => parseClusterSpecYaml(local, "/tmp/l.yaml")).toThrow(/^ {2}akash: is only read with provisioner: akash/m);
+    });
+
+    it("refuses a node-hour price: the chain prices leases", () => {
+      expect(() => parseClusterSpecYaml(`cost:\n  pricePerNodeHour: { amount: 1, denom: usd }\n${akashSpec()}`, "/tmp/a.yaml")).toThrow(/^ {2}cost\.pricePerNodeHour: is for local and kubernetes nodes; Akash leases are priced by the chain/m);
     });
 
     it("checks the rpc URL, the deposit denomination and unknown fields", () => {

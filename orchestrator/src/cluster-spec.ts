@@ -87,6 +87,29 @@ const headSchema = z.object({
   alerts: head.alerts,
 })).prefault({});
 
+/** Node-hour prices above this are a typo (a per-block or per-month price), not a machine. */
+const MAX_PRICE_PER_NODE_HOUR = 1_000_000;
+/**
+ * A price as a decimal string (YAML numbers are accepted and read as written), never a
+ * float: costs are computed exactly (cost/run-cost.ts).
+ */
+const priceAmount = z.union([z.string(), z.number()]).transform((value) => String(value).trim()).pipe(
+  z.string().regex(/^\d+(\.\d{1,18})?$/, "must be a non-negative decimal with at most 18 fractional digits, e.g. \"2.50\"")
+    .refine((amount) => Number(amount) <= MAX_PRICE_PER_NODE_HOUR, `must be at most ${MAX_PRICE_PER_NODE_HOUR}`),
+);
+
+/**
+ * What local and Kubernetes nodes cost, for `drover status`, cost.json and /metrics.
+ * Akash leases are priced by the chain (price per block), so Akash specs take none.
+ */
+const costSchema = z.object({
+  /** What one node costs per hour it is up (registered to last seen), e.g. { amount: "2.50", denom: usd }. */
+  pricePerNodeHour: z.object({
+    amount: priceAmount,
+    denom: z.string().regex(/^[A-Za-z][A-Za-z0-9/._-]{0,31}$/, "must be a currency or denomination name such as usd or eur"),
+  }).strict().optional(),
+}).strict();
+
 /** What every spec has, whatever its backend. */
 const commonShape = {
   name: name.default("local"),
@@ -98,6 +121,7 @@ const commonShape = {
    * S3-compatible server on loopback, data in the state directory.
    */
   storage: storageConfigSchema.optional(),
+  cost: costSchema.optional(),
 };
 
 /** One member of the union: the common fields, `provisioner: <name>` and the backend's own section under its name. */
@@ -119,7 +143,7 @@ export const clusterSpecSchema = z.preprocess(
   z.discriminatedUnion("provisioner", (Object.values(provisionerBackends) as ReadonlyArray<{ name: string; specSchema: z.ZodType; defaultSection?: unknown }>).map((backend) => specSchemaOf(backend)) as unknown as [ReturnType<typeof specSchemaOf>, ...ReturnType<typeof specSchemaOf>[]]),
 );
 
-type CommonInput = { name?: string; head?: z.input<typeof headSchema>; job?: z.input<typeof jobSpecSchema>; storage?: StorageConfigInput };
+type CommonInput = { name?: string; head?: z.input<typeof headSchema>; job?: z.input<typeof jobSpecSchema>; storage?: StorageConfigInput; cost?: z.input<typeof costSchema> };
 /** What users write: the common fields, `provisioner` (default local) and that backend's section. */
 export type ClusterSpecInput = { [K in BackendName]: CommonInput & { provisioner?: K } & { [P in K]?: z.input<Backends[K]["specSchema"]> } }[BackendName];
 
@@ -129,6 +153,7 @@ type CommonSpec = {
   job?: { command: string[]; workingDir: string; env: Record<string, string>; prepare?: string[] };
   /** Validated storage config as written (secrets stay where the user put them); undefined = embedded. */
   storage?: StorageConfigInput;
+  cost?: z.output<typeof costSchema>;
   /** Where the spec came from, for messages. */
   source: string;
 };
@@ -169,6 +194,10 @@ function sectionIssues(raw: Record<string, unknown>): Array<{ path: PropertyKey[
   if (raw[chosen] === undefined && backend.defaultSection === undefined) issues.push({ path: [chosen], message: `is required with provisioner: ${chosen}` });
   for (const other of names) {
     if (other !== chosen && raw[other] !== undefined) issues.push({ path: [other], message: `is only read with provisioner: ${other} (this spec says provisioner: ${chosen})` });
+  }
+  const cost = raw.cost as Record<string, unknown> | undefined;
+  if (chosen === "akash" && cost !== null && typeof cost === "object" && cost.pricePerNodeHour !== undefined) {
+    issues.push({ path: ["cost", "pricePerNodeHour"], message: "is for local and kubernetes nodes; Akash leases are priced by the chain (price per block)" });
   }
   return issues;
 }

@@ -29,6 +29,11 @@ export class JobRequestError extends DroverError {
   override readonly name = "JobRequestError";
 }
 
+/** Cost inputs that cannot be priced (a height that is not an integer, a negative up time). */
+export class CostInputError extends DroverError {
+  override readonly name = "CostInputError";
+}
+
 /** The CLI cannot reach a running head. */
 export class HeadUnreachableError extends DroverError {
   override readonly name = "HeadUnreachableError";

@@ -6,6 +6,7 @@ import { CheckpointStore, registerSecretValue, startLocalS3Server, type LocalS3S
 import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
 import { backendSection, expectedNodes, type ClusterSpec } from "./cluster-spec.js";
 import { ControlServer } from "./control-server.js";
+import { CostTracker } from "./cost/cost-tracker.js";
 import { JobRequestError, StateError } from "./errors.js";
 import { JobController, isFinal, type JobLogLine, type JobRecord, type JobRequest } from "./job-controller.js";
 import type { Logger } from "./logger.js";
@@ -63,6 +64,8 @@ export class Head extends EventEmitter<HeadEvents> {
   checkpoints: CheckpointCoordinator | undefined;
   /** Node and GPU telemetry, its persisted history and /metrics. */
   readonly telemetry: HeadTelemetry;
+  /** What the leases (or priced nodes) have cost so far: cost.json, status and /metrics. */
+  readonly costs: CostTracker;
   private stopped: Promise<void> | undefined;
   private shutdownRequested!: () => void;
   readonly shutdownRequestedPromise = new Promise<void>((resolve) => (this.shutdownRequested = resolve));
@@ -107,6 +110,14 @@ export class Head extends EventEmitter<HeadEvents> {
       workers: this.registry,
       jobs: this.jobs,
       logger: logger.child({ component: "telemetry" }),
+    });
+    this.costs = CostTracker.create({
+      stateDir,
+      workers: this.registry,
+      jobs: this.jobs,
+      logger: logger.child({ component: "cost" }),
+      ...(spec.cost?.pricePerNodeHour === undefined ? {} : { pricePerNodeHour: spec.cost.pricePerNodeHour }),
+      onReport: (report) => this.telemetry.observeCost(report),
     });
     this.server = new ControlServer({
       registry: this.registry,
@@ -248,6 +259,7 @@ export class Head extends EventEmitter<HeadEvents> {
       this.repair = new RepairLoop({ provisioner: this.provisioner, groups: backendSection(this.spec).groups, logger: this.logger.child({ component: "repair" }) });
       await this.repair.provisionAll(this.shutdownController.signal);
       this.repair.start(this.shutdownController.signal);
+      this.costs.run(this.provisioner);
     } catch (error) {
       // Whatever failed, nothing is left running and head.json says why: `drover up`
       // reports it instead of waiting for nodes that will never come.
@@ -306,6 +318,7 @@ export class Head extends EventEmitter<HeadEvents> {
     const store = CheckpointStore.fromConfig(this.storageConfig, { logger: this.logger.child({ component: "checkpoints" }), resumeStateDir: this.stateDir.path("upload-journal") });
     this.checkpoints = new CheckpointCoordinator(store, this.jobs, this.logger.child({ component: "checkpoints" }));
     this.telemetry.watchCheckpoints(this.checkpoints);
+    this.costs.watchCheckpoints(this.checkpoints);
     // The CLI's `drover ckpt` reads the same store; the file holds credentials, so 0600.
     await this.stateDir.writeJson("storage.json", { storage: this.storageConfig, embedded: this.embeddedS3 !== undefined }, 0o600);
   }
@@ -407,6 +420,8 @@ export class Head extends EventEmitter<HeadEvents> {
       this.shutdownController.abort(new Error(reason));
       for (const job of this.jobs.activeJobs()) this.jobs.stop(job.jobId, `cluster shutting down: ${reason}`);
       await this.repair?.idle().catch(() => undefined);
+      // Its last report prices the leases while they are still held.
+      await this.costs.shutdown().catch((error: Error) => this.logger.warn("the cost tracker did not stop cleanly", { error: error.message }));
       await this.provisioner?.close(AbortSignal.timeout(30_000)).catch((error: Error) => this.logger.error("releasing the nodes failed; `drover down` tries again from the state directory", { error: error.message }));
       this.jobs.dispose();
       this.registry.stop();

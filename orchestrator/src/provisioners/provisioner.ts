@@ -1,4 +1,5 @@
 import type { z } from "zod";
+import type { ChainBlock, LeaseOnChain } from "../cost/run-cost.js";
 import type { Logger } from "../logger.js";
 import type { StateDirectory } from "../state-store.js";
 
@@ -52,6 +53,11 @@ export interface Provisioner {
   close(signal: AbortSignal): Promise<void>;
   /** Rendezvous port of a group at its first node (MASTER_PORT). */
   allocateMasterPort(nodeAddress: string): Promise<number>;
+  /**
+   * The leases this backend pays for per block, as the chain holds them now, with the
+   * chain's latest block (Akash); absent for backends the spec prices by the node-hour.
+   */
+  leasesOnChain?(signal: AbortSignal): Promise<{ latest: ChainBlock; leases: LeaseOnChain[] }>;
   /** Called whenever a node may have changed state (a watch event, a process exit), so the head need not poll. */
   onNodesChanged?(listener: () => void): void;
 }

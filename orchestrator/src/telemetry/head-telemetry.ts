@@ -1,6 +1,7 @@
 import { rm } from "node:fs/promises";
 import type { IMetricReport, ITelemetry } from "@drover/proto";
 import type { CheckpointCoordinator } from "../checkpoint-coordinator.js";
+import type { CostReport } from "../cost/run-cost.js";
 import type { JobController, JobRecord } from "../job-controller.js";
 import type { Logger } from "../logger.js";
 import type { StateDirectory } from "../state-store.js";
@@ -152,6 +153,11 @@ export class HeadTelemetry {
     for (const alert of cleared) this.options.logger.info(`alert cleared: ${alert.message}`, { alert: alert.key, node: alert.node });
     this.activeAlerts = new Map(current.map((alert) => [alert.key, alert]));
     return current;
+  }
+
+  /** The cost tracker's newest report, for drover_lease_spend_total and drover_lease_price_per_block. */
+  observeCost(report: CostReport): void {
+    this.metrics?.observeCost(report);
   }
 
   /** Times every checkpoint commit into drover_checkpoint_commit_seconds. */

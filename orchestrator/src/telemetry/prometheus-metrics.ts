@@ -1,4 +1,5 @@
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
+import type { CostReport } from "../cost/run-cost.js";
 import type { WorkerRegistry } from "../worker-registry.js";
 import type { GpuMetric, NodeMetric, SeriesInfo, TelemetryStore } from "./telemetry-store.js";
 
@@ -53,6 +54,8 @@ export class HeadMetrics {
   private readonly trainStep: Gauge<"run" | "rank">;
   private readonly trainImagesPerSecond: Gauge<"run" | "rank">;
   private readonly checkpointCommit: Histogram;
+  /** The cost tracker's newest report; the lease series are read from it at scrape time. */
+  private cost: CostReport | undefined;
   /** Run -> ranks exported for it, oldest run first. */
   private readonly exportedRuns = new Map<string, Set<string>>();
 
@@ -110,6 +113,24 @@ export class HeadMetrics {
         for (const worker of sources.workers.all()) this.set({ node: worker.nodeName, group: worker.group }, worker.connection === "connected" ? 1 : 0);
       },
     });
+    // Money is exact in cost.json; a Prometheus sample is a float64, plenty for a graph.
+    const leases = () => this.cost?.leases ?? [];
+    new Counter({
+      name: "drover_lease_spend_total", help: "What a lease has drawn so far: its price per block x blocks since it was created, in its denomination's unit (uakt, uact).",
+      labelNames: ["provider", "dseq", "denom"], registers,
+      collect() {
+        this.reset();
+        for (const lease of leases()) this.inc({ provider: lease.provider, dseq: lease.dseq, denom: lease.denom }, Number(lease.spent));
+      },
+    });
+    new Gauge({
+      name: "drover_lease_price_per_block", help: "A lease's price per block, in its denomination's unit.",
+      labelNames: ["provider", "dseq", "denom"], registers,
+      collect() {
+        this.reset();
+        for (const lease of leases()) this.set({ provider: lease.provider, dseq: lease.dseq, denom: lease.denom }, Number(lease.pricePerBlock));
+      },
+    });
     this.trainLoss = new Gauge({ name: "drover_train_loss", help: "The newest loss a rank reported.", labelNames: ["run", "rank"], registers });
     this.trainStep = new Gauge({ name: "drover_train_step", help: "The newest step a rank reported.", labelNames: ["run", "rank"], registers });
     this.trainImagesPerSecond = new Gauge({ name: "drover_train_images_per_second", help: "The newest throughput a rank reported (its images_per_s value).", labelNames: ["run", "rank"], registers });
@@ -127,6 +148,10 @@ export class HeadMetrics {
     this.trainStep.set(labels, step);
     if (typeof values.loss === "number") this.trainLoss.set(labels, values.loss);
     if (typeof values.images_per_s === "number") this.trainImagesPerSecond.set(labels, values.images_per_s);
+  }
+
+  observeCost(report: CostReport): void {
+    this.cost = report;
   }
 
   observeCheckpointCommit(seconds: number): void {

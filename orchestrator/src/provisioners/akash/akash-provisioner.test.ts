@@ -7,6 +7,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import { AkashSimulator } from "./simulator/akash-simulator.js";
 import type { SimulatedProviderConfig } from "./simulator/simulated-provider.js";
 import { ProvisionError } from "../../errors.js";
+import { costReport } from "../../cost/run-cost.js";
 import { LeaseLedger } from "./lease-ledger.js";
 import { silentLogger, type Logger } from "../../logger.js";
 import { StateDirectory } from "../../state-store.js";
@@ -96,6 +97,22 @@ describe("AkashProvisioner against the simulator", () => {
 
     await akash.shutdown({ state, logger: silentLogger, signal: AbortSignal.timeout(10_000) });
     expect(sim.chain.books(owner)).toMatchObject({ deployments: [], leases: [] });
+    await akash.shutdown({ state, logger: silentLogger, signal: AbortSignal.timeout(10_000) });
+  });
+
+  it("reads its leases' price and creation height from the chain, and their cost is what the escrow paid", async () => {
+    const sim = await start(providers, 0);
+    const akash = provisioner(sim, at1Groups(), { escrow: false });
+    await akash.provision(context());
+    for (let block = 0; block < 5; block += 1) sim.chain.produceBlock();
+    const { latest, leases } = await akash.leasesOnChain(AbortSignal.timeout(10_000));
+    expect(latest.height).toBe(sim.chain.latestHeight);
+    expect(leases.map((lease) => [lease.group, lease.provider, lease.pricePerBlock, lease.denom])).toEqual([["a100", A100_PROVIDER, "1200", "uact"], ["rtx8000", RTX_PROVIDER, "400", "uact"]]);
+    const report = costReport({ computedAtMs: Date.now(), chain: { latest }, leases, training: { images: 0, committedCheckpoints: 0 } });
+    for (const lease of report.leases) {
+      expect(lease.blocks).toBeGreaterThanOrEqual(5);
+      expect(lease.spent).toBe(sim.chain.deployment(owner, lease.dseq)!.escrow.transferred.toString());
+    }
     await akash.shutdown({ state, logger: silentLogger, signal: AbortSignal.timeout(10_000) });
   });
 

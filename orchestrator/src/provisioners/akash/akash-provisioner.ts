@@ -13,6 +13,7 @@ import { sleep } from "../../abortable-sleep.js";
 import { readFile } from "node:fs/promises";
 import { manifestToSortedJSON } from "@akashnetwork/chain-sdk";
 import { buildManifest, deploymentVersion, renderGroupSdlYaml, serviceName, type CompiledAkashGroup } from "@drover/sdl";
+import type { ChainBlock, LeaseOnChain } from "../../cost/run-cost.js";
 import { ProvisionError } from "../../errors.js";
 import { LeaseLedger, ledgerProgress, reconcile, type LedgerOperation, type ReconcileDecision } from "./lease-ledger.js";
 import type { Logger } from "../../logger.js";
@@ -177,6 +178,29 @@ export class AkashProvisioner implements Provisioner {
     const context = this.requireContext();
     await this.shutdown({ state: context.state, logger: context.logger, signal });
     this.held.length = 0;
+  }
+
+  /**
+   * The held leases as the chain holds them (its price and creation height, not what the
+   * bid said), with the latest block read first: a lease is never newer than the height
+   * its cost is computed at. A lease the chain no longer lists as active pays nothing more
+   * and is left out.
+   */
+  async leasesOnChain(signal: AbortSignal): Promise<{ latest: ChainBlock; leases: LeaseOnChain[] }> {
+    const client = await this.connect(signal);
+    try {
+      const latest = await client.latestBlock(signal);
+      const leases: LeaseOnChain[] = [];
+      for (const held of [...this.held]) {
+        for (const lease of await client.leases(signal, held.record.dseq)) {
+          if (lease.state !== "active" || lease.provider !== held.record.provider || lease.createdHeight > latest.height) continue;
+          leases.push({ provider: lease.provider, dseq: lease.dseq, group: held.record.group, pricePerBlock: lease.price, denom: lease.denom, createdHeight: lease.createdHeight });
+        }
+      }
+      return { latest, leases };
+    } finally {
+      client.disconnect();
+    }
   }
 
   async allocateMasterPort(nodeAddress: string): Promise<number> {

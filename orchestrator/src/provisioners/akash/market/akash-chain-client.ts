@@ -73,6 +73,8 @@ export interface ChainLease {
   readonly state: "active" | "closed" | "insufficient_funds" | "invalid";
   readonly price: string;
   readonly denom: string;
+  /** Height of the block that created the lease; it pays from the next block on. */
+  readonly createdHeight: number;
 }
 
 /** A deployment's escrow account and what its leases draw from it per block. */
@@ -235,7 +237,7 @@ export class AkashChainClient {
     const states: Record<number, ChainLease["state"]> = { [Lease_State.active]: "active", [Lease_State.closed]: "closed", [Lease_State.insufficient_funds]: "insufficient_funds" };
     return response.leases.flatMap(({ lease }) => {
       if (lease?.id === undefined) return [];
-      return [{ dseq: lease.id.dseq.toString(), gseq: lease.id.gseq, oseq: lease.id.oseq, provider: lease.id.provider, state: states[lease.state] ?? "invalid", price: lease.price?.amount ?? "0", denom: lease.price?.denom ?? "" }];
+      return [{ dseq: lease.id.dseq.toString(), gseq: lease.id.gseq, oseq: lease.id.oseq, provider: lease.id.provider, state: states[lease.state] ?? "invalid", price: lease.price?.amount ?? "0", denom: lease.price?.denom ?? "", createdHeight: Number(lease.createdAt.toString()) }];
     });
   }
 

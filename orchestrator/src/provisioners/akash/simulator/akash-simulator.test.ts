@@ -80,11 +80,13 @@ describe("Akash simulator through chain-sdk's tx client", () => {
     ]);
 
     await client.broadcast(await client.sign([client.depositMessage("1002", { amount: "1000000", denom: "uact" })], signal), signal);
-    // The lease draws its 800 per block from the escrow (at least the lease's and the deposit's blocks).
+    // The lease draws its 800 per block from the escrow from the block after its own, as on
+    // Akash: price x (height - the lease's height), whatever blocks the clock added.
     const escrow = simulator.chain.deployment(client.owner, "1002")!.escrow;
+    const lease = simulator.chain.books(client.owner).leases.find((candidate) => candidate.dseq === "1002")!;
     expect(escrow.amount + escrow.transferred).toBe(6_000_000n);
-    expect(escrow.transferred % 800n).toBe(0n);
-    expect(escrow.transferred).toBeGreaterThanOrEqual(1_600n);
+    expect(escrow.transferred).toBe(800n * BigInt(simulator.chain.latestHeight - lease.createdHeight));
+    expect(escrow.transferred).toBeGreaterThanOrEqual(800n);
     expect(simulator.chain.balance(client.owner)).toBe(10n ** 12n - 6_000_000n);
 
     await client.broadcast(await client.sign([client.closeDeploymentMessage("1002")], signal), signal);

@@ -4,8 +4,9 @@
 // drover-worker processes.
 //
 // Besides what a real node serves, the RPC port answers a few simulator-only routes:
-//   GET  /simulator/books?owner=ADDR               open deployments and leases of ADDR, and
-//                                                  every fake container started for it
+//   GET  /simulator/books?owner=ADDR               the latest height, open deployments (escrow
+//                                                  left and drawn) and leases (price, height)
+//                                                  of ADDR, and every fake container started for it
 //   POST /simulator/fund?address=ADDR&amount=N     create or top up an account (uakt)
 //   POST /simulator/lose-lease?owner=ADDR&dseq=N   fault: the provider loses the lease
 
@@ -98,8 +99,12 @@ export class AkashSimulator {
       const owner = param("owner");
       const books = this.chain.books(owner);
       return {
-        deployments: books.deployments.map((deployment) => ({ dseq: deployment.dseq, escrow: deployment.escrow.amount.toString(), denom: deployment.escrow.denom })),
-        leases: books.leases.map(({ dseq, gseq, oseq, provider, price, denom, nodes }) => ({ dseq, gseq, oseq, provider, price, denom, nodes })),
+        height: this.chain.latestHeight,
+        deployments: books.deployments.map((deployment) => ({
+          dseq: deployment.dseq, escrow: deployment.escrow.amount.toString(), denom: deployment.escrow.denom,
+          transferred: deployment.escrow.transferred.toString(), settledHeight: deployment.escrow.settledHeight,
+        })),
+        leases: books.leases.map(({ dseq, gseq, oseq, provider, price, denom, nodes, createdHeight }) => ({ dseq, gseq, oseq, provider, price, denom, nodes, createdHeight })),
         containers: (this.runtime?.containers() ?? []).filter((container) => container.owner === owner),
       };
     }

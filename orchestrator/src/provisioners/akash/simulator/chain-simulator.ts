@@ -179,7 +179,9 @@ export class ChainSimulator {
   private settleEscrows(): void {
     for (const deployment of this.deployments.values()) {
       if (deployment.state !== "active") continue;
-      const leases = this.leaseList.filter((lease) => lease.owner === deployment.owner && lease.dseq === deployment.dseq && lease.state === "active");
+      // A lease pays from the block after the one that created it (Akash settles a new
+      // payment from its creation height), so price x (height - createdHeight) is its bill.
+      const leases = this.leaseList.filter((lease) => lease.owner === deployment.owner && lease.dseq === deployment.dseq && lease.state === "active" && lease.createdHeight < this.height);
       if (leases.length === 0) continue;
       const owed = leases.reduce((sum, lease) => sum + wholeUnitsUp(lease.price), 0n);
       if (deployment.escrow.amount >= owed) {

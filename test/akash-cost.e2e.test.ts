@@ -1,0 +1,126 @@
+// What a cluster's leases cost, checked against the Akash simulator's books: `drover up`
+// of a one-node spec against `drover akash-sim` (blocks every 300 ms), then cost.json,
+// `drover status` and /metrics must show each lease's spend as price per block x blocks,
+// and that figure must be what the simulated escrow drew, compared at the same height.
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { StateDirectory } from "@drover/orchestrator";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { waitFor } from "./wait-for.js";
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const cli = join(root, "orchestrator", "dist", "cli.js");
+
+let work: string;
+let stateDir: string;
+let walletFile: string;
+let simulator: ChildProcess;
+let simulatorOutput = "";
+let rpcUrl: string;
+let owner: string;
+
+const env = () => ({ ...process.env, DROVER_STATE_DIR: stateDir, DROVER_AKASH_MNEMONIC_FILE: walletFile });
+
+function drover(args: string[], timeoutMs = 60_000) {
+  const result = spawnSync(process.execPath, [cli, ...args], { env: env(), encoding: "utf8", timeout: timeoutMs });
+  return { code: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+interface Books {
+  height: number;
+  deployments: Array<{ dseq: string; transferred: string; denom: string }>;
+  leases: Array<{ dseq: string; provider: string; price: string; denom: string; createdHeight: number }>;
+}
+
+async function books(): Promise<Books> {
+  const response = await fetch(`${rpcUrl}/simulator/books?owner=${owner}`, { signal: AbortSignal.timeout(5_000) });
+  expect(response.status).toBe(200);
+  return (await response.json()) as Books;
+}
+
+interface CostFile {
+  computedAtMs: number;
+  chain: { height: number; blockTimeMs: number };
+  leases: Array<{ provider: string; dseq: string; denom: string; pricePerBlock: string; createdHeight: number; blocks: number; spent: string }>;
+  totals: Array<{ denom: string; spent: string }>;
+}
+
+describe("lease cost against the Akash simulator's books", { timeout: 90_000 }, () => {
+  beforeAll(async () => {
+    work = await mkdtemp(join(os.tmpdir(), "drover-cost-e2e-"));
+    stateDir = join(work, "state");
+    walletFile = join(work, "wallet");
+    simulator = spawn(process.execPath, [cli, "akash-sim", "--port", "0", "--wallet", walletFile, "--containers-dir", join(work, "containers"), "--block-time", "300ms"], {
+      env: { ...process.env, DROVER_STATE_DIR: stateDir },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    simulator.stdout!.on("data", (chunk) => (simulatorOutput += chunk));
+    simulator.stderr!.on("data", (chunk) => (simulatorOutput += chunk));
+    await waitFor(() => simulatorOutput.includes("ready;") || simulator.exitCode !== null, 30_000, "the simulator");
+    expect(simulatorOutput).toContain("ready;");
+    rpcUrl = /^rpc: (\S+)$/m.exec(simulatorOutput)![1]!;
+    owner = /^wallet: (akash1\w+)/m.exec(simulatorOutput)![1]!;
+  });
+
+  afterAll(async () => {
+    if (existsSync(join(stateDir, "head.json"))) drover(["down"]);
+    simulator.kill("SIGTERM");
+    await waitFor(() => simulator.exitCode !== null, 20_000, "the simulator to stop").catch(() => simulator.kill("SIGKILL"));
+    await rm(work, { recursive: true, force: true });
+  });
+
+  it("shows spent = price per block x blocks for each lease, as the escrow drew it, in cost.json, status and /metrics", async () => {
+    const specFile = join(work, "cost.yaml");
+    // One node of the example's RTX group: one lease, one fake container.
+    await writeFile(specFile, [
+      "name: cost-e2e", "provisioner: akash", "akash:", `  rpc: ${rpcUrl}`, "  bidWindow: 800ms", "  pollInterval: 100ms", "  leaseReadyTimeout: 30s", "  groups:",
+      "    - { name: sim-4090, nodes: 1, gpu: { model: [4090, rtx3090], perNode: 1 }, cpu: 2, memory: 8Gi, ephemeralStorage: 10Gi, shm: 1Gi, image: ghcr.io/drover/worker:0.1.0, maxPrice: { amount: 1000 } }",
+    ].join("\n"));
+    const up = drover(["up", specFile]);
+    try {
+      expect(up.code, up.stdout + up.stderr).toBe(0);
+      const state = new StateDirectory(stateDir);
+      // The head prices its leases as soon as they are up.
+      await waitFor(async () => ((await state.readJson<CostFile>("cost.json"))?.leases.length ?? 0) > 0, 20_000, "cost.json with the lease");
+      const cost = (await state.readJson<CostFile>("cost.json"))!;
+      const onChain = await books();
+      expect(cost.leases).toHaveLength(1);
+      expect(onChain.leases).toHaveLength(1);
+      const [lease] = cost.leases;
+      const [booked] = onChain.leases;
+      expect({ provider: lease!.provider, dseq: lease!.dseq, denom: lease!.denom, pricePerBlock: lease!.pricePerBlock, createdHeight: lease!.createdHeight })
+        .toEqual({ provider: booked!.provider, dseq: booked!.dseq, denom: booked!.denom, pricePerBlock: booked!.price, createdHeight: booked!.createdHeight });
+      // At cost.json's height the books say price x (height - the lease's height) ...
+      const price = BigInt(booked!.price);
+      expect(lease!.blocks).toBe(cost.chain.height - booked!.createdHeight);
+      expect(BigInt(lease!.spent)).toBe(price * BigInt(cost.chain.height - booked!.createdHeight));
+      // ... and the escrow drew exactly that, plus the price of each block since.
+      const escrow = onChain.deployments.find((deployment) => deployment.dseq === booked!.dseq)!;
+      expect(onChain.height).toBeGreaterThanOrEqual(cost.chain.height);
+      expect(BigInt(escrow.transferred)).toBe(BigInt(lease!.spent) + price * BigInt(onChain.height - cost.chain.height));
+      expect(cost.totals).toEqual([expect.objectContaining({ denom: booked!.denom, spent: lease!.spent })]);
+
+      const status = drover(["status"]);
+      expect(status.code, status.stderr).toBe(0);
+      expect(status.stdout).toMatch(/^cost: as the head computed it \d+s ago at height \d+, block time \d+\.\d\ds/m);
+      expect(status.stdout).toMatch(new RegExp(`lease sim-4090 ${booked!.provider} dseq ${booked!.dseq}: ${booked!.price} ${booked!.denom}/block x \\d+ blocks = \\d+ ${booked!.denom}, burning \\d+`));
+      expect(status.stdout).toContain("per checkpoint: n/a (none committed)");
+
+      const { url } = (await state.readJson<{ url: string }>("metrics.json"))!;
+      const metrics = await (await fetch(url, { signal: AbortSignal.timeout(5_000) })).text();
+      expect(metrics).toMatch(new RegExp(`^drover_lease_spend_total\\{provider="${booked!.provider}",dseq="${booked!.dseq}",denom="${booked!.denom}"\\} \\d+$`, "m"));
+      expect(metrics).toContain(`drover_lease_price_per_block{provider="${booked!.provider}",dseq="${booked!.dseq}",denom="${booked!.denom}"} ${booked!.price}`);
+    } finally {
+      const down = drover(["down"]);
+      expect(down.code, down.stdout + down.stderr).toBe(0);
+    }
+    // The figures outlive the head: its last report, taken before the leases closed.
+    const after = drover(["status"]);
+    expect(after.stdout).toMatch(/^cost: as the head computed it \d+s ago at height \d+/m);
+    expect((await books()).leases).toEqual([]);
+  });
+});
