@@ -156,7 +156,7 @@ export class DashboardServer {
     response.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-store", connection: "keep-alive" });
     response.write("retry: 2000\n\nevent: hello\ndata: {}\n\n");
     this.streams.add(response);
-    request.on("close", () => this.streams.delete(response));
+    response.on("close", () => this.streams.delete(response));
     this.keepAliveTimer ??= setInterval(() => {
       for (const stream of this.streams) stream.write(": keep-alive\n\n");
     }, KEEPALIVE_MS).unref();
