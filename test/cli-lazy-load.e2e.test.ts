@@ -64,6 +64,13 @@ describe("the drover CLI loads a command's dependencies only when that command r
     expect(run.packages).toEqual([]);
   });
 
+  it("`drover dashboard` without a head loads no package", async () => {
+    // It reads two state files and prints an address: nothing to load.
+    const run = await packagesLoadedBy(["dashboard"]);
+    expect(run.code).toBe(2);
+    expect(run.packages).toEqual([]);
+  });
+
   it("a command that needs the checkpoint store loads it, which the recorder sees", async () => {
     // `drover ckpt` alone prints its usage (exit 2) after loading its module, which
     // imports the storage package: the recorder sees imports made at run time too.

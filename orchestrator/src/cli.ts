@@ -40,6 +40,8 @@ usage:
   drover top [--interval 2s] [--once]      a refreshing table of nodes, GPUs, the job's ranks and the
                                            alerts, from the state directory (works over ssh, head or not);
                                            --once (or stdout not a terminal) prints one frame
+  drover dashboard                         the address of the head's web dashboard, with the admin
+                                           token (open it in a browser; keep it to yourself)
   drover logs [-f] [--job ID]              output of the latest (or given) job
   drover stop [--job ID]                   stop the running job
   drover down                              stop jobs, release every node, stop the head
@@ -197,11 +199,35 @@ async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirector
     lastShown = shown;
     if (head.state === "ready" && connected >= expected.nodes) {
       print(`cluster ${spec.name} is up: control ${head.controlAddress}. Next: drover submit -- CMD`);
+      const dashboard = await dashboardAddress(state);
+      // Without the token: `up` output lands in terminals' scrollback and CI logs.
+      if (dashboard) print(`dashboard: ${dashboard} (\`drover dashboard\` prints it with the token)`);
       return 0;
     }
     if (head.state === "failed") throw new DroverError(`the head failed: ${head.error ?? "see " + state.path("head.log")}`);
   }
   throw new DroverError(`the cluster did not come up within ${Math.round(expected.deadlineMs / 1000)}s; see ${state.path("head.log")} (drover down cleans up)`);
+}
+
+/** The dashboard's address from the /metrics address the running head wrote to metrics.json. */
+async function dashboardAddress(state: StateDirectory): Promise<string | undefined> {
+  const metrics = await state.readJson<{ url: string }>("metrics.json").catch(() => undefined);
+  return metrics?.url.replace(/\/metrics$/, "/dashboard");
+}
+
+/** `drover dashboard`: the address to open, carrying the admin token once (the page then keeps a cookie). */
+async function commandDashboard(args: string[]): Promise<number> {
+  parseArgs({ args, options: {} });
+  const state = new StateDirectory(StateDirectory.defaultRoot());
+  const head = await readHead(state);
+  if (!head || !processAlive(head.pid) || head.state === "stopped" || head.state === "failed") {
+    throw new HeadUnreachableError(`no running head over ${state.root}; start one with \`drover up\``);
+  }
+  const address = await dashboardAddress(state);
+  const credentials = await state.readJson<{ adminToken: string }>("admin-token");
+  if (!address || !credentials) throw new StateError(`the head over ${state.root} has not written ${address ? "admin-token" : "metrics.json"} yet; try again in a moment`);
+  print(`${address}?token=${encodeURIComponent(credentials.adminToken)}`);
+  return 0;
 }
 
 /** Restarts of a dead head the supervisor allows within RESTART_WINDOW_MS before it gives up. */
@@ -874,6 +900,7 @@ async function main(argv: string[]): Promise<number> {
     case "submit": return commandSubmit(rest);
     case "status": return commandStatus(rest);
     case "top": return commandTop(rest);
+    case "dashboard": return commandDashboard(rest);
     case "logs": return commandLogs(rest);
     case "stop": return commandStop(rest);
     case "down": return commandDown();

@@ -7,6 +7,7 @@ import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
 import { backendSection, expectedNodes, type ClusterSpec } from "./cluster-spec.js";
 import { ControlServer } from "./control-server.js";
 import { CostTracker } from "./cost/cost-tracker.js";
+import { DASHBOARD_PATH, DashboardServer } from "./dashboard/dashboard-server.js";
 import { JobRequestError, StateError } from "./errors.js";
 import { JobController, isFinal, type JobLogLine, type JobRecord, type JobRequest } from "./job-controller.js";
 import type { Logger } from "./logger.js";
@@ -24,6 +25,8 @@ interface HeadEvents {
   metric: [JobRecord, IMetricReport];
   job: [JobRecord];
   workers: [];
+  /** A worker's Telemetry sample arrived (after the store kept it). */
+  telemetry: [];
 }
 
 /** Serialises appends to one file so lines keep their order. */
@@ -66,6 +69,8 @@ export class Head extends EventEmitter<HeadEvents> {
   readonly telemetry: HeadTelemetry;
   /** What the leases (or priced nodes) have cost so far: cost.json, status and /metrics. */
   readonly costs: CostTracker;
+  /** The web dashboard on the /metrics server, behind the admin token. */
+  private readonly dashboard: DashboardServer;
   private stopped: Promise<void> | undefined;
   private shutdownRequested!: () => void;
   readonly shutdownRequestedPromise = new Promise<void>((resolve) => (this.shutdownRequested = resolve));
@@ -129,8 +134,21 @@ export class Head extends EventEmitter<HeadEvents> {
       logger: logger.child({ component: "control-server" }),
       onShutdownRequested: () => this.shutdownRequested(),
       submitJob: (request) => this.submit(request),
-      onTelemetry: (workerId, telemetry) => this.telemetry.onTelemetry(workerId, telemetry),
+      onTelemetry: (workerId, telemetry) => {
+        this.telemetry.onTelemetry(workerId, telemetry);
+        this.emit("telemetry");
+      },
     });
+    this.dashboard = DashboardServer.create({
+      adminToken,
+      stateDir,
+      workers: this.registry,
+      jobs: this.jobs,
+      telemetry: () => this.telemetry.series,
+      cost: () => this.costs.report,
+      logger: logger.child({ component: "dashboard" }),
+    });
+    for (const kind of ["job", "metric", "log", "workers", "telemetry"] as const) this.on(kind, () => this.dashboard.notify(kind));
     this.registry.on("lost", (worker, reason) => this.repair?.nodeLost(worker.nodeName, reason, worker.registeredAtMs));
     this.registry.on("changed", () => {
       this.emit("workers");
@@ -238,6 +256,7 @@ export class Head extends EventEmitter<HeadEvents> {
       this.heartbeatSnapshots.unref();
       phase = "starting the metrics server";
       await this.telemetry.start(this.shutdownController.signal);
+      this.telemetry.mount(DASHBOARD_PATH, this.dashboard.handle);
       phase = "starting the control server";
       await this.server.listen(this.spec.head.host, this.spec.head.port);
       await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
@@ -426,6 +445,7 @@ export class Head extends EventEmitter<HeadEvents> {
       this.jobs.dispose();
       this.registry.stop();
       await this.server.close();
+      this.dashboard.shutdown();
       await this.telemetry.shutdown();
       this.checkpoints?.store.close();
       await this.embeddedS3?.stop();

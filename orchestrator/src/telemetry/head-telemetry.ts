@@ -6,7 +6,7 @@ import type { JobController, JobRecord } from "../job-controller.js";
 import type { Logger } from "../logger.js";
 import type { StateDirectory } from "../state-store.js";
 import type { WorkerRegistry } from "../worker-registry.js";
-import { MetricsServer } from "./metrics-server.js";
+import { MetricsServer, type MountedHandler } from "./metrics-server.js";
 import { HeadMetrics } from "./prometheus-metrics.js";
 import { alertTransitions, DEFAULT_ALERT_THRESHOLDS, evaluateAlerts, latestByNode, type Alert, type AlertThresholds } from "./telemetry-alerts.js";
 import { checkTelemetry } from "./telemetry-report.js";
@@ -81,6 +81,16 @@ export class HeadTelemetry {
   /** http://host:port/metrics once started. */
   get metricsUrl(): string | undefined {
     return this.server?.url;
+  }
+
+  /** Serves `prefix` from the /metrics server (the dashboard); once started. */
+  mount(prefix: string, handler: MountedHandler): void {
+    this.server?.mount(prefix, handler);
+  }
+
+  /** http://host:port of the /metrics server once started. */
+  get serverOrigin(): string | undefined {
+    return this.server?.origin;
   }
 
   /** The series kept so far (read-only use: status, dashboard). */

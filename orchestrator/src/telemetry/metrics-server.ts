@@ -1,4 +1,4 @@
-import { createServer, type Server } from "node:http";
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { DroverError } from "../errors.js";
 import type { Logger } from "../logger.js";
@@ -6,16 +6,42 @@ import type { Logger } from "../logger.js";
 /** A scrape that takes longer than this is answered 503: Prometheus' own default timeout is 10 s. */
 const SCRAPE_TIMEOUT_MS = 10_000;
 
+/** A handler for every path under a prefix mounted on the metrics server (the dashboard). */
+export type MountedHandler = (request: IncomingMessage, response: ServerResponse) => void;
+
 /**
- * The head's Prometheus endpoint: GET /metrics and nothing else. Plain HTTP on the
- * interface the spec names (loopback by default); the text comes from `render`.
+ * The head's Prometheus endpoint: GET /metrics, open to anyone who can reach it, and
+ * whatever is mounted under a prefix (the dashboard, which checks its own token). Plain
+ * HTTP on the interface the spec names (loopback by default); the text comes from `render`.
  */
 export class MetricsServer {
+  private readonly mounts = new Map<string, MountedHandler>();
   private constructor(private readonly server: Server, readonly url: string) {}
 
+  /** Serves `prefix` and every path under it with `handler` (one server, one port to find). */
+  mount(prefix: string, handler: MountedHandler): void {
+    this.mounts.set(prefix, handler);
+  }
+
+  /** http://host:port of the server, without a path. */
+  get origin(): string {
+    return this.url.slice(0, -"/metrics".length);
+  }
+
+  private mountedFor(path: string): MountedHandler | undefined {
+    for (const [prefix, handler] of this.mounts) if (path === prefix || path.startsWith(`${prefix}/`)) return handler;
+    return undefined;
+  }
+
   static async listen(options: { host: string; port: number; render: (signal: AbortSignal) => Promise<{ contentType: string; body: string }>; logger: Logger }): Promise<MetricsServer> {
+    let mountedFor: (path: string) => MountedHandler | undefined = () => undefined;
     const server = createServer((request, response) => {
-      const path = (request.url ?? "/").split("?")[0];
+      const path = (request.url ?? "/").split("?")[0] ?? "/";
+      const mounted = mountedFor(path);
+      if (mounted) {
+        mounted(request, response);
+        return;
+      }
       if (path !== "/metrics") {
         response.writeHead(404, { "content-type": "text/plain; charset=utf-8" }).end("not found: the head serves /metrics\n");
         return;
@@ -45,7 +71,9 @@ export class MetricsServer {
     });
     const { port } = server.address() as AddressInfo;
     const host = options.host === "0.0.0.0" ? "127.0.0.1" : options.host === "::" ? "::1" : options.host;
-    return new MetricsServer(server, `http://${host.includes(":") ? `[${host}]` : host}:${port}/metrics`);
+    const metricsServer = new MetricsServer(server, `http://${host.includes(":") ? `[${host}]` : host}:${port}/metrics`);
+    mountedFor = (path) => metricsServer.mountedFor(path);
+    return metricsServer;
   }
 
   /** Stops listening and drops open scrapes; idempotent. */
