@@ -55,7 +55,8 @@ describe.skipIf(chromiumMissing)("the web dashboard in Chromium, end to end", { 
   let browser: Browser | undefined;
   const env = {
     PATH: `${join(repoRoot, "test", "fakes")}:${process.env.PATH ?? ""}`,
-    FAKE_NVIDIA_SMI_MODE: "normal",
+    // GPU 1 of every node reports 91 C and thermal slowdown: the page lists the alerts.
+    FAKE_NVIDIA_SMI_MODE: "hot",
     DROVER_TELEMETRY_INTERVAL: "1s",
   };
 
@@ -118,7 +119,10 @@ describe.skipIf(chromiumMissing)("the web dashboard in Chromium, end to end", { 
     await page.locator('.node[data-node="local-0"][data-connection="connected"] .gpu').nth(1).waitFor({ timeout: 20_000 });
     await page.locator('.node[data-node="local-1"][data-connection="connected"] .gpu').nth(1).waitFor({ timeout: 20_000 });
     expect(await page.locator(".node .utilization-sparkline polyline").count()).toBeGreaterThanOrEqual(4);
-    expect(await page.locator('.node[data-node="local-0"] .gpu[data-gpu="1"]').textContent()).toContain("71 °C");
+    expect(await page.locator('.node[data-node="local-0"] .gpu[data-gpu="1"]').textContent()).toContain("91 °C");
+    // The head's alerts, as status prints them (checked every 5 s).
+    await page.locator('#alerts .alert[data-kind="gpu-temperature"][data-node="local-1"]').waitFor({ timeout: 20_000 });
+    expect(await page.locator("#alerts").textContent()).toMatch(/warning: .*local-0.*91/);
 
     // The loss chart gains points as steps complete (pushed over SSE, no reload).
     const lossPoints = page.locator("#loss-chart circle.loss-point");

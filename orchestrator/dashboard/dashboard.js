@@ -65,6 +65,16 @@ function renderCluster(view) {
     root.append(box);
   }
   renderCost(view.cost);
+  renderAlerts(view.alerts ?? []);
+}
+
+/** The head's current alerts, as `drover status` prints them. */
+function renderAlerts(alerts) {
+  const root = document.getElementById("alerts");
+  root.replaceChildren();
+  if (alerts.length === 0) return;
+  root.append(element("h3", {}, "Alerts"));
+  for (const alert of alerts) root.append(element("div", { class: "alert", "data-kind": alert.kind, "data-node": alert.node }, `warning: ${alert.message}`));
 }
 
 function renderCost(cost) {

@@ -146,6 +146,7 @@ export class Head extends EventEmitter<HeadEvents> {
       jobs: this.jobs,
       telemetry: () => this.telemetry.series,
       cost: () => this.costs.report,
+      alerts: () => this.telemetry.alerts,
       logger: logger.child({ component: "dashboard" }),
     });
     for (const kind of ["job", "metric", "log", "workers", "telemetry"] as const) this.on(kind, () => this.dashboard.notify(kind));

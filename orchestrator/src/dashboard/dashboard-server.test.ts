@@ -44,6 +44,7 @@ describe("DashboardServer", () => {
       jobs: { all: () => [restartedJob()] } as unknown as JobController,
       telemetry: () => new TelemetryStore({ retentionMs: 60_000 }),
       cost: () => undefined,
+      alerts: () => [{ key: "gpu-temperature/gpu-1/1", kind: "gpu-temperature", node: "gpu-1", message: "gpu-1 GPU 1 is at 91 C (above 85 C)" }],
       logger: silentLogger,
     });
     server = await MetricsServer.listen({ host: "127.0.0.1", port: 0, render: async () => ({ contentType: "text/plain", body: "up 1\n" }), logger: silentLogger });
@@ -79,6 +80,11 @@ describe("DashboardServer", () => {
     expect(view.restarts).toMatchObject([{ resumeStep: 5 }]);
     expect(view.checkpoints).toEqual([5]);
     expect(view.job).toMatchObject({ attempt: 2, imagesPerSecond: 100 });
+  });
+
+  it("lists the head's current alerts with the cluster", async () => {
+    const view = await (await fetch(`${origin}/dashboard/api/cluster`, { headers: { cookie: `drover_dashboard=${TOKEN}` } })).json() as { alerts: unknown[] };
+    expect(view.alerts).toEqual([{ kind: "gpu-temperature", node: "gpu-1", message: "gpu-1 GPU 1 is at 91 C (above 85 C)" }]);
   });
 
   it("tails the job's output.log", async () => {

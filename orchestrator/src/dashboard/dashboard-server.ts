@@ -6,6 +6,7 @@ import type { JobController, JobRecord } from "../job-controller.js";
 import { stitchAttempts, type MetricPoint } from "../job-view.js";
 import type { Logger } from "../logger.js";
 import type { StateDirectory } from "../state-store.js";
+import type { Alert } from "../telemetry/telemetry-alerts.js";
 import type { TelemetryStore } from "../telemetry/telemetry-store.js";
 import type { WorkerRegistry } from "../worker-registry.js";
 
@@ -40,6 +41,8 @@ export interface DashboardOptions {
   /** The telemetry history (the store is replaced when the head loads its file). */
   telemetry: () => TelemetryStore;
   cost: () => CostReport | undefined;
+  /** The head's current alerts (hot or throttling GPUs, silent nodes, stragglers). */
+  alerts?: () => Alert[];
   logger: Logger;
   now?: () => number;
 }
@@ -198,6 +201,7 @@ export class DashboardServer {
       nowMs: this.options.now?.() ?? Date.now(),
       groups: [...groups].map(([name, nodes]) => ({ name, nodes: nodes.sort((a, b) => String(a.name).localeCompare(String(b.name))) })),
       cost: this.options.cost() ?? null,
+      alerts: (this.options.alerts?.() ?? []).map(({ kind, node, message }) => ({ kind, node, message })),
     };
   }
 

@@ -54,6 +54,11 @@ export class HeadTelemetry {
   private alertTimer: NodeJS.Timeout | undefined;
   /** The alerts of the last check, by key: a change is logged once, not every check. */
   private activeAlerts = new Map<string, Alert>();
+
+  /** The alerts of the newest check (what the dashboard shows). */
+  get alerts(): Alert[] {
+    return [...this.activeAlerts.values()];
+  }
   private saving: Promise<void> | undefined;
   private changedSinceSave = false;
   private readonly refusals = new Map<string, { lastLoggedMs: number; since: number }>();
