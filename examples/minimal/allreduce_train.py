@@ -47,7 +47,11 @@ def main() -> None:
             print(f"step {step}/{args.steps} loss {mean_loss.item() / world:.4f}", flush=True)
         if rank == args.fail_rank and step == 1:
             print(f"rank {rank}: failing on purpose", flush=True)
-            raise SystemExit(3)
+            # Not SystemExit: torch 2.11's gloo destructors can abort the exit with
+            # "terminate called without an active exception" (SIGABRT, not exit code 3;
+            # seen in a clean-clone run on 2026-12-02), the same teardown as below.
+            sys.stderr.flush()
+            os._exit(3)
 
     rank_sum = torch.tensor([float(rank)])
     dist.all_reduce(rank_sum, op=dist.ReduceOp.SUM)
