@@ -244,21 +244,30 @@ class OuterSync:
         answer = self._share(answer)
         if answer["error"]:
             raise OuterSyncError(answer["error"])
-        means, offset = [], 0
+        return self._pieces_from_rank0(self._recv), answer
+
+    def _pieces_from_rank0(self, flat: torch.Tensor | None) -> list[torch.Tensor]:
+        """This rank's piece of every parameter-shaped tensor in rank 0's flat fp32 buffer
+        (the parameters in order; `flat` is read on rank 0 only): one broadcast each."""
+        pieces, offset = [], 0
         for _, p in self._params:
             shape, numel = tuple(p.shape), p.numel()
             if self.rank == 0:
-                full = self._recv[offset:offset + numel].view(shape).to(self.device)
+                full = flat[offset:offset + numel].view(shape).to(self.device)
             else:
                 full = torch.empty(shape, dtype=torch.float32, device=self.device)
             if self._dist:
                 dist.broadcast(full, src=0)
-            means.append(_piece_of(p, full))
+            pieces.append(_piece_of(p, full))
             offset += numel
-        return means, answer
+        return pieces
+
+    @property
+    def _specs(self) -> list[TensorSpec]:
+        return [TensorSpec(name, tuple(int(d) for d in p.shape)) for name, p in self._params]
 
     def _ask_agent(self, k: int, weight: float, full_deltas: list[torch.Tensor]) -> dict:
-        specs = [TensorSpec(name, tuple(int(d) for d in p.shape)) for name, p in self._params]
+        specs = self._specs
         total = sum(p.numel() for _, p in self._params)
         if self._recv is None or self._recv.numel() != total:
             self._recv = torch.empty(total, dtype=torch.float32)
@@ -289,7 +298,7 @@ class OuterSync:
         if self.group_count == 1:
             return None
         timeout = float(timeout_s) if timeout_s is not None else self.timeout_s + 600.0
-        specs = [TensorSpec(name, tuple(int(d) for d in p.shape)) for name, p in self._params]
+        specs = self._specs
         total = sum(p.numel() for _, p in self._params)
         answer: dict = {"error": None}
         state = None
@@ -316,18 +325,10 @@ class OuterSync:
             raise OuterSyncError(answer["error"])
         if answer["mode"] == "state":
             with torch.no_grad():
-                for kind, offset in (("params", 0), ("momentum", total)):
-                    targets = self._outer if kind == "params" else self._momentum
-                    for (_, p), target in zip(self._params, targets):
-                        shape, numel = tuple(p.shape), p.numel()
-                        if self.rank == 0:
-                            full = state[offset:offset + numel].view(shape).to(self.device)
-                        else:
-                            full = torch.empty(shape, dtype=torch.float32, device=self.device)
-                        if self._dist:
-                            dist.broadcast(full, src=0)
-                        target.copy_(_piece_of(p, full))
-                        offset += numel
+                for targets, flat in ((self._outer, state[:total] if state is not None else None),
+                                      (self._momentum, state[total:] if state is not None else None)):
+                    for target, piece in zip(targets, self._pieces_from_rank0(flat)):
+                        target.copy_(piece)
                 for outer, (_, p) in zip(self._outer, self._params):
                     _local(p).copy_(outer)
             self.outer_step = int(answer["outer_step"])
@@ -358,7 +359,7 @@ class OuterSync:
                     del full
         if self.rank != 0:
             return
-        specs = [TensorSpec(name, tuple(int(d) for d in p.shape)) for name, p in self._params]
+        specs = self._specs
         try:
             if self._client is None:
                 self._client = OuterSocketClient(self.socket_path)

@@ -130,13 +130,10 @@ def inner_update(model, step: int) -> None:
             local.add_(_piece_of(p, full))
 
 
-def outer_run(rank: int, world_size: int, sock_path: str, out_dir: str) -> None:
-    """Three inner steps per outer step, two good outer steps, a third the agent
-    refuses, then the third again. Saves what this rank ends with."""
-    import torch
-
+def group_a_rank(rank: int, world_size: int):
+    """The small model (FSDP2-sharded over the group's ranks when there are several) and
+    the trainer environment of rank `rank` of group a, the first of two groups."""
     from drover_agent.contract import TrainerEnv
-    from drover_agent.outer_sync import OuterSync, OuterSyncError
 
     model = small_model()
     if world_size > 1:
@@ -146,6 +143,17 @@ def outer_run(rank: int, world_size: int, sock_path: str, out_dir: str) -> None:
         fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
     env = TrainerEnv.from_env({"RANK": str(rank), "WORLD_SIZE": str(world_size), "DROVER_GROUP": "a",
                                "DROVER_GROUP_COUNT": "2", "DROVER_GROUP_INDEX": "0"})
+    return model, env
+
+
+def outer_run(rank: int, world_size: int, sock_path: str, out_dir: str) -> None:
+    """Three inner steps per outer step, two good outer steps, a third the agent
+    refuses, then the third again. Saves what this rank ends with."""
+    import torch
+
+    from drover_agent.outer_sync import OuterSync, OuterSyncError
+
+    model, env = group_a_rank(rank, world_size)
     lines: list[str] = []
     # One try: the refused step surfaces as an error here (OuterSync's own retry is tested apart).
     sync = OuterSync(model, every=3, env=env, socket_path=sock_path if rank == 0 else None, log=lines.append, tries=1)
@@ -197,17 +205,9 @@ def join_run(rank: int, world_size: int, sock_path: str, out_dir: str) -> None:
     answer asks for this group's state. Saves what this rank holds after each."""
     import torch
 
-    from drover_agent.contract import TrainerEnv
     from drover_agent.outer_sync import OuterSync
 
-    model = small_model()
-    if world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
-    env = TrainerEnv.from_env({"RANK": str(rank), "WORLD_SIZE": str(world_size), "DROVER_GROUP": "a",
-                               "DROVER_GROUP_COUNT": "2", "DROVER_GROUP_INDEX": "0"})
+    model, env = group_a_rank(rank, world_size)
     lines: list[str] = []
     sync = OuterSync(model, every=4, env=env, socket_path=sock_path if rank == 0 else None, log=lines.append, inner_step=8)
     joined = sync.join()
