@@ -171,7 +171,7 @@ describe.skipIf(unavailable !== undefined)("Kubernetes backend against a loopbac
     }
     expect(objects.services.map((service) => [service.metadata!.name, service.spec!.clusterIP])).toEqual([[`${clusterLabel}-trainers`, "None"]]);
     const secret = objects.secrets.find((candidate) => candidate.metadata!.name === `${clusterLabel}-agent`)!;
-    expect(Object.keys(secret.data!).sort()).toEqual(["DROVER_JOIN_TOKEN", "DROVER_STORAGE_CONFIG"]);
+    expect(Object.keys(secret.data!).sort()).toEqual(["DROVER_HEAD_CA_SHA256", "DROVER_JOIN_TOKEN", "DROVER_STORAGE_CONFIG"]);
     const status = await drover(["status"]);
     for (const pod of objects.pods) expect(status.stdout).toMatch(new RegExp(`${pod.metadata!.name} \\(w-\\w+\\) connected, group trainers`));
   });

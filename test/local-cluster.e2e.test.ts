@@ -107,10 +107,12 @@ describe("local cluster, end to end", { timeout: 180_000 }, () => {
   });
 
   it("refuses a worker with a wrong join token and logs it without the token", async () => {
-    const head = await json<{ controlAddress: string }>("head.json");
+    const head = await json<{ controlAddress: string; caFingerprint: string }>("head.json");
+    // The control plane is TLS by default: head.json names the CA a worker pins.
+    expect(head.caFingerprint).toMatch(/^[0-9a-f]{64}$/);
     const wrongToken = "not-the-join-token-but-secret-anyway";
     const worker = spawn(process.execPath, [workerMain, "--head", head.controlAddress, "--node-name", "intruder", "--slots", "1", "--state-dir", join(stateDir, "intruder")], {
-      env: { ...process.env, DROVER_JOIN_TOKEN: wrongToken },
+      env: { ...process.env, DROVER_JOIN_TOKEN: wrongToken, DROVER_HEAD_CA_SHA256: head.caFingerprint },
       stdio: ["ignore", "pipe", "pipe"],
     });
     let output = "";

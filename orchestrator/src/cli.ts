@@ -198,7 +198,7 @@ async function bringUp(spec: ClusterSpec, specPath: string, state: StateDirector
     if (shown !== lastShown) print(`  ${shown}`);
     lastShown = shown;
     if (head.state === "ready" && connected >= expected.nodes) {
-      print(`cluster ${spec.name} is up: control ${head.controlAddress}. Next: drover submit -- CMD`);
+      print(`cluster ${spec.name} is up: control ${head.controlAddress} (${head.caFingerprint ? `TLS, CA sha256 ${head.caFingerprint}` : "PLAINTEXT: head.insecure"}). Next: drover submit -- CMD`);
       const dashboard = await dashboardAddress(state);
       // Without the token: `up` output lands in terminals' scrollback and CI logs.
       if (dashboard) print(`dashboard: ${dashboard} (\`drover dashboard\` prints it with the token)`);
@@ -465,7 +465,7 @@ async function commandStatus(args: string[]): Promise<number> {
   const leases = await akashLeases(state, head);
   const telemetry = await readTelemetryPicture(state, head, cluster);
   const { nodeTelemetryLines } = await import("./top-view.js");
-  print(`cluster ${head.clusterName}: head pid ${head.pid} ${alive ? head.state : `NOT RUNNING (last state ${head.state})`}; control ${head.controlAddress}; state ${state.root}`);
+  print(`cluster ${head.clusterName}: head pid ${head.pid} ${alive ? head.state : `NOT RUNNING (last state ${head.state})`}; control ${head.controlAddress} (${head.caFingerprint ? `TLS, CA sha256 ${head.caFingerprint.slice(0, 16)}…` : "plaintext"}); state ${state.root}`);
   if (telemetry.problem) print(`telemetry: ${state.path("telemetry.json")} ${telemetry.problem}`);
   else if (telemetry.savedAtMs === undefined) print(`telemetry: none saved yet (the head writes it every head.telemetrySaveInterval, 30s by default)`);
   else print(`telemetry: as the head saved it ${Math.max(0, Math.round((Date.now() - telemetry.savedAtMs) / 1000))}s ago`);

@@ -51,6 +51,12 @@ const headSchema = z.object({
    * head's own port is used.
    */
   advertise: z.string().regex(/^[A-Za-z0-9.-]+(:\d{1,5})?$/, "expected host or host:port").optional(),
+  /**
+   * Plaintext gRPC between workers and the head, for local debugging only (a packet
+   * capture). By default the control plane is TLS with the head's own CA, which workers
+   * pin by fingerprint.
+   */
+  insecure: z.boolean().default(false),
   heartbeatInterval: durationMs.pipe(z.number().min(MIN_HEARTBEAT_MS, `must be at least ${MIN_HEARTBEAT_MS}ms`)).default(1_000),
   heartbeatTimeout: durationMs.default(10_000),
   /** How long to wait for the requested workers before a job fails. */
@@ -77,6 +83,7 @@ const headSchema = z.object({
   host: head.host,
   port: head.port,
   ...(head.advertise === undefined ? {} : { advertise: head.advertise }),
+  insecure: head.insecure,
   heartbeatIntervalMs: head.heartbeatInterval,
   heartbeatTimeoutMs: head.heartbeatTimeout,
   workerWaitTimeoutMs: head.workerWaitTimeout,

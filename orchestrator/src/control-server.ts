@@ -52,9 +52,17 @@ export class ControlServer {
     this.admin.addService(adminService, this.adminHandlers());
   }
 
-  async listen(host: string, port: number): Promise<void> {
-    this.controlPort = await bind(this.control, `${host.includes(":") ? `[${host}]` : host}:${port}`);
-    this.adminPort = await bind(this.admin, "127.0.0.1:0");
+  /**
+   * Control listens with TLS when given the head's certificate chain (head certificate,
+   * then the CA workers pin), plaintext only without one (`head.insecure`). Admin stays
+   * on loopback, where only this machine's users reach it, behind the admin token.
+   */
+  async listen(host: string, port: number, tls?: { chainPem: string; keyPem: string }): Promise<void> {
+    const credentials = tls
+      ? grpc.ServerCredentials.createSsl(null, [{ cert_chain: Buffer.from(tls.chainPem), private_key: Buffer.from(tls.keyPem) }], false)
+      : grpc.ServerCredentials.createInsecure();
+    this.controlPort = await bind(this.control, `${host.includes(":") ? `[${host}]` : host}:${port}`, credentials);
+    this.adminPort = await bind(this.admin, "127.0.0.1:0", grpc.ServerCredentials.createInsecure());
   }
 
   private controlHandlers(): ControlHandlers {
@@ -185,9 +193,9 @@ export class ControlServer {
   }
 }
 
-function bind(server: grpc.Server, address: string): Promise<number> {
+function bind(server: grpc.Server, address: string, credentials: grpc.ServerCredentials): Promise<number> {
   return new Promise((resolve, reject) => {
-    server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (error, port) => {
+    server.bindAsync(address, credentials, (error, port) => {
       // grpc-js says "No address added out of total 1 resolved"; the cause (EADDRNOTAVAIL,
       // EADDRINUSE, ...) is in its message when there is one.
       if (error) reject(new DroverError(`cannot listen on ${address}: ${error.message}`, { address }, { cause: error }));

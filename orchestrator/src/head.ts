@@ -15,6 +15,7 @@ import { backendNamed, createProvisioner, type Provisioner } from "./provisioner
 import { RepairLoop } from "./repair-loop.js";
 import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
 import { HeadTelemetry } from "./telemetry/head-telemetry.js";
+import { HeadAuthority } from "./tls/head-authority.js";
 import { WorkerRegistry } from "./worker-registry.js";
 
 export type HeadState = "created" | "starting" | "provisioning" | "ready" | "stopping" | "stopped" | "failed";
@@ -64,6 +65,8 @@ export class Head extends EventEmitter<HeadEvents> {
   private heartbeatSnapshots: NodeJS.Timeout | undefined;
   private embeddedS3: LocalS3Server | undefined;
   private storageConfig: StorageConfigInput | undefined;
+  /** The state directory's CA: signs the control-plane certificate and the bridges' (undefined with `head.insecure`). */
+  private authority: HeadAuthority | undefined;
   checkpoints: CheckpointCoordinator | undefined;
   /** Node and GPU telemetry, its persisted history and /metrics. */
   readonly telemetry: HeadTelemetry;
@@ -228,6 +231,7 @@ export class Head extends EventEmitter<HeadEvents> {
       provisioner: this.spec.provisioner,
       // `drover status` and `drover top` judge alerts by the spec's thresholds without reading it.
       alerts: this.spec.head.alerts,
+      ...(this.authority ? { caFingerprint: this.authority.fingerprint } : {}),
       ...(this.failure ? { error: this.failure } : {}),
       ...(process.env.DROVER_HEAD_SUPERVISOR_PID ? { supervisorPid: Number(process.env.DROVER_HEAD_SUPERVISOR_PID) } : {}),
       startedAt: this.startedAt,
@@ -259,7 +263,7 @@ export class Head extends EventEmitter<HeadEvents> {
       await this.telemetry.start(this.shutdownController.signal);
       this.telemetry.mount(DASHBOARD_PATH, this.dashboard.handle);
       phase = "starting the control server";
-      await this.server.listen(this.spec.head.host, this.spec.head.port);
+      await this.server.listen(this.spec.head.host, this.spec.head.port, await this.controlCertificate());
       await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
       phase = "opening checkpoint storage";
       await this.startStorage();
@@ -271,7 +275,11 @@ export class Head extends EventEmitter<HeadEvents> {
         clusterName: this.spec.name,
         headAddress: this.controlAddress,
         joinToken: this.joinToken,
-        agentEnv: this.storageConfig ? { DROVER_STORAGE_CONFIG: JSON.stringify(this.storageConfig) } : {},
+        agentEnv: {
+          ...(this.storageConfig ? { DROVER_STORAGE_CONFIG: JSON.stringify(this.storageConfig) } : {}),
+          // The CA's fingerprint, not a key: agents pin it and refuse any other head.
+          ...(this.authority ? { DROVER_HEAD_CA_SHA256: this.authority.fingerprint } : { DROVER_HEAD_INSECURE: "1" }),
+        },
         heartbeatTimeoutMs: this.spec.head.heartbeatTimeoutMs,
         state: this.stateDir,
         logger: provisionerLogger,
@@ -290,6 +298,23 @@ export class Head extends EventEmitter<HeadEvents> {
       throw error;
     }
     await this.setState("ready");
+  }
+
+  /**
+   * The head's certificate for the control server, from the state directory's CA (made
+   * on the first start): named for `head.advertise`, `head.host` and this machine's
+   * addresses, since workers check the name they dial. None with `head.insecure`.
+   */
+  private async controlCertificate(): Promise<{ chainPem: string; keyPem: string } | undefined> {
+    if (this.spec.head.insecure) {
+      this.logger.warn("the control plane is plaintext (head.insecure): anyone on the path can read and inject control traffic");
+      return undefined;
+    }
+    this.authority = await HeadAuthority.open(this.stateDir, this.spec.name);
+    const advertisedHost = this.spec.head.advertise?.replace(/:\d+$/, "");
+    const certificate = await this.authority.issueHeadCertificate([this.spec.head.host, ...(advertisedHost ? [advertisedHost] : [])]);
+    this.logger.info("control plane uses TLS", { caFingerprint: this.authority.fingerprint, names: certificate.names.join(",") });
+    return certificate;
   }
 
   /**

@@ -12,3 +12,5 @@ export { isolationUnavailable, planGroupNetworks, GroupNetworks } from "./provis
 export { HeadTelemetry, TELEMETRY_FILE, METRICS_FILE, type HeadTelemetryState } from "./telemetry/head-telemetry.js";
 export { TelemetryStore, SeriesRing, GPU_METRICS, NODE_METRICS, TELEMETRY_FILE_VERSION, type SeriesInfo, type TelemetryFile } from "./telemetry/telemetry-store.js";
 export { checkTelemetry, type TelemetryBatch, type TelemetrySample } from "./telemetry/telemetry-report.js";
+export { ControlServer, type ControlServerDeps } from "./control-server.js";
+export { HeadAuthority, bridgeServerName, certificateFingerprint, type CertifiedKey } from "./tls/head-authority.js";

@@ -70,6 +70,21 @@ export class StateDirectory {
     return withoutFormatVersion(parsed, path) as T;
   }
 
+  /** A state file that is not JSON (PEM), or undefined when there is none. */
+  async readText(relative: string): Promise<string | undefined> {
+    const path = this.path(relative);
+    try {
+      return await readFile(path, "utf8");
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      throw new StateError(`state file ${path} cannot be read: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`, { file: path }, { cause: error });
+    }
+  }
+
+  async writeText(relative: string, text: string, mode = 0o644): Promise<void> {
+    await writeFileAtomic(this.path(relative), text, mode);
+  }
+
   async append(relative: string, text: string): Promise<void> {
     const path = this.path(relative);
     await mkdir(dirname(path), { recursive: true });
@@ -171,6 +186,8 @@ export interface HeadRecord {
   provisioner?: string;
   /** The spec's `head.alerts` thresholds (telemetry-alerts.ts), for readers of the state directory. */
   alerts?: { gpuTemperatureCelsius: number; silentIntervals: number; stragglerRatio: number };
+  /** SHA-256 of the head's CA certificate, which workers pin; absent with `head.insecure`. */
+  caFingerprint?: string;
   /** Why the head failed to start (state `failed`). */
   error?: string;
   /** The process that restarts the head when it dies (`drover up` starts one); `drover down` stops it first. */

@@ -53,3 +53,8 @@ export class CheckpointReportError extends WorkerError {
 export class OuterSyncRequestError extends WorkerError {
   override readonly name = "OuterSyncRequestError";
 }
+
+/** The head did not prove it is ours: its chain lacks the pinned CA, or it speaks no TLS. */
+export class HeadTrustError extends WorkerError {
+  override readonly name = "HeadTrustError";
+}

@@ -7,6 +7,7 @@ import { registerSecretValue, type StorageConfigInput } from "@drover/storage";
 import { JoinRefusedError, WorkerConfigError, WorkerError } from "./errors.js";
 import { createLogger } from "./logger.js";
 import { parseTelemetryInterval } from "./telemetry/telemetry-reporter.js";
+import { headTrustFrom } from "./head-trust.js";
 import { WorkerAgent } from "./worker-agent.js";
 
 const usage = `usage: drover-worker --head HOST:PORT --node-name NAME --slots N --state-dir DIR
@@ -23,7 +24,9 @@ interface, default 0.0.0.0; host:port as other groups reach it, default the adve
 address and the port; without a port the node cannot lead a group of a job that syncs
 across groups), DROVER_TELEMETRY_INTERVAL (how often node and GPU telemetry goes to the
 head: 5s by default, 0 = off). The join token is read from DROVER_JOIN_TOKEN or
---join-token-file (never from argv, which any local user can read).`;
+--join-token-file (never from argv, which any local user can read). The head is trusted
+by its CA's SHA-256 fingerprint, DROVER_HEAD_CA_SHA256 (TLS); DROVER_HEAD_INSECURE=1
+talks plaintext to a head started with head.insecure.`;
 
 /** DROVER_STORAGE_CONFIG: the @drover/storage config as JSON (set in the container's env). */
 function readStorageConfig(): StorageConfigInput | undefined {
@@ -88,6 +91,7 @@ async function main(): Promise<number> {
     agent = WorkerAgent.create({
       headAddress: values.head ?? env.DROVER_HEAD ?? "",
       joinToken,
+      headTrust: headTrustFrom(env.DROVER_HEAD_CA_SHA256, env.DROVER_HEAD_INSECURE),
       nodeName: values["node-name"] ?? env.DROVER_NODE_NAME ?? hostname(),
       slots: Number(values.slots ?? env.DROVER_SLOTS ?? defaultSlots()),
       stateDir: values["state-dir"] ?? env.DROVER_STATE_DIR ?? "/var/lib/drover",

@@ -14,7 +14,8 @@ import {
 import { CheckpointStore, registerSecretValue, retryThroughOutage, STORE_OUTAGE_RETRY, type StorageConfigInput } from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
 import { confineCheckpointReport } from "./checkpoint-report.js";
-import { JoinRefusedError, WorkerConfigError } from "./errors.js";
+import { HeadTrustError, JoinRefusedError, WorkerConfigError } from "./errors.js";
+import { headChannelCredentials, type HeadTrust } from "./head-trust.js";
 import type { Logger } from "./logger.js";
 import { probeResources } from "./resource-probe.js";
 import { TrainerSupervisor } from "./trainer-supervisor.js";
@@ -27,6 +28,8 @@ export const AGENT_VERSION = "0.1.0";
 export const workerOptionsSchema = z.object({
   headAddress: z.string().regex(/^[^\s:]+:\d+$/, "expected host:port"),
   joinToken: z.string().min(16, "join token is too short"),
+  /** How the head proves itself: its CA's pinned fingerprint (TLS), or plaintext by explicit choice. */
+  headTrust: z.custom<HeadTrust>((value) => typeof value === "object" && value !== null && ["pinned", "insecure"].includes((value as HeadTrust).kind), "expected a head trust (pinned CA fingerprint or insecure)"),
   nodeName: z.string().regex(/^[A-Za-z0-9._-]{1,63}$/, "letters, digits, '.', '_' and '-' only"),
   group: z.string().min(1).default("local"),
   slots: z.number().int().min(1).max(64),
@@ -147,7 +150,6 @@ export class WorkerAgent {
     await this.reapLeftoverTrainers();
     await this.openBridge();
     this.startTelemetry();
-    this.client = new ControlClient(this.options.headAddress, grpc.credentials.createInsecure(), controlChannelOptions);
     let backoffMs = this.options.reconnectInitialMs;
     try {
       while (!this.stopController.signal.aborted) {
@@ -158,7 +160,10 @@ export class WorkerAgent {
         } catch (error) {
           if (error instanceof JoinRefusedError) throw error;
           if (this.stopController.signal.aborted) break;
-          this.logger.warn("head unreachable; retrying", { error: (error as Error).message, retryInMs: backoffMs });
+          // A head that cannot prove itself may be an impostor or a misconfiguration; the
+          // real one may still come (a DNS name moving), so keep trying, loudly.
+          if (error instanceof HeadTrustError) this.logger.error(error.message, { retryInMs: backoffMs });
+          else this.logger.warn("head unreachable; retrying", { error: (error as Error).message, retryInMs: backoffMs });
         }
         if (this.stopController.signal.aborted) break;
         const lostForMs = Date.now() - this.lastContact;
@@ -172,7 +177,7 @@ export class WorkerAgent {
     } finally {
       await this.telemetry?.shutdown();
       await this.stopAllJobs("worker stopping");
-      this.client.close();
+      this.client?.close();
       this.setState("stopped");
     }
   }
@@ -181,7 +186,9 @@ export class WorkerAgent {
   private async connectOnce(): Promise<void> {
     const signal = this.stopController.signal;
     const resources = await probeResources({ workDir: this.options.stateDir, advertiseAddress: this.options.advertiseAddress, logger: this.logger, signal });
-    const client = this.client!;
+    // Created once the head proved itself (the pinned CA); the channel then reconnects on its own.
+    this.client ??= new ControlClient(this.options.headAddress, await headChannelCredentials(this.options.headAddress, this.options.headTrust, signal), controlChannelOptions);
+    const client = this.client;
     let registered;
     try {
       registered = await callUnary(client.register.bind(client), {
