@@ -2,9 +2,9 @@ import { mkdtemp, rm, stat, unlink } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
-import { ControlServer, HeadAuthority, JobController, StateDirectory, WorkerRegistry, silentLogger, type Logger } from "@drover/orchestrator";
+import { ControlServer, HeadAuthority, JobController, JoinTokenBook, StateDirectory, WorkerRegistry, silentLogger, type Logger } from "@drover/orchestrator";
 import { ControlClient, PROTOCOL_VERSION, callUnary, controlChannelOptions } from "@drover/proto";
-import { HeadTrustError, headChannelCredentials, headTrustFrom } from "@drover/worker";
+import { HeadTrustError, headChannel, headTrustFrom } from "@drover/worker";
 import { afterEach, describe, expect, it } from "vitest";
 
 /**
@@ -13,7 +13,7 @@ import { afterEach, describe, expect, it } from "vitest";
  * the head (pin the CA by fingerprint from the handshake, then gRPC over TLS).
  */
 
-const JOIN_TOKEN = "join-token-for-the-tls-test-0123";
+let joinTokens = new JoinTokenBook();
 
 function recordingLogger(lines: string[]): Logger {
   const record = (level: string) => (message: string, fields?: Record<string, unknown>) => lines.push(`${level} ${message} ${JSON.stringify(fields ?? {})}`);
@@ -35,9 +35,10 @@ async function stateDir(): Promise<StateDirectory> {
 /** A control server as the head runs it: TLS with the CA's chain, or plaintext when `tls` is undefined. */
 async function controlServer(tls: { chainPem: string; keyPem: string } | undefined, logger: Logger = silentLogger, host = "127.0.0.1") {
   const registry = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, logger });
+  joinTokens = new JoinTokenBook();
   const jobs = new JobController({ registry, allocateMasterPort: async () => 29500, workerWaitTimeoutMs: 1_000, stopGraceMs: 100, logger });
   const server = new ControlServer({
-    registry, jobs, logger, joinToken: JOIN_TOKEN, adminToken: "admin-token-0123456789abcdef",
+    registry, jobs, logger, joinTokens, adminToken: "admin-token-0123456789abcdef",
     heartbeatIntervalMs: 1_000, heartbeatTimeoutMs: 5_000, onShutdownRequested: () => {},
     submitJob: async (request) => jobs.submit({ ...request, nodes: request.nodes ?? 1 }),
   });
@@ -50,11 +51,11 @@ async function controlServer(tls: { chainPem: string; keyPem: string } | undefin
   return { registry, address: `127.0.0.1:${server.controlPort}` };
 }
 
-async function register(address: string, credentials: grpc.ChannelCredentials) {
-  const client = new ControlClient(address, credentials, controlChannelOptions);
+async function register(address: string, channel: { credentials: grpc.ChannelCredentials; options?: Record<string, string> }) {
+  const client = new ControlClient(address, channel.credentials, { ...controlChannelOptions, ...channel.options });
   cleanups.push(() => client.close());
   return callUnary(client.register.bind(client), {
-    protocolVersion: PROTOCOL_VERSION, joinToken: JOIN_TOKEN, nodeName: "node-a", slots: 1, resources: {},
+    protocolVersion: PROTOCOL_VERSION, joinToken: joinTokens.mint({ group: "" }), nodeName: "node-a", slots: 1, resources: {},
   }, new grpc.Metadata(), { timeoutMs: 5_000 });
 }
 
@@ -83,7 +84,7 @@ describe("control plane TLS", () => {
     const authority = await HeadAuthority.open(await stateDir(), "tls-test");
     const { registry, address } = await controlServer(await authority.issueHeadCertificate(["127.0.0.1"]));
     const trust = headTrustFrom(authority.fingerprint.toUpperCase().replace(/(..)(?!$)/g, "$1:"), undefined);
-    const registered = await register(address, await headChannelCredentials(address, trust, AbortSignal.timeout(10_000)));
+    const registered = await register(address, await headChannel(address, trust, AbortSignal.timeout(10_000)));
     expect(registered.workerId).toMatch(/^w-/);
     expect(registry.all().map((worker) => worker.nodeName)).toEqual(["node-a"]);
   });
@@ -93,7 +94,7 @@ describe("control plane TLS", () => {
     const impostor = await HeadAuthority.open(await stateDir(), "impostor");
     const lines: string[] = [];
     const { registry, address } = await controlServer(await impostor.issueHeadCertificate(["127.0.0.1"]), recordingLogger(lines));
-    const failure = await headChannelCredentials(address, { kind: "pinned", caSha256: ours.fingerprint }, AbortSignal.timeout(10_000)).then(() => undefined, (error: Error) => error);
+    const failure = await headChannel(address, { kind: "pinned", caSha256: ours.fingerprint }, AbortSignal.timeout(10_000)).then(() => undefined, (error: Error) => error);
     expect(failure).toBeInstanceOf(HeadTrustError);
     expect(failure?.message).toMatch(/does not present the CA this worker pins/);
     expect(registry.all()).toEqual([]);
@@ -103,7 +104,7 @@ describe("control plane TLS", () => {
   it("refuses a plaintext worker at a TLS head: nothing registers", async () => {
     const authority = await HeadAuthority.open(await stateDir(), "tls-test");
     const { registry, address } = await controlServer(await authority.issueHeadCertificate([]));
-    const failure = await register(address, grpc.credentials.createInsecure()).then(() => undefined, (error: grpc.ServiceError) => error);
+    const failure = await register(address, { credentials: grpc.credentials.createInsecure() }).then(() => undefined, (error: grpc.ServiceError) => error);
     expect(failure?.code).toBe(grpc.status.UNAVAILABLE);
     expect(registry.all()).toEqual([]);
   });
@@ -111,7 +112,7 @@ describe("control plane TLS", () => {
   it("refuses to talk to a plaintext head when the worker pins a CA", async () => {
     const authority = await HeadAuthority.open(await stateDir(), "tls-test");
     const { registry, address } = await controlServer(undefined);
-    const failure = await headChannelCredentials(address, { kind: "pinned", caSha256: authority.fingerprint }, AbortSignal.timeout(10_000)).then(() => undefined, (error: Error) => error);
+    const failure = await headChannel(address, { kind: "pinned", caSha256: authority.fingerprint }, AbortSignal.timeout(10_000)).then(() => undefined, (error: Error) => error);
     expect(failure).toBeInstanceOf(HeadTrustError);
     expect(failure?.message).toMatch(/does not speak TLS/);
     expect(registry.all()).toEqual([]);
@@ -123,16 +124,21 @@ describe("control plane TLS", () => {
     expect(headTrustFrom(undefined, "1")).toEqual({ kind: "insecure" });
   });
 
-  it("verifies the name dialled: a certificate issued for other names is refused by gRPC even under the pinned CA", async () => {
+  it("verifies the head's name, not the address dialled: any address of the head works, a bridge certificate of the same CA does not pass as the head", async () => {
     const authority = await HeadAuthority.open(await stateDir(), "tls-test");
-    // Issued for the loopback names too (always added), so dial an address it does not name.
+    // 127.0.0.2 is in no certificate (as a veth or NAT address the head never saw).
     const { address } = await controlServer(await authority.issueHeadCertificate([]), silentLogger, "0.0.0.0");
-    const other = `127.0.0.2:${address.split(":")[1]}`;
-    const credentials = await headChannelCredentials(other, { kind: "pinned", caSha256: authority.fingerprint }, AbortSignal.timeout(10_000));
-    const failure = await register(other, credentials).then(() => undefined, (error: grpc.ServiceError) => error);
+    const port = address.split(":")[1];
+    const unnamed = `127.0.0.2:${port}`;
+    const pinned = { kind: "pinned" as const, caSha256: authority.fingerprint };
+    expect((await register(unnamed, await headChannel(unnamed, pinned, AbortSignal.timeout(10_000)))).workerId).toMatch(/^w-/);
+
+    // A group leader holds a certificate of the same CA for the bridge: serving the
+    // control plane with it (CA in the chain, so the pin passes) must still be refused.
+    const bridge = await authority.issueBridgeCertificate("job-1", "a100", 60_000);
+    const impostor = await controlServer({ chainPem: bridge.certPem + authority.caPem, keyPem: bridge.keyPem });
+    const failure = await register(impostor.address, await headChannel(impostor.address, pinned, AbortSignal.timeout(10_000))).then(() => undefined, (error: grpc.ServiceError) => error);
     expect(failure?.code).toBe(grpc.status.UNAVAILABLE);
-    expect(failure?.details).toMatch(/127\.0\.0\.2|altnames|does not match/i);
-    // The same credentials at a name the certificate carries work.
-    expect((await register(`127.0.0.1:${address.split(":")[1]}`, credentials)).workerId).toMatch(/^w-/);
+    expect(impostor.registry.all()).toEqual([]);
   });
 });

@@ -127,6 +127,36 @@ describe("local cluster, end to end", { timeout: 180_000 }, () => {
     expect(headLog + output).not.toContain(wrongToken);
   });
 
+  it("refuses a join token replayed from a running agent's environment: each node's token is spent at its first Register", async () => {
+    const head = await json<{ controlAddress: string; caFingerprint: string }>("head.json");
+    const nodes = (await new StateDirectory(stateDir).readJson<Array<{ nodeName: string; pid: number }>>("local-nodes.json")) ?? [];
+    expect(nodes.length).toBeGreaterThan(0);
+    // What a provider's operator could read: the agent's environment.
+    const environ = (await readFile(`/proc/${nodes[0]!.pid}/environ`, "utf8")).split("\0");
+    const spent = environ.find((entry) => entry.startsWith("DROVER_JOIN_TOKEN="))!.slice("DROVER_JOIN_TOKEN=".length);
+    expect(spent.length).toBeGreaterThan(16);
+    // Every node got a token of its own.
+    const others = await Promise.all(nodes.slice(1).map(async (node) => (await readFile(`/proc/${node.pid}/environ`, "utf8")).split("\0").find((entry) => entry.startsWith("DROVER_JOIN_TOKEN="))));
+    for (const other of others) expect(other).not.toBe(`DROVER_JOIN_TOKEN=${spent}`);
+    const worker = spawn(process.execPath, [workerMain, "--head", head.controlAddress, "--node-name", nodes[0]!.nodeName, "--group", "local", "--slots", "1", "--state-dir", join(stateDir, "replayer")], {
+      env: { ...process.env, DROVER_JOIN_TOKEN: spent, DROVER_HEAD_CA_SHA256: head.caFingerprint },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let output = "";
+    worker.stdout.on("data", (chunk) => (output += chunk));
+    worker.stderr.on("data", (chunk) => (output += chunk));
+    const code = await new Promise<number | null>((resolveExit) => worker.on("close", resolveExit));
+    expect(code).toBe(3);
+    expect(output).toContain("join token already used");
+    await waitFor(async () => (await readFile(join(stateDir, "head.log"), "utf8")).includes("join token already used"), 5_000, "the replay in head.log");
+    const headLog = await readFile(join(stateDir, "head.log"), "utf8");
+    expect(headLog).toMatch(/worker refused: join token already used \(by node [^)]+\).*"node":"[^"]+"/);
+    expect(headLog + output).not.toContain(spent);
+    // The real node is still connected: the replay did not take its place.
+    const cluster = await json<{ workers: Array<{ nodeName: string; connection: string }> }>("cluster.json");
+    expect(cluster.workers.find((entry) => entry.nodeName === nodes[0]!.nodeName)?.connection).toBe("connected");
+  });
+
   it("stops every local worker with `drover down` after the head was killed with SIGKILL", async () => {
     const head = await json<{ pid: number }>("head.json");
     const nodes = (await new StateDirectory(stateDir).readJson<Array<{ nodeName: string; pid: number }>>("local-nodes.json")) ?? [];

@@ -1,4 +1,3 @@
-import { createHash, timingSafeEqual } from "node:crypto";
 import * as grpc from "@grpc/grpc-js";
 import {
   PROTOCOL_VERSION, adminService, controlChannelOptions, controlService,
@@ -7,20 +6,19 @@ import {
 import { DroverError, JobRequestError } from "./errors.js";
 import type { JobController, JobRecord } from "./job-controller.js";
 import type { Logger } from "./logger.js";
+import type { JoinTokenBook } from "./join-tokens.js";
 import { checkRegistration } from "./register-request.js";
+import { secretsEqual } from "./secret-compare.js";
 import type { WorkerChannel, WorkerRegistry } from "./worker-registry.js";
 
-/** Constant-time comparison of secrets of any length (hashing first equalises lengths). */
-export function secretsEqual(given: string, expected: string): boolean {
-  const digest = (value: string) => createHash("sha256").update(value).digest();
-  return timingSafeEqual(digest(given), digest(expected)) && expected.length > 0;
-}
+export { secretsEqual } from "./secret-compare.js";
 
 
 export interface ControlServerDeps {
   registry: WorkerRegistry;
   jobs: JobController;
-  joinToken: string;
+  /** Single-use join tokens the head minted for the nodes it asked for. */
+  joinTokens: JoinTokenBook;
   adminToken: string;
   heartbeatIntervalMs: number;
   heartbeatTimeoutMs: number;
@@ -71,11 +69,27 @@ export class ControlServer {
       register: (call, callback) => {
         const request = call.request;
         const peer = call.getPeer();
-        if (!secretsEqual(request.joinToken ?? "", this.deps.joinToken)) {
-          // Never log the token itself: a typo of the real one is nearly as secret.
-          logger.warn("worker refused: invalid join token", { node: request.nodeName, peer });
-          fail(callback, grpc.status.UNAUTHENTICATED, "invalid join token");
-          return;
+        const nodeName = request.nodeName ?? "";
+        const group = request.group ?? "";
+        const reauthenticating = (request.sessionToken ?? "") !== "";
+        // First the credential, before anything else the caller says is looked at: a join
+        // token (spent below, once the registration is valid) or, from a node reconnecting,
+        // its session credential. Neither value is ever logged.
+        if (reauthenticating) {
+          const verdict = registry.reauthenticate(nodeName, request.sessionToken ?? "");
+          if (!verdict.ok) {
+            logger.warn("worker refused: session credential not accepted", { node: nodeName, peer, reason: verdict.reason });
+            fail(callback, grpc.status.UNAUTHENTICATED, `session credential not accepted (${verdict.reason}); the node needs a new join token`);
+            return;
+          }
+        } else {
+          const verdict = this.deps.joinTokens.check(request.joinToken ?? "", { nodeName, group });
+          if (!verdict.ok) {
+            // A spent token presented again is a replay (or two replicas racing for one): said as such.
+            logger.warn(`worker refused: ${verdict.detail}`, { node: nodeName, group, peer });
+            fail(callback, grpc.status.UNAUTHENTICATED, verdict.detail);
+            return;
+          }
         }
         if ((request.protocolVersion ?? 0) !== PROTOCOL_VERSION) {
           fail(callback, grpc.status.FAILED_PRECONDITION, `protocol_version ${request.protocolVersion} is not supported; this head speaks ${PROTOCOL_VERSION}`);
@@ -87,11 +101,20 @@ export class ControlServer {
           fail(callback, grpc.status.INVALID_ARGUMENT, checked.error);
           return;
         }
+        if (!reauthenticating) {
+          const spent = this.deps.joinTokens.spend(request.joinToken ?? "", { nodeName, group });
+          if (!spent.ok) {
+            logger.warn(`worker refused: ${spent.detail}`, { node: nodeName, group, peer });
+            fail(callback, grpc.status.UNAUTHENTICATED, spent.detail);
+            return;
+          }
+        }
         const worker = registry.register(checked.value);
         callback(null, {
           protocolVersion: PROTOCOL_VERSION,
           workerId: worker.workerId,
           sessionToken: worker.sessionToken,
+          sessionExpiresAtMs: worker.sessionExpiresAtMs,
           heartbeatIntervalMs: this.deps.heartbeatIntervalMs,
           heartbeatTimeoutMs: this.deps.heartbeatTimeoutMs,
         });
@@ -115,6 +138,12 @@ export class ControlServer {
           });
           return;
         }
+        // The credential is renewed well before it expires, on the stream it protects.
+        const renewals = setInterval(() => {
+          const renewed = registry.renewSession(workerId);
+          if (renewed) channel.send({ sessionRenewal: { sessionToken: renewed.token, expiresAtMs: renewed.expiresAtMs } });
+        }, Math.max(1_000, Math.floor(registry.sessionTtlMs / 3)));
+        renewals.unref();
         call.on("data", (message: IWorkerMessage) => {
           registry.seen(workerId);
           if (message.metric) jobs.onMetric(workerId, message.metric);
@@ -124,7 +153,10 @@ export class ControlServer {
           else if (message.jobFailure) jobs.onJobFailure(workerId, message.jobFailure.jobId ?? "", message.jobFailure.reason ?? "the node could not run the job");
           else if (message.telemetry) this.deps.onTelemetry?.(workerId, message.telemetry);
         });
-        const end = () => registry.detach(workerId, channel);
+        const end = () => {
+          clearInterval(renewals);
+          registry.detach(workerId, channel);
+        };
         call.on("end", () => {
           end();
           call.end();

@@ -9,6 +9,7 @@ import { ControlServer } from "./control-server.js";
 import { CostTracker } from "./cost/cost-tracker.js";
 import { DASHBOARD_PATH, DashboardServer } from "./dashboard/dashboard-server.js";
 import { JobRequestError, StateError } from "./errors.js";
+import { JoinTokenBook } from "./join-tokens.js";
 import { JobController, isFinal, type JobLogLine, type JobRecord, type JobRequest } from "./job-controller.js";
 import type { Logger } from "./logger.js";
 import { backendNamed, createProvisioner, type Provisioner } from "./provisioners/registry.js";
@@ -59,6 +60,8 @@ export class Head extends EventEmitter<HeadEvents> {
   private repair: RepairLoop | undefined;
   private readonly appender: OrderedAppender;
   private readonly shutdownController = new AbortController();
+  /** One single-use token per node the head asks a backend for (join-tokens.ts). */
+  readonly joinTokens = new JoinTokenBook();
   private readonly startedAt = new Date().toISOString();
   private snapshotTimer: NodeJS.Timeout | undefined;
   /** Refreshes cluster.json every heartbeat interval, so status shows real last-heartbeat times. */
@@ -82,7 +85,6 @@ export class Head extends EventEmitter<HeadEvents> {
     readonly spec: ClusterSpec,
     readonly stateDir: StateDirectory,
     private readonly logger: Logger,
-    readonly joinToken: string,
     private readonly adminToken: string,
     /** What a head that stopped without `drover down` (a crash, kill -9) left: taken up again by start(). */
     private readonly interrupted: { jobs: JobRecord[] } | undefined,
@@ -130,7 +132,7 @@ export class Head extends EventEmitter<HeadEvents> {
     this.server = new ControlServer({
       registry: this.registry,
       jobs: this.jobs,
-      joinToken,
+      joinTokens: this.joinTokens,
       adminToken,
       heartbeatIntervalMs: spec.head.heartbeatIntervalMs,
       heartbeatTimeoutMs: spec.head.heartbeatTimeoutMs,
@@ -178,16 +180,14 @@ export class Head extends EventEmitter<HeadEvents> {
    * Prepares a head over `stateDirPath`. Refuses a state directory whose head is still
    * alive: two heads would fight over the same workers and files.
    */
-  static async create(spec: ClusterSpec, options: { stateDir: string; logger: Logger; joinToken?: string }): Promise<Head> {
+  static async create(spec: ClusterSpec, options: { stateDir: string; logger: Logger }): Promise<Head> {
     const state = new StateDirectory(options.stateDir);
     await mkdir(state.root, { recursive: true, mode: 0o700 });
     const previous = await state.readJson<HeadRecord>("head.json");
     if (previous && previous.pid !== process.pid && processAlive(previous.pid) && !["stopped", "failed"].includes(previous.state)) {
       throw new StateError(`a head (pid ${previous.pid}) is already running over ${state.root}; run \`drover down\` first`, { pid: previous.pid });
     }
-    const joinToken = options.joinToken ?? randomBytes(24).toString("base64url");
     const adminToken = randomBytes(24).toString("base64url");
-    registerSecretValue(joinToken);
     registerSecretValue(adminToken);
     // A previous head that neither stopped nor failed to start died under its jobs: its
     // nodes are reaped and its unfinished jobs resume from their newest committed
@@ -200,7 +200,7 @@ export class Head extends EventEmitter<HeadEvents> {
       });
       interrupted = { jobs: (cluster?.jobs ?? []).filter((job) => !isFinal(job.state)) };
     }
-    return new Head(spec, state, options.logger, joinToken, adminToken, interrupted);
+    return new Head(spec, state, options.logger, adminToken, interrupted);
   }
 
   private async setState(state: HeadState): Promise<void> {
@@ -274,7 +274,7 @@ export class Head extends EventEmitter<HeadEvents> {
       this.provisioner = createProvisioner(this.spec, {
         clusterName: this.spec.name,
         headAddress: this.controlAddress,
-        joinToken: this.joinToken,
+        joinTokens: this.joinTokens,
         agentEnv: {
           ...(this.storageConfig ? { DROVER_STORAGE_CONFIG: JSON.stringify(this.storageConfig) } : {}),
           // The CA's fingerprint, not a key: agents pin it and refuse any other head.
@@ -463,6 +463,10 @@ export class Head extends EventEmitter<HeadEvents> {
       await this.setState("stopping");
       this.logger.info("head shutting down", { reason });
       this.shutdownController.abort(new Error(reason));
+      // Nothing minted for this cluster gets a node in any more: unspent tokens and live
+      // session credentials are void from here (a node still starting cannot join).
+      this.joinTokens.revokeAll();
+      this.registry.revokeSessions();
       for (const job of this.jobs.activeJobs()) this.jobs.stop(job.jobId, `cluster shutting down: ${reason}`);
       await this.repair?.idle().catch(() => undefined);
       // Its last report prices the leases while they are still held.

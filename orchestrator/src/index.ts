@@ -14,3 +14,4 @@ export { TelemetryStore, SeriesRing, GPU_METRICS, NODE_METRICS, TELEMETRY_FILE_V
 export { checkTelemetry, type TelemetryBatch, type TelemetrySample } from "./telemetry/telemetry-report.js";
 export { ControlServer, type ControlServerDeps } from "./control-server.js";
 export { HeadAuthority, bridgeServerName, certificateFingerprint, type CertifiedKey } from "./tls/head-authority.js";
+export { JoinTokenBook, type JoinTokenBinding, type SpendVerdict } from "./join-tokens.js";

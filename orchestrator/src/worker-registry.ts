@@ -2,6 +2,7 @@ import { randomBytes, randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
 import type { IHeadMessage, IResources } from "@drover/proto";
 import type { Logger } from "./logger.js";
+import { secretsEqual } from "./secret-compare.js";
 
 export type WorkerConnection = "registered" | "connected" | "disconnected" | "lost";
 
@@ -23,8 +24,20 @@ export interface RegisteredWorker extends WorkerRegistration {
   connection: WorkerConnection;
   registeredAtMs: number;
   lastSeenMs: number;
-  /** Secret of the current Session; a stale stream from an earlier registration is refused. */
+  /**
+   * The node's current session credential (opens Session streams, re-registers); a
+   * stale one from an earlier registration is refused. Never written to state files.
+   */
   sessionToken: string;
+  /** When sessionToken stops being accepted unless renewed first. */
+  sessionExpiresAtMs: number;
+}
+
+/** Default life of a session credential; renewed on the Session stream every third of it. */
+export const SESSION_TTL_MS = 15 * 60_000;
+
+function newSessionToken(): string {
+  return randomBytes(24).toString("base64url");
 }
 
 export interface WorkerChannel {
@@ -57,10 +70,16 @@ export const systemClock: Clock = {
 export class WorkerRegistry extends EventEmitter<RegistryEvents> {
   private readonly workers = new Map<string, RegisteredWorker>();
   private readonly channels = new Map<string, WorkerChannel>();
+  /** The credential a renewal replaced, accepted until its own expiry (the renewal may have been lost on the way). */
+  private readonly previousSessions = new Map<string, { token: string; expiresAtMs: number }>();
   private timer: unknown;
 
-  constructor(private readonly options: { heartbeatTimeoutMs: number; clock?: Clock; logger: Logger }) {
+  constructor(private readonly options: { heartbeatTimeoutMs: number; clock?: Clock; logger: Logger; sessionTtlMs?: number }) {
     super();
+  }
+
+  get sessionTtlMs(): number {
+    return this.options.sessionTtlMs ?? SESSION_TTL_MS;
   }
 
   private get clock(): Clock {
@@ -94,18 +113,57 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
       connection: "registered",
       registeredAtMs: now,
       lastSeenMs: now,
-      sessionToken: randomBytes(24).toString("base64url"),
+      sessionToken: newSessionToken(),
+      sessionExpiresAtMs: now + this.sessionTtlMs,
     };
+    this.previousSessions.delete(worker.workerId);
     this.workers.set(worker.workerId, worker);
     this.options.logger.info(existing ? "worker re-registered" : "worker registered", { workerId: worker.workerId, node: worker.nodeName, group: worker.group, slots: worker.slots });
     this.emit("changed");
     return worker;
   }
 
-  /** Binds a Session stream; false when the worker id or session secret does not match. */
+  /** True when `token` is a live session credential of this worker (current, or the one a renewal just replaced). */
+  private sessionValid(worker: RegisteredWorker, token: string): boolean {
+    const now = this.clock.now();
+    if (token === "") return false;
+    if (secretsEqual(token, worker.sessionToken) && now < worker.sessionExpiresAtMs) return true;
+    const previous = this.previousSessions.get(worker.workerId);
+    return previous !== undefined && secretsEqual(token, previous.token) && now < previous.expiresAtMs;
+  }
+
+  /**
+   * The registered node a re-registration with this session credential belongs to, or
+   * why there is none (the credential is what a reconnecting agent holds instead of its
+   * spent join token).
+   */
+  reauthenticate(nodeName: string, token: string): { ok: true; worker: RegisteredWorker } | { ok: false; reason: string } {
+    const worker = [...this.workers.values()].find((candidate) => candidate.nodeName === nodeName);
+    if (!worker) return { ok: false, reason: `no node ${nodeName} is registered` };
+    if (!this.sessionValid(worker, token)) return { ok: false, reason: "the session credential is unknown or expired" };
+    return { ok: true, worker };
+  }
+
+  /** A fresh credential for the worker; the one it replaces is honoured until its own expiry. */
+  renewSession(workerId: string): { token: string; expiresAtMs: number } | undefined {
+    const worker = this.workers.get(workerId);
+    if (!worker) return undefined;
+    this.previousSessions.set(workerId, { token: worker.sessionToken, expiresAtMs: worker.sessionExpiresAtMs });
+    worker.sessionToken = newSessionToken();
+    worker.sessionExpiresAtMs = this.clock.now() + this.sessionTtlMs;
+    return { token: worker.sessionToken, expiresAtMs: worker.sessionExpiresAtMs };
+  }
+
+  /** Every session credential is worthless from now on (the cluster is going down). */
+  revokeSessions(): void {
+    this.previousSessions.clear();
+    for (const worker of this.workers.values()) worker.sessionExpiresAtMs = 0;
+  }
+
+  /** Binds a Session stream; false when the worker id or session credential does not match (or expired). */
   attach(workerId: string, sessionToken: string, channel: WorkerChannel): boolean {
     const worker = this.workers.get(workerId);
-    if (!worker || worker.sessionToken !== sessionToken) return false;
+    if (!worker || !this.sessionValid(worker, sessionToken)) return false;
     this.channels.get(workerId)?.close();
     this.channels.set(workerId, channel);
     worker.connection = "connected";

@@ -42,6 +42,8 @@ export interface RenderSdlOptions {
    * the manifest, hence of the manifest hash, but not of anything written on chain.
    */
   readonly extraEnv?: Readonly<Record<string, string>>;
+  /** Env added to one role's service only, after extraEnv (each role's join tokens). */
+  readonly roleEnv?: Readonly<Partial<Record<GroupRole, Readonly<Record<string, string>>>>>;
 }
 
 type Service = SDLInput['services'][string];
@@ -119,6 +121,7 @@ function renderService(group: CompiledAkashGroup, role: GroupRole, options: Rend
   const env = {
     ...group.env,
     ...options.extraEnv,
+    ...options.roleEnv?.[role],
     DROVER_GROUP: group.name,
     DROVER_GROUP_ROLE: role,
     DROVER_BRIDGE_PORT: String(BRIDGE_PORT),

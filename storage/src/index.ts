@@ -5,6 +5,7 @@ export {
   REDACTED,
   isSecretFieldName,
   registerSecretValue,
+  forgetSecretValue,
   redactText,
   redactValue,
   redactFields,

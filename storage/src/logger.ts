@@ -49,6 +49,11 @@ export function registerSecretValue(value: string): void {
   if (value.length >= MIN_SECRET_VALUE_LENGTH) knownSecretValues.add(value);
 }
 
+/** Stops redacting a value that is no secret any more (an expired, replaced session credential), so the set stays small. */
+export function forgetSecretValue(value: string): void {
+  knownSecretValues.delete(value);
+}
+
 export function redactText(text: string): string {
   let out = text;
   for (const value of knownSecretValues) {

@@ -2,6 +2,7 @@ import { X509Certificate } from "node:crypto";
 import { isIP } from "node:net";
 import tls, { type DetailedPeerCertificate } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
+import { HEAD_TLS_NAME } from "@drover/proto";
 import { HeadTrustError } from "./errors.js";
 
 /**
@@ -73,8 +74,13 @@ export async function fetchPinnedHeadCa(address: string, caSha256: string, signa
   return toPem(pinned);
 }
 
-/** gRPC channel credentials for the head under `trust`. */
-export async function headChannelCredentials(address: string, trust: HeadTrust, signal: AbortSignal): Promise<grpc.ChannelCredentials> {
-  if (trust.kind === "insecure") return grpc.credentials.createInsecure();
-  return grpc.credentials.createSsl(Buffer.from(await fetchPinnedHeadCa(address, trust.caSha256, signal)));
+/**
+ * gRPC channel credentials for the head under `trust`, and the channel options that go
+ * with them: the certificate is verified against HEAD_TLS_NAME, not the address dialled
+ * (a veth, NAT or tunnel address the head could not know when it issued it).
+ */
+export async function headChannel(address: string, trust: HeadTrust, signal: AbortSignal): Promise<{ credentials: grpc.ChannelCredentials; options: Record<string, string> }> {
+  if (trust.kind === "insecure") return { credentials: grpc.credentials.createInsecure(), options: {} };
+  const caPem = await fetchPinnedHeadCa(address, trust.caSha256, signal);
+  return { credentials: grpc.credentials.createSsl(Buffer.from(caPem)), options: { "grpc.ssl_target_name_override": HEAD_TLS_NAME, "grpc.default_authority": HEAD_TLS_NAME } };
 }

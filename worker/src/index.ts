@@ -10,4 +10,4 @@ export { CODECS, decodeFrame, encodeFrame, encodeTensor, TensorAssembler, type C
 export { GpuSampler, parseGpuTelemetryCsv, queryNvidiaSmi, GPU_QUERY_ARGS, GPU_QUERY_FIELDS, type GpuQueryResult } from "./telemetry/gpu-sampler.js";
 export { NodeSampler, parseMeminfo, parseNetDev, parseProcStat, cpuUtilization } from "./telemetry/node-sampler.js";
 export { TelemetryReporter, parseTelemetryInterval, DEFAULT_TELEMETRY_INTERVAL_MS, type TelemetryReporterState } from "./telemetry/telemetry-reporter.js";
-export { fetchPinnedHeadCa, headChannelCredentials, headTrustFrom, type HeadTrust } from "./head-trust.js";
+export { fetchPinnedHeadCa, headChannel, headTrustFrom, type HeadTrust } from "./head-trust.js";

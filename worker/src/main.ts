@@ -85,7 +85,8 @@ async function main(): Promise<number> {
   }
   const logger = createLogger({ component: "worker" });
   const joinToken = values["join-token-file"] ? readFileSync(values["join-token-file"], "utf8").trim() : process.env.DROVER_JOIN_TOKEN ?? "";
-  registerSecretValue(joinToken);
+  // One token, or a list of them (replicas sharing one environment): each is a secret.
+  for (const token of [joinToken, ...joinToken.split(",")]) registerSecretValue(token.trim());
   let agent: WorkerAgent;
   try {
     agent = WorkerAgent.create({

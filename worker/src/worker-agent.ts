@@ -11,11 +11,11 @@ import {
   ControlClient, LogStream, PROTOCOL_VERSION, callUnary, controlChannelOptions,
   type HeadMessage, type ICheckpointFile, type IStartJob, type IWorkerMessage,
 } from "@drover/proto";
-import { CheckpointStore, registerSecretValue, retryThroughOutage, STORE_OUTAGE_RETRY, type StorageConfigInput } from "@drover/storage";
+import { CheckpointStore, forgetSecretValue, registerSecretValue, retryThroughOutage, STORE_OUTAGE_RETRY, type StorageConfigInput } from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
 import { confineCheckpointReport } from "./checkpoint-report.js";
 import { HeadTrustError, JoinRefusedError, WorkerConfigError } from "./errors.js";
-import { headChannelCredentials, type HeadTrust } from "./head-trust.js";
+import { headChannel, type HeadTrust } from "./head-trust.js";
 import type { Logger } from "./logger.js";
 import { probeResources } from "./resource-probe.js";
 import { TrainerSupervisor } from "./trainer-supervisor.js";
@@ -27,7 +27,13 @@ export const AGENT_VERSION = "0.1.0";
 
 export const workerOptionsSchema = z.object({
   headAddress: z.string().regex(/^[^\s:]+:\d+$/, "expected host:port"),
-  joinToken: z.string().min(16, "join token is too short"),
+  /**
+   * Single-use join tokens (DROVER_JOIN_TOKEN): one, or a comma-separated list where the
+   * replicas of one Akash service share an environment; the agent spends the first the
+   * head still accepts. Once registered it holds a session credential instead.
+   */
+  joinToken: z.string().min(16, "join token is too short").transform((text) => text.split(",").map((token) => token.trim()).filter(Boolean))
+    .pipe(z.array(z.string().min(16, "join token is too short")).min(1).max(64, "more than 64 join tokens")),
   /** How the head proves itself: its CA's pinned fingerprint (TLS), or plaintext by explicit choice. */
   headTrust: z.custom<HeadTrust>((value) => typeof value === "object" && value !== null && ["pinned", "insecure"].includes((value as HeadTrust).kind), "expected a head trust (pinned CA fingerprint or insecure)"),
   nodeName: z.string().regex(/^[A-Za-z0-9._-]{1,63}$/, "letters, digits, '.', '_' and '-' only"),
@@ -120,6 +126,11 @@ export class WorkerAgent {
   private readonly checkpoints: CheckpointStore | undefined;
   /** Tells the head this is a new agent process (see RegisterRequest.incarnation). */
   private readonly incarnation = randomUUID();
+  /**
+   * The session credential the head gave this agent (renewed on the Session stream): a
+   * reconnect proves itself with it, since the join token was spent on the first Register.
+   */
+  private session: { token: string; expiresAtMs: number; previous?: string } | undefined;
 
   private constructor(readonly options: WorkerOptions, private readonly logger: Logger) {
     // Every concurrent part transfer listens on this one signal; the default cap of 10 warns.
@@ -187,31 +198,15 @@ export class WorkerAgent {
     const signal = this.stopController.signal;
     const resources = await probeResources({ workDir: this.options.stateDir, advertiseAddress: this.options.advertiseAddress, logger: this.logger, signal });
     // Created once the head proved itself (the pinned CA); the channel then reconnects on its own.
-    this.client ??= new ControlClient(this.options.headAddress, await headChannelCredentials(this.options.headAddress, this.options.headTrust, signal), controlChannelOptions);
-    const client = this.client;
-    let registered;
-    try {
-      registered = await callUnary(client.register.bind(client), {
-        protocolVersion: PROTOCOL_VERSION,
-        joinToken: this.options.joinToken,
-        nodeName: this.options.nodeName,
-        group: this.options.group,
-        resources,
-        agentVersion: AGENT_VERSION,
-        incarnation: this.incarnation,
-        slots: this.options.slots,
-        bridgeAddress: this.bridge?.advertised ?? "",
-      }, new grpc.Metadata(), { signal, timeoutMs: 10_000 });
-    } catch (error) {
-      if ((error as grpc.ServiceError).code === grpc.status.UNAUTHENTICATED) {
-        throw new JoinRefusedError("the head refused this worker's join token", { head: this.options.headAddress }, { cause: error });
-      }
-      throw error;
+    if (!this.client) {
+      const channel = await headChannel(this.options.headAddress, this.options.headTrust, signal);
+      this.client = new ControlClient(this.options.headAddress, channel.credentials, { ...controlChannelOptions, ...channel.options });
     }
+    const client = this.client;
+    const registered = await this.register(client, resources, signal);
     this.lastContact = Date.now();
     const metadata = new grpc.Metadata();
     metadata.set("x-drover-worker-id", registered.workerId);
-    registerSecretValue(registered.sessionToken);
     metadata.set("x-drover-session-token", registered.sessionToken);
     const stream = client.session(metadata);
     this.stream = stream;
@@ -239,6 +234,60 @@ export class WorkerAgent {
       this.lastContact = Date.now();
     });
     throw new Error("session stream ended");
+  }
+
+  /**
+   * Register: with the session credential when the agent holds one (a reconnect), else
+   * with its join tokens in turn (replicas sharing a list start at different places, so
+   * they rarely race for one). A refused credential is final: a new node needs a new token.
+   */
+  private async register(client: ControlClient, resources: Awaited<ReturnType<typeof probeResources>>, signal: AbortSignal) {
+    const request = {
+      protocolVersion: PROTOCOL_VERSION,
+      nodeName: this.options.nodeName,
+      group: this.options.group,
+      resources,
+      agentVersion: AGENT_VERSION,
+      incarnation: this.incarnation,
+      slots: this.options.slots,
+      bridgeAddress: this.bridge?.advertised ?? "",
+    };
+    const attempt = (credential: { joinToken: string } | { sessionToken: string }) =>
+      callUnary(client.register.bind(client), { ...request, ...credential }, new grpc.Metadata(), { signal, timeoutMs: 10_000 });
+    const refused = (error: unknown) => (error as grpc.ServiceError).code === grpc.status.UNAUTHENTICATED;
+    let registered;
+    if (this.session) {
+      try {
+        registered = await attempt({ sessionToken: this.session.token });
+      } catch (error) {
+        if (!refused(error)) throw error;
+        throw new JoinRefusedError(`the head no longer accepts this worker's session (${(error as grpc.ServiceError).details}); the node needs a new join token`, { head: this.options.headAddress }, { cause: error });
+      }
+    } else {
+      const tokens = this.options.joinToken;
+      const start = createHash("sha256").update(this.options.nodeName).digest().readUInt32BE(0) % tokens.length;
+      let lastRefusal: grpc.ServiceError | undefined;
+      for (let offset = 0; offset < tokens.length && !registered; offset++) {
+        try {
+          registered = await attempt({ joinToken: tokens[(start + offset) % tokens.length]! });
+        } catch (error) {
+          if (!refused(error)) throw error;
+          lastRefusal = error as grpc.ServiceError;
+        }
+      }
+      if (!registered) {
+        throw new JoinRefusedError(`the head refused this worker's join token${tokens.length > 1 ? "s" : ""} (${lastRefusal?.details ?? "refused"})`, { head: this.options.headAddress }, { cause: lastRefusal });
+      }
+    }
+    this.holdSession(registered.sessionToken, Number(registered.sessionExpiresAtMs ?? 0));
+    return registered;
+  }
+
+  /** Keeps the newest credential and the one before it (a reconnect racing a renewal), redacted from logs. */
+  private holdSession(token: string, expiresAtMs: number): void {
+    registerSecretValue(token);
+    if (this.session?.previous) forgetSecretValue(this.session.previous);
+    this.session = { token, expiresAtMs, ...(this.session ? { previous: this.session.token } : {}) };
   }
 
   /**
@@ -273,6 +322,8 @@ export class WorkerAgent {
         running.outer?.bridge.close();
         void running.supervisor.stop(message.stopJob.graceMs || this.options.stopGraceMs);
       }
+    } else if (message.sessionRenewal) {
+      this.holdSession(message.sessionRenewal.sessionToken ?? "", Number(message.sessionRenewal.expiresAtMs ?? 0));
     } else if (message.bridgePeers) {
       // Another group restarted or moved: its leader's bridge may listen elsewhere now.
       const running = this.jobs.get(message.bridgePeers.jobId ?? "");

@@ -67,7 +67,12 @@ export interface BackendContext {
   readonly clusterName: string;
   /** host:port workers dial. */
   readonly headAddress: string;
-  readonly joinToken: string;
+  /**
+   * Mints the single-use join token of one node (DROVER_JOIN_TOKEN): one per node
+   * launched, bound to its group and, where the backend names its nodes, to the name.
+   * A token that will never reach a node (an ask closed without a lease) is discarded.
+   */
+  readonly joinTokens: { mint(binding: { group: string; nodeName?: string }): string; discard(token: string): void };
   /** Extra environment every node's agent gets (storage config); may hold secrets. */
   readonly agentEnv: Readonly<Record<string, string>>;
   readonly heartbeatTimeoutMs: number;

@@ -5,6 +5,7 @@ import { isIP } from "node:net";
 // @peculiar/x509 resolves its ASN.1 schemas through tsyringe, which needs the Reflect metadata API.
 import "reflect-metadata";
 import * as x509 from "@peculiar/x509";
+import { HEAD_TLS_NAME } from "@drover/proto";
 import { StateError } from "../errors.js";
 import type { StateDirectory } from "../state-store.js";
 
@@ -126,12 +127,13 @@ export class HeadAuthority {
   }
 
   /**
-   * The head's control-plane certificate for every name in `names` (host names and IP
-   * addresses; the loopback names and this machine's addresses are always added), with
-   * the CA appended so a worker sees the CA it pins in the chain.
+   * The head's control-plane certificate: for HEAD_TLS_NAME, which agents verify, and
+   * for every name in `names`, loopback and this machine's addresses (for other TLS
+   * clients that check the address they dial), with the CA appended so a worker sees
+   * the CA it pins in the chain.
    */
   async issueHeadCertificate(names: readonly string[]): Promise<CertifiedKey & { chainPem: string; names: string[] }> {
-    const all = new Set<string>(["localhost", "127.0.0.1", "::1", os.hostname()]);
+    const all = new Set<string>([HEAD_TLS_NAME, "localhost", "127.0.0.1", "::1", os.hostname()]);
     for (const addresses of Object.values(os.networkInterfaces())) for (const address of addresses ?? []) all.add(address.address.replace(/%.*$/, ""));
     for (const name of names) if (name && name !== "0.0.0.0" && name !== "::") all.add(name.replace(/^\[|\]$/g, ""));
     const issued = await this.issue("CN=drover head", [...all], HEAD_VALIDITY_MS, "server");

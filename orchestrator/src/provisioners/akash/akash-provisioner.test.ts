@@ -12,6 +12,7 @@ import { LeaseLedger } from "./lease-ledger.js";
 import { silentLogger, type Logger } from "../../logger.js";
 import { StateDirectory } from "../../state-store.js";
 import { AkashProvisioner, BlockTimeEstimate, akashBackend, planTopUp, resolveAkashMnemonic, type AkashProvisionerConfig } from "./akash-provisioner.js";
+import { JoinTokenBook } from "../../join-tokens.js";
 
 const A100_PROVIDER = "akash18ga02jzaq8cw52anyhzkwta5wygufgu6zsz6xc";
 const RTX_PROVIDER = "akash17gqmzu0lnh2uclx9flm755arylrhgqy7udj3el";
@@ -57,7 +58,7 @@ function provisioner(sim: AkashSimulator, groups = at1Groups(), overrides: Parti
 }
 
 const context = (signal: AbortSignal = AbortSignal.timeout(25_000), logger: Logger = silentLogger) => ({
-  headAddress: "head.example:7070", joinToken: "join-secret", agentEnv: {}, state, logger, signal,
+  headAddress: "head.example:7070", joinTokens: new JoinTokenBook(), agentEnv: {}, state, logger, signal,
 });
 
 beforeEach(async () => {

@@ -12,7 +12,7 @@
 import { sleep } from "../../abortable-sleep.js";
 import { readFile } from "node:fs/promises";
 import { manifestToSortedJSON } from "@akashnetwork/chain-sdk";
-import { buildManifest, deploymentVersion, renderGroupSdlYaml, serviceName, type CompiledAkashGroup } from "@drover/sdl";
+import { buildManifest, deploymentVersion, renderGroupSdlYaml, serviceName, type CompiledAkashGroup, type RenderSdlOptions } from "@drover/sdl";
 import type { ChainBlock, LeaseOnChain } from "../../cost/run-cost.js";
 import { ProvisionError } from "../../errors.js";
 import { LeaseLedger, ledgerProgress, reconcile, type LedgerOperation, type ReconcileDecision } from "./lease-ledger.js";
@@ -27,7 +27,7 @@ import { freeLoopbackPort } from "../local/local-provisioner.js";
 import { BRIDGE_PORT_NAME, type BackendContext, type NodePort, type NodeRecord, type Provisioner, type ProvisionerBackend } from "../provisioner.js";
 
 /** What one provisioning pass needs: the head's address and token, where to record, and its signal. */
-export type AkashProvisionContext = Pick<BackendContext, "headAddress" | "joinToken" | "agentEnv" | "state" | "logger"> & { readonly signal: AbortSignal };
+export type AkashProvisionContext = Pick<BackendContext, "headAddress" | "joinTokens" | "agentEnv" | "state" | "logger"> & { readonly signal: AbortSignal };
 
 /** The cross-group bridge's port inside every Akash container, exposed globally (the provider forwards a random external port to it). */
 export const AKASH_BRIDGE_PORT = 7447;
@@ -120,6 +120,12 @@ export class AkashProvisioner implements Provisioner {
   readonly name = "akash";
   private readonly now: () => number;
   private dseqCounter = 0;
+  /**
+   * Each ask's join tokens, one per replica: the SDL is rendered at the ask (its hash goes
+   * on chain) and again for the manifest, which must hash the same, so both renders use
+   * the same tokens.
+   */
+  private readonly joinTokensOfAsk = new Map<string, { leader: string; workers: string[] }>();
   private keeper: EscrowKeeper | undefined;
   /** Whether this head has settled what an earlier head of the state directory left. */
   private settled = false;
@@ -230,7 +236,12 @@ export class AkashProvisioner implements Provisioner {
       const placements = await this.runMarket(groups, ledger, client, context);
       const nodes: NodeRecord[] = [];
       for (const placement of placements) {
-        const started = await this.startGroup(placement, client, context);
+        const started = await this.startGroup(placement, client, context).catch((error: unknown) => {
+          // The manifest (with the tokens) may have reached the provider: they must not work later.
+          this.discardJoinTokens(placement.askId, context);
+          throw error;
+        });
+        this.joinTokensOfAsk.delete(placement.askId);
         nodes.push(...started);
         const record: AkashLeaseRecord = {
           group: placement.part.name, wanted: placement.wanted, dseq: placement.dseq, provider: placement.provider,
@@ -307,7 +318,7 @@ export class AkashProvisioner implements Provisioner {
       switch (action.kind) {
         case "post-ask": {
           const dseq = this.nextDseq();
-          const yaml = renderGroupSdlYaml(action.group, { extraEnv: { DROVER_HEAD: context.headAddress, DROVER_JOIN_TOKEN: context.joinToken, ...context.agentEnv } });
+          const yaml = renderGroupSdlYaml(action.group, this.sdlEnv(action.askId, action.group, context));
           const { groupSpecs } = buildManifest(yaml);
           const message = client.createDeploymentMessage({ dseq, groupSpecs, hash: await deploymentVersion(yaml), deposit: this.config.deposit });
           await sendTracked(ledger, client, { op: "create-deployment", dseq, group: action.group.name, askId: action.askId }, [message], signal);
@@ -334,6 +345,7 @@ export class AkashProvisioner implements Provisioner {
             logger.warn("lease creation failed; the part goes back to the market", { askId: action.askId, dseq, provider: action.bid.provider, error: error.message });
             strategy.acceptFailed(action.askId);
             await sendTracked(ledger, client, { op: "close-deployment", dseq, reason: "lease creation failed" }, [client.closeDeploymentMessage(dseq)], signal);
+            this.discardJoinTokens(action.askId, context);
             break;
           }
           logger.info("lease created", { group: action.part.name, dseq, provider: action.bid.provider, price: action.bid.price, nodes: action.part.nodes });
@@ -343,6 +355,7 @@ export class AkashProvisioner implements Provisioner {
         case "close-ask": {
           const dseq = dseqOfAsk.get(action.askId)!;
           await sendTracked(ledger, client, { op: "close-deployment", dseq, reason: action.reason }, [client.closeDeploymentMessage(dseq)], signal);
+          this.discardJoinTokens(action.askId, context);
           logger.info("ask closed", { askId: action.askId, dseq, reason: action.reason });
           break;
         }
@@ -358,7 +371,7 @@ export class AkashProvisioner implements Provisioner {
   /** Sends the manifest and waits until the provider runs every service of the group. */
   private async startGroup(placement: Placement & { dseq: string }, client: AkashChainClient, context: AkashProvisionContext): Promise<NodeRecord[]> {
     const { signal, logger } = context;
-    const yaml = renderGroupSdlYaml(placement.part, { extraEnv: { DROVER_HEAD: context.headAddress, DROVER_JOIN_TOKEN: context.joinToken, ...context.agentEnv } });
+    const yaml = renderGroupSdlYaml(placement.part, this.sdlEnv(placement.askId, placement.part, context));
     const body = manifestToSortedJSON(buildManifest(yaml).groups);
     const hostUri = await client.providerHostUri(placement.provider, signal);
     if (hostUri === "") throw new ProvisionError(`provider ${placement.provider} publishes no host URI`, true, { provider: placement.provider });
@@ -395,6 +408,33 @@ export class AkashProvisioner implements Provisioner {
 
   private readAdvertisements(signal: AbortSignal, logger: Logger): Promise<ProviderAdvertisement[]> {
     return readProviderAdvertisements(this.config.providerStatusUrls ?? {}, signal, logger);
+  }
+
+  /**
+   * The env of one ask's services: the head's address and the agents' config for all, and
+   * a single-use join token per replica: the leader service's one, and the worker
+   * service's N-1 as a comma-separated list (its replicas share one environment; each
+   * agent spends the first the head still accepts).
+   */
+  private sdlEnv(askId: string, group: CompiledAkashGroup, context: AkashProvisionContext): RenderSdlOptions {
+    let tokens = this.joinTokensOfAsk.get(askId);
+    if (!tokens) {
+      const mint = () => context.joinTokens.mint({ group: group.name });
+      tokens = { leader: mint(), workers: Array.from({ length: Math.max(0, group.nodes - 1) }, mint) };
+      this.joinTokensOfAsk.set(askId, tokens);
+    }
+    return {
+      extraEnv: { DROVER_HEAD: context.headAddress, ...context.agentEnv },
+      roleEnv: { leader: { DROVER_JOIN_TOKEN: tokens.leader }, ...(tokens.workers.length > 0 ? { worker: { DROVER_JOIN_TOKEN: tokens.workers.join(",") } } : {}) },
+    };
+  }
+
+  /** An ask closed or a group that did not start: its tokens must not let anyone in later. */
+  private discardJoinTokens(askId: string, context: Pick<AkashProvisionContext, "joinTokens">): void {
+    const tokens = this.joinTokensOfAsk.get(askId);
+    if (!tokens) return;
+    for (const token of [tokens.leader, ...tokens.workers]) context.joinTokens.discard(token);
+    this.joinTokensOfAsk.delete(askId);
   }
 
   private nextDseq(): string {

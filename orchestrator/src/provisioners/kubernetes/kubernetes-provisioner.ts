@@ -164,7 +164,8 @@ export class KubernetesProvisioner implements Provisioner {
     const secret = {
       metadata: { name: this.secretName, labels: this.labels() },
       type: "Opaque",
-      stringData: { ...this.context.agentEnv, DROVER_JOIN_TOKEN: this.context.joinToken },
+      // Shared by every pod; each pod's single-use join token is in a Secret of its own.
+      stringData: { ...this.context.agentEnv },
     };
     try {
       await abortable(this.api.createNamespacedSecret({ namespace: this.spec.namespace, body: secret }), signal);
@@ -206,6 +207,7 @@ export class KubernetesProvisioner implements Provisioner {
     const launched: NodeRecord[] = [];
     for (let made = 0; made < count; made++) {
       const pod = this.podFor(group);
+      await this.createJoinSecret(pod.metadata!.name!, group.name, signal);
       let created: V1Pod;
       try {
         created = await abortable(this.api.createNamespacedPod({ namespace: this.spec.namespace, body: pod }), signal);
@@ -217,6 +219,18 @@ export class KubernetesProvisioner implements Provisioner {
       launched.push(this.recordOf(created));
     }
     return launched;
+  }
+
+  /** The pod's own Secret with its single-use join token, bound to the pod's name and group. */
+  private async createJoinSecret(podName: string, group: string, signal: AbortSignal): Promise<void> {
+    const token = this.context.joinTokens.mint({ group, nodeName: podName });
+    const secret = { metadata: { name: joinSecretName(podName), labels: this.labels(group) }, type: "Opaque", stringData: { DROVER_JOIN_TOKEN: token } };
+    try {
+      await abortable(this.api.createNamespacedSecret({ namespace: this.spec.namespace, body: secret }), signal);
+    } catch (error) {
+      this.context.joinTokens.discard(token);
+      throw provisionError(`creating the join token Secret of pod ${podName}`, error);
+    }
   }
 
   private podFor(group: KubernetesGroup): V1Pod {
@@ -245,8 +259,8 @@ export class KubernetesProvisioner implements Provisioner {
             { name: "DROVER_NODE_NAME", valueFrom: { fieldRef: { fieldPath: "metadata.name" } } },
             { name: "DROVER_ADVERTISE_ADDRESS", valueFrom: { fieldRef: { fieldPath: "status.podIP" } } },
           ],
-          // The join token and the storage credentials: from the Secret, never in the pod spec.
-          envFrom: [{ secretRef: { name: this.secretName } }],
+          // The join token and the storage config: from Secrets, never in the pod spec.
+          envFrom: [{ secretRef: { name: this.secretName } }, { secretRef: { name: joinSecretName(name) } }],
           ports: [
             { name: "master", containerPort: this.spec.masterPort },
             { name: BRIDGE_PORT_NAME, containerPort: this.spec.bridgePort },
@@ -294,6 +308,9 @@ export class KubernetesProvisioner implements Provisioner {
       } catch (error) {
         if (!notFound(error)) throw provisionError(`deleting pod ${name}`, error);
       }
+      await abortable(this.api.deleteNamespacedSecret({ name: joinSecretName(name), namespace: this.spec.namespace }), signal).catch((error: unknown) => {
+        if (!notFound(error)) this.context.logger.warn("could not delete a pod's join token Secret; `drover down` removes it with the cluster's labels", { pod: name });
+      });
     }
   }
 
@@ -434,3 +451,8 @@ export const kubernetesBackend: ProvisionerBackend<typeof kubernetesSpecSchema> 
   create: (section, context) => new KubernetesProvisioner(section, context),
   reap: reapKubernetes,
 };
+
+/** The Secret holding one pod's join token (pod names are at most 63 characters; Secret names may be 253). */
+function joinSecretName(podName: string): string {
+  return `${podName}-join`;
+}

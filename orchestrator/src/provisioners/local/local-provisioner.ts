@@ -151,7 +151,7 @@ export class LocalProvisioner implements Provisioner {
         "--bridge-port", "0",
         "--bridge-host", network ? network.wanAddress : "127.0.0.1",
       ], {
-        env: { ...process.env, ...agentEnvFor(this.context.agentEnv, network), DROVER_JOIN_TOKEN: this.context.joinToken },
+        env: { ...process.env, ...agentEnvFor(this.context.agentEnv, network), DROVER_JOIN_TOKEN: this.context.joinTokens.mint({ group: group.name, nodeName }) },
         stdio: ["ignore", logFd, logFd],
         detached: true,
       });
