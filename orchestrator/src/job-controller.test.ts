@@ -239,6 +239,19 @@ describe("JobController: a job is done only when its checkpoints are", () => {
     expect(summarizeJob(job)).toContain("  checkpoint step 20 NOT stored: rank 3 could not store it: PutObject failed: ECONNREFUSED");
   });
 
+  it("says a step is committed once, even when its ranks report it again and it is committed again (issue 14 item 11)", async () => {
+    const { job, report, exitAll, lines } = await runToExit(async () => true);
+    // The final step saved on the interval and again at the end: two full rounds of reports, two commits.
+    report(120);
+    jobs.markCommitted(job.jobId, 120);
+    report(120);
+    jobs.markCommitted(job.jobId, 120);
+    exitAll();
+    await until(() => job.state === "succeeded", "the job to succeed");
+    expect(lines.filter((line) => line === "checkpoint step 120 committed")).toHaveLength(1);
+    expect(job.checkpointsCommitted).toEqual([120]);
+  });
+
   it("counts a step some ranks never reported as lost", async () => {
     const { job, exitAll } = await runToExit(async () => true);
     jobs.onCheckpoint(registry.connected()[0]!.workerId, { jobId: job.jobId, rank: 0, step: 40, files: [] });
