@@ -503,6 +503,8 @@ async function commandStatus(args: string[]): Promise<number> {
     if (job.state === "running") for (const stalled of job.stalled ?? []) print(`    STALLED: rank ${stalled.rank} has made no progress (no step, no output) for ${Math.round(stalled.idleMs / 1000)}s`);
   }
   for (const alert of telemetry.alerts) print(`warning: ${alert.message}`);
+  const diskFull = (cluster as { diskFull?: { message: string; atMs: number } } | undefined)?.diskFull;
+  if (diskFull) print(`warning: the head could not write for a full disk ${Math.max(0, Math.round((Date.now() - diskFull.atMs) / 1000))}s ago: ${diskFull.message}`);
   return 0;
 }
 

@@ -31,12 +31,18 @@ interface HeadEvents {
   telemetry: [];
 }
 
-/** Serialises appends to one file so lines keep their order. */
+/** A full disk is logged at most this often per file (a log line is written per output line). */
+const DISK_FULL_WARN_INTERVAL_MS = 60_000;
+
+/**
+ * Serialises appends to one file so lines keep their order. A line that cannot be written
+ * (a full disk) is dropped and handed to `onFailure`; the lines after it are tried again.
+ */
 class OrderedAppender {
   private tail = Promise.resolve();
-  constructor(private readonly state: StateDirectory) {}
+  constructor(private readonly state: StateDirectory, private readonly onFailure: (relative: string, error: Error) => void) {}
   append(relative: string, text: string): void {
-    this.tail = this.tail.then(() => this.state.append(relative, text)).catch(() => undefined);
+    this.tail = this.tail.then(() => this.state.append(relative, text)).catch((error: Error) => this.onFailure(relative, error));
   }
   flushed(): Promise<void> {
     return this.tail;
@@ -62,6 +68,9 @@ export class Head extends EventEmitter<HeadEvents> {
   private readonly shutdownController = new AbortController();
   /** One single-use token per node the head asks a backend for (join-tokens.ts). */
   readonly joinTokens = new JoinTokenBook();
+  /** The newest disk-full error of any write of the head (state files, logs, checkpoint objects). */
+  private diskFull: { message: string; atMs: number } | undefined;
+  private readonly diskFullWarnedAt = new Map<string, number>();
   private readonly startedAt = new Date().toISOString();
   private snapshotTimer: NodeJS.Timeout | undefined;
   /** Refreshes cluster.json every heartbeat interval, so status shows real last-heartbeat times. */
@@ -90,7 +99,7 @@ export class Head extends EventEmitter<HeadEvents> {
     private readonly interrupted: { jobs: JobRecord[] } | undefined,
   ) {
     super();
-    this.appender = new OrderedAppender(stateDir);
+    this.appender = new OrderedAppender(stateDir, (relative, error) => this.stateWriteFailed(relative, error));
     this.registry = new WorkerRegistry({ heartbeatTimeoutMs: spec.head.heartbeatTimeoutMs, logger: logger.child({ component: "registry" }) });
     this.jobs = new JobController({
       registry: this.registry,
@@ -237,7 +246,9 @@ export class Head extends EventEmitter<HeadEvents> {
       startedAt: this.startedAt,
       updatedAt: new Date().toISOString(),
     };
-    await this.stateDir.writeJson("head.json", record);
+    // A head.json that cannot be written (a full disk) must not stop a state change, the
+    // shutdown's above all: `drover down` still finds the head by the pid written before.
+    await this.stateDir.writeJson("head.json", record).catch((error: Error) => this.stateWriteFailed("head.json", error));
   }
 
   /** Starts the servers and provisions the nodes; resolves once every node was asked for. */
@@ -355,7 +366,12 @@ export class Head extends EventEmitter<HeadEvents> {
     if (this.spec.storage) {
       this.storageConfig = this.spec.storage;
     } else if (this.spec.provisioner === "local") {
-      this.embeddedS3 = await startLocalS3Server({ directory: this.stateDir.path("s3"), signal: this.shutdownController.signal });
+      this.embeddedS3 = await startLocalS3Server({
+        directory: this.stateDir.path("s3"),
+        signal: this.shutdownController.signal,
+        // The upload that met it fails with the same words (its step is named as not stored).
+        onDiskFull: (error) => this.stateWriteFailed("s3", error),
+      });
       this.storageConfig = { store: this.embeddedS3.storeConfig() };
       this.logger.info("embedded S3 server started", { endpoint: this.embeddedS3.endpoint });
     }
@@ -454,7 +470,29 @@ export class Head extends EventEmitter<HeadEvents> {
       updatedAt: new Date().toISOString(),
       workers: this.registry.all().map(({ sessionToken: _secret, ...worker }) => (final && worker.connection === "connected" ? { ...worker, connection: "disconnected" } : worker)),
       jobs: this.jobs.all(),
-    }).catch((error: Error) => this.logger.warn("could not write cluster.json", { error: error.message }));
+      ...(this.diskFull ? { diskFull: this.diskFull } : {}),
+    }).catch((error: Error) => this.stateWriteFailed("cluster.json", error));
+  }
+
+  /**
+   * A state file, log line or checkpoint object that could not be written. The head stays
+   * up (what it could not write is lost, said here); a full disk is remembered with its
+   * time for `drover status` (cluster.json, once there is room for it again) and logged as
+   * `disk full: <path> (<free> bytes free)`, once per file and minute rather than per line.
+   */
+  private stateWriteFailed(what: string, error: Error): void {
+    if (error.name !== "DiskFullError") {
+      this.logger.warn(`could not write ${what}`, { error: error.message });
+      return;
+    }
+    const now = Date.now();
+    const previous = this.diskFullWarnedAt.get(what);
+    this.diskFull = { message: error.message, atMs: now };
+    if (previous !== undefined && now - previous < DISK_FULL_WARN_INTERVAL_MS) return;
+    this.diskFullWarnedAt.set(what, now);
+    this.logger.error(error.message, { file: what });
+    // While stopping, the final snapshot (every node disconnected) must stay the last one.
+    if (this.state !== "stopping" && this.state !== "stopped") this.scheduleSnapshot();
   }
 
   /** Stops jobs, releases every node, closes the servers. Idempotent. */

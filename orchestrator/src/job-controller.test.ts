@@ -1,5 +1,10 @@
 import type { IHeadMessage, IStartJob } from "@drover/proto";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import os from "node:os";
+import { join } from "node:path";
+import { CheckpointStore } from "@drover/storage";
 import { afterEach, describe, expect, it } from "vitest";
+import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
 import { JobController, type JobRecord } from "./job-controller.js";
 import { summarizeJob } from "./job-view.js";
 import { silentLogger } from "./logger.js";
@@ -239,6 +244,19 @@ describe("JobController: a job is done only when its checkpoints are", () => {
     expect(summarizeJob(job)).toContain("  checkpoint step 20 NOT stored: rank 3 could not store it: PutObject failed: ECONNREFUSED");
   });
 
+  it("says a step is committed once, even when its ranks report it again and it is committed again (issue 14 item 11)", async () => {
+    const { job, report, exitAll, lines } = await runToExit(async () => true);
+    // The final step saved on the interval and again at the end: two full rounds of reports, two commits.
+    report(120);
+    jobs.markCommitted(job.jobId, 120);
+    report(120);
+    jobs.markCommitted(job.jobId, 120);
+    exitAll();
+    await until(() => job.state === "succeeded", "the job to succeed");
+    expect(lines.filter((line) => line === "checkpoint step 120 committed")).toHaveLength(1);
+    expect(job.checkpointsCommitted).toEqual([120]);
+  });
+
   it("counts a step some ranks never reported as lost", async () => {
     const { job, exitAll } = await runToExit(async () => true);
     jobs.onCheckpoint(registry.connected()[0]!.workerId, { jobId: job.jobId, rank: 0, step: 40, files: [] });
@@ -318,5 +336,47 @@ describe("JobController progress watchdog", () => {
     expect(job.stalled).toEqual([]);
     clock += 15_000;
     await until(() => (job.stalled ?? []).length === 2, "both ranks stalled past 20 step times");
+  });
+});
+
+describe("the checkpoint coordinator and the job's output (issue 14 item 11)", () => {
+  it("says a step committed once when every rank reports it again and the coordinator commits it again", async () => {
+    const root = await mkdtemp(join(os.tmpdir(), "drover-commit-once-"));
+    const registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    const store = CheckpointStore.fromConfig({ store: { kind: "local", directory: join(root, "store") } });
+    let coordinator: CheckpointCoordinator | undefined;
+    const jobs = new JobController({
+      registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger,
+      settleCheckpoints: async (job) => { await coordinator!.settle(job); return true; },
+    });
+    coordinator = new CheckpointCoordinator(store, jobs, silentLogger);
+    try {
+      const node = connect(registry, "local-0", "a-1");
+      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 1, runId: "run-once" });
+      await until(() => starts(node).length === 1, "the job to start");
+      const lines: string[] = [];
+      jobs.on("log", (line) => lines.push(line.line));
+      const commits: number[] = [];
+      coordinator.on("committed", ({ step }) => commits.push(step));
+      // A trainer that saves its last step on the interval and again at the end: each of
+      // its 2 ranks reports step 120 twice, the same files.
+      const dir = join(root, "ckpt", "120");
+      await mkdir(dir, { recursive: true });
+      for (const rank of [0, 1]) await writeFile(join(dir, `rank${rank}.pt`), `weights of rank ${rank}`);
+      const uploaded = await Promise.all([0, 1].map((rank) => store.uploadRank({ run: "run-once", step: 120, rank, dir, files: [`rank${rank}.pt`] })));
+      for (const round of [1, 2]) {
+        for (const report of uploaded) jobs.onCheckpoint(node.workerId, { jobId: job.jobId, rank: report.rank, step: 120, files: report.files });
+        await until(() => commits.length === round, `commit ${round}`);
+      }
+      for (const rank of [0, 1]) jobs.onRankExit(node.workerId, { jobId: job.jobId, rank, exitCode: 0 });
+      await until(() => job.state === "succeeded", "the job to succeed");
+      expect(commits).toEqual([120, 120]);
+      expect(lines.filter((line) => line === "checkpoint step 120 committed")).toHaveLength(1);
+    } finally {
+      jobs.dispose();
+      registry.stop();
+      store.close();
+      await rm(root, { recursive: true, force: true });
+    }
   });
 });

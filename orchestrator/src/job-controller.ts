@@ -861,14 +861,21 @@ export class JobController extends EventEmitter<JobEvents> {
     return [...this.jobs.values()].filter((job) => !FINAL_STATES.has(job.state));
   }
 
-  /** Records a committed checkpoint step (the head's checkpoint coordinator calls this). */
+  /**
+   * Records a committed checkpoint step (the head's checkpoint coordinator calls this). A
+   * step the attempt's ranks report again after its commit (a trainer that saves its last
+   * step both on the interval and at the end) is committed again, over the same objects;
+   * the job's output says it once per attempt, not once per commit.
+   */
   markCommitted(jobId: string, step: number): void {
     const job = this.jobs.get(jobId);
     if (!job) return;
     job.lastCommittedStep = Math.max(job.lastCommittedStep ?? -1, step);
-    if (!job.checkpointsCommitted.includes(step)) job.checkpointsCommitted.push(step);
+    const first = !job.checkpointsCommitted.includes(step);
+    if (first) job.checkpointsCommitted.push(step);
     delete job.checkpointsLost[step];
-    this.log(job, `checkpoint step ${step} committed`);
+    if (first) this.log(job, `checkpoint step ${step} committed`);
+    else this.deps.logger.debug("checkpoint step committed again", { jobId, step });
     this.emit("changed", job);
   }
 

@@ -86,3 +86,41 @@ describe("the lock file", () => {
     expect(await StateLock.tryAcquire(state, "down")).toEqual({ pid: process.ppid, command: "up", startedAt: "then" });
   });
 });
+
+// A full disk for real: a tmpfs of 64 KiB (needs root; mounting is what makes it real).
+describe.skipIf(process.getuid?.() !== 0)("a state file write on a full disk", () => {
+  let small: string;
+  let mounted = false;
+  beforeEach(async () => {
+    small = join(root, "small");
+    const { mkdir } = await import("node:fs/promises");
+    await mkdir(small);
+    const { spawnSync } = await import("node:child_process");
+    const mount = spawnSync("mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", small], { encoding: "utf8" });
+    if (mount.status !== 0) throw new Error(`cannot mount a tmpfs at ${small}: ${mount.stderr}`);
+    mounted = true;
+  });
+  afterEach(async () => {
+    const { spawnSync } = await import("node:child_process");
+    if (mounted) spawnSync("umount", [small]);
+    mounted = false;
+  });
+
+  it("leaves the previous file intact, no *.tmp behind, and names the file and the space left", async () => {
+    const { readdir } = await import("node:fs/promises");
+    const onSmall = new StateDirectory(small);
+    await onSmall.writeJson("cluster.json", { jobs: ["before"] });
+    // Fill the disk but for a few bytes, then write a state file larger than what is left.
+    await writeFile(join(small, "filler"), Buffer.alloc(60 * 1024)).catch(() => undefined);
+    const failure = await onSmall.writeJson("cluster.json", { jobs: ["x".repeat(32 * 1024)] }).then(() => undefined, (error: unknown) => error as Error);
+    expect(failure?.message).toMatch(new RegExp(`^disk full: ${small}/cluster\\.json \\(\\d+ bytes free\\)$`));
+    expect(await onSmall.readJson("cluster.json")).toEqual({ jobs: ["before"] });
+    expect((await readdir(small)).filter((name) => name.endsWith(".tmp"))).toEqual([]);
+  });
+
+  it("names the file and the space left when a log append does not fit", async () => {
+    const onSmall = new StateDirectory(small);
+    await writeFile(join(small, "filler"), Buffer.alloc(64 * 1024)).catch(() => undefined);
+    await expect(onSmall.append("jobs/j1/output.log", "y".repeat(16 * 1024))).rejects.toThrow(new RegExp(`^disk full: ${small}/jobs/j1/output\\.log \\(\\d+ bytes free\\)$`));
+  });
+});

@@ -85,10 +85,15 @@ export class StateDirectory {
     await writeFileAtomic(this.path(relative), text, mode);
   }
 
+  /** Appends to a log file; a full disk is a DiskFullError naming the file and the space left. */
   async append(relative: string, text: string): Promise<void> {
     const path = this.path(relative);
-    await mkdir(dirname(path), { recursive: true });
-    await appendFile(path, text);
+    try {
+      await mkdir(dirname(path), { recursive: true });
+      await appendFile(path, text);
+    } catch (error) {
+      throw await explainWriteFailure(path, error);
+    }
   }
 }
 
@@ -124,17 +129,39 @@ function withoutFormatVersion(parsed: unknown, path: string): unknown {
   return fields;
 }
 
+/**
+ * Replaces `path` with `contents` through a temporary file. A write that fails (a full
+ * disk above all) removes the temporary file and leaves the previous `path` as it was; a
+ * full disk is a DiskFullError naming `path` and the space left.
+ */
 export async function writeFileAtomic(path: string, contents: string, mode = 0o644): Promise<void> {
-  await mkdir(dirname(path), { recursive: true });
   const temporary = `${path}.${process.pid}.${randomUUID().slice(0, 8)}.tmp`;
-  const handle = await open(temporary, "w", mode);
   try {
-    await handle.writeFile(contents);
-    await handle.sync();
-  } finally {
-    await handle.close();
+    await mkdir(dirname(path), { recursive: true });
+    const handle = await open(temporary, "w", mode);
+    try {
+      await handle.writeFile(contents);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await rename(temporary, path);
+  } catch (error) {
+    await rm(temporary, { force: true }).catch(() => undefined);
+    throw await explainWriteFailure(path, error);
   }
-  await rename(temporary, path);
+}
+
+/**
+ * A failed write's error; a full disk as @drover/storage's DiskFullError (`disk full:
+ * <path> (<free> bytes free)`). Storage is loaded only then: `drover status` and the other
+ * light commands load no package (test/cli-lazy-load.e2e.test.ts).
+ */
+async function explainWriteFailure(path: string, error: unknown): Promise<unknown> {
+  const code = (error as NodeJS.ErrnoException | undefined)?.code;
+  if (code !== "ENOSPC" && code !== "EDQUOT") return error;
+  const { explainDiskFull } = await import("@drover/storage");
+  return explainDiskFull(path, error);
 }
 
 /** True when a process with this pid exists (signal 0 probes without signalling). */

@@ -91,6 +91,24 @@ export class InvalidManifestError extends StorageError {
   override readonly name = 'InvalidManifestError';
 }
 
+/**
+ * A write failed because its file system is full (ENOSPC, EDQUOT). The message names the
+ * file and the space left, `disk full: <path> (<free> bytes free)`, so whoever reads it
+ * (a job's output, `drover status`, an S3 error answer) knows what to clear.
+ */
+export class DiskFullError extends StorageError {
+  override readonly name = 'DiskFullError';
+  readonly path: string;
+  /** Bytes an unprivileged writer could still use there; undefined when statfs failed too. */
+  readonly freeBytes: number | undefined;
+
+  constructor(path: string, freeBytes: number | undefined, options?: { cause?: unknown }) {
+    super(`disk full: ${path} (${freeBytes ?? 'unknown'} bytes free)`, { path, freeBytes }, options);
+    this.path = path;
+    this.freeBytes = freeBytes;
+  }
+}
+
 /** The embedded S3 server or the MinIO fixture failed to start or stop. */
 export class LocalServerError extends StorageError {
   override readonly name = 'LocalServerError';
@@ -99,6 +117,7 @@ export class LocalServerError extends StorageError {
 // Error codes some S3-compatible stores answer for an operation they lack (s3rver has
 // no ListParts, ListMultipartUploads or AbortMultipartUpload).
 const UNSUPPORTED_CODES = new Set(['NotImplemented', 'MethodNotAllowed']);
+const INSUFFICIENT_STORAGE = 507;
 const RETRYABLE_CODES = new Set(['RequestTimeout', 'SlowDown', 'InternalError', 'ServiceUnavailable', 'RequestTimeTooSkewed', 'OperationAborted']);
 
 /**
@@ -107,10 +126,10 @@ const RETRYABLE_CODES = new Set(['RequestTimeout', 'SlowDown', 'InternalError', 
  * OperationNotSupportedError; 5xx, 408, 429 and throttling codes are retryable.
  */
 export function errorOfS3Answer(
-  answer: { operation: string; key: string; statusCode: number | undefined; code: string },
+  answer: { operation: string; key: string; statusCode: number | undefined; code: string; message?: string | undefined },
   cause?: unknown,
 ): ObjectNotFoundError | OperationNotSupportedError | ObjectStoreRequestError {
-  const { operation, key, statusCode, code } = answer;
+  const { operation, key, statusCode, code, message } = answer;
   const options = cause === undefined ? undefined : { cause };
   if (statusCode === 404 || code === 'NoSuchKey' || code === 'NoSuchUpload') {
     return new ObjectNotFoundError(`${operation}: ${key} not found (${code})`, { operation, key, code }, options);
@@ -118,9 +137,15 @@ export function errorOfS3Answer(
   if (UNSUPPORTED_CODES.has(code) || statusCode === 501 || statusCode === 405) {
     return new OperationNotSupportedError(`${operation} is not supported by this store`, { operation, key, code }, options);
   }
-  const retryable = statusCode === undefined || statusCode >= 500 || statusCode === 429 || statusCode === 408 || RETRYABLE_CODES.has(code);
+  // 507 is a store whose disk is full (MinIO's XMinioStorageFull, the embedded server's
+  // disk-full answer): it does not empty itself within a retry window, so the upload
+  // fails at once and the step is named as not stored instead of waiting 15 minutes.
+  const retryable = statusCode !== INSUFFICIENT_STORAGE && (statusCode === undefined || statusCode >= 500 || statusCode === 429 || statusCode === 408 || RETRYABLE_CODES.has(code));
+  // The server's own words (s3rver's "disk full: <path> ...") say more than the code; a
+  // message that only repeats the code, or is the SDK's placeholder, adds nothing.
+  const said = message && message !== code && message !== 'UnknownError' ? `: ${message}` : '';
   return new ObjectStoreRequestError(
-    `${operation} ${key} failed: ${code}${statusCode ? ` (HTTP ${statusCode})` : ''}`,
+    `${operation} ${key} failed: ${code}${statusCode ? ` (HTTP ${statusCode})` : ''}${said}`,
     { operation, key, retryable, code, ...(statusCode !== undefined ? { statusCode } : {}) },
     options,
   );

@@ -1,5 +1,6 @@
 // Public surface of @drover/storage. Other packages import from here only.
 export * from './errors.js';
+export { isDiskFull, diskFullError, explainDiskFull } from './disk-full.js';
 export {
   silentLogger,
   REDACTED,

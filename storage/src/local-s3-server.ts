@@ -9,7 +9,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import S3rver from 's3rver';
 import type { S3StoreConfigInput } from './config.js';
-import { LocalServerError } from './errors.js';
+import { LocalServerError, type DiskFullError } from './errors.js';
+import { guardS3rverStore, type S3rverFilesystemStore } from './s3rver-disk-guard.js';
 
 /** An S3-compatible server on loopback, owned by this process. */
 export interface LocalS3Server {
@@ -37,6 +38,8 @@ export interface StartLocalS3ServerOptions {
   bucket?: string;
   /** 0 (the default) picks a free port. */
   port?: number;
+  /** Told of each write the server refused for a full disk (s3rver only). */
+  onDiskFull?: (error: DiskFullError) => void;
 }
 
 const LOOPBACK = '127.0.0.1';
@@ -77,6 +80,8 @@ function makeServer(
  * Starts s3rver (an S3 emulator in this process) on 127.0.0.1. Used for local mode and
  * tests. s3rver's fixed credentials are S3RVER/S3RVER; it lacks ListParts,
  * ListMultipartUploads and AbortMultipartUpload, which the transfer engine tolerates.
+ * A write that fails (a full disk) is answered with an S3 error (507 `disk full: <path>
+ * (<free> bytes free)`), never left to end the process.
  */
 export async function startLocalS3Server(options: StartLocalS3ServerOptions): Promise<LocalS3Server> {
   options.signal?.throwIfAborted();
@@ -91,6 +96,8 @@ export async function startLocalS3Server(options: StartLocalS3ServerOptions): Pr
     vhostBuckets: false,
     configureBuckets: [{ name: bucket }],
   });
+  // Without it a PUT that meets a full disk kills this process (see s3rver-disk-guard.ts).
+  guardS3rverStore(server.store as S3rverFilesystemStore, options.onDiskFull);
   let address;
   try {
     address = await server.run();

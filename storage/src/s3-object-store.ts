@@ -662,7 +662,7 @@ export function toStoreError(error: unknown, operation: string, key: string, sig
     return error;
   }
   if (error instanceof S3ServiceException) {
-    return errorOfS3Answer({ operation, key, statusCode: error.$metadata?.httpStatusCode, code: error.name }, sanitizeServiceError(error));
+    return errorOfS3Answer({ operation, key, statusCode: error.$metadata?.httpStatusCode, code: error.name, message: error.message }, sanitizeServiceError(error));
   }
   const err = error as { name?: string; code?: string; message?: string } | undefined;
   const code = err?.code ?? err?.name ?? 'Error';

@@ -17,6 +17,8 @@ declare module 's3rver' {
   class S3rver {
     constructor(options: S3rverOptions);
     httpServer: Server | undefined;
+    /** Its FilesystemStore; s3rver-disk-guard.ts declares the part it touches. */
+    readonly store: unknown;
     run(): Promise<AddressInfo>;
     close(): Promise<void>;
     on(event: 'error', listener: (error: Error) => void): this;

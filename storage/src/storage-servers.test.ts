@@ -553,3 +553,58 @@ describe.each(factories.filter((f) => !f.skipReason))('storage against $name', (
     expect(refused).toBe(true);
   }, 30_000);
 });
+
+// s3rver's own file store pipes a PUT into a write stream without an 'error' handler: a
+// full disk was an unhandled 'error' event that ended the process (the head, in local
+// mode). Needs root for the tmpfs that makes the disk full for real.
+const isRoot = process.getuid?.() === 0;
+describe.skipIf(!isRoot)('the embedded s3rver on a full disk (a real 6 MiB tmpfs)', () => {
+  let root: string;
+  let mounted = false;
+  let server: LocalS3Server | undefined;
+
+  beforeAll(async () => {
+    root = await mkdtemp(path.join(os.tmpdir(), 'drover-s3rver-full-'));
+    const { spawnSync } = await import('node:child_process');
+    const mount = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', root], { encoding: 'utf8' });
+    if (mount.status !== 0) throw new Error(`cannot mount a tmpfs at ${root}: ${mount.stderr}`);
+    mounted = true;
+    server = await startLocalS3Server({ directory: path.join(root, 's3') });
+  }, 30_000);
+
+  afterAll(async () => {
+    await server?.stop();
+    const { spawnSync } = await import('node:child_process');
+    if (mounted) spawnSync('umount', [root]);
+    if (root) await rm(root, { recursive: true, force: true });
+  }, 30_000);
+
+  it('answers a PUT that does not fit with a 507 naming the path and the space left, stays up and keeps nothing half-written', async () => {
+    const store = createObjectStore(parseObjectStoreConfig(server!.storeConfig()), parseTransferConfig({ multipartThresholdBytes: 64 * MiB, backoffBaseMs: 10 }));
+    try {
+      const failure = await store.putObject('ckpt/step-1/weights.bin', randomBytes(8 * MiB)).then(() => undefined, (error: unknown) => error as Error & { retryable?: boolean });
+      expect(failure?.message).toMatch(/HTTP 507\): disk full: \S+weights\.bin\._S3rver_object \(\d+ bytes free\)/);
+      // Not a store outage to wait out for 15 minutes: the step is named as lost at once.
+      expect(failure?.retryable).toBe(false);
+      // The half-written object is gone (so is the space it took) and the server answers.
+      await expect(store.headObject('ckpt/step-1/weights.bin')).resolves.toBeUndefined();
+      await store.putObject('ckpt/step-1/small.bin', Buffer.from('fits'));
+      expect((await store.getObject('ckpt/step-1/small.bin')).toString()).toBe('fits');
+    } finally {
+      store.close();
+    }
+  }, 30_000);
+
+  it('answers a multipart part that does not fit the same way', async () => {
+    const store = createObjectStore(parseObjectStoreConfig(server!.storeConfig()), parseTransferConfig({ partSizeBytes: 5 * MiB, multipartThresholdBytes: 5 * MiB, concurrency: 2, backoffBaseMs: 10 }));
+    const local = path.join(os.tmpdir(), `drover-s3rver-full-${process.pid}.bin`);
+    try {
+      await makeFile(local, 12 * MiB);
+      await expect(uploadFile({ store, transfer: parseTransferConfig({ partSizeBytes: 5 * MiB, multipartThresholdBytes: 5 * MiB, concurrency: 2, backoffBaseMs: 10 }), key: 'ckpt/step-2/weights.bin', localPath: local })).rejects.toThrow(/disk full: .* \(\d+ bytes free\)/);
+      await store.putObject('ckpt/step-2/small.bin', Buffer.from('still up'));
+    } finally {
+      store.close();
+      await rm(local, { force: true });
+    }
+  }, 30_000);
+});

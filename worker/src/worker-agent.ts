@@ -602,8 +602,14 @@ export class WorkerAgent {
       const pids = [...this.jobs.values()].flatMap((running) => [...running.supervisor.pids().values()]);
       const path = join(this.options.stateDir, "trainers.json");
       const temporary = `${path}.${process.pid}.tmp`;
-      await writeFile(temporary, JSON.stringify({ agentPid: process.pid, trainerPids: pids }) + "\n");
-      await rename(temporary, path);
+      try {
+        await writeFile(temporary, JSON.stringify({ agentPid: process.pid, trainerPids: pids }) + "\n");
+        await rename(temporary, path);
+      } catch (error) {
+        // A full disk leaves the previous record, not a temporary file beside it.
+        await rm(temporary, { force: true }).catch(() => undefined);
+        throw error;
+      }
     }).catch((error: Error) => this.logger.warn("could not write trainers.json", { error: error.message }));
     return this.pidFileWrites;
   }
