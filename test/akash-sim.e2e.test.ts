@@ -14,6 +14,8 @@ import { processAlive, StateDirectory } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runDrover } from "./drover-cli.js";
 import { spawnS3Server } from "./s3-server-process.js";
+import { startAkashSimulator, type AkashSimulatorProcess } from "./akash-simulator-process.js";
+import { syntheticAt1Shards } from "./at1-shards.js";
 import { waitFor } from "./wait-for.js";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -25,8 +27,7 @@ let work: string;
 let stateDir: string;
 let walletFile: string;
 let specFile: string;
-let simulator: ChildProcess;
-let simulatorOutput = "";
+let simulator: AkashSimulatorProcess;
 /** A real S3 server (s3rver) in a process of its own: the CLI calls below block this one. */
 let s3Server: ChildProcess;
 let rpcUrl: string;
@@ -59,7 +60,7 @@ async function books(): Promise<Books> {
 async function processesOfThisTest(): Promise<string[]> {
   const found: string[] = [];
   for (const entry of await readdir("/proc")) {
-    if (!/^\d+$/.test(entry) || Number(entry) === process.pid || Number(entry) === simulator.pid || Number(entry) === s3Server?.pid) continue;
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid || Number(entry) === simulator.child.pid || Number(entry) === s3Server?.pid) continue;
     const environ = await readFile(`/proc/${entry}/environ`, "utf8").catch(() => "");
     const cmdline = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "");
     if (environ.includes(work) || cmdline.includes(work)) found.push(`${entry}: ${cmdline.split("\0").join(" ")}`);
@@ -69,11 +70,7 @@ async function processesOfThisTest(): Promise<string[]> {
 
 /** Synthetic AT-1 shards for the trainer runs, made once. */
 function at1Data(): string {
-  const data = join(work, "at1-data");
-  if (existsSync(data)) return data;
-  const made = spawnSync(join(root, ".venv", "bin", "python"), ["make_synthetic_shards.py", "--out", data, "--train-samples", "256", "--val-samples", "0", "--samples-per-shard", "32"], { cwd: join(root, "examples", "at1"), encoding: "utf8" });
-  expect(made.status, made.stderr).toBe(0);
-  return data;
+  return syntheticAt1Shards(join(work, "at1-data"), { trainSamples: 256, valSamples: 0, samplesPerShard: 32 });
 }
 
 async function ledgerOps(): Promise<string[]> {
@@ -89,19 +86,10 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
   beforeAll(async () => {
     work = await mkdtemp(join(os.tmpdir(), "drover-akash-e2e-"));
     stateDir = join(work, "state");
-    walletFile = join(work, "wallet");
-    simulator = spawn(process.execPath, [cli, "akash-sim", "--port", "0", "--wallet", walletFile, "--containers-dir", join(work, "containers")], {
-      env: { ...process.env, DROVER_STATE_DIR: stateDir },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    simulator.stdout!.on("data", (chunk) => (simulatorOutput += chunk));
-    simulator.stderr!.on("data", (chunk) => (simulatorOutput += chunk));
-    await waitFor(() => simulatorOutput.includes("ready;") || simulator.exitCode !== null, 30_000, "the simulator");
-    expect(simulatorOutput).toContain("ready;");
-    rpcUrl = /^rpc: (\S+)$/m.exec(simulatorOutput)![1]!;
-    owner = /^wallet: (akash1\w+)/m.exec(simulatorOutput)![1]!;
-    expect(simulatorOutput).toContain(`export DROVER_AKASH_MNEMONIC_FILE=${walletFile}`);
-    const providerUrls = [...simulatorOutput.matchAll(/^ {4}(akash1\w+): (http:\S+\/status)$/gm)].map((match) => `    ${match[1]}: ${match[2]}`);
+    simulator = await startAkashSimulator(work, stateDir);
+    ({ walletFile, rpcUrl, owner } = simulator);
+    expect(simulator.output()).toContain(`export DROVER_AKASH_MNEMONIC_FILE=${walletFile}`);
+    const providerUrls = simulator.providerStatusLines;
     expect(providerUrls).toHaveLength(4);
     // examples/akash-sim.yaml, pointed at this simulator, with short windows and polls.
     const example = await readFile(join(root, "examples", "akash-sim.yaml"), "utf8");
@@ -120,16 +108,15 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
 
   afterAll(async () => {
     if (existsSync(join(stateDir, "head.json"))) drover(["down"]);
-    simulator.kill("SIGTERM");
     s3Server?.kill("SIGTERM");
-    await waitFor(() => simulator.exitCode !== null, 20_000, "the simulator to stop").catch(() => simulator.kill("SIGKILL"));
+    await simulator.stop();
     await waitFor(() => s3Server.exitCode !== null || s3Server.signalCode !== null, 10_000, "the S3 server to stop").catch(() => s3Server.kill("SIGKILL"));
-    expect(simulatorOutput).toContain("stopped");
+    expect(simulator.output()).toContain("stopped");
     expect(await processesOfThisTest()).toEqual([]);
     // The wallet's mnemonic never reaches output or logs.
     const mnemonic = (await readFile(walletFile, "utf8")).trim();
     const headLog = await readFile(join(stateDir, "head.log"), "utf8").catch(() => "");
-    for (const text of [...outputs, simulatorOutput, headLog]) expect(text.includes(mnemonic)).toBe(false);
+    for (const text of [...outputs, simulator.output(), headLog]) expect(text.includes(mnemonic)).toBe(false);
     await rm(work, { recursive: true, force: true });
   });
 

@@ -162,7 +162,11 @@ describe.skipIf(unavailable !== undefined)("Kubernetes backend against a loopbac
       expect(container.volumeMounts).toContainEqual(expect.objectContaining({ name: "shm", mountPath: "/dev/shm" }));
       expect(container.env!.map((variable) => variable.name)).not.toContain("DROVER_JOIN_TOKEN");
       expect(container.env).toContainEqual({ name: "DROVER_BRIDGE_PORT", value: "7447" });
-      expect(container.envFrom![0]!.secretRef!.name).toBe(`${clusterLabel}-agent`);
+      // The shared Secret, then the pod's own with its single-use join token.
+      expect(container.envFrom!.map((source) => source.secretRef!.name)).toEqual([`${clusterLabel}-agent`, `${pod.metadata!.name}-join`]);
+      const joinSecret = objects.secrets.find((candidate) => candidate.metadata!.name === `${pod.metadata!.name}-join`)!;
+      expect(Object.keys(joinSecret.data!)).toEqual(["DROVER_JOIN_TOKEN"]);
+      expect(joinSecret.metadata!.labels).toMatchObject({ "drover.dev/cluster": clusterLabel });
       expect(pod.spec!.restartPolicy).toBe("Never");
       expect(pod.spec!.subdomain).toBe(`${clusterLabel}-trainers`);
       // The bridge port the provisioner publishes (<pod IP>:7447) is where the agent really listens.
@@ -171,7 +175,10 @@ describe.skipIf(unavailable !== undefined)("Kubernetes backend against a loopbac
     }
     expect(objects.services.map((service) => [service.metadata!.name, service.spec!.clusterIP])).toEqual([[`${clusterLabel}-trainers`, "None"]]);
     const secret = objects.secrets.find((candidate) => candidate.metadata!.name === `${clusterLabel}-agent`)!;
-    expect(Object.keys(secret.data!).sort()).toEqual(["DROVER_HEAD_CA_SHA256", "DROVER_JOIN_TOKEN", "DROVER_STORAGE_CONFIG"]);
+    expect(Object.keys(secret.data!).sort()).toEqual(["DROVER_HEAD_CA_SHA256", "DROVER_STORAGE_CONFIG"]);
+    // Each pod's token is its own: two pods, two different tokens.
+    const tokens = objects.pods.map((pod) => objects.secrets.find((candidate) => candidate.metadata!.name === `${pod.metadata!.name}-join`)!.data!.DROVER_JOIN_TOKEN);
+    expect(new Set(tokens).size).toBe(2);
     const status = await drover(["status"]);
     for (const pod of objects.pods) expect(status.stdout).toMatch(new RegExp(`${pod.metadata!.name} \\(w-\\w+\\) connected, group trainers`));
   });

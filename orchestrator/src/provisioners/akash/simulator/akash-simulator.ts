@@ -9,6 +9,8 @@
 //                                                  of ADDR, and every fake container started for it
 //   POST /simulator/fund?address=ADDR&amount=N     create or top up an account (uakt)
 //   POST /simulator/lose-lease?owner=ADDR&dseq=N   fault: the provider loses the lease
+//   GET  /simulator/manifests?owner=ADDR           every manifest the providers received from
+//                                                  ADDR, as sent (what a provider's operator sees)
 
 import { ChainSimulator } from "./chain-simulator.js";
 import { FakeContainerRuntime } from "./fake-container-runtime.js";
@@ -107,6 +109,12 @@ export class AkashSimulator {
         leases: books.leases.map(({ dseq, gseq, oseq, provider, price, denom, nodes, createdHeight }) => ({ dseq, gseq, oseq, provider, price, denom, nodes, createdHeight })),
         containers: (this.runtime?.containers() ?? []).filter((container) => container.owner === owner),
       };
+    }
+    if (method === "GET" && url.pathname === "/simulator/manifests") {
+      const owner = param("owner");
+      return [...this.providers.values()].flatMap((entry) => [...entry.server.manifests.entries()]
+        .filter(([key]) => key.startsWith(`${owner}/`))
+        .map(([key, groups]) => ({ provider: entry.server.provider.address, dseq: key.slice(owner.length + 1), groups })));
     }
     if (method === "POST" && url.pathname === "/simulator/fund") {
       this.chain.fund(param("address"), BigInt(param("amount")));
