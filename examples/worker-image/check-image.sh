@@ -165,14 +165,16 @@ for container in $containers; do
   say "container $("$docker" inspect -f '{{.Name}}' "$container" | tr -d /): $said"
 done
 grep -Eq 'shm 1024 MiB' "$work/status.out" || say "note: the nodes did not report shm 1024 MiB (DROVER_DOCKER_SHM_SIZE=$shm_size)"
-# The join token reaches the containers through their environment only: never a
-# command line on this machine, never a log line. (Held in this shell, never printed.)
-token=$("$docker" inspect -f '{{range .Config.Env}}{{println .}}{{end}}' $containers | sed -n 's/^DROVER_JOIN_TOKEN=//p' | sort -u)
-[ -n "$token" ] && [ "$(echo "$token" | grep -c .)" = 1 ] || die "the node containers do not carry one DROVER_JOIN_TOKEN"
-if grep -qaF -- "$token" /proc/[0-9]*/cmdline 2>/dev/null; then die "the join token appears on a process's command line"; fi
-if grep -rqF -- "$token" "$DROVER_STATE_DIR" 2>/dev/null; then die "the join token was written under the state directory"; fi
-unset token
-say "join token: in the containers' environment, on no command line, in no state or log file"
+# Each node's single-use join token reaches its container through the environment only:
+# never a command line on this machine, never a log line. (Held in this shell, never printed.)
+tokens=$("$docker" inspect -f '{{range .Config.Env}}{{println .}}{{end}}' $containers | sed -n 's/^DROVER_JOIN_TOKEN=//p' | sort -u)
+[ "$(echo "$tokens" | grep -c .)" = 2 ] || die "the two node containers do not carry a DROVER_JOIN_TOKEN each, of their own"
+for token in $tokens; do
+  if grep -qaF -- "$token" /proc/[0-9]*/cmdline 2>/dev/null; then die "a join token appears on a process's command line"; fi
+  if grep -rqF -- "$token" "$DROVER_STATE_DIR" 2>/dev/null; then die "a join token was written under the state directory"; fi
+done
+unset tokens token
+say "join tokens: one per container, in its environment, on no command line, in no state or log file"
 
 drover submit --ship-code --working-dir "$root/examples/minimal" -- python allreduce_train.py --steps 5 \
   | tee "$work/submit.out" >&2 || die "the job failed (drover submit exited non-zero)"
