@@ -1,10 +1,11 @@
 // What a cluster's leases cost, checked against the Akash simulator's books: `drover up`
 // of a one-node spec against `drover akash-sim` (blocks every 300 ms), then cost.json,
 // `drover status` and /metrics must show each lease's spend as price per block x blocks,
-// and that figure must be what the simulated escrow drew, compared at the same height.
+// and that figure must be what the simulated escrow drew, compared at the same height;
+// a small deposit's escrow must show how long it lasts and raise the escrow alert.
 import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -32,7 +33,7 @@ function drover(args: string[], timeoutMs = 60_000) {
 
 interface Books {
   height: number;
-  deployments: Array<{ dseq: string; transferred: string; denom: string }>;
+  deployments: Array<{ dseq: string; escrow: string; transferred: string; denom: string }>;
   leases: Array<{ dseq: string; provider: string; price: string; denom: string; createdHeight: number }>;
 }
 
@@ -45,7 +46,7 @@ async function books(): Promise<Books> {
 interface CostFile {
   computedAtMs: number;
   chain: { height: number; blockTimeMs: number };
-  leases: Array<{ provider: string; dseq: string; denom: string; pricePerBlock: string; createdHeight: number; blocks: number; spent: string }>;
+  leases: Array<{ provider: string; dseq: string; denom: string; pricePerBlock: string; createdHeight: number; blocks: number; spent: string; escrowLeft?: string; escrowMinutesLeft?: number }>;
   totals: Array<{ denom: string; spent: string }>;
 }
 
@@ -122,5 +123,54 @@ describe("lease cost against the Akash simulator's books", { timeout: 90_000 }, 
     const after = drover(["status"]);
     expect(after.stdout).toMatch(/^cost: as the head computed it \d+s ago at height \d+/m);
     expect((await books()).leases).toEqual([]);
+  });
+
+  it("warns in status, the head log and cost.json when a lease's escrow runs out within head.alerts.escrowMinutes", async () => {
+    // A state directory of its own: the first test's cost.json must not answer for this cluster.
+    stateDir = join(work, "state-escrow");
+    const specFile = join(work, "escrow.yaml");
+    // 1 ACT of deposit lasts minutes at 300 ms blocks. The escrow keeper checks again only
+    // after its 5 minute interval (its first check, at the nominal 6 s block time, saw
+    // hours), so here the escrow drains as it does when the wallet cannot pay a top-up.
+    // The threshold is above what the first report says at the nominal block time too.
+    await writeFile(specFile, [
+      "name: escrow-e2e", "provisioner: akash", "head:", "  alerts:", "    escrowMinutes: 600",
+      "akash:", `  rpc: ${rpcUrl}`, "  bidWindow: 800ms", "  pollInterval: 100ms", "  leaseReadyTimeout: 30s", "  deposit: { amount: 1000000, denom: uact }", "  groups:",
+      "    - { name: sim-4090, nodes: 1, gpu: { model: [4090, rtx3090], perNode: 1 }, cpu: 2, memory: 8Gi, ephemeralStorage: 10Gi, shm: 1Gi, image: ghcr.io/drover/worker:0.1.0, maxPrice: { amount: 1000 } }",
+    ].join("\n"));
+    const up = drover(["up", specFile]);
+    try {
+      expect(up.code, up.stdout + up.stderr).toBe(0);
+      const state = new StateDirectory(stateDir);
+      await waitFor(async () => (await state.readJson<CostFile>("cost.json"))?.leases[0]?.escrowLeft !== undefined, 20_000, "cost.json with the lease's escrow");
+      const cost = (await state.readJson<CostFile>("cost.json"))!;
+      const onChain = await books();
+      const [lease] = cost.leases;
+      const booked = onChain.leases.find((candidate) => candidate.dseq === lease!.dseq)!;
+      const escrow = onChain.deployments.find((deployment) => deployment.dseq === lease!.dseq)!;
+      // What the escrow held at cost.json's height: what it holds now plus the blocks drawn since.
+      const price = BigInt(booked.price);
+      expect(BigInt(lease!.escrowLeft!)).toBe(BigInt(escrow.escrow) + price * BigInt(onChain.height - cost.chain.height));
+      expect(BigInt(lease!.escrowLeft!)).toBeLessThan(1_000_000n);
+      // balance / price blocks of the report's block time, in tenths of a minute.
+      const blockMs = BigInt(Math.round(cost.chain.blockTimeMs));
+      expect(lease!.escrowMinutesLeft).toBe(Number((BigInt(lease!.escrowLeft!) * blockMs) / (price * 6_000n)) / 10);
+      expect(lease!.escrowMinutesLeft).toBeLessThan(600);
+
+      const warning = new RegExp(`^warning: lease sim-4090 dseq ${booked.dseq} \\(${booked.provider}\\): its escrow runs out in about \\d+\\.\\d min \\(\\d+ uact left at \\d+ uact/h; threshold 600 min\\)\\. The head tops escrows up when the wallet can pay, so the wallet is likely empty`, "m");
+      const status = drover(["status"]);
+      expect(status.code, status.stderr).toBe(0);
+      expect(status.stdout).toMatch(warning);
+      expect(status.stdout).toMatch(new RegExp(`lease sim-4090 ${booked.provider} dseq ${booked.dseq}: .*; escrow left \\d+ uact \\(~\\d+\\.\\d (min|h)\\)`));
+      // The head logs it once when raised (it checks every 5 s).
+      await waitFor(async () => (await readFile(join(stateDir, "head.log"), "utf8").catch(() => "")).includes(`alert: lease sim-4090 dseq ${booked.dseq}`), 15_000, "the alert in head.log");
+      const raised = (await readFile(join(stateDir, "head.log"), "utf8")).split("\n").filter((line) => line.includes(`alert: lease sim-4090 dseq ${booked.dseq}`));
+      expect(raised).toHaveLength(1);
+    } finally {
+      const down = drover(["down"]);
+      expect(down.code, down.stdout + down.stderr).toBe(0);
+    }
+    // The head is gone and its leases closed: the last report's escrow warns no more.
+    expect(drover(["status"]).stdout).not.toMatch(/^warning: lease /m);
   });
 });

@@ -17,6 +17,7 @@ async function getJson(path) {
 }
 
 const percent = (ratio) => (ratio === undefined ? "n/a" : `${Math.round(ratio * 100)}%`);
+const minutes = (value) => (value < 120 ? `${value.toFixed(1)} min` : `${(value / 60).toFixed(1)} h`);
 const gib = (bytes) => (bytes === undefined ? "n/a" : `${(bytes / 2 ** 30).toFixed(1)} GiB`);
 
 /** A small line of `points` ([time, value]) scaled into width x height. */
@@ -86,7 +87,9 @@ function renderCost(cost) {
   const table = element("table", { class: "cost" });
   for (const lease of cost.leases) {
     const row = element("tr");
-    row.append(element("td", {}, `lease ${lease.group} dseq ${lease.dseq}`), element("td", {}, `${lease.spent} ${lease.denom}`), element("td", {}, `${lease.burnPerHour} ${lease.denom}/h`));
+    // The escrow left, and how long it lasts at the measured block time (cost.json's escrowMinutesLeft).
+    const escrow = lease.escrowLeft === undefined ? "" : `; escrow left ${lease.escrowLeft} ${lease.denom}${lease.escrowMinutesLeft === undefined ? "" : ` (~${minutes(lease.escrowMinutesLeft)})`}`;
+    row.append(element("td", {}, `lease ${lease.group} dseq ${lease.dseq}`), element("td", {}, `${lease.spent} ${lease.denom}`), element("td", { class: "lease-burn" }, `${lease.burnPerHour} ${lease.denom}/h${escrow}`));
     table.append(row);
   }
   for (const node of cost.nodes) {
@@ -126,10 +129,19 @@ function renderJob(view) {
   fact("restarts", view.restarts.length);
   fact("step", job.latestStep);
   fact("img/s", job.imagesPerSecond === undefined ? undefined : job.imagesPerSecond.toFixed(1));
+  // MFU only from a trainer that reports it (examples/at1 does when it knows the GPU's peak).
+  if (job.mfu !== undefined) fact("MFU", percent(job.mfu));
+  // Outer steps sync the job's groups (DiLoCo): shown when there are any.
+  if (view.outerSteps.length > 0) fact(`outer step (${view.groups.length} groups)`, job.lastOuterStep);
   fact("committed", job.lastCommittedStep);
   root.append(facts);
   if (job.failure) root.append(element("div", { class: "muted" }, `failure: ${job.failure}`));
   drawLossChart(chart, view);
+  if (view.mfu.length > 0) {
+    const line = element("div", { class: "mfu", "data-points": view.mfu.length });
+    line.append(element("span", { class: "muted" }, "MFU by step "), sparkline(view.mfu.map((point) => [point.step, point.mfu]), { width: 300, height: 40, min: 0, cls: "mfu-sparkline" }));
+    root.append(line);
+  }
 }
 
 /** Loss by step; restarts and committed checkpoints as vertical marks on the same step axis. */
@@ -159,6 +171,12 @@ function drawLossChart(chart, view) {
     const label = element("svg:text", { class: "restart-label", x: at + 3, y: top + 10 }, `restart ${restart.attempt}${restart.group ? ` (${restart.group})` : ""}`);
     label.append(element("svg:title", {}, restart.reason));
     chart.append(label);
+  }
+  // Outer steps: ticks along the step axis, each where the groups synced.
+  for (const outer of view.outerSteps) {
+    const tick = element("svg:line", { class: "outer-step-marker", "data-step": outer.step, "data-outer-step": outer.outerStep, x1: x(outer.step), y1: height - bottom - 6, x2: x(outer.step), y2: height - bottom });
+    tick.append(element("svg:title", {}, `outer step ${outer.outerStep} at step ${outer.step}${outer.seconds === undefined ? "" : ` (${outer.seconds.toFixed(2)} s)`}`));
+    chart.append(tick);
   }
   chart.append(element("svg:polyline", { class: "loss-line", points: points.map((point) => `${x(point.step).toFixed(1)},${y(point.loss).toFixed(1)}`).join(" ") }));
   for (const point of points) {

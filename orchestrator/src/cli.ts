@@ -513,6 +513,7 @@ async function commandStatus(args: string[]): Promise<number> {
  * (its module, and zod with it, loaded only when the file exists) and cluster.json's
  * jobs. Telemetry alerts are judged as of the save, so a file that is seconds old does
  * not make live nodes look silent; only nodes cluster.json lists as connected are judged.
+ * Escrow alerts come from cost.json, while the head that wrote it runs.
  */
 async function readTelemetryPicture(state: StateDirectory, head: HeadRecord, cluster: { workers: Array<Record<string, any>>; jobs: JobRecord[] } | undefined): Promise<{ nodes: Map<string, NodeTelemetry>; savedAtMs?: number; problem?: string; alerts: Alert[] }> {
   const { DEFAULT_ALERT_THRESHOLDS, evaluateAlerts, latestByNode } = await import("./telemetry/telemetry-alerts.js");
@@ -520,11 +521,15 @@ async function readTelemetryPicture(state: StateDirectory, head: HeadRecord, clu
   const snapshot = existsSync(path) ? await (await import("./telemetry/telemetry-store.js")).TelemetryStore.loadSnapshot(path, AbortSignal.timeout(15_000)) : undefined;
   const nodes = new Map((snapshot && !snapshot.problem ? latestByNode(snapshot.store.latest(() => Infinity)) : []).map((node) => [node.node, node]));
   const connected = new Set((cluster?.workers ?? []).filter((worker) => worker.connection === "connected").map((worker) => String(worker.nodeName)));
+  const cost = existsSync(state.path("cost.json")) ? await state.readJson<CostReport>("cost.json").catch(() => undefined) : undefined;
   const alerts = evaluateAlerts({
     nodes: [...nodes.values()].filter((node) => connected.has(node.node)),
     jobs: cluster?.jobs ?? [],
     nowMs: snapshot?.savedAtMs ?? Date.now(),
-    thresholds: head.alerts ?? DEFAULT_ALERT_THRESHOLDS,
+    // A head.json of an older head has no escrowMinutes: the default fills it.
+    thresholds: { ...DEFAULT_ALERT_THRESHOLDS, ...head.alerts },
+    // A head that is gone closed (or lost) its leases: its last report's escrow is no warning.
+    ...(cost && processAlive(head.pid) ? { cost } : {}),
   });
   return { nodes, alerts, ...(snapshot && !snapshot.problem ? { savedAtMs: snapshot.savedAtMs } : {}), ...(snapshot?.problem ? { problem: snapshot.problem } : {}) };
 }

@@ -50,7 +50,7 @@ describe("cluster spec", () => {
   it("fills the alert thresholds and the telemetry save interval, and refuses thresholds out of bounds", () => {
     expect(parseClusterSpecYaml("name: demo\n", "/tmp/m.yaml").head).toMatchObject({
       telemetrySaveIntervalMs: 30_000,
-      alerts: { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5 },
+      alerts: { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5, escrowMinutes: 60 },
     });
     expect(parseClusterSpecYaml("head:\n  telemetrySaveInterval: 2s\n  alerts:\n    gpuTemperatureCelsius: 80\n    stragglerRatio: 0.7\n", "/tmp/m.yaml").head)
       .toMatchObject({ telemetrySaveIntervalMs: 2_000, alerts: { gpuTemperatureCelsius: 80, silentIntervals: 3, stragglerRatio: 0.7 } });

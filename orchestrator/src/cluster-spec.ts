@@ -38,6 +38,8 @@ const alertsSchema = z.object({
   gpuTemperatureCelsius: z.number().min(40, "must be at least 40").max(120, "must be at most 120").default(85),
   silentIntervals: z.number().int().min(2, "must be at least 2 (one late sample is not silence)").max(1_000, "must be at most 1000").default(3),
   stragglerRatio: z.number().gt(0, "must be above 0").lt(1, "must be below 1").default(0.5),
+  /** Minutes of escrow left below which a lease is reported (Akash; the keeper tops up earlier when the wallet can pay). */
+  escrowMinutes: z.number().gt(0, "must be above 0").max(10_080, "must be at most 10080 (a week)").default(60),
 }).strict().prefault({});
 
 const headSchema = z.object({

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { CostInputError } from "../errors.js";
-import { costLines, costReport, leaseCost, measuredBlockTimeMs, nodeCost, NOMINAL_BLOCK_TIME_MS } from "./run-cost.js";
+import { costLines, costReport, escrowMinutesLeft, leaseCost, measuredBlockTimeMs, nodeCost, NOMINAL_BLOCK_TIME_MS } from "./run-cost.js";
 
 const lease = { provider: "akash1prov", dseq: "101", group: "a100", pricePerBlock: "1500", denom: "uact", createdHeight: 40 };
 
@@ -30,6 +30,37 @@ describe("lease cost", () => {
   it("refuses heights that are not integers and block times that are not positive", () => {
     expect(() => leaseCost(lease, 41.5, 6_000)).toThrow(CostInputError);
     expect(() => leaseCost(lease, 41, 0)).toThrow(/block time must be positive/);
+  });
+});
+
+describe("escrow left", () => {
+  it("lasts balance / (price per block x blocks per hour), in tenths of a minute rounded down", () => {
+    // 900000 at 1500 a block: 600 blocks, an hour at 6 s blocks, 3 minutes at 300 ms.
+    expect(escrowMinutesLeft("900000", "1500", 6_000)).toBe(60);
+    expect(escrowMinutesLeft("900000", "1500", 300)).toBe(3);
+    // 1 block short of 600: 599 x 6 s = 59.9 min; one unit short: still 59.9, not 60 rounded up.
+    expect(escrowMinutesLeft("898500", "1500", 6_000)).toBe(59.9);
+    expect(escrowMinutesLeft("899999", "1500", 6_000)).toBe(59.9);
+    // Fractions stay exact: 0.3 at 0.1 a block is 3 blocks of 20 s, 1 minute (floats give 2.9999...).
+    expect(escrowMinutesLeft("0.3", "0.1", 20_000)).toBe(1);
+  });
+
+  it("is 0 for an overdrawn escrow and undefined when nothing draws", () => {
+    expect(escrowMinutesLeft("-25", "1500", 6_000)).toBe(0);
+    expect(escrowMinutesLeft("900000", "0", 6_000)).toBeUndefined();
+    expect(() => escrowMinutesLeft("1", "1", 0)).toThrow(CostInputError);
+  });
+
+  it("divides a deployment's escrow by all its leases' prices, and shows it in status", () => {
+    const report = costReport({
+      computedAtMs: 0,
+      chain: { earlier: { height: 0, timeMs: 0 }, latest: { height: 60, timeMs: 360_000 } },
+      // Two leases of one deployment draw 2000 a block together: 900000 lasts 450 blocks, 45 minutes.
+      leases: [{ ...lease, escrowLeft: "900000" }, { ...lease, provider: "akash1other", pricePerBlock: "500", escrowLeft: "900000" }, { ...lease, dseq: "102" }],
+      training: { images: 0, committedCheckpoints: 0 },
+    });
+    expect(report.leases.map((item) => [item.escrowLeft, item.escrowMinutesLeft])).toEqual([["900000", 45], ["900000", 45], [undefined, undefined]]);
+    expect(costLines(report, 0).join("\n")).toContain("burning 900000 uact/h; escrow left 900000 uact (~45.0 min)");
   });
 });
 

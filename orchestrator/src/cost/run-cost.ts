@@ -31,6 +31,11 @@ export interface LeaseOnChain {
   readonly denom: string;
   /** The height of the block that created the lease: it pays from the next block on. */
   readonly createdHeight: number;
+  /**
+   * What is left in the escrow of the lease's deployment, in `denom` (decimal string;
+   * negative when overdrawn). The deployment's leases all draw from it.
+   */
+  readonly escrowLeft?: string;
 }
 
 export interface ChainBlock {
@@ -63,6 +68,13 @@ export interface LeaseCost {
   readonly spent: string;
   /** pricePerBlock x blocks per hour at the measured block time (rounded down). */
   readonly burnPerHour: string;
+  /** The deployment's escrow left at the report's height, when the chain said. */
+  readonly escrowLeft?: string;
+  /**
+   * Minutes until the deployment's leases drain escrowLeft at the measured block time
+   * (rounded down to 0.1), as of the report; absent when nothing was said or nothing draws.
+   */
+  readonly escrowMinutesLeft?: number;
 }
 
 export interface NodeCost {
@@ -104,8 +116,24 @@ export function measuredBlockTimeMs(earlier: ChainBlock | undefined, latest: Cha
   return (latest.timeMs - earlier.timeMs) / (latest.height - earlier.height);
 }
 
+/**
+ * How long an escrow lasts: balance / (price per block x blocks per hour), i.e. balance /
+ * price blocks of `blockTimeMs` each, in minutes rounded down to a tenth. Exact up to
+ * that rounding (integers throughout); an overdrawn (negative) balance lasts 0; a price
+ * of 0 never drains it (undefined).
+ */
+export function escrowMinutesLeft(balance: string, pricePerBlock: string, blockTimeMs: number): number | undefined {
+  if (!(blockTimeMs > 0)) throw new CostInputError(`block time must be positive, got ${blockTimeMs}`);
+  const price = parseDecimal(pricePerBlock);
+  if (price === 0n) return undefined;
+  const funds = balance.trim().startsWith("-") ? 0n : parseDecimal(balance);
+  const blockMs = BigInt(Math.max(1, Math.round(blockTimeMs)));
+  // Tenths of a minute: funds / price blocks x blockMs ms / 6000 ms.
+  return Number((funds * blockMs) / (price * 6_000n)) / 10;
+}
+
 /** price x blocks, exact; a lease created at or after `height` has paid nothing yet. */
-export function leaseCost(lease: LeaseOnChain, height: number, blockTimeMs: number): LeaseCost {
+export function leaseCost(lease: LeaseOnChain, height: number, blockTimeMs: number, deploymentPricePerBlock?: string): LeaseCost {
   if (!Number.isInteger(height) || !Number.isInteger(lease.createdHeight)) throw new CostInputError(`heights must be integers (lease ${lease.dseq}: created ${lease.createdHeight}, now ${height})`);
   if (!(blockTimeMs > 0)) throw new CostInputError(`block time must be positive, got ${blockTimeMs}`);
   const price = parseDecimal(lease.pricePerBlock);
@@ -117,7 +145,27 @@ export function leaseCost(lease: LeaseOnChain, height: number, blockTimeMs: numb
     pricePerBlock: formatDecimal(price), createdHeight: lease.createdHeight, blocks,
     spent: formatDecimal(price * BigInt(blocks)),
     burnPerHour: formatDecimal((price * HOUR_MS) / blockMs),
+    ...escrowFields(lease, deploymentPricePerBlock ?? formatDecimal(price), blockTimeMs),
   };
+}
+
+function escrowFields(lease: LeaseOnChain, deploymentPricePerBlock: string, blockTimeMs: number): Pick<LeaseCost, "escrowLeft" | "escrowMinutesLeft"> {
+  if (lease.escrowLeft === undefined) return {};
+  const minutes = escrowMinutesLeft(lease.escrowLeft, deploymentPricePerBlock, blockTimeMs);
+  return { escrowLeft: formatSignedDecimal(lease.escrowLeft), ...(minutes === undefined ? {} : { escrowMinutesLeft: minutes }) };
+}
+
+/** A decimal string kept exact, its sign too (an overdrawn escrow is negative). */
+function formatSignedDecimal(text: string): string {
+  const trimmed = text.trim();
+  return trimmed.startsWith("-") ? `-${formatDecimal(parseDecimal(trimmed.slice(1)))}` : formatDecimal(parseDecimal(trimmed));
+}
+
+/** Each deployment's price per block: the sum of its leases' (they all draw from its escrow). */
+function deploymentPrices(leases: readonly LeaseOnChain[]): Map<string, string> {
+  const sums = new Map<string, ScaledDecimal>();
+  for (const lease of leases) sums.set(`${lease.dseq}/${lease.denom}`, (sums.get(`${lease.dseq}/${lease.denom}`) ?? 0n) + parseDecimal(lease.pricePerBlock));
+  return new Map([...sums].map(([key, sum]) => [key, formatDecimal(sum)]));
 }
 
 /** pricePerHour x the node's up time (whole milliseconds), rounded down. */
@@ -144,7 +192,9 @@ export function costReport(input: {
 }): CostReport {
   const measured = input.chain && measuredBlockTimeMs(input.chain.earlier, input.chain.latest);
   const blockTimeMs = measured ?? NOMINAL_BLOCK_TIME_MS;
-  const leases = input.chain === undefined ? [] : (input.leases ?? []).map((lease) => leaseCost(lease, input.chain!.latest.height, blockTimeMs));
+  const onChain = input.leases ?? [];
+  const perDeployment = deploymentPrices(onChain);
+  const leases = input.chain === undefined ? [] : onChain.map((lease) => leaseCost(lease, input.chain!.latest.height, blockTimeMs, perDeployment.get(`${lease.dseq}/${lease.denom}`)));
   const pricePerNodeHour = input.pricePerNodeHour;
   const nodes = pricePerNodeHour === undefined ? [] : (input.nodes ?? []).map((node) => nodeCost(node, pricePerNodeHour, node.running));
   const sums = new Map<string, { spent: ScaledDecimal; burn: ScaledDecimal }>();
@@ -176,6 +226,16 @@ export function shortDecimal(text: string, digits = 4): string {
   return kept === "" ? whole! : `${whole}.${kept}`;
 }
 
+function escrowText(lease: LeaseCost): string {
+  if (lease.escrowLeft === undefined) return "";
+  return `; escrow left ${shortDecimal(lease.escrowLeft)} ${lease.denom}${lease.escrowMinutesLeft === undefined ? "" : ` (~${formatMinutes(lease.escrowMinutesLeft)})`}`;
+}
+
+/** Minutes for people: "42.5 min", "3.2 h". */
+export function formatMinutes(minutes: number): string {
+  return minutes < 120 ? `${minutes.toFixed(1)} min` : `${(minutes / 60).toFixed(1)} h`;
+}
+
 /** The cost section of `drover status`, from a cost.json report. */
 export function costLines(report: CostReport, nowMs: number): string[] {
   // A cluster with nothing priced (local nodes without cost.pricePerNodeHour) has no section.
@@ -186,7 +246,7 @@ export function costLines(report: CostReport, nowMs: number): string[] {
   const when = chain ? ` at height ${chain.height}, block time ${(chain.blockTimeMs / 1000).toFixed(2)}s${chain.blockTimeMeasured ? "" : " (assumed)"}` : "";
   lines.push(`cost: as the head computed it ${age}s ago${when}`);
   for (const lease of report.leases) {
-    lines.push(`  lease ${lease.group} ${lease.provider} dseq ${lease.dseq}: ${lease.pricePerBlock} ${lease.denom}/block x ${lease.blocks} blocks = ${lease.spent} ${lease.denom}, burning ${shortDecimal(lease.burnPerHour)} ${lease.denom}/h`);
+    lines.push(`  lease ${lease.group} ${lease.provider} dseq ${lease.dseq}: ${lease.pricePerBlock} ${lease.denom}/block x ${lease.blocks} blocks = ${lease.spent} ${lease.denom}, burning ${shortDecimal(lease.burnPerHour)} ${lease.denom}/h${escrowText(lease)}`);
   }
   for (const node of report.nodes) {
     lines.push(`  node ${node.node} (${node.group}): ${node.pricePerHour} ${node.denom}/h x ${node.hours.toFixed(3)} h = ${shortDecimal(node.spent)} ${node.denom}`);

@@ -17,7 +17,7 @@ function restartedJob(): JobRecord {
   return {
     jobId: "job-1", runId: "run-1", state: "running", attempt: 2, wireJobId: "job-1-a2", maxRestarts: 3,
     restarts: [{ attempt: 1, reason: "node local-1 lost", atMs: 1, lastStep: 7, resumeStep: 5 }],
-    createdAtMs: 1, assignments: [], worldSize: 2, exitCodes: {}, latestMetrics: { 0: { step: 8, values: { loss: 0.5, images_per_s: 100 } } },
+    createdAtMs: 1, assignments: [{ nodeName: "b0", group: "beta", globalRankOffset: 1, localWorldSize: 1 }, { nodeName: "a0", group: "alpha", globalRankOffset: 0, localWorldSize: 1 }], worldSize: 2, exitCodes: {}, latestMetrics: { 0: { step: 8, values: { loss: 0.5, images_per_s: 100 } } },
     checkpointsReported: {}, checkpointsCommitted: [], checkpointsLost: {}, lastCommittedStep: 5,
     request: { command: ["python"] },
   } as unknown as JobRecord;
@@ -80,6 +80,24 @@ describe("DashboardServer", () => {
     expect(view.restarts).toMatchObject([{ resumeStep: 5 }]);
     expect(view.checkpoints).toEqual([5]);
     expect(view.job).toMatchObject({ attempt: 2, imagesPerSecond: 100 });
+  });
+
+  it("serves rank 0's MFU and the job's outer steps across groups, stitched like the loss", async () => {
+    const line = (fields: Record<string, number>) => JSON.stringify({ rank: 0, timeMs: 1, ...fields }) + "\n";
+    // Outer steps arrive on lines of their own; attempt 1's outer step at step 7 was thrown away by the restart (resumed at 5).
+    await writeFile(join(dir, "jobs/job-1/metrics.ndjson"), [
+      line({ attempt: 1, step: 2, loss: 3, mfu: 0.41 }), line({ attempt: 1, step: 4, loss: 2, mfu: 0.43 }), line({ attempt: 1, step: 4, outer_step: 1, outer_seconds: 0.8 }),
+      line({ attempt: 1, step: 7, outer_step: 2, outer_seconds: 0.9 }), line({ attempt: 2, step: 6, loss: 1.5, mfu: 0.39 }), line({ attempt: 2, step: 8, outer_step: 2, outer_seconds: 1.1 }),
+      JSON.stringify({ rank: 1, attempt: 2, step: 6, mfu: 0.9 }) + "\n",
+    ].join(""));
+    const view = await (await fetch(`${origin}/dashboard/api/job`, { headers: { cookie: `drover_dashboard=${TOKEN}` } })).json() as {
+      job: { mfu: number; lastOuterStep: number }; groups: string[]; mfu: Array<{ step: number; attempt: number; mfu: number }>; outerSteps: Array<{ step: number; attempt: number; outerStep: number; seconds: number }>;
+    };
+    expect(view.mfu).toEqual([{ step: 2, attempt: 1, mfu: 0.41 }, { step: 4, attempt: 1, mfu: 0.43 }, { step: 6, attempt: 2, mfu: 0.39 }]);
+    expect(view.outerSteps).toEqual([{ step: 4, attempt: 1, outerStep: 1, seconds: 0.8 }, { step: 8, attempt: 2, outerStep: 2, seconds: 1.1 }]);
+    expect(view.groups).toEqual(["alpha", "beta"]);
+    // Rank 0's latest report has no MFU: the newest on the curve, not rank 1's.
+    expect(view.job).toMatchObject({ mfu: 0.39, lastOuterStep: 2 });
   });
 
   it("lists the head's current alerts with the cluster", async () => {

@@ -205,13 +205,21 @@ export class DashboardServer {
     };
   }
 
-  /** The running job, else the newest: its record, rank 0's loss curve across attempts, restarts and checkpoints. */
+  /**
+   * The running job, else the newest: its record, rank 0's loss and MFU curves across
+   * attempts, its outer steps (a job over several groups, DiLoCo), restarts and checkpoints.
+   */
   async jobView(): Promise<unknown> {
     const job = currentJob(this.options.jobs.all());
     if (!job) return { job: null };
     const points = await this.rankZeroPoints(job.jobId);
     const curve = stitchAttempts(points, job.restarts);
     const rank0 = job.latestMetrics[0];
+    // Rank 0 reports an outer step on its own line (examples/at1: outer_step, outer_seconds),
+    // which replaces its latest metrics: the newest of each value comes from the curve.
+    const newest = (name: string) => curve.findLast((point) => typeof point[name] === "number")?.[name];
+    const outerSteps = curve.filter((point) => typeof point.outer_step === "number")
+      .map((point) => ({ step: point.step, attempt: point.attempt, outerStep: point.outer_step!, ...(typeof point.outer_seconds === "number" ? { seconds: point.outer_seconds } : {}) }));
     return {
       job: {
         jobId: job.jobId,
@@ -224,10 +232,17 @@ export class DashboardServer {
         endedAtMs: job.endedAtMs,
         failure: job.failure?.reason,
         latestStep: rank0?.step,
-        imagesPerSecond: rank0?.values.images_per_s,
+        imagesPerSecond: rank0?.values.images_per_s ?? newest("images_per_s"),
+        /** Model FLOPs utilization, 0..1, as the trainer reports it (examples/at1: with --peak-flops or a GPU it knows). */
+        mfu: rank0?.values.mfu ?? newest("mfu"),
+        lastOuterStep: outerSteps.at(-1)?.outerStep,
         lastCommittedStep: job.lastCommittedStep,
       },
+      /** The job's groups: outer steps sync them. */
+      groups: [...new Set(job.assignments.map((assignment) => assignment.group))].sort(),
       loss: curve.filter((point) => typeof point.loss === "number").map((point) => ({ step: point.step, attempt: point.attempt, loss: point.loss })),
+      mfu: curve.filter((point) => typeof point.mfu === "number").map((point) => ({ step: point.step, attempt: point.attempt, mfu: point.mfu })),
+      outerSteps,
       restarts: job.restarts.map((restart) => ({ attempt: restart.attempt, reason: restart.reason, lastStep: restart.lastStep, resumeStep: restart.resumeStep ?? 0, group: restart.group })),
       checkpoints: committedSteps(job),
     };

@@ -57,7 +57,7 @@ describe("HeadTelemetry", () => {
 
   it("logs each alert once when it is raised and once when it clears, by the spec's thresholds", async () => {
     const lines: string[] = [];
-    telemetry = HeadTelemetry.create({ metricsHost: "127.0.0.1", metricsPort: 0, retentionMs: 3_600_000, stateDir: new StateDirectory(dir), workers: registry, jobs, logger: recordingLogger(lines), now: () => now, alerts: { gpuTemperatureCelsius: 80, silentIntervals: 3, stragglerRatio: 0.5 } });
+    telemetry = HeadTelemetry.create({ metricsHost: "127.0.0.1", metricsPort: 0, retentionMs: 3_600_000, stateDir: new StateDirectory(dir), workers: registry, jobs, logger: recordingLogger(lines), now: () => now, alerts: { gpuTemperatureCelsius: 80, silentIntervals: 3, stragglerRatio: 0.5, escrowMinutes: 60 } });
     await telemetry.start();
     const workerId = register("h100-0", "h100");
     const sample = (temperatureCelsius: number, throttleReasons: number) => telemetry!.onTelemetry(workerId, { sentTimeMs: now, intervalMs: 5_000, samples: [{ timeMs: now - 1_000, node: { cpuUtilizationRatio: 0.5 }, gpus: [{ ...gpuReading, temperatureCelsius, throttleReasons }] }] });
@@ -93,6 +93,27 @@ describe("HeadTelemetry", () => {
     const temperature = snapshot.store.latest(() => Infinity).find((point) => point.metric === "temperatureCelsius");
     expect(temperature).toMatchObject({ node: "h100-0", gpu: 0, value: 70 });
     expect(await TelemetryStore.loadSnapshot(join(dir, "absent.json"))).toBeUndefined();
+  });
+
+  it("raises a lease's escrow running out from the cost tracker's report, logged once, and clears it after a top-up", async () => {
+    const lines: string[] = [];
+    create(recordingLogger(lines));
+    await telemetry!.start();
+    const lease = { provider: "akash1prov", dseq: "101", group: "a100", denom: "uact", pricePerBlock: "1500", createdHeight: 1, blocks: 10, spent: "15000", burnPerHour: "900000", escrowLeft: "300000", escrowMinutesLeft: 20 };
+    const report = (escrowMinutesLeft: number) => ({ computedAtMs: now, leases: [{ ...lease, escrowMinutesLeft }], nodes: [], totals: [], training: { images: 0, committedCheckpoints: 0 } });
+    const alertLines = () => lines.filter((line) => line.includes("alert"));
+    expect(telemetry!.checkAlerts()).toEqual([]);
+    telemetry!.observeCost(report(20));
+    expect(telemetry!.checkAlerts().map((alert) => alert.key)).toEqual(["escrow-low:101"]);
+    now += 5_000;
+    telemetry!.observeCost(report(19.9));
+    expect(telemetry!.alerts.map((alert) => alert.key)).toEqual(["escrow-low:101"]);
+    telemetry!.checkAlerts();
+    expect(alertLines()).toHaveLength(1);
+    expect(alertLines()[0]).toMatch(/^warn alert: lease a100 dseq 101 \(akash1prov\): its escrow runs out in about 20\.0 min .*"alert":"escrow-low:101","node":"a100"/);
+    telemetry!.observeCost(report(360));
+    expect(telemetry!.checkAlerts()).toEqual([]);
+    expect(alertLines().slice(1)).toEqual([expect.stringMatching(/^info alert cleared: lease a100 dseq 101 /)]);
   });
 
   it("serves node, GPU, training and checkpoint series on /metrics and writes where to metrics.json", async () => {

@@ -54,6 +54,8 @@ export class HeadTelemetry {
   private alertTimer: NodeJS.Timeout | undefined;
   /** The alerts of the last check, by key: a change is logged once, not every check. */
   private activeAlerts = new Map<string, Alert>();
+  /** The cost tracker's newest report: its leases' escrow left is judged with the telemetry. */
+  private latestCost: CostReport | undefined;
 
   /** The alerts of the newest check (what the dashboard shows). */
   get alerts(): Alert[] {
@@ -156,13 +158,13 @@ export class HeadTelemetry {
   }
 
   /**
-   * Evaluates the alert rules over the connected nodes' newest samples and the running
-   * jobs, and logs each alert once when it is raised and once when it clears.
+   * Evaluates the alert rules over the connected nodes' newest samples, the running jobs
+   * and the newest cost report's leases, and logs each alert once when it is raised and once when it clears.
    */
   checkAlerts(): Alert[] {
     const connected = new Set(this.options.workers.connected().map((worker) => worker.nodeName));
     const nodes = latestByNode(this.store.latest(() => Infinity)).filter((node) => connected.has(node.node));
-    const current = evaluateAlerts({ nodes, jobs: this.options.jobs.all(), nowMs: this.now(), thresholds: this.options.alerts ?? DEFAULT_ALERT_THRESHOLDS });
+    const current = evaluateAlerts({ nodes, jobs: this.options.jobs.all(), nowMs: this.now(), thresholds: this.options.alerts ?? DEFAULT_ALERT_THRESHOLDS, ...(this.latestCost ? { cost: this.latestCost } : {}) });
     const { raised, cleared } = alertTransitions(this.activeAlerts, current);
     for (const alert of raised) this.options.logger.warn(`alert: ${alert.message}`, { alert: alert.key, node: alert.node });
     for (const alert of cleared) this.options.logger.info(`alert cleared: ${alert.message}`, { alert: alert.key, node: alert.node });
@@ -170,8 +172,9 @@ export class HeadTelemetry {
     return current;
   }
 
-  /** The cost tracker's newest report, for drover_lease_spend_total and drover_lease_price_per_block. */
+  /** The cost tracker's newest report, for drover_lease_spend_total and drover_lease_price_per_block, and the escrow alert. */
   observeCost(report: CostReport): void {
+    this.latestCost = report;
     this.metrics?.observeCost(report);
   }
 

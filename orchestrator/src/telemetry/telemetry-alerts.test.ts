@@ -53,6 +53,23 @@ describe("alert rules", () => {
     expect(keys(evaluate([], [job({ 0: 500, 1: 500, 2: 400 })], thresholds))).toEqual(["straggler:job-1:2"]);
   });
 
+  it("raises a lease whose escrow runs out within head.alerts.escrowMinutes, counting the time since the cost report", () => {
+    const lease = { provider: "akash1prov", dseq: "101", group: "a100", denom: "uact", pricePerBlock: "1500", createdHeight: 1, blocks: 10, spent: "15000", burnPerHour: "900000", escrowLeft: "975000" };
+    const cost = { computedAtMs: NOW, leases: [{ ...lease, escrowMinutesLeft: 65 }, { ...lease, dseq: "102" }] };
+    const escrow = (nowMs: number, thresholds = DEFAULT_ALERT_THRESHOLDS) => evaluateAlerts({ nodes: [], jobs: [], nowMs, thresholds, cost });
+    // 65 minutes left: above the default 60 ...
+    expect(escrow(NOW)).toEqual([]);
+    // ... 6 minutes after the report, 59 are left.
+    const [alert, ...others] = escrow(NOW + 6 * 60_000);
+    expect(others).toEqual([]);
+    expect(alert).toMatchObject({ key: "escrow-low:101", kind: "escrow-low", node: "a100" });
+    expect(alert!.message).toContain("lease a100 dseq 101 (akash1prov): its escrow runs out in about 59.0 min (975000 uact left");
+    expect(alert!.message).toContain("the wallet is likely empty");
+    const spec = parseClusterSpecYaml("head:\n  alerts:\n    escrowMinutes: 90\n", "/tmp/alerts.yaml");
+    expect(keys(escrow(NOW, spec.head.alerts))).toEqual(["escrow-low:101"]);
+    expect(() => parseClusterSpecYaml("head:\n  alerts:\n    escrowMinutes: 0\n", "/tmp/alerts.yaml")).toThrow(/escrowMinutes/);
+  });
+
   it("decodes the throttle bits that mean a thermal or power slowdown, and not the power cap of a busy GPU", () => {
     expect(slowdownReasons(0)).toEqual([]);
     expect(slowdownReasons(0x1 | 0x2 | 0x4 | 0x10 | 0x100)).toEqual([]);

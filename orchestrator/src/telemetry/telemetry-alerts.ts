@@ -1,3 +1,4 @@
+import type { CostReport } from "../cost/run-cost.js";
 import type { GpuMetric, NodeMetric, SeriesInfo } from "./telemetry-store.js";
 
 // Pure rules, no package imports: `drover status` and `drover top` evaluate them over
@@ -12,9 +13,11 @@ export interface AlertThresholds {
   silentIntervals: number;
   /** A rank whose images_per_s is below this fraction of its group's median is a straggler. */
   stragglerRatio: number;
+  /** A lease whose deployment's escrow runs out within this many minutes is reported. */
+  escrowMinutes: number;
 }
 
-export const DEFAULT_ALERT_THRESHOLDS: Readonly<AlertThresholds> = { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5 };
+export const DEFAULT_ALERT_THRESHOLDS: Readonly<AlertThresholds> = { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5, escrowMinutes: 60 };
 
 /**
  * The bits of nvidia-smi's `clocks_throttle_reasons.active` (NVML's
@@ -92,12 +95,13 @@ export interface JobMetricsView {
   assignments: ReadonlyArray<{ nodeName: string; group: string; globalRankOffset: number; localWorldSize: number }>;
 }
 
-export type AlertKind = "gpu-temperature" | "gpu-throttle" | "node-silent" | "straggler";
+export type AlertKind = "gpu-temperature" | "gpu-throttle" | "node-silent" | "straggler" | "escrow-low";
 
 export interface Alert {
   /** Stable while the condition holds (the head logs a raise and a clear per key). */
   key: string;
   kind: AlertKind;
+  /** The node it concerns; for a lease's escrow, the lease's group. */
   node: string;
   message: string;
 }
@@ -115,10 +119,10 @@ function median(values: number[]): number {
 
 /**
  * Every alert that holds at `nowMs`: hot or slowed-down GPUs and silent nodes from the
- * telemetry, stragglers from the running jobs' per-rank images_per_s. Escrow running
- * out is not here: there are no cost figures to judge it by yet.
+ * telemetry, stragglers from the running jobs' per-rank images_per_s, and leases whose
+ * escrow runs out soon from the newest cost report (its time left less the time since).
  */
-export function evaluateAlerts(input: { nodes: readonly NodeTelemetry[]; jobs: readonly JobMetricsView[]; nowMs: number; thresholds: AlertThresholds }): Alert[] {
+export function evaluateAlerts(input: { nodes: readonly NodeTelemetry[]; jobs: readonly JobMetricsView[]; nowMs: number; thresholds: AlertThresholds; cost?: Pick<CostReport, "computedAtMs" | "leases"> }): Alert[] {
   const { thresholds } = input;
   const alerts: Alert[] = [];
   for (const node of input.nodes) {
@@ -170,6 +174,30 @@ export function evaluateAlerts(input: { nodes: readonly NodeTelemetry[]; jobs: r
         });
       }
     }
+  }
+  alerts.push(...escrowAlerts(input.cost, input.nowMs, thresholds.escrowMinutes));
+  return alerts;
+}
+
+/**
+ * Leases whose deployment's escrow runs out within `thresholdMinutes`. The head's escrow
+ * keeper tops an escrow up before it gets this low whenever the wallet can pay, so one
+ * that stays low means the wallet cannot (or the keeper is off): the message says so.
+ */
+function escrowAlerts(cost: Pick<CostReport, "computedAtMs" | "leases"> | undefined, nowMs: number, thresholdMinutes: number): Alert[] {
+  if (cost === undefined) return [];
+  const sinceReportMinutes = Math.max(0, nowMs - cost.computedAtMs) / 60_000;
+  const alerts: Alert[] = [];
+  for (const lease of cost.leases) {
+    if (lease.escrowMinutesLeft === undefined) continue;
+    const minutesLeft = Math.max(0, lease.escrowMinutesLeft - sinceReportMinutes);
+    if (minutesLeft >= thresholdMinutes) continue;
+    alerts.push({
+      key: `escrow-low:${lease.dseq}`,
+      kind: "escrow-low",
+      node: lease.group,
+      message: `lease ${lease.group} dseq ${lease.dseq} (${lease.provider}): its escrow runs out in about ${minutesLeft.toFixed(1)} min (${lease.escrowLeft ?? "?"} ${lease.denom} left at ${lease.burnPerHour.split(".")[0]} ${lease.denom}/h; threshold ${thresholdMinutes} min). The head tops escrows up when the wallet can pay, so the wallet is likely empty: fund it, or the chain closes the deployment when the escrow runs dry`,
+    });
   }
   return alerts;
 }

@@ -113,6 +113,9 @@ describe("AkashProvisioner against the simulator", () => {
     for (const lease of report.leases) {
       expect(lease.blocks).toBeGreaterThanOrEqual(5);
       expect(lease.spent).toBe(sim.chain.deployment(owner, lease.dseq)!.escrow.transferred.toString());
+      // The deposit less what the leases drew: the escrow the chain's deployment query reports.
+      expect(lease.escrowLeft).toBe(sim.chain.deployment(owner, lease.dseq)!.escrow.amount.toString());
+      expect(lease.escrowMinutesLeft).toBeGreaterThan(0);
     }
     await akash.shutdown({ state, logger: silentLogger, signal: AbortSignal.timeout(10_000) });
   });

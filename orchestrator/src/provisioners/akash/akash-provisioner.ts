@@ -188,8 +188,8 @@ export class AkashProvisioner implements Provisioner {
 
   /**
    * The held leases as the chain holds them (its price and creation height, not what the
-   * bid said), with the latest block read first: a lease is never newer than the height
-   * its cost is computed at. A lease the chain no longer lists as active pays nothing more
+   * bid said) and the escrow left in its deployment, with the latest block read first: a
+   * lease is never newer than the height its cost is computed at. A lease the chain no longer lists as active pays nothing more
    * and is left out.
    */
   async leasesOnChain(signal: AbortSignal): Promise<{ latest: ChainBlock; leases: LeaseOnChain[] }> {
@@ -198,9 +198,15 @@ export class AkashProvisioner implements Provisioner {
       const latest = await client.latestBlock(signal);
       const leases: LeaseOnChain[] = [];
       for (const held of [...this.held]) {
+        // The deployment's escrow, as the keeper reads it: how long its leases can still draw.
+        const escrow = await client.deploymentEscrow(held.record.dseq, signal);
         for (const lease of await client.leases(signal, held.record.dseq)) {
           if (lease.state !== "active" || lease.provider !== held.record.provider || lease.createdHeight > latest.height) continue;
-          leases.push({ provider: lease.provider, dseq: lease.dseq, group: held.record.group, pricePerBlock: lease.price, denom: lease.denom, createdHeight: lease.createdHeight });
+          const escrowLeft = escrow.funds.find((balance) => balance.denom === lease.denom)?.amount;
+          leases.push({
+            provider: lease.provider, dseq: lease.dseq, group: held.record.group, pricePerBlock: lease.price, denom: lease.denom, createdHeight: lease.createdHeight,
+            ...(escrowLeft === undefined ? {} : { escrowLeft }),
+          });
         }
       }
       return { latest, leases };
