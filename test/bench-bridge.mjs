@@ -10,12 +10,19 @@
 // fp32 parameters = 400 MB), BENCH_ROUNDS the measured rounds per variant (default 3),
 // after one warm-up round that is not counted (it faults in the exchange buffers).
 //
+// Every bridge variant runs twice: plaintext (HMAC only, an insecure head) and over
+// mutual TLS 1.3 with certificates of one job from a head CA made for the run (what a
+// head with a CA, the default, gives its leaders); "tls/plain" compares the two.
+//
 // As root with `ip netns`, the same runs again over a WAN-like link: each group in a
 // network namespace of its own, joined by a veth pair with link-local addresses
 // (169.254.77.1/.2, nothing outside the pair), both ends shaped by `tc tbf` to 1 Gbit/s
 // (goal: bridge fp32 / raw TCP >= 0.95). The namespaces are removed afterwards.
 import { fork, spawnSync } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
 import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const PARAMS = Number(process.env.BENCH_PARAMS ?? 100_000_000);
@@ -49,6 +56,8 @@ async function child() {
   const buffers = new worker.ExchangeBuffers();
   let listener;
   let link;
+  let tlsListener;
+  let tlsLink;
   let rawServer;
   let rawSocket;
   process.on("message", async (message) => {
@@ -56,21 +65,32 @@ async function child() {
       if (message.cmd === "listen") {
         listener = await worker.BridgeListener.listen({ host: message.host, port: 0, jobs: (job) => (job === JOB ? { group: message.group, key: KEY } : undefined), logger: worker.silentLogger });
         listener.on("link", (accepted) => (link = accepted));
+        const identity = worker.bridgeTlsIdentity(message.tls);
+        tlsListener = await worker.BridgeListener.listen({
+          host: message.host, port: 0, logger: worker.silentLogger,
+          jobs: (job) => (job === JOB ? { group: message.group, key: KEY, tls: identity } : undefined),
+          tls: { contextFor: (serverName) => (serverName === message.serverName ? identity.context : undefined) },
+        });
+        tlsListener.on("link", (accepted) => (tlsLink = accepted));
         // The baseline gets the same socket options as the bridge (1 MiB reads, no Nagle).
         rawServer = net.createServer({ highWaterMark: 1 << 20, noDelay: true }, (socket) => (rawSocket = socket));
         await new Promise((resolve) => rawServer.listen(0, message.host, resolve));
-        send({ ok: true, port: listener.port, rawPort: rawServer.address().port });
+        send({ ok: true, port: listener.port, tlsPort: tlsListener.port, rawPort: rawServer.address().port });
       } else if (message.cmd === "dial") {
         link = await worker.BridgeLink.dial({ host: message.host, port: message.port, self: { job: JOB, group: message.group }, key: KEY, signal: AbortSignal.timeout(10_000) });
+        tlsLink = await worker.BridgeLink.dial({
+          host: message.host, port: message.tlsPort, self: { job: JOB, group: message.group }, key: KEY,
+          tls: { identity: worker.bridgeTlsIdentity(message.tls), peerGroup: message.peerGroup }, signal: AbortSignal.timeout(10_000),
+        });
         rawSocket = net.connect({ host: message.host, port: message.rawPort, highWaterMark: 1 << 20, noDelay: true });
         await new Promise((resolve) => rawSocket.once("connect", resolve));
         send({ ok: true });
       } else if (message.cmd === "bridge") {
-        while (!link) await new Promise((resolve) => setTimeout(resolve, 10));
+        while (!link || !tlsLink) await new Promise((resolve) => setTimeout(resolve, 10));
         const started = performance.now();
         const result = await worker.allReduceAcrossGroups(
           { outerStep: message.step, weight: 1, tensors: [{ name: "pseudo_gradient", shape: [PARAMS], values }] },
-          { job: JOB, group: message.group, links: [link], codec: message.codec, chunkElements: CHUNK_ELEMENTS, timeoutMs: 600_000, signal: AbortSignal.timeout(600_000), buffers },
+          { job: JOB, group: message.group, links: [message.tls ? tlsLink : link], codec: message.codec, chunkElements: CHUNK_ELEMENTS, timeoutMs: 600_000, signal: AbortSignal.timeout(600_000), buffers },
         );
         send({ ok: true, seconds: (performance.now() - started) / 1000, bytesSent: result.bytesSent });
       } else if (message.cmd === "raw") {
@@ -102,8 +122,10 @@ async function child() {
         send({ ok: true, seconds: (performance.now() - started) / 1000, bytesSent: bytes.length });
       } else if (message.cmd === "exit") {
         link?.destroy();
+        tlsLink?.destroy();
         rawSocket?.destroy();
         await listener?.close();
+        await tlsListener?.close();
         rawServer?.close();
         process.exit(0);
       }
@@ -141,31 +163,33 @@ function median(values) {
 }
 
 /** Runs every variant between two group processes; returns the median seconds and bytes. */
-async function suite(label, place) {
+async function suite(label, place, certificates) {
   console.log(`${label}:`);
   const a = spawnGroup("a100", place.namespaceA);
   const b = spawnGroup("rtx8000", place.namespaceB);
   await Promise.all([a.next(), b.next()]);
   try {
-    const { port, rawPort } = await b.call({ cmd: "listen", host: place.listenHost });
-    await a.call({ cmd: "dial", port, rawPort, host: place.listenHost });
-    const times = { raw: [], fp32: [], int8: [] };
-    const bytes = { raw: 0, fp32: 0, int8: 0 };
+    const { port, tlsPort, rawPort } = await b.call({ cmd: "listen", host: place.listenHost, tls: certificates.rtx8000, serverName: certificates.serverName("rtx8000") });
+    await a.call({ cmd: "dial", port, tlsPort, rawPort, host: place.listenHost, tls: certificates.a100, peerGroup: "rtx8000" });
+    const variants = ["raw", "fp32", "int8", "tls-fp32", "tls-int8"];
+    const times = Object.fromEntries(variants.map((variant) => [variant, []]));
+    const bytes = Object.fromEntries(variants.map((variant) => [variant, 0]));
     let step = 0;
     for (let round = 0; round <= ROUNDS; round++) {
-      const order = round % 2 === 0 ? ["raw", "fp32", "int8"] : ["int8", "fp32", "raw"];
+      const order = round % 2 === 0 ? variants : [...variants].reverse();
       for (const variant of order) {
         step += 1;
-        const cmd = variant === "raw" ? { cmd: "raw" } : { cmd: "bridge", codec: variant, step };
+        const codec = variant.replace(/^tls-/, "");
+        const cmd = variant === "raw" ? { cmd: "raw" } : { cmd: "bridge", codec, tls: variant.startsWith("tls-"), step };
         const [ra, rb] = await Promise.all([a.call(cmd), b.call(cmd)]);
         const seconds = Math.max(ra.seconds, rb.seconds);
         if (round > 0) times[variant].push(seconds);
         bytes[variant] = ra.bytesSent;
         const rate = (2 * PARAMS * 4) / 2 ** 30 / seconds; // payload moved in both directions
-        console.log(`  ${round === 0 ? "warm-up" : `round ${round}`} ${variant.padEnd(4)} ${seconds.toFixed(2)} s  (${rate.toFixed(2)} GiB/s of fp32 payload, ${(ra.bytesSent / 2 ** 20).toFixed(0)} MiB on the wire each way)`);
+        console.log(`  ${round === 0 ? "warm-up" : `round ${round}`} ${variant.padEnd(8)} ${seconds.toFixed(2)} s  (${rate.toFixed(2)} GiB/s of fp32 payload, ${(ra.bytesSent / 2 ** 20).toFixed(0)} MiB on the wire each way)`);
       }
     }
-    return { raw: median(times.raw), fp32: median(times.fp32), int8: median(times.int8), bytes };
+    return { ...Object.fromEntries(variants.map((variant) => [variant, median(times[variant])])), bytes };
   } finally {
     await Promise.all([a, b].map(({ proc }) => new Promise((resolve) => {
       if (proc.exitCode !== null) return resolve();
@@ -179,6 +203,25 @@ function report(result, goal) {
   console.log(`  bridge fp32 / raw TCP bandwidth (median): ${(result.raw / result.fp32).toFixed(2)} (goal >= ${goal})`);
   console.log(`  int8 wire bytes / fp32: ${(result.bytes.int8 / result.bytes.fp32).toFixed(3)} (goal <= 0.27)`);
   console.log(`  int8 wall time / fp32 wall time: ${(result.int8 / result.fp32).toFixed(2)}`);
+  console.log(`  TLS bridge fp32 / raw TCP bandwidth (median): ${(result.raw / result["tls-fp32"]).toFixed(2)}`);
+  console.log(`  TLS / plaintext bandwidth (median): fp32 ${(result.fp32 / result["tls-fp32"]).toFixed(2)}, int8 ${(result.int8 / result["tls-int8"]).toFixed(2)}`);
+}
+
+/** One job's bridge certificates for both groups, from a head CA made for this run (removed afterwards). */
+async function benchCertificates() {
+  const { HeadAuthority, StateDirectory } = await import("@drover/orchestrator");
+  const { bridgeServerName } = await import("@drover/proto");
+  const root = await mkdtemp(join(tmpdir(), "drover-bench-bridge-"));
+  try {
+    const ca = await HeadAuthority.open(new StateDirectory(root), "bench-bridge");
+    const issue = async (group) => {
+      const { certPem, keyPem } = await ca.issueBridgeCertificate(JOB, group, 24 * 3600_000);
+      return { certificatePem: certPem + ca.caPem, privateKeyPem: keyPem, caPem: ca.caPem };
+    };
+    return { a100: await issue("a100"), rtx8000: await issue("rtx8000"), serverName: (group) => bridgeServerName(JOB, group) };
+  } finally {
+    await rm(root, { recursive: true, force: true });
+  }
 }
 
 const NS_A = `drover-bb-${process.pid}-a`;
@@ -214,7 +257,8 @@ function tearDownWan() {
 async function main() {
   const mib = (PARAMS * 4) / 2 ** 20;
   console.log(`bench:bridge: ${PARAMS.toLocaleString()} fp32 parameters (${mib.toFixed(0)} MiB) between 2 groups, ${ROUNDS} rounds per variant after a warm-up, taking turns`);
-  report(await suite("loopback (unconstrained)", { listenHost: "127.0.0.1" }), 0.8);
+  const certificates = await benchCertificates();
+  report(await suite("loopback (unconstrained)", { listenHost: "127.0.0.1" }, certificates), 0.8);
   if (!wanAvailable()) {
     console.log("WAN variant skipped: it needs root, `ip netns` and `tc`");
     return;
@@ -223,7 +267,7 @@ async function main() {
   const cleanup = () => tearDownWan();
   process.once("SIGINT", () => { cleanup(); process.exit(130); });
   try {
-    report(await suite("veth between two network namespaces, tbf 1 Gbit/s each way", { listenHost: "169.254.77.2", namespaceA: NS_A, namespaceB: NS_B }), 0.95);
+    report(await suite("veth between two network namespaces, tbf 1 Gbit/s each way", { listenHost: "169.254.77.2", namespaceA: NS_A, namespaceB: NS_B }, certificates), 0.95);
   } finally {
     cleanup();
   }

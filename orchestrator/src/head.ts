@@ -1,7 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { EventEmitter } from "node:events";
 import { mkdir } from "node:fs/promises";
-import type { IMetricReport } from "@drover/proto";
+import type { IBridgeTls, IMetricReport } from "@drover/proto";
 import { CheckpointStore, registerSecretValue, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
 import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
 import { backendSection, expectedNodes, type ClusterSpec } from "./cluster-spec.js";
@@ -18,6 +18,13 @@ import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js"
 import { HeadTelemetry } from "./telemetry/head-telemetry.js";
 import { HeadAuthority } from "./tls/head-authority.js";
 import { WorkerRegistry } from "./worker-registry.js";
+
+/**
+ * How long a job's bridge certificates stay valid: longer than any run we expect (a run
+ * that outlives it needs a new attempt), short enough that a leaked key of a finished
+ * job soon opens nothing, even if its job id were reused.
+ */
+const BRIDGE_CERTIFICATE_VALIDITY_MS = 30 * 24 * 3600_000;
 
 export type HeadState = "created" | "starting" | "provisioning" | "ready" | "stopping" | "stopped" | "failed";
 
@@ -108,6 +115,7 @@ export class Head extends EventEmitter<HeadEvents> {
         return this.provisioner.allocateMasterPort(assignment.masterAddr);
       },
       bridgeAddressOf: (nodeName) => this.bridgeAddressOf(nodeName),
+      issueBridgeCertificates: (bridgeJobId, groups) => this.issueBridgeCertificates(bridgeJobId, groups),
       workerWaitTimeoutMs: spec.head.workerWaitTimeoutMs,
       stopGraceMs: 5_000,
       defaultMaxRestarts: 3,
@@ -316,14 +324,33 @@ export class Head extends EventEmitter<HeadEvents> {
    * on the first start): named for `head.advertise`, `head.host` and this machine's
    * addresses, since workers check the name they dial. None with `head.insecure`.
    */
+  /**
+   * One bridge certificate per group of a bridge job id, from the head's CA: the leaders
+   * of that job present them to each other and trust only this CA. Undefined without a
+   * CA (head.insecure): the bridge is then plaintext with HMAC only.
+   */
+  private async issueBridgeCertificates(bridgeJobId: string, groups: readonly string[]): Promise<ReadonlyMap<string, IBridgeTls> | undefined> {
+    const authority = this.authority;
+    if (!authority) return undefined;
+    const issued = new Map<string, IBridgeTls>();
+    for (const group of groups) {
+      const { certPem, keyPem } = await authority.issueBridgeCertificate(bridgeJobId, group, BRIDGE_CERTIFICATE_VALIDITY_MS);
+      issued.set(group, { certificatePem: certPem + authority.caPem, privateKeyPem: keyPem, caPem: authority.caPem });
+    }
+    return issued;
+  }
+
   private async controlCertificate(): Promise<{ chainPem: string; keyPem: string } | undefined> {
     if (this.spec.head.insecure) {
       this.logger.warn("the control plane is plaintext (head.insecure): anyone on the path can read and inject control traffic");
+      this.logger.warn("the cross-provider bridge is plaintext too (head.insecure): group leaders still authenticate each other with the job's HMAC key, but tensors cross the network unencrypted");
       return undefined;
     }
     this.authority = await HeadAuthority.open(this.stateDir, this.spec.name);
     const advertisedHost = this.spec.head.advertise?.replace(/:\d+$/, "");
-    const certificate = await this.authority.issueHeadCertificate([this.spec.head.host, ...(advertisedHost ? [advertisedHost] : [])]);
+    const backend = backendNamed(this.spec.provisioner);
+    const nodeSideNames = backend?.controlNames?.(backendSection(this.spec), this.stateDir) ?? [];
+    const certificate = await this.authority.issueHeadCertificate([this.spec.head.host, ...(advertisedHost ? [advertisedHost] : []), ...nodeSideNames]);
     this.logger.info("control plane uses TLS", { caFingerprint: this.authority.fingerprint, names: certificate.names.join(",") });
     return certificate;
   }

@@ -13,5 +13,5 @@ export { HeadTelemetry, TELEMETRY_FILE, METRICS_FILE, type HeadTelemetryState } 
 export { TelemetryStore, SeriesRing, GPU_METRICS, NODE_METRICS, TELEMETRY_FILE_VERSION, type SeriesInfo, type TelemetryFile } from "./telemetry/telemetry-store.js";
 export { checkTelemetry, type TelemetryBatch, type TelemetrySample } from "./telemetry/telemetry-report.js";
 export { ControlServer, type ControlServerDeps } from "./control-server.js";
-export { HeadAuthority, bridgeServerName, certificateFingerprint, type CertifiedKey } from "./tls/head-authority.js";
+export { HeadAuthority, certificateFingerprint, type CertifiedKey } from "./tls/head-authority.js";
 export { JoinTokenBook, type JoinTokenBinding, type SpendVerdict } from "./join-tokens.js";

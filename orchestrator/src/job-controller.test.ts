@@ -155,6 +155,51 @@ describe("JobController: a group of a several-group job restarts alone", () => {
     await until(() => job.state === "succeeded", "the job to succeed");
   });
 
+  it("gives each group leader the bridge certificate of its group for the attempt's bridge id, the same one again when the group restarts alone", async () => {
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    const issued: Array<{ bridgeJobId: string; groups: readonly string[] }> = [];
+    jobs = new JobController({
+      registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20,
+      issueBridgeCertificates: async (bridgeJobId, groups) => {
+        issued.push({ bridgeJobId, groups });
+        return new Map(groups.map((group) => [group, { certificatePem: `cert of ${group} in ${bridgeJobId}`, privateKeyPem: `key of ${group}`, caPem: "the CA" }]));
+      },
+    });
+    const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+    const alphaMember = connect(registry, "alpha-1", "a-1", "alpha");
+    const beta = connect(registry, "beta-0", "b-1", "beta");
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 3 });
+    await until(() => starts(alpha).length === 1 && starts(beta).length === 1 && starts(alphaMember).length === 1, "the job to start");
+    expect(issued).toEqual([{ bridgeJobId: job.wireJobId, groups: ["alpha", "beta"] }]);
+    expect(starts(alpha)[0]!.bridgeTls).toEqual({ certificatePem: `cert of alpha in ${job.wireJobId}`, privateKeyPem: "key of alpha", caPem: "the CA" });
+    expect(starts(beta)[0]!.bridgeTls).toMatchObject({ certificatePem: `cert of beta in ${job.wireJobId}` });
+    // Only leaders speak on the bridge: a member node gets neither key nor certificate.
+    expect(starts(alphaMember)[0]!.bridgeTls).toBeUndefined();
+    expect(starts(alphaMember)[0]!.bridgeSecret).toBeUndefined();
+
+    const beta2 = connect(registry, "beta-0", "b-2", "beta");
+    await until(() => starts(beta2).length === 1, "beta to start again");
+    expect(starts(beta2)[0]).toMatchObject({ bridgeJobId: job.wireJobId, bridgeTls: starts(beta)[0]!.bridgeTls });
+    expect(issued).toHaveLength(1);
+  });
+
+  it("issues no bridge certificates for a job of one group", async () => {
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    let calls = 0;
+    jobs = new JobController({
+      registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger,
+      issueBridgeCertificates: async () => {
+        calls += 1;
+        return new Map();
+      },
+    });
+    const a = connect(registry, "alpha-0", "a-1", "alpha");
+    jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 1 });
+    await until(() => starts(a).length === 1, "the job to start");
+    expect(calls).toBe(0);
+    expect(starts(a)[0]!.bridgeTls).toBeUndefined();
+  });
+
   it("restarts the whole job when no other group is up to train on", async () => {
     registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
     jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => undefined });

@@ -1,6 +1,6 @@
 import { randomBytes, randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
-import type { ICheckpointReport, ILogLine, IMetricReport, IRankExit } from "@drover/proto";
+import type { IBridgeTls, ICheckpointReport, ILogLine, IMetricReport, IRankExit } from "@drover/proto";
 import { LogStream } from "@drover/proto";
 import { JobRequestError } from "./errors.js";
 import type { Logger } from "./logger.js";
@@ -178,6 +178,12 @@ export class JobController extends EventEmitter<JobEvents> {
   private readonly progress = new Map<string, Map<number, RankProgress>>();
   /** jobId -> the bridge key of the current attempt (several groups only; never logged or stored). */
   private readonly bridgeSecrets = new Map<string, Buffer>();
+  /**
+   * jobId -> group -> its leader's bridge certificate for the current attempt's bridge id
+   * (several groups, a head with a CA only; never logged or stored). A group restarted
+   * alone keeps the attempt's bridge id, so it gets the same one again.
+   */
+  private readonly bridgeCertificates = new Map<string, ReadonlyMap<string, IBridgeTls>>();
   /** jobId -> group -> its restart on its own, while it lasts. */
   private readonly groupRestarts = new Map<string, Map<string, GroupRestart>>();
   private groupRestartCount = 0;
@@ -207,6 +213,11 @@ export class JobController extends EventEmitter<JobEvents> {
      * (Head.bridgeAddressOf); undefined: the address the worker reported applies.
      */
     bridgeAddressOf?: (nodeName: string) => string | undefined;
+    /**
+     * The TLS credentials of each group leader's bridge for one bridge job id (the head's
+     * CA issues them); undefined: the bridge is plaintext, HMAC only (head.insecure).
+     */
+    issueBridgeCertificates?: (bridgeJobId: string, groups: readonly string[]) => Promise<ReadonlyMap<string, IBridgeTls> | undefined>;
     /** The stall timeout of jobs whose request names none (0 = off); default 5 minutes. */
     defaultStallTimeoutMs?: number;
     now?: () => number;
@@ -386,9 +397,16 @@ export class JobController extends EventEmitter<JobEvents> {
     for (const assignment of job.assignments) {
       if (assignment.groupRank === 0) masterPorts.set(assignment.group, await this.deps.allocateMasterPort(assignment));
     }
+    const groupCount = job.assignments[0]?.groupCount ?? 1;
+    // One certificate per group of this attempt's bridge id, issued before any leader is
+    // told to start: a leader without its certificate could not take part in outer steps.
+    const certificates = groupCount > 1 ? await this.deps.issueBridgeCertificates?.(job.wireJobId, [...new Set(job.assignments.map((assignment) => assignment.group))]) : undefined;
+    // Cancelled while the ports and certificates were being made: nothing to start.
+    if (job.state !== "pending") return;
+    if (certificates) this.bridgeCertificates.set(job.jobId, certificates);
+    else this.bridgeCertificates.delete(job.jobId);
     // Groups sync through their leaders' bridges, authenticated with a key of this
     // attempt's own: a leader of a stopped attempt cannot pass as a peer of the next.
-    const groupCount = job.assignments[0]?.groupCount ?? 1;
     const bridgeSecret = groupCount > 1 ? randomBytes(32) : undefined;
     if (bridgeSecret) this.bridgeSecrets.set(job.jobId, bridgeSecret);
     else this.bridgeSecrets.delete(job.jobId);
@@ -419,6 +437,7 @@ export class JobController extends EventEmitter<JobEvents> {
   /** What one node is told to run: its ranks, its group's rendezvous, the job's topology. */
   private startJobMessage(job: JobRecord, assignment: NodeAssignment, masterPort: number, resumeStep: number | undefined) {
     const bridgeSecret = this.bridgeSecrets.get(job.jobId);
+    const bridgeTls = this.bridgeCertificates.get(job.jobId)?.get(assignment.group);
     return {
       jobId: this.wireIdOf(job, assignment.group),
       bridgeJobId: job.wireJobId,
@@ -440,6 +459,7 @@ export class JobController extends EventEmitter<JobEvents> {
       attempt: job.attempt,
       codeBundleId: job.request.codeBundleId ?? "",
       ...(bridgeSecret && assignment.groupRank === 0 ? { bridgeSecret } : {}),
+      ...(bridgeSecret && bridgeTls && assignment.groupRank === 0 ? { bridgeTls } : {}),
     };
   }
 
@@ -849,6 +869,7 @@ export class JobController extends EventEmitter<JobEvents> {
     for (const entry of this.groupRestarts.get(job.jobId)?.values() ?? []) clearTimeout(entry.waitTimer);
     this.groupRestarts.delete(job.jobId);
     this.bridgeSecrets.delete(job.jobId);
+    this.bridgeCertificates.delete(job.jobId);
     job.groupsRestarting = [];
     if (failure) job.failure = failure;
     if (state === "failed") this.broadcastStop(job, failure?.reason ?? "job failed");

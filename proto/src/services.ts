@@ -17,6 +17,7 @@ export type IStartJob = drover.control.v1.IStartJob;
 export type StartJob = drover.control.v1.StartJob;
 export type IJobTopology = drover.control.v1.IJobTopology;
 export type IJobGroup = drover.control.v1.IJobGroup;
+export type IBridgeTls = drover.control.v1.IBridgeTls;
 export type IStopJob = drover.control.v1.IStopJob;
 export type IMetricReport = drover.control.v1.IMetricReport;
 export type ILogLine = drover.control.v1.ILogLine;

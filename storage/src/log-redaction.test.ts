@@ -26,6 +26,11 @@ describe('log redaction', () => {
     expect(out['nodes']).toEqual([{ name: 'n1', joinToken: REDACTED }]);
   });
 
+  it("redacts the bridge's per-job key and TLS private key wherever a StartJob is logged", () => {
+    const out = redactFields({ startJob: { jobId: 'j-a1', bridgeSecret: 'bridge-key-0123456789', bridgeTls: { certificatePem: 'CERT', privateKeyPem: 'PRIVATE', caPem: 'CA' } } });
+    expect(out['startJob']).toEqual({ jobId: 'j-a1', bridgeSecret: REDACTED, bridgeTls: { certificatePem: 'CERT', privateKeyPem: REDACTED, caPem: 'CA' } });
+  });
+
   it('replaces values known to be secret wherever they appear, SecretString values included', () => {
     registerSecretValue('registered-token-0123456789');
     const s3Key = new SecretString('s3-secret-value-xyz');

@@ -26,6 +26,8 @@ const SECRET_FIELD_NAMES = new Set(
     'token', 'joinToken', 'adminToken', 'sessionToken', 'authToken', 'accessToken', 'refreshToken',
     'secret', 'jobSecret', 'clientSecret', 'password', 'passphrase', 'mnemonic',
     'credentials', 'accessKeyId', 'secretAccessKey', 'privateKey', 'apiKey', 'authorization',
+    // The bridge's per-job key and its TLS private key (StartJob.bridge_secret, bridge_tls).
+    'bridgeSecret', 'privateKeyPem', 'keyPem',
     'x-drover-session-token', 'x-drover-admin-token',
   ].map(normalizeFieldName),
 );

@@ -4,8 +4,9 @@ export { AgentSocketServer, parseAgentLine, AGENT_LINE_MAX_BYTES, type AgentMess
 export { probeResources, parseNvidiaSmi } from "./resource-probe.js";
 export { createLogger, silentLogger, type Logger } from "./logger.js";
 export * from "./errors.js";
-export { BridgeLink, BridgeListener, MAX_FRAME_MESSAGE_BYTES, type BridgeMessage, type PeerIdentity } from "./bridge/bridge-link.js";
+export { BridgeLink, BridgeListener, MAX_FRAME_MESSAGE_BYTES, bridgeTlsCredentials, bridgeTlsIdentity, type BridgeMessage, type BridgeTlsCredentials, type BridgeTlsIdentity, type PeerIdentity } from "./bridge/bridge-link.js";
 export { allReduceAcrossGroups, ExchangeBuffers, type AllReduceOptions, type AllReduceResult, type GroupTensor, type OuterStepContribution } from "./bridge/group-all-reduce.js";
+export { BridgeEndpoint, JobBridge, type BridgePeer, type JobBridgeOptions } from "./bridge/job-bridge.js";
 export { CODECS, decodeFrame, encodeFrame, encodeTensor, TensorAssembler, type Codec, type Frame, type FrameHeader } from "./bridge/tensor-frame.js";
 export { GpuSampler, parseGpuTelemetryCsv, queryNvidiaSmi, GPU_QUERY_ARGS, GPU_QUERY_FIELDS, type GpuQueryResult } from "./telemetry/gpu-sampler.js";
 export { NodeSampler, parseMeminfo, parseNetDev, parseProcStat, cpuUtilization } from "./telemetry/node-sampler.js";

@@ -19,6 +19,7 @@ import { headChannel, type HeadTrust } from "./head-trust.js";
 import type { Logger } from "./logger.js";
 import { probeResources } from "./resource-probe.js";
 import { TrainerSupervisor } from "./trainer-supervisor.js";
+import { bridgeTlsCredentials, type BridgeTlsCredentials } from "./bridge/bridge-link.js";
 import { BridgeEndpoint, type BridgePeer, type JobBridge } from "./bridge/job-bridge.js";
 import { OuterSyncSocketServer } from "./bridge/outer-sync-socket.js";
 import { DEFAULT_TELEMETRY_INTERVAL_MS, MIN_TELEMETRY_INTERVAL_MS, TelemetryReporter } from "./telemetry/telemetry-reporter.js";
@@ -403,9 +404,13 @@ export class WorkerAgent {
         // Listening on one address (a namespace's wan address, loopback): that is where
         // peers dial; on every interface, the node's advertised address.
         advertiseHost: ["0.0.0.0", "::"].includes(this.options.bridgeHost) ? this.options.advertiseAddress : this.options.bridgeHost,
+        // The bridge follows the head: a head with a CA (pinned) gives every job's leaders
+        // certificates from it; an insecure head has none to give.
+        secure: this.options.headTrust.kind === "pinned",
         logger: this.logger,
       });
-      this.logger.info("bridge listening", { port: this.bridge.port, advertised: this.bridge.advertised });
+      this.logger.info("bridge listening", { port: this.bridge.port, advertised: this.bridge.advertised, tls: this.bridge.secure });
+      if (!this.bridge.secure) this.logger.warn("the bridge is plaintext (the head is insecure): group leaders authenticate each other with the job's HMAC key, but tensors cross the network unencrypted");
     } catch (error) {
       this.logger.warn("bridge could not listen; this node cannot lead a group of a job that syncs across groups", { port: this.options.bridgePort, error: (error as Error).message });
     }
@@ -425,11 +430,34 @@ export class WorkerAgent {
       this.agentLog(jobId, `this node leads group ${job.group} of a job with ${groups.length} groups but ${this.bridge ? "the head sent no bridge key" : "runs without a bridge (--bridge-port)"}: outer steps across groups will fail`);
       return undefined;
     }
+    let tls: BridgeTlsCredentials | undefined;
+    try {
+      tls = job.bridgeTls ? bridgeTlsCredentials(job.bridgeTls) : undefined;
+    } catch (error) {
+      this.agentLog(jobId, `this node leads group ${job.group} but ${(error as Error).message}: outer steps across groups will fail`);
+      return undefined;
+    }
+    if (this.bridge.secure && !tls) {
+      this.agentLog(jobId, `this node leads group ${job.group} of a job with ${groups.length} groups but the head sent no bridge certificate (this bridge runs TLS): outer steps across groups will fail`);
+      return undefined;
+    }
     const groupIndex = job.topology?.groupIndex ?? 0;
     const peers: BridgePeer[] = groups.filter((_, index) => index !== groupIndex)
       .map((entry) => ({ group: entry.name ?? "", index: entry.index ?? 0, address: entry.bridgeAddress ?? "" }));
     // Every group of the attempt meets under one id, also a group restarted on its own.
-    const bridge = this.bridge.open({ job: job.bridgeJobId || jobId, group: job.group ?? "", groupIndex, key, peers, logger: this.logger, onEvent: (line) => this.agentLog(jobId, line) });
+    let bridge: JobBridge;
+    try {
+      bridge = this.bridge.open({
+        job: job.bridgeJobId || jobId, group: job.group ?? "", groupIndex, key,
+        // A plaintext bridge (insecure head) ignores certificates it cannot use.
+        ...(tls && this.bridge.secure ? { tls } : {}),
+        peers, logger: this.logger, onEvent: (line) => this.agentLog(jobId, line),
+      });
+    } catch (error) {
+      // A bad PEM from the head: named, never quoted.
+      this.agentLog(jobId, `could not open the bridge of group ${job.group}: ${(error as Error).message}; outer steps across groups will fail`);
+      return undefined;
+    }
     // A success is the trainer's to print (with the checksum of the new outer
     // parameters); a failure is told here too, naming the peer, since the trainer may
     // not live to say it.

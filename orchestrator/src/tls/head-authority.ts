@@ -5,7 +5,7 @@ import { isIP } from "node:net";
 // @peculiar/x509 resolves its ASN.1 schemas through tsyringe, which needs the Reflect metadata API.
 import "reflect-metadata";
 import * as x509 from "@peculiar/x509";
-import { HEAD_TLS_NAME } from "@drover/proto";
+import { HEAD_TLS_NAME, bridgeServerName } from "@drover/proto";
 import { StateError } from "../errors.js";
 import type { StateDirectory } from "../state-store.js";
 
@@ -24,9 +24,6 @@ const HEAD_VALIDITY_MS = 365 * 24 * 3600_000;
 /** Clocks of rented machines drift: a certificate is valid from a little before its issue. */
 const CLOCK_SKEW_MS = 10 * 60_000;
 
-/** Subject of a bridge certificate: the job it serves and the group presenting it. */
-export const BRIDGE_NAME_SUFFIX = "bridge.drover.invalid";
-
 export interface CertifiedKey {
   readonly certPem: string;
   /** PKCS#8 PEM. */
@@ -40,13 +37,6 @@ x509.cryptoProvider.set(crypto as unknown as Parameters<typeof x509.cryptoProvid
 /** SHA-256 of a certificate's DER, lower-case hex: what workers pin (DROVER_HEAD_CA_SHA256). */
 export function certificateFingerprint(certPem: string): string {
   return createHash("sha256").update(new X509Certificate(certPem).raw).digest("hex");
-}
-
-/** The DNS name a bridge of `group` in job `bridgeJobId` presents (and its peers check). */
-export function bridgeServerName(bridgeJobId: string, group: string): string {
-  const label = (value: string) => createHash("sha256").update(value).digest("hex").slice(0, 16);
-  // Job ids and group names need not be valid DNS labels: hashed, they always are.
-  return `${label(group)}.${label(bridgeJobId)}.${BRIDGE_NAME_SUFFIX}`;
 }
 
 function toPem(der: ArrayBuffer, label: string): string {

@@ -1,6 +1,8 @@
-import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+import { X509Certificate, createHmac, randomBytes, timingSafeEqual } from "node:crypto";
 import { EventEmitter } from "node:events";
 import net from "node:net";
+import tls from "node:tls";
+import { BRIDGE_TLS_MAX_PEM_BYTES, bridgeServerName, type IBridgeTls } from "@drover/proto";
 import { BridgeAuthError, BridgeFrameError } from "../errors.js";
 import type { Logger } from "../logger.js";
 import { FRAME_LIMITS } from "./tensor-frame.js";
@@ -19,6 +21,16 @@ import { FRAME_LIMITS } from "./tensor-frame.js";
 // tensor-frame.ts) and CONTROL (small JSON: outer-step rounds) messages. write() honours
 // the socket's backpressure: it resolves once the kernel has taken the bytes or the
 // socket asks for a drain.
+//
+// With TLS (the head has a CA: every job's leaders get certificates from it) the same
+// messages run inside mutual TLS 1.3. The dialer asks for the peer's name by SNI
+// (bridgeServerName(job, peer group)) and accepts only a certificate of the job's CA for
+// that name; the listener picks the job's certificate by that name, refuses unknown
+// names, wants a client certificate from the same CA and checks that it names the group
+// the dialer claims in AUTH. The HMAC handshake stays inside the TLS stream: the key is
+// per attempt, independent of the CA's private key, so a stolen certificate alone (or a
+// CA key compromised on the head's disk, without the running head's memory) still does
+// not let anyone join a job's exchange.
 
 export const MESSAGE_TYPES = { hello: 1, auth: 2, welcome: 3, refused: 4, frame: 5, control: 6 } as const;
 type MessageType = (typeof MESSAGE_TYPES)[keyof typeof MESSAGE_TYPES];
@@ -40,13 +52,56 @@ export interface PeerIdentity {
   group: string;
 }
 
+/** A group leader's TLS identity on one job's bridge, as StartJob.bridge_tls carries it. */
+export interface BridgeTlsCredentials {
+  /** Its certificate (SAN bridgeServerName(job, group)), then the CA's. */
+  certificatePem: string;
+  /** Its private key (PKCS#8 PEM). */
+  privateKeyPem: string;
+  /** The job's one trust anchor: the head's CA. */
+  caPem: string;
+}
+
 /**
- * What a listener serves: for a job id, this side's group in that job and the job's
- * key; undefined for a job it does not take part in (the dialer is then refused). One
- * listener per agent serves every job the agent leads a group of.
+ * StartJob.bridge_tls checked: every PEM present and at most BRIDGE_TLS_MAX_PEM_BYTES
+ * (a head sends a few KiB; more is a bug or an attack). Errors never quote the PEMs.
+ */
+export function bridgeTlsCredentials(message: IBridgeTls): BridgeTlsCredentials {
+  const fields = { certificatePem: message.certificatePem ?? "", privateKeyPem: message.privateKeyPem ?? "", caPem: message.caPem ?? "" };
+  for (const [name, value] of Object.entries(fields)) {
+    if (!value.includes("-----BEGIN ")) throw new BridgeAuthError(`the head's bridge credentials lack ${name}`, { field: name });
+    if (Buffer.byteLength(value) > BRIDGE_TLS_MAX_PEM_BYTES) throw new BridgeAuthError(`the head's bridge credentials: ${name} is ${Buffer.byteLength(value)} bytes, more than ${BRIDGE_TLS_MAX_PEM_BYTES}`, { field: name });
+  }
+  return fields;
+}
+
+/** What one side of a TLS link holds: its SecureContext (built once per job) and the CA it trusts. */
+export interface BridgeTlsIdentity {
+  credentials: BridgeTlsCredentials;
+  context: tls.SecureContext;
+  ca: X509Certificate;
+}
+
+/** Builds a job's TLS identity once (the PEMs parsed, the context made); throws on bad PEMs. */
+export function bridgeTlsIdentity(credentials: BridgeTlsCredentials): BridgeTlsIdentity {
+  const context = tls.createSecureContext({ cert: credentials.certificatePem, key: credentials.privateKeyPem, ca: credentials.caPem, minVersion: "TLSv1.3" });
+  return { credentials, context, ca: new X509Certificate(credentials.caPem) };
+}
+
+/**
+ * What a listener serves: for a job id, this side's group in that job, the job's key
+ * and its TLS identity (when the bridge runs TLS); undefined for a job it does not take
+ * part in (the dialer is then refused). One listener per agent serves every job the
+ * agent leads a group of.
  */
 export interface ListenerOptions {
-  jobs: (job: string) => { group: string; key: Buffer } | undefined;
+  jobs: (job: string) => { group: string; key: Buffer; tls?: BridgeTlsIdentity } | undefined;
+  /**
+   * TLS on: the SecureContext of the job whose bridge name (SNI) a dialer asks for,
+   * undefined for a name no job here has (the handshake is refused). Unset: plaintext
+   * (a head without a CA), HMAC only.
+   */
+  tls?: { contextFor: (serverName: string) => tls.SecureContext | undefined };
   logger: Logger;
 }
 
@@ -105,11 +160,27 @@ export class BridgeLink extends EventEmitter<BridgeLinkEvents> {
     });
   }
 
-  /** Dials a listener and authenticates as `self` with the job's key. */
-  static async dial(options: { host: string; port: number; self: PeerIdentity; key: Buffer; signal: AbortSignal }): Promise<BridgeLink> {
+  /**
+   * Dials a listener and authenticates as `self` with the job's key; with `tls`, inside
+   * mutual TLS that accepts only the job's CA's certificate for `tls.peerGroup`.
+   */
+  static async dial(options: { host: string; port: number; self: PeerIdentity; key: Buffer; tls?: { identity: BridgeTlsIdentity; peerGroup: string }; signal: AbortSignal }): Promise<BridgeLink> {
     options.signal.throwIfAborted();
-    const socket = net.connect({ host: options.host, port: options.port, noDelay: true, highWaterMark: SOCKET_READ_BYTES } as net.NetConnectOpts);
     const description = `${options.host}:${options.port}`;
+    const socket: net.Socket = options.tls
+      ? tls.connect({
+        host: options.host,
+        port: options.port,
+        // The name the peer's certificate must carry: Node checks it (checkServerIdentity)
+        // against the SAN, and the peer's listener picks this job's certificate by it.
+        servername: bridgeServerName(options.self.job, options.tls.peerGroup),
+        secureContext: options.tls.identity.context,
+        rejectUnauthorized: true,
+        minVersion: "TLSv1.3",
+        highWaterMark: SOCKET_READ_BYTES,
+      } as tls.ConnectionOptions)
+      : net.connect({ host: options.host, port: options.port, noDelay: true, highWaterMark: SOCKET_READ_BYTES } as net.NetConnectOpts);
+    socket.setNoDelay(true);
     const abort = () => socket.destroy(options.signal.reason as Error);
     options.signal.addEventListener("abort", abort, { once: true });
     try {
@@ -139,7 +210,10 @@ export class BridgeLink extends EventEmitter<BridgeLinkEvents> {
     }
   }
 
-  /** Accepts one dialer on `socket` (the listener's side of the handshake). */
+  /**
+   * Accepts one dialer on `socket` (the listener's side of the handshake): a plain socket,
+   * or a TLS socket whose handshake (client certificate verified) is done.
+   */
   static async accept(socket: net.Socket, options: ListenerOptions): Promise<BridgeLink> {
     socket.setNoDelay(true);
     const description = `${socket.remoteAddress ?? "?"}:${socket.remotePort ?? "?"}`;
@@ -155,12 +229,15 @@ export class BridgeLink extends EventEmitter<BridgeLinkEvents> {
     const fields = [job, group, serverNonce, clientNonce];
     const got = Buffer.from(String(auth.mac ?? ""), "hex");
     const expected = key ? mac(key, "dialer", fields) : undefined;
-    if (!expected || got.length !== expected.length || !timingSafeEqual(got, expected)) {
+    const refuse = (why: string, reason: string): never => {
       // Logged with who and where, never with any key material.
-      options.logger.warn("bridge peer refused: wrong job secret or unknown job", { peer: description, job, group });
-      socket.end(Buffer.concat(encodeMessage(MESSAGE_TYPES.refused, Buffer.from(JSON.stringify({ reason: "authentication failed" })))));
-      throw new BridgeAuthError(`bridge peer ${description} (group ${group}) refused: authentication failed`, { peer: description, group });
-    }
+      options.logger.warn(`bridge peer refused: ${why}`, { peer: description, job, group });
+      socket.end(Buffer.concat(encodeMessage(MESSAGE_TYPES.refused, Buffer.from(JSON.stringify({ reason })))));
+      throw new BridgeAuthError(`bridge peer ${description} (group ${group}) refused: ${reason}`, { peer: description, group });
+    };
+    if (!expected || got.length !== expected.length || !timingSafeEqual(got, expected)) refuse("wrong job secret or unknown job", "authentication failed");
+    const tlsProblem = peerCertificateProblem(socket, job, group, self!.group, self!.tls);
+    if (tlsProblem) refuse(tlsProblem, "certificate does not match");
     socket.write(Buffer.concat(encodeMessage(MESSAGE_TYPES.welcome, Buffer.from(JSON.stringify({ group: self!.group, mac: mac(key!, "listener", fields).toString("hex") })))));
     const link = new BridgeLink(socket, { job, group }, `${group}@${description}`);
     link.onData(reader.rest());
@@ -394,21 +471,71 @@ function safeReason(body: Buffer): string {
 }
 
 /**
+ * Why a dialer's transport does not fit the job its AUTH names (undefined: it does).
+ * TLS jobs take only TLS links whose SNI named this side's bridge name in that job and
+ * whose client certificate, issued by that job's CA (Node verified the chain against the
+ * context SNI picked; checked again here, as the CA's own signature, so a context mix-up
+ * cannot widen trust), carries the name of the group the dialer claims. A plaintext job
+ * (a head without a CA) takes only plaintext links.
+ */
+function peerCertificateProblem(socket: net.Socket, job: string, group: string, selfGroup: string, identity: BridgeTlsIdentity | undefined): string | undefined {
+  const secure = socket instanceof tls.TLSSocket;
+  if (!identity) return secure ? "TLS link for a job without bridge certificates" : undefined;
+  if (!secure) return "plaintext link for a job whose bridge is TLS";
+  if (!socket.authorized) return `client certificate not verified (${String(socket.authorizationError ?? "none sent")})`;
+  const serverName = (socket as tls.TLSSocket & { servername?: string | false }).servername;
+  if (serverName !== bridgeServerName(job, selfGroup)) return "the TLS server name is not this group's in the job the handshake names";
+  const certificate = socket.getPeerX509Certificate();
+  if (!certificate) return "no client certificate";
+  if (!certificate.verify(identity.ca.publicKey) || !certificate.checkIssued(identity.ca)) return "client certificate not issued by the job's CA";
+  if (certificate.checkHost(bridgeServerName(job, group), { subject: "never", wildcards: false }) === undefined) return "client certificate names another job or group";
+  return undefined;
+}
+
+/**
  * The listening side on a group leader's agent: accepts dialers of the same job,
- * authenticated with the job's key. Refused dialers are logged (peer, job, group).
+ * authenticated with the job's key (and with TLS, the job's certificates). Refused
+ * dialers are logged (peer, job, group).
  */
 export class BridgeListener extends EventEmitter<{ link: [BridgeLink] }> {
   private readonly server: net.Server;
 
   private constructor(private readonly options: ListenerOptions) {
     super();
-    this.server = net.createServer({ highWaterMark: SOCKET_READ_BYTES } as net.ServerOpts, (socket) => {
+    const onSocket = (socket: net.Socket) => {
       socket.on("error", () => socket.destroy());
       BridgeLink.accept(socket, options).then((link) => this.emit("link", link), (error: Error) => {
         options.logger.debug("bridge handshake failed", { error: error.message });
         socket.destroy();
       });
+    };
+    const contextFor = options.tls?.contextFor;
+    if (!contextFor) {
+      this.server = net.createServer({ highWaterMark: SOCKET_READ_BYTES } as net.ServerOpts, onSocket);
+      return;
+    }
+    this.server = tls.createServer({
+      // No default certificate: a dialer that names no job's bridge gets none, so its
+      // handshake fails, as does one naming a job this agent does not lead.
+      SNICallback: (serverName, done) => {
+        const context = contextFor(serverName);
+        if (context) done(null, context);
+        else done(new BridgeAuthError("no bridge of this agent has that name", { serverName }), undefined);
+      },
+      requestCert: true,
+      rejectUnauthorized: true,
+      minVersion: "TLSv1.3",
+      handshakeTimeout: HANDSHAKE_TIMEOUT_MS,
+      highWaterMark: SOCKET_READ_BYTES,
+    } as tls.TlsOptions, onSocket);
+    this.server.on("tlsClientError", (error, socket) => {
+      options.logger.warn("bridge peer refused in the TLS handshake", { peer: `${socket.remoteAddress ?? "?"}:${socket.remotePort ?? "?"}`, error: error.message });
     });
+  }
+
+  /** True when links are TLS (a head with a CA). */
+  get secure(): boolean {
+    return this.server instanceof tls.Server;
   }
 
   static async listen(options: ListenerOptions & { host: string; port: number }): Promise<BridgeListener> {

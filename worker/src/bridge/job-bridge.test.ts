@@ -72,8 +72,8 @@ describe("JobBridge and the outer-step socket", () => {
   });
 
   async function twoGroups(options: { betaAddress?: string } = {}) {
-    const alphaEndpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", logger: silentLogger });
-    const betaEndpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", logger: silentLogger });
+    const alphaEndpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", secure: false, logger: silentLogger });
+    const betaEndpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", secure: false, logger: silentLogger });
     cleanups.push(() => alphaEndpoint.close(), () => betaEndpoint.close());
     const peers = [{ group: "alpha", index: 0, address: alphaEndpoint.advertised }, { group: "beta", index: 1, address: options.betaAddress ?? betaEndpoint.advertised }];
     const open = (endpoint: BridgeEndpoint, index: number): JobBridge => endpoint.open({ job: JOB, group: peers[index]!.group, groupIndex: index, key: KEY, peers: peers.filter((_, at) => at !== index), logger: silentLogger, onEvent: (line) => events.push(`${peers[index]!.group}: ${line}`) });
@@ -176,7 +176,7 @@ describe("JobBridge and the outer-step socket", () => {
 
     // Beta comes back on another node (a new endpoint, a new address the head passes on),
     // restored from its checkpoint at outer step 1, and asks to join.
-    const newEndpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", logger: silentLogger });
+    const newEndpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", secure: false, logger: silentLogger });
     cleanups.push(() => newEndpoint.close());
     const newBeta = newEndpoint.open({ job: JOB, group: "beta", groupIndex: 1, key: KEY, peers: [{ group: "alpha", index: 0, address: "" }], logger: silentLogger, onEvent: (line) => events.push(`beta: ${line}`) });
     cleanups.push(() => newBeta.close());
@@ -207,7 +207,7 @@ describe("JobBridge and the outer-step socket", () => {
   });
 
   it("refuses a state whose tensors do not fit the model, naming the peer and tensor, and one nobody asked for", async () => {
-    const endpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", logger: silentLogger });
+    const endpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", secure: false, logger: silentLogger });
     cleanups.push(() => endpoint.close());
     const beta = endpoint.open({ job: JOB, group: "beta", groupIndex: 1, key: KEY, peers: [{ group: "alpha", index: 0, address: "" }], logger: silentLogger });
     cleanups.push(() => beta.close());

@@ -1,6 +1,7 @@
 import { BridgeExchangeError, BridgeFrameError } from "../errors.js";
 import type { Logger } from "../logger.js";
-import { BridgeLink, BridgeListener, type BridgeMessage } from "./bridge-link.js";
+import { bridgeServerName } from "@drover/proto";
+import { BridgeLink, BridgeListener, bridgeTlsIdentity, type BridgeMessage, type BridgeTlsCredentials, type BridgeTlsIdentity } from "./bridge-link.js";
 import { allReduceAcrossGroups, ExchangeBuffers, type ExchangeLink } from "./group-all-reduce.js";
 import type { JoinAnswer, JoinRequest, OuterState, OuterStepAnswer, OuterStepRequest, StateRequest, TensorShape } from "./outer-sync-socket.js";
 import { readFrame, TensorAssembler, tensorFrameParts, type ReadFrame } from "./tensor-frame.js";
@@ -10,6 +11,8 @@ import { readFrame, TensorAssembler, tensorFrameParts, type ReadFrame } from "./
 // JobBridge per job this node leads a group of keeps a link to every other group's
 // leader and runs the outer-step exchange on them. Of each pair of leaders the one of
 // the lower group index dials (and dials again after a link breaks); the other waits.
+// With TLS the endpoint's one port serves every job by name: a dialer asks (SNI) for
+// bridgeServerName(job, group it dials) and gets that job's certificate.
 
 /** Elements per frame: 4 MiB of fp32, large enough that per-frame costs vanish. */
 const CHUNK_ELEMENTS = 1 << 20;
@@ -32,12 +35,13 @@ export class BridgeEndpoint {
    * Listens on host:port (0: any free port). `advertise` is host:port as other groups
    * reach it; "" derives it from `advertiseHost` and the port listened on.
    */
-  static async listen(options: { host: string; port: number; advertise: string; advertiseHost: string; logger: Logger }): Promise<BridgeEndpoint> {
+  static async listen(options: { host: string; port: number; advertise: string; advertiseHost: string; secure: boolean; logger: Logger }): Promise<BridgeEndpoint> {
     let endpoint: BridgeEndpoint | undefined;
     const listener = await BridgeListener.listen({
       host: options.host,
       port: options.port,
       jobs: (job) => endpoint?.jobs.get(job)?.identity,
+      ...(options.secure ? { tls: { contextFor: (serverName: string) => endpoint?.contextFor(serverName) } } : {}),
       logger: options.logger,
     });
     const advertise = options.advertise || `${options.advertiseHost.includes(":") ? `[${options.advertiseHost}]` : options.advertiseHost}:${listener.port}`;
@@ -49,8 +53,27 @@ export class BridgeEndpoint {
     return this.listener.port;
   }
 
-  /** Starts the bridge of one job (links come and go until it is closed). */
+  /** True when every job's links are TLS with its certificates (a head with a CA). */
+  get secure(): boolean {
+    return this.listener.secure;
+  }
+
+  private contextFor(serverName: string) {
+    for (const bridge of this.jobs.values()) {
+      if (bridge.serverName === serverName) return bridge.tlsIdentity?.context;
+    }
+    return undefined;
+  }
+
+  /**
+   * Starts the bridge of one job (links come and go until it is closed). A TLS endpoint
+   * needs the job's certificate, a plaintext one takes none: the two ends of a link must
+   * agree, and both follow their head.
+   */
   open(options: Omit<JobBridgeOptions, "onClose">): JobBridge {
+    if (this.secure !== (options.tls !== undefined)) {
+      throw new BridgeExchangeError(this.secure ? `job ${options.job} has no bridge certificate, but this agent's bridge runs TLS` : `job ${options.job} has a bridge certificate, but this agent's bridge is plaintext (an insecure head)`, {});
+    }
     this.jobs.get(options.job)?.close();
     const bridge = new JobBridge({ ...options, onClose: () => { if (this.jobs.get(options.job) === bridge) this.jobs.delete(options.job); } });
     this.jobs.set(options.job, bridge);
@@ -75,6 +98,8 @@ export interface JobBridgeOptions {
   group: string;
   groupIndex: number;
   key: Buffer;
+  /** This leader's certificate for the job (TLS), from the head's CA; unset: plaintext. */
+  tls?: BridgeTlsCredentials;
   peers: BridgePeer[];
   logger: Logger;
   /** Membership events worth the job's log (a group dropped, a rejoin); never secrets. */
@@ -222,8 +247,14 @@ export class JobBridge {
   /** This group fell out of step with a group of a lower index: it takes that group's state at its next boundary. */
   private rejoinFrom: string | undefined;
   private joinWait: JoinWait | undefined;
+  /** This group's bridge name in the job: what peers ask for and find in its certificate. */
+  readonly serverName: string;
+  /** The TLS context and CA of the job (parsed once); undefined when plaintext. */
+  readonly tlsIdentity: BridgeTlsIdentity | undefined;
 
   constructor(private readonly options: JobBridgeOptions) {
+    this.serverName = bridgeServerName(options.job, options.group);
+    this.tlsIdentity = options.tls ? bridgeTlsIdentity(options.tls) : undefined;
     this.logger = options.logger.child({ component: "bridge", jobId: options.job });
     for (const peer of options.peers) this.views.set(peer.group, { peer: { ...peer }, inSync: true, wantsState: false });
     for (const peer of options.peers) {
@@ -236,8 +267,8 @@ export class JobBridge {
     return this.stopped.signal.aborted;
   }
 
-  get identity(): { group: string; key: Buffer } {
-    return { group: this.options.group, key: this.options.key };
+  get identity(): { group: string; key: Buffer; tls?: BridgeTlsIdentity } {
+    return { group: this.options.group, key: this.options.key, ...(this.tlsIdentity ? { tls: this.tlsIdentity } : {}) };
   }
 
   /** Groups whose outer state this group shares now (itself first). */
@@ -405,7 +436,14 @@ export class JobBridge {
         continue;
       }
       try {
-        const link = await BridgeLink.dial({ host, port, self: { job: this.options.job, group: this.options.group }, key: this.options.key, signal: AbortSignal.any([signal, AbortSignal.timeout(DIAL_TIMEOUT_MS)]) });
+        const link = await BridgeLink.dial({
+          host,
+          port,
+          self: { job: this.options.job, group: this.options.group },
+          key: this.options.key,
+          ...(this.tlsIdentity ? { tls: { identity: this.tlsIdentity, peerGroup: group } } : {}),
+          signal: AbortSignal.any([signal, AbortSignal.timeout(DIAL_TIMEOUT_MS)]),
+        });
         if (signal.aborted) {
           link.close();
           return;
