@@ -348,9 +348,7 @@ export class Head extends EventEmitter<HeadEvents> {
     }
     this.authority = await HeadAuthority.open(this.stateDir, this.spec.name);
     const advertisedHost = this.spec.head.advertise?.replace(/:\d+$/, "");
-    const backend = backendNamed(this.spec.provisioner);
-    const nodeSideNames = backend?.controlNames?.(backendSection(this.spec), this.stateDir) ?? [];
-    const certificate = await this.authority.issueHeadCertificate([this.spec.head.host, ...(advertisedHost ? [advertisedHost] : []), ...nodeSideNames]);
+    const certificate = await this.authority.issueHeadCertificate([this.spec.head.host, ...(advertisedHost ? [advertisedHost] : [])]);
     this.logger.info("control plane uses TLS", { caFingerprint: this.authority.fingerprint, names: certificate.names.join(",") });
     return certificate;
   }

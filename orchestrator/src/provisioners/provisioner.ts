@@ -103,12 +103,6 @@ export interface ProvisionerBackend<Schema extends z.ZodType<{ groups: readonly 
   startDeadlineMs?(section: z.output<Schema>): number;
   /** A short clause on provisioning progress for `drover up` ("; 2 ask(s) posted, ..."), read from the state directory. */
   progress?(state: StateDirectory, sinceMs: number): Promise<string>;
-  /**
-   * Addresses its nodes dial the head at besides the head's own names (local isolated
-   * groups: the root end of each group's control link): the head's TLS certificate must
-   * name them, and it is issued before the provisioner makes them.
-   */
-  controlNames?(section: z.output<Schema>, state: StateDirectory): string[];
   /** Releases what a crashed head left behind, from its state directory alone; says what it stopped. */
   reap(state: StateDirectory, logger: Logger, signal: AbortSignal): Promise<string[]>;
 }

@@ -83,15 +83,3 @@ function spawnSyncServer(namespace: string, wanAddress: string) {
     net.createServer((s) => s.end()).listen(47002, "127.0.0.1");`;
   return spawn("ip", ["netns", "exec", namespace, process.execPath, "-e", script], { stdio: "ignore" });
 }
-
-describe("the head's certificate names where isolated groups dial it", () => {
-  it("lists the root end of each group's control link, and nothing when groups are not isolated", async () => {
-    const { localBackend } = await import("./local-provisioner.js");
-    const { StateDirectory } = await import("../../state-store.js");
-    const state = new StateDirectory("/tmp/drover-control-names");
-    const section = localBackend.specSchema.parse({ groups: [{ name: "alpha", nodes: 1, ranksPerNode: 1 }, { name: "beta", nodes: 1, ranksPerNode: 1 }] });
-    const plan = planGroupNetworks(state.root, ["alpha", "beta"], section.interGroupRate);
-    expect(localBackend.controlNames?.(section, state)).toEqual(plan.groups.map((group) => group.rootAddress));
-    expect(localBackend.controlNames?.({ ...section, isolateGroups: false }, state)).toEqual([]);
-  });
-});

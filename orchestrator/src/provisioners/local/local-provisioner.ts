@@ -404,10 +404,5 @@ export const localBackend: ProvisionerBackend<typeof localSpecSchema> = {
   defaultSection: {},
   sharesFilesystem: true,
   create: (section, context) => new LocalProvisioner(section, context),
-  // Isolated groups reach the head through a forwarder at the root end of their control
-  // link; the plan is a function of the state directory and the groups, so it is known
-  // before the namespaces exist (harmless in the certificate when they never do).
-  controlNames: (section, state) => (section.groups.length < 2 || section.groups.length > 8 || section.isolateGroups === false ? []
-    : planGroupNetworks(state.root, section.groups.map((group) => group.name), section.interGroupRate).groups.map((group) => group.rootAddress)),
   reap: (state, logger) => reapLocalNodes(state, logger),
 };
