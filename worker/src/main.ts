@@ -96,6 +96,7 @@ async function main(): Promise<number> {
       headLostTimeoutMs: values["head-lost-timeout-ms"] ? Number(values["head-lost-timeout-ms"]) : undefined,
       uploadRetryForMs: optionalNumber(values["upload-retry-ms"] ?? env.DROVER_UPLOAD_RETRY_MS),
       storage: readStorageConfig(),
+      storageDial: env.DROVER_STORAGE_DIAL || undefined,
       bridgePort: optionalNumber(values["bridge-port"] ?? env.DROVER_BRIDGE_PORT),
       bridgeHost: values["bridge-host"] ?? (env.DROVER_BRIDGE_HOST || undefined),
       bridgeAdvertise: values["bridge-advertise"] ?? env.DROVER_BRIDGE_ADVERTISE,
