@@ -23,7 +23,10 @@ interface, default 0.0.0.0; host:port as other groups reach it, default the adve
 address and the port; without a port the node cannot lead a group of a job that syncs
 across groups), DROVER_TELEMETRY_INTERVAL (how often node and GPU telemetry goes to the
 head: 5s by default, 0 = off). The join token is read from DROVER_JOIN_TOKEN or
---join-token-file (never from argv, which any local user can read).`;
+--join-token-file (never from argv, which any local user can read). Checkpoint storage:
+by default none of it here (the head signs each S3 request); DROVER_STORAGE_CONFIG only
+with the spec's storage.workerAccess: keys; DROVER_STORAGE_DIAL (host:port) dials a
+forwarder instead of the store's host.`;
 
 /** DROVER_STORAGE_CONFIG: the @drover/storage config as JSON (set in the container's env). */
 function readStorageConfig(): StorageConfigInput | undefined {
