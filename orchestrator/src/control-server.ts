@@ -89,7 +89,7 @@ export class ControlServer {
           sessionToken: worker.sessionToken,
           heartbeatIntervalMs: this.deps.heartbeatIntervalMs,
           heartbeatTimeoutMs: this.deps.heartbeatTimeoutMs,
-          ...(this.deps.presign?.() ? { presignedStorage: this.deps.presign()!.describe() } : {}),
+          presignedStorage: this.deps.presign?.()?.describe() ?? null,
         });
       },
       session: (call) => {

@@ -184,6 +184,12 @@ export class PresignedObjectStore implements ObjectStore {
         error instanceof ObjectStoreRequestError
           ? error
           : new ObjectStoreRequestError(`signing failed: ${(error as Error).message}`, { operation: 'Presign', retryable: true }, { cause: error });
+      // The signer refuses a batch as a whole: one request it will not sign (an upload
+      // of a job just stopped) must not fail the others asked for in the same turn.
+      if (!failure.retryable && batch.length > 1) {
+        await Promise.all(batch.map((entry) => this.#flush([entry])));
+        return;
+      }
       for (const entry of batch) entry.reject(failure);
     }
   }

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CheckpointStore } from './checkpoint-store.js';
 import { parseObjectStoreConfig, parseTransferConfig, type S3StoreConfig, type TransferConfigInput } from './config.js';
+import { ObjectStoreRequestError } from './errors.js';
 import { startFaultProxy } from './fault-proxy.js';
 import { findMinioBinary, startLocalS3Server, startMinioServer, type LocalS3Server } from './local-s3-server.js';
 import { SHA256_METADATA_KEY } from './object-store.js';
@@ -139,6 +140,35 @@ describe.each(servers.filter((server) => !server.skip))('presigned URLs against 
     expect(honest.status).toBe(200);
     expect((await headStore.store.getObject('runs/a/ckpt/000000000001/x.bin')).toString()).toBe('secret of a');
   }, 30_000);
+
+  it('fails only the request the signer refuses, not the others of its batch', async () => {
+    const config = s3Config(server);
+    const presigner = new S3Presigner({ config, ttlMs: 60_000 });
+    const batches: number[] = [];
+    const store = new PresignedObjectStore({
+      // Refuses a whole batch holding a key outside runs/allowed/, as the head does.
+      sign: async (requests) => {
+        batches.push(requests.length);
+        const refused = requests.find((request) => !request.key.startsWith('runs/allowed/'));
+        if (refused) throw new ObjectStoreRequestError(`the head did not sign: ${refused.key}`, { operation: 'Presign', retryable: false });
+        return Promise.all(requests.map((request) => presigner.presign(request)));
+      },
+      description: 'presigned',
+      keyPrefix: config.prefix,
+      wireIsProtected: true,
+      transfer: parseTransferConfig(transfer),
+    });
+    try {
+      await headStore.store.putObject('runs/allowed/ok.txt', Buffer.from('fine'));
+      const [allowed, refused] = await Promise.allSettled([store.getObject('runs/allowed/ok.txt'), store.getObject('runs/other/x.txt')]);
+      expect(allowed.status === 'fulfilled' && allowed.value.toString()).toBe('fine');
+      expect(refused.status === 'rejected' && (refused.reason as Error).message).toMatch(/did not sign: runs\/other\/x\.txt/);
+      // Asked together, then one by one.
+      expect(batches).toEqual([2, 1, 1]);
+    } finally {
+      store.close();
+    }
+  });
 
   it('renews an expired URL transparently (a worker clock that runs slow trusts it too long)', async () => {
     const started = Date.now();
