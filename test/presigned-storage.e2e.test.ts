@@ -5,6 +5,7 @@
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
 import { join } from "node:path";
+import { startLocalS3Server } from "@drover/storage";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runDrover } from "./drover-cli.js";
 
@@ -56,6 +57,33 @@ describe("presigned storage, end to end", { timeout: 180_000 }, () => {
   afterAll(async () => {
     await drover(["down"]);
     await rm(scratch, { recursive: true, force: true });
+  });
+
+  it("hands the agents the keys only when the spec opts in (storage.workerAccess: keys)", async () => {
+    const keysState = join(scratch, "keys-state");
+    const s3 = await startLocalS3Server({ directory: join(scratch, "keys-s3") });
+    try {
+      const spec = join(scratch, "keys.yaml");
+      await writeFile(spec, JSON.stringify({ name: "keys", local: { nodes: 1, ranksPerNode: 1 }, storage: { store: s3.storeConfig(), workerAccess: "keys" } }));
+      const up = await runDrover(keysState, ["up", spec]);
+      expect(up.code, up.stderr).toBe(0);
+      const saved = stateDir;
+      stateDir = keysState;
+      try {
+        const agents = await agentEnvironments();
+        expect(agents).toHaveLength(1);
+        expect(agents[0]!.environment.split("\0").some((variable) => variable.startsWith("DROVER_STORAGE_CONFIG=") && variable.includes(s3.secretAccessKey))).toBe(true);
+      } finally {
+        stateDir = saved;
+      }
+      const run = await runDrover(keysState, ["submit", "--run-id", "keys-run", "--working-dir", join(scratch, "code"), "--", "python3", "train.py"]);
+      expect(run.code, run.stdout + run.stderr).toBe(0);
+      expect(run.stdout).toContain("SAVED rank=0 step=2");
+      expect(await readFile(join(keysState, "workers", "local-0.log"), "utf8")).not.toContain("presigned URLs from the head");
+    } finally {
+      await runDrover(keysState, ["down"]);
+      await s3.stop();
+    }
   });
 
   it("checkpoints and resumes through presigned URLs, with no key in any agent's environment", async () => {
