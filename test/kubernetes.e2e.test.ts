@@ -175,7 +175,8 @@ describe.skipIf(unavailable !== undefined)("Kubernetes backend against a loopbac
     }
     expect(objects.services.map((service) => [service.metadata!.name, service.spec!.clusterIP])).toEqual([[`${clusterLabel}-trainers`, "None"]]);
     const secret = objects.secrets.find((candidate) => candidate.metadata!.name === `${clusterLabel}-agent`)!;
-    expect(Object.keys(secret.data!).sort()).toEqual(["DROVER_HEAD_CA_SHA256", "DROVER_STORAGE_CONFIG"]);
+    // No storage keys: the pods get presigned URLs from the head (storage.workerAccess: presigned).
+    expect(Object.keys(secret.data!).sort()).toEqual(["DROVER_HEAD_CA_SHA256", "DROVER_STORAGE_ENDPOINT"]);
     // Each pod's token is its own: two pods, two different tokens.
     const tokens = objects.pods.map((pod) => objects.secrets.find((candidate) => candidate.metadata!.name === `${pod.metadata!.name}-join`)!.data!.DROVER_JOIN_TOKEN);
     expect(new Set(tokens).size).toBe(2);

@@ -14,7 +14,7 @@
 #  5. `drover up examples/worker-image/check-cluster.yaml` with
 #     DROVER_WORKER_BIN=drover-worker-in-docker.sh: the local provisioner's 2 nodes are
 #     containers of the image (--network=host, --shm-size), given DROVER_HEAD,
-#     DROVER_JOIN_TOKEN, DROVER_NODE_NAME, DROVER_SLOTS and DROVER_STORAGE_CONFIG in
+#     DROVER_JOIN_TOKEN, DROVER_NODE_NAME, DROVER_SLOTS and DROVER_STORAGE_ENDPOINT in
 #     their environment; then `drover submit --ship-code` runs examples/minimal (gloo,
 #     2 nodes x 2 ranks) from a code bundle, and the RESULT lines are checked;
 #  6. cleanup, whatever happened: `drover down`, any container of this run removed,

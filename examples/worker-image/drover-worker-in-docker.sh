@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     *) passed+=("$1"); shift ;;
   esac
 done
-for name in DROVER_JOIN_TOKEN DROVER_HEAD_CA_SHA256 DROVER_HEAD_INSECURE DROVER_STORAGE_CONFIG DROVER_LOG_LEVEL DROVER_UPLOAD_RETRY_MS; do
+for name in DROVER_JOIN_TOKEN DROVER_HEAD_CA_SHA256 DROVER_HEAD_INSECURE DROVER_STORAGE_CONFIG DROVER_STORAGE_ENDPOINT DROVER_STORAGE_DIAL DROVER_LOG_LEVEL DROVER_UPLOAD_RETRY_MS; do
   if [ -n "${!name:-}" ]; then env_args+=(-e "$name"); fi
 done
 container="drover-node-$node-$$"

@@ -3,10 +3,11 @@ import {
   PROTOCOL_VERSION, adminService, controlChannelOptions, controlService,
   type AdminHandlers, type ControlHandlers, type IHeadMessage, type ITelemetry, type IWorkerMessage,
 } from "@drover/proto";
-import { DroverError, JobRequestError } from "./errors.js";
+import { DroverError, JobRequestError, PresignRefusedError } from "./errors.js";
 import type { JobController, JobRecord } from "./job-controller.js";
 import type { Logger } from "./logger.js";
 import type { JoinTokenBook } from "./join-tokens.js";
+import type { PresignService } from "./presign-service.js";
 import { checkRegistration } from "./register-request.js";
 import { secretsEqual } from "./secret-compare.js";
 import type { WorkerChannel, WorkerRegistry } from "./worker-registry.js";
@@ -28,6 +29,8 @@ export interface ControlServerDeps {
   /** Admission of a job: resolves the resume step, then hands it to the job controller. */
   /** A worker's Telemetry batch (checked and kept by the head's telemetry). */
   onTelemetry?: (workerId: string, telemetry: ITelemetry) => void;
+  /** Signs S3 requests for workers when the store is presigned (Control.Presign); absent = UNIMPLEMENTED. */
+  presign?: () => PresignService | undefined;
   submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number; maxRestarts?: number; codeBundleId?: string; stallTimeoutMs?: number }) => Promise<JobRecord>;
 }
 
@@ -117,6 +120,7 @@ export class ControlServer {
           sessionExpiresAtMs: worker.sessionExpiresAtMs,
           heartbeatIntervalMs: this.deps.heartbeatIntervalMs,
           heartbeatTimeoutMs: this.deps.heartbeatTimeoutMs,
+          presignedStorage: this.deps.presign?.()?.describe() ?? null,
         });
       },
       session: (call) => {
@@ -163,6 +167,25 @@ export class ControlServer {
         });
         call.on("cancelled", end);
         call.on("error", end);
+      },
+      presign: (call, callback) => {
+        const workerId = String(call.metadata.get("x-drover-worker-id")[0] ?? "");
+        const sessionToken = String(call.metadata.get("x-drover-session-token")[0] ?? "");
+        const worker = registry.get(workerId);
+        if (!worker || !registry.holdsSession(workerId, sessionToken)) {
+          logger.warn("presign refused", { workerId, peer: call.getPeer(), reason: worker ? "stale session token" : "unknown worker" });
+          fail(callback, grpc.status.UNAUTHENTICATED, "unknown worker or stale session; register again");
+          return;
+        }
+        const presign = this.deps.presign?.();
+        if (!presign) {
+          fail(callback, grpc.status.UNIMPLEMENTED, "this cluster's store is not reached through presigned URLs");
+          return;
+        }
+        presign.sign(workerId, call.request.items ?? []).then(
+          (urls) => callback(null, { protocolVersion: PROTOCOL_VERSION, urls }),
+          (error: Error) => fail(callback, error instanceof PresignRefusedError ? grpc.status.PERMISSION_DENIED : grpc.status.INTERNAL, error.message),
+        );
       },
     };
   }

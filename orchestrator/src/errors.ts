@@ -45,3 +45,8 @@ export class PartialReapError extends StateError {
     super(message, { stopped: stopped.length }, options);
   }
 }
+
+/** A worker asked the head to sign an S3 request outside what its jobs may touch (or a malformed one). */
+export class PresignRefusedError extends DroverError {
+  override readonly name = "PresignRefusedError";
+}

@@ -2,10 +2,11 @@ import { randomBytes } from "node:crypto";
 import { EventEmitter } from "node:events";
 import { mkdir } from "node:fs/promises";
 import type { IBridgeTls, IMetricReport } from "@drover/proto";
-import { CheckpointStore, registerSecretValue, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
+import { CheckpointStore, parseStorageConfig, registerSecretValue, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
 import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
 import { backendSection, expectedNodes, type ClusterSpec } from "./cluster-spec.js";
 import { ControlServer } from "./control-server.js";
+import { PresignService } from "./presign-service.js";
 import { CostTracker } from "./cost/cost-tracker.js";
 import { DASHBOARD_PATH, DashboardServer } from "./dashboard/dashboard-server.js";
 import { JobRequestError, StateError } from "./errors.js";
@@ -87,6 +88,8 @@ export class Head extends EventEmitter<HeadEvents> {
   /** The state directory's CA: signs the control-plane certificate and the bridges' (undefined with `head.insecure`). */
   private authority: HeadAuthority | undefined;
   checkpoints: CheckpointCoordinator | undefined;
+  /** Signs workers' S3 requests when they reach the store through presigned URLs (storage.workerAccess). */
+  private presign: PresignService | undefined;
   /** Node and GPU telemetry, its persisted history and /metrics. */
   readonly telemetry: HeadTelemetry;
   /** What the leases (or priced nodes) have cost so far: cost.json, status and /metrics. */
@@ -156,6 +159,7 @@ export class Head extends EventEmitter<HeadEvents> {
       logger: logger.child({ component: "control-server" }),
       onShutdownRequested: () => this.shutdownRequested(),
       submitJob: (request) => this.submit(request),
+      presign: () => this.presign,
       onTelemetry: (workerId, telemetry) => {
         this.telemetry.onTelemetry(workerId, telemetry);
         this.emit("telemetry");
@@ -295,7 +299,7 @@ export class Head extends EventEmitter<HeadEvents> {
         headAddress: this.controlAddress,
         joinTokens: this.joinTokens,
         agentEnv: {
-          ...(this.storageConfig ? { DROVER_STORAGE_CONFIG: JSON.stringify(this.storageConfig) } : {}),
+          ...this.agentStorageEnv(),
           // The CA's fingerprint, not a key: agents pin it and refuse any other head.
           ...(this.authority ? { DROVER_HEAD_CA_SHA256: this.authority.fingerprint } : { DROVER_HEAD_INSECURE: "1" }),
         },
@@ -401,12 +405,26 @@ export class Head extends EventEmitter<HeadEvents> {
       this.logger.info("embedded S3 server started", { endpoint: this.embeddedS3.endpoint });
     }
     if (!this.storageConfig) return;
+    this.presign = PresignService.create({ storage: parseStorageConfig(this.storageConfig), jobs: this.jobs, logger: this.logger.child({ component: "presign" }) });
     const store = CheckpointStore.fromConfig(this.storageConfig, { logger: this.logger.child({ component: "checkpoints" }), resumeStateDir: this.stateDir.path("upload-journal") });
     this.checkpoints = new CheckpointCoordinator(store, this.jobs, this.logger.child({ component: "checkpoints" }));
     this.telemetry.watchCheckpoints(this.checkpoints);
     this.costs.watchCheckpoints(this.checkpoints);
     // The CLI's `drover ckpt` reads the same store; the file holds credentials, so 0600.
     await this.stateDir.writeJson("storage.json", { storage: this.storageConfig, embedded: this.embeddedS3 !== undefined }, 0o600);
+  }
+
+  /**
+   * What the agents' environment says about the store. Presigned (the default): only
+   * where it is (DROVER_STORAGE_ENDPOINT, no secret; a local group's forwarder needs it)
+   * and they ask the head for URLs. `workerAccess: keys`, or a local directory store:
+   * the whole config, keys included (DROVER_STORAGE_CONFIG).
+   */
+  private agentStorageEnv(): Record<string, string> {
+    if (!this.storageConfig) return {};
+    if (!this.presign) return { DROVER_STORAGE_CONFIG: JSON.stringify(this.storageConfig) };
+    const { store } = parseStorageConfig(this.storageConfig);
+    return store.kind === "s3" && store.endpoint ? { DROVER_STORAGE_ENDPOINT: store.endpoint } : {};
   }
 
   /**

@@ -132,6 +132,12 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
     return previous !== undefined && secretsEqual(token, previous.token) && now < previous.expiresAtMs;
   }
 
+  /** True when `token` is a live session credential of worker `workerId` (Presign calls carry it). */
+  holdsSession(workerId: string, token: string): boolean {
+    const worker = this.workers.get(workerId);
+    return worker !== undefined && this.sessionValid(worker, token);
+  }
+
   /**
    * The registered node a re-registration with this session credential belongs to, or
    * why there is none (the credential is what a reconnecting agent holds instead of its

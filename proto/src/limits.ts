@@ -27,3 +27,10 @@ export const controlChannelOptions = {
  */
 export const TELEMETRY_MAX_SAMPLES_PER_BATCH = 60;
 export const TELEMETRY_MAX_GPUS = 64;
+
+/**
+ * Bounds of one Presign call: requests per call (a worker batches the parts it sends
+ * together) and the characters of one key. The head refuses a call beyond them.
+ */
+export const PRESIGN_MAX_ITEMS = 64;
+export const PRESIGN_KEY_MAX_CHARS = 1024;

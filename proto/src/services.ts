@@ -39,6 +39,15 @@ export type StopJobResponse = drover.control.v1.StopJobResponse;
 export type ShutdownRequest = drover.control.v1.ShutdownRequest;
 export type IShutdownRequest = drover.control.v1.IShutdownRequest;
 export type ShutdownResponse = drover.control.v1.ShutdownResponse;
+export type PresignRequest = drover.control.v1.PresignRequest;
+export type IPresignRequest = drover.control.v1.IPresignRequest;
+export type PresignResponse = drover.control.v1.PresignResponse;
+export type IPresignResponse = drover.control.v1.IPresignResponse;
+export type IPresignItem = drover.control.v1.IPresignItem;
+export type IPresignedUrl = drover.control.v1.IPresignedUrl;
+export type IPresignedStorage = drover.control.v1.IPresignedStorage;
+export const PresignOperation = v1.PresignOperation;
+export type PresignOperation = drover.control.v1.PresignOperation;
 export const LogStream = v1.LogStream;
 export type LogStream = drover.control.v1.LogStream;
 
@@ -71,6 +80,8 @@ export const controlService = {
     "/drover.control.v1.Control/Register", v1.RegisterRequest, v1.RegisterResponse, false, false),
   session: method<WorkerMessage, IWorkerMessage, HeadMessage, IHeadMessage>(
     "/drover.control.v1.Control/Session", v1.WorkerMessage, v1.HeadMessage, true, true),
+  presign: method<PresignRequest, IPresignRequest, PresignResponse, IPresignResponse>(
+    "/drover.control.v1.Control/Presign", v1.PresignRequest, v1.PresignResponse, false, false),
 } satisfies grpc.ServiceDefinition;
 
 /** The service the CLI talks to (loopback only, admin token). */
@@ -90,6 +101,7 @@ export const adminService = {
 export interface ControlHandlers extends grpc.UntypedServiceImplementation {
   register: grpc.handleUnaryCall<IRegisterRequest, IRegisterResponse>;
   session: grpc.handleBidiStreamingCall<IWorkerMessage, IHeadMessage>;
+  presign: grpc.handleUnaryCall<IPresignRequest, IPresignResponse>;
 }
 
 export interface AdminHandlers extends grpc.UntypedServiceImplementation {
@@ -102,6 +114,8 @@ export interface ControlClient extends grpc.Client {
   register(request: IRegisterRequest, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>,
     callback: grpc.requestCallback<RegisterResponse>): grpc.ClientUnaryCall;
   session(metadata: grpc.Metadata, options?: Partial<grpc.CallOptions>): grpc.ClientDuplexStream<IWorkerMessage, HeadMessage>;
+  presign(request: IPresignRequest, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>,
+    callback: grpc.requestCallback<PresignResponse>): grpc.ClientUnaryCall;
 }
 
 export interface AdminClient extends grpc.Client {
@@ -117,3 +131,19 @@ type ClientConstructor<C> = new (address: string, credentials: grpc.ChannelCrede
 
 export const ControlClient = grpc.makeGenericClientConstructor(controlService, "Control") as unknown as ClientConstructor<ControlClient>;
 export const AdminClient = grpc.makeGenericClientConstructor(adminService, "Admin") as unknown as ClientConstructor<AdminClient>;
+
+/**
+ * The wire enum of a Presign item and the operation's short name (`upload-part` for
+ * PRESIGN_OPERATION_UPLOAD_PART), as @drover/storage names it. Undefined for
+ * UNSPECIFIED and values this build does not know.
+ */
+export function presignOperationName(value: PresignOperation | null | undefined): string | undefined {
+  const name = value === null || value === undefined ? undefined : v1.PresignOperation[value];
+  if (typeof name !== "string" || name === "PRESIGN_OPERATION_UNSPECIFIED") return undefined;
+  return name.slice("PRESIGN_OPERATION_".length).toLowerCase().replace(/_/g, "-");
+}
+
+export function presignOperationValue(name: string): PresignOperation {
+  const value = (v1.PresignOperation as unknown as Record<string, number>)[`PRESIGN_OPERATION_${name.toUpperCase().replace(/-/g, "_")}`];
+  return (value ?? v1.PresignOperation.PRESIGN_OPERATION_UNSPECIFIED) as PresignOperation;
+}

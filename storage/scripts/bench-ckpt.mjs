@@ -10,7 +10,10 @@
 // Options (env): BENCH_FILES (8), BENCH_FILE_MIB (128), BENCH_SERVERS (s3rver,minio),
 // BENCH_PART_MIB (32), BENCH_CONCURRENCY (8), BENCH_MULTIPART_THRESHOLD_MIB, BENCH_PART_MD5 (0|1),
 // BENCH_ROUNDS (6; an odd count is rounded up so that both tools go first equally
-// often), BENCH_SKIP_RCLONE=1 (Drover only, for quick tuning).
+// often), BENCH_SKIP_RCLONE=1 (Drover only, for quick tuning), BENCH_ACCESS (keys|presigned:
+// how Drover's uploads and downloads reach the server; presigned: as a worker does by
+// default, through URLs signed by an S3Presigner in this process, the head's part; the
+// control-plane hop to the head is not in the measurement).
 //
 // Two ratios are printed: of the medians, and "paired", the geometric mean of each
 // round's own ratio; the paired one cancels load that drifts from round to round.
@@ -24,7 +27,7 @@ import { fileURLToPath } from 'node:url';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const dist = path.join(here, '..', 'dist', 'index.js');
-const { CheckpointStore, createObjectStore, parseObjectStoreConfig, parseTransferConfig, startMinioServer, findMinioBinary, withRetry } = await import(dist);
+const { CheckpointStore, createObjectStore, endpointIsProtected, parseObjectStoreConfig, parseTransferConfig, PresignedObjectStore, S3Presigner, startMinioServer, findMinioBinary, withRetry } = await import(dist);
 
 const MiB = 1024 * 1024;
 const fileCount = Number(process.env.BENCH_FILES ?? 8);
@@ -34,6 +37,8 @@ const concurrency = Number(process.env.BENCH_CONCURRENCY ?? 8);
 const thresholdMiB = process.env.BENCH_MULTIPART_THRESHOLD_MIB ? Number(process.env.BENCH_MULTIPART_THRESHOLD_MIB) : undefined;
 const partMd5 = process.env.BENCH_PART_MD5 === undefined ? undefined : process.env.BENCH_PART_MD5 !== '0';
 const skipRclone = process.env.BENCH_SKIP_RCLONE === '1';
+const access = process.env.BENCH_ACCESS ?? 'keys';
+if (!['keys', 'presigned'].includes(access)) throw new Error(`BENCH_ACCESS must be keys or presigned, not ${access}`);
 // Even, so that each tool goes first in as many rounds as the other.
 const requestedRounds = Number(process.env.BENCH_ROUNDS ?? 6);
 const rounds = requestedRounds + (requestedRounds % 2);
@@ -162,16 +167,29 @@ async function benchServer(kind, root, sourceDir) {
     const transferConfig = parseTransferConfig(transfer);
     const store = createObjectStore(parseObjectStoreConfig(config), transferConfig);
     const checkpoints = new CheckpointStore({ store, transfer, resumeStateDir: path.join(root, 'journal') });
+    // The worker's side: with presigned access a store without keys, the head's signer beside it.
+    const parsedConfig = parseObjectStoreConfig(config);
+    const presigner = access === 'presigned' ? new S3Presigner({ config: parsedConfig, ttlMs: 15 * 60_000 }) : undefined;
+    const workerStore = presigner
+      ? new PresignedObjectStore({
+          sign: (requests) => Promise.all(requests.map((request) => presigner.presign(request))),
+          description: `presigned:${config.endpoint}`,
+          keyPrefix: parsedConfig.prefix,
+          wireIsProtected: endpointIsProtected(parsedConfig.endpoint),
+          transfer: transferConfig,
+        })
+      : store;
+    const workerCheckpoints = presigner ? new CheckpointStore({ store: workerStore, transfer, resumeStateDir: path.join(root, 'journal') }) : checkpoints;
     const droverRound = async (step) => {
       let report;
       times.droverUp.push(
         await timed(async () => {
-          report = await checkpoints.uploadRank({ run: 'bench', step, rank: 0, dir: sourceDir });
+          report = await workerCheckpoints.uploadRank({ run: 'bench', step, rank: 0, dir: sourceDir });
         }),
       );
       await checkpoints.commit({ run: 'bench', step, world: { worldSize: 1 }, reports: [report] });
       const droverDest = path.join(root, `${kind}-drover-down`);
-      times.droverDown.push(await timed(() => checkpoints.download({ run: 'bench', step, destDir: droverDest })));
+      times.droverDown.push(await timed(() => workerCheckpoints.download({ run: 'bench', step, destDir: droverDest })));
       // Each tool cleans up after itself before the other starts (local copy and server
       // objects), so that both start from the same amount of just-freed memory.
       await rm(droverDest, { recursive: true, force: true });
@@ -206,6 +224,7 @@ async function benchServer(kind, root, sourceDir) {
       say(`[bench] ${kind} round ${round + 1} (${skipRclone ? 'drover only' : round % 2 === 0 ? 'drover first' : 'rclone first'}): MiB/s drover up ${last(times.droverUp)} down ${last(times.droverDown)}; rclone up ${last(times.rcloneUp)} down ${last(times.rcloneDown)}`);
     }
     store.close();
+    if (workerStore !== store) workerStore.close();
   } finally {
     await server.stop();
     await rm(serverDir, { recursive: true, force: true });
@@ -226,7 +245,7 @@ const rcloneVersion = spawnSync('rclone', ['version'], { encoding: 'utf8' }).std
 const root = await mkdtemp(path.join(os.tmpdir(), 'drover-bench-'));
 try {
   const sourceDir = path.join(root, 'source');
-  say(`[bench] ${fileCount} x ${fileMiB} MiB = ${(totalBytes / MiB).toFixed(0)} MiB; drover part ${partMiB} MiB x ${concurrency}; ${rcloneVersion} with default flags; median of ${rounds} rounds, taking turns going first${rounds !== requestedRounds ? ` (BENCH_ROUNDS=${requestedRounds} rounded up to even)` : ''}`);
+  say(`[bench] ${fileCount} x ${fileMiB} MiB = ${(totalBytes / MiB).toFixed(0)} MiB; drover through ${access === 'presigned' ? 'presigned URLs' : 'keys'}, part ${partMiB} MiB x ${concurrency}; ${rcloneVersion} with default flags; median of ${rounds} rounds, taking turns going first${rounds !== requestedRounds ? ` (BENCH_ROUNDS=${requestedRounds} rounded up to even)` : ''}`);
   await makeFiles(sourceDir);
   const results = [];
   for (const kind of servers) {

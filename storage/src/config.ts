@@ -107,8 +107,22 @@ export const retentionConfigSchema = z.object({
   keepEvery: z.number().int().min(0).default(0),
 });
 
+/** Bounds of a presigned URL's life: S3 accepts 1 s to 7 days; a minute of slack is plenty for a part. */
+export const PRESIGN_TTL_MIN_MS = 1_000;
+export const PRESIGN_TTL_MAX_MS = 7 * 24 * 3600_000;
+
 export const storageConfigSchema = z.object({
   store: objectStoreConfigSchema,
+  /**
+   * How worker nodes reach an S3 store. `presigned` (the default): they hold no keys and
+   * ask the head, over the authenticated control plane, for short-lived URLs of exactly
+   * the objects they need. `keys`: the head hands them the whole storage config, keys
+   * included, in their environment (DROVER_STORAGE_CONFIG); only for stores that cannot
+   * presign. A `local` store has no keys and is always handed over as it is.
+   */
+  workerAccess: z.enum(['presigned', 'keys']).default('presigned'),
+  /** How long a presigned URL the head hands out stays valid (ms). */
+  presignTtlMs: z.number().int().min(PRESIGN_TTL_MIN_MS).max(PRESIGN_TTL_MAX_MS).default(15 * 60_000),
   transfer: transferConfigSchema.prefault({}),
   retention: retentionConfigSchema.prefault({}),
 });

@@ -26,6 +26,8 @@ export {
   parseTransferConfig,
   resolveS3Credentials,
   describeStore,
+  PRESIGN_TTL_MIN_MS,
+  PRESIGN_TTL_MAX_MS,
   type TransferConfig,
   type TransferConfigInput,
   type S3StoreConfig,
@@ -51,7 +53,18 @@ export {
   type UploadedPart,
   type MultipartUploadInfo,
 } from './object-store.js';
-export { S3ObjectStore, type S3ObjectStoreOptions } from './s3-object-store.js';
+export { S3ObjectStore, endpointIsProtected, type S3ObjectStoreOptions } from './s3-object-store.js';
+export {
+  S3Presigner,
+  presignRequestSchema,
+  PRESIGN_OPERATIONS,
+  PRESIGN_KEY_MAX_CHARS,
+  type PresignOperation,
+  type PresignRequest,
+  type PresignedRequest,
+  type S3PresignerOptions,
+} from './s3-presigner.js';
+export { PresignedObjectStore, PRESIGN_BATCH_MAX, type PresignBatchSigner, type PresignedObjectStoreOptions } from './presigned-object-store.js';
 export { LocalObjectStore } from './local-object-store.js';
 export { createObjectStore } from './store-factory.js';
 export { withRetry, backoffDelayMs, isRetryable, isStoreOutage, retryThroughOutage, STORE_OUTAGE_RETRY, type OutageRetry, type OutageRetryPolicy, type RetryPolicy, type RetryOptions } from './retry.js';

@@ -28,11 +28,19 @@ const OPERATION = 'GetObject';
 export interface PlainHttpRangeReaderOptions {
   /** An `http:` endpoint, addressed path-style (`endpoint/bucket/key`); may carry a base path. */
   endpoint: string;
-  bucket: string;
-  region: string;
-  credentials: { accessKeyId: string; secretAccessKey: string; sessionToken?: string };
+  /** What `read` signs with; a reader without it only serves `readPresigned` (URLs signed elsewhere). */
+  signing?: {
+    bucket: string;
+    region: string;
+    credentials: { accessKeyId: string; secretAccessKey: string; sessionToken?: string };
+  };
   stallTimeoutMs: number;
   connectTimeoutMs: number;
+  /**
+   * host:port to connect to instead of the endpoint's (a forwarder in front of it); the
+   * Host header still names the endpoint, as the request was signed for it.
+   */
+  dial?: string;
   /** Idle keep-alive connections kept for reuse. */
   maxIdleConnections: number;
   batchBytes: number;
@@ -43,7 +51,7 @@ export class PlainHttpUnsupportedError extends Error {
   override readonly name = 'PlainHttpUnsupportedError';
 }
 
-class NodeSha256 {
+export class NodeSha256 {
   readonly #hash: Hash | Hmac;
   constructor(secret?: string | ArrayBuffer | ArrayBufferView) {
     this.#hash = secret === undefined ? createHash('sha256') : createHmac('sha256', toBinary(secret));
@@ -68,7 +76,7 @@ export function bareHostname(url: URL): string {
 }
 
 /** RFC 3986 encoding of one path segment, as SigV4 canonicalises it. */
-function encodeSegment(segment: string): string {
+export function encodeSegment(segment: string): string {
   return encodeURIComponent(segment).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
 }
 
@@ -83,7 +91,7 @@ interface ReadRequest {
 
 export class PlainHttpRangeReader {
   readonly #options: PlainHttpRangeReaderOptions;
-  readonly #signer: SignatureV4;
+  readonly #signer: SignatureV4 | undefined;
   /** The Host header (IPv6 in brackets). */
   readonly #host: string;
   /** What to connect to (IPv6 without brackets). */
@@ -99,14 +107,15 @@ export class PlainHttpRangeReader {
     const url = new URL(options.endpoint);
     if (url.protocol !== 'http:') throw new TypeError(`PlainHttpRangeReader needs an http: endpoint, got ${url.protocol}`);
     this.#options = options;
-    this.#connectHost = bareHostname(url);
-    this.#port = url.port ? Number(url.port) : 80;
+    const dial = options.dial ? new URL(`http://${options.dial}`) : url;
+    this.#connectHost = bareHostname(dial);
+    this.#port = dial.port ? Number(dial.port) : 80;
     this.#host = url.host;
     this.#basePath = url.pathname.replace(/\/+$/, '');
-    this.#signer = new SignatureV4({
+    this.#signer = options.signing && new SignatureV4({
       service: 's3',
-      region: options.region,
-      credentials: options.credentials,
+      region: options.signing.region,
+      credentials: options.signing.credentials,
       sha256: NodeSha256,
       // S3 signs the path as sent; it is not encoded a second time.
       uriEscapePath: false,
@@ -116,9 +125,28 @@ export class PlainHttpRangeReader {
 
   /** Streams `length` bytes of `objectKey` from `start` into `sink`; `key` names it in errors. */
   async read(objectKey: string, key: string, start: number, length: number, sink: RangeSink, signal?: AbortSignal): Promise<void> {
+    return this.#read(await this.#requestHead(objectKey, start, length), key, start, length, sink, signal);
+  }
+
+  /**
+   * Like `read`, through a GET URL signed elsewhere (a presigned URL of this reader's
+   * endpoint): `pathAndQuery` is sent as it is, with `headers` (the signed ones) and the
+   * range, which presigned GETs leave unsigned.
+   */
+  async readPresigned(pathAndQuery: string, headers: Readonly<Record<string, string>>, key: string, start: number, length: number, sink: RangeSink, signal?: AbortSignal): Promise<void> {
+    const lines = [`GET ${pathAndQuery} HTTP/1.1`, `host: ${this.#host}`, `range: bytes=${start}-${start + length - 1}`];
+    for (const [name, value] of Object.entries(headers)) lines.push(`${name}: ${value}`);
+    return this.#read(`${lines.join('\r\n')}\r\n\r\n`, key, start, length, sink, signal);
+  }
+
+  /** The `host` header the reader sends (its endpoint's host:port). */
+  get host(): string {
+    return this.#host;
+  }
+
+  async #read(head: string, key: string, start: number, length: number, sink: RangeSink, signal?: AbortSignal): Promise<void> {
     if (this.#closed) throw new ObjectStoreRequestError('store is closed', { operation: OPERATION, key, retryable: false });
     signal?.throwIfAborted();
-    const head = await this.#requestHead(objectKey, start, length);
     this.#active++;
     const batches = [this.#takeBatch(), this.#takeBatch()] as const;
     let connection: Connection | undefined;
@@ -147,8 +175,9 @@ export class PlainHttpRangeReader {
   }
 
   async #requestHead(objectKey: string, start: number, length: number): Promise<string> {
+    if (!this.#signer || !this.#options.signing) throw new TypeError('this PlainHttpRangeReader has no credentials; use readPresigned');
     const encodedKey = objectKey.split('/').map(encodeSegment).join('/');
-    const path = `${this.#basePath}/${encodeSegment(this.#options.bucket)}/${encodedKey}`;
+    const path = `${this.#basePath}/${encodeSegment(this.#options.signing.bucket)}/${encodedKey}`;
     const signed = await this.#signer.sign({
       method: 'GET',
       protocol: 'http:',

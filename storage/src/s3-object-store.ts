@@ -51,15 +51,15 @@ const SOCKET_READ_CHUNK_BYTES = 1 << 20;
  * against 0.9-1.5 s, and about 15% more throughput (three alternating loops of 3 rounds;
  * 256 KiB and 4 MiB did about as well as 1 MiB).
  */
-const PUT_FILE_READ_CHUNK_BYTES = 1 << 20;
+export const PUT_FILE_READ_CHUNK_BYTES = 1 << 20;
 
-class LargeReadHttpAgent extends http.Agent {
+export class LargeReadHttpAgent extends http.Agent {
   override createConnection(options: http.ClientRequestArgs, callback?: (error: Error | null, stream: Duplex) => void): Duplex | null | undefined {
     return super.createConnection({ ...options, highWaterMark: SOCKET_READ_CHUNK_BYTES } as http.ClientRequestArgs, callback);
   }
 }
 
-class LargeReadHttpsAgent extends https.Agent {
+export class LargeReadHttpsAgent extends https.Agent {
   override createConnection(options: http.ClientRequestArgs, callback?: (error: Error | null, stream: Duplex) => void): Duplex | null | undefined {
     return super.createConnection({ ...options, highWaterMark: SOCKET_READ_CHUNK_BYTES } as http.ClientRequestArgs, callback);
   }
@@ -156,9 +156,7 @@ export class S3ObjectStore implements ObjectStore {
     if (plainHttpRangeReadsApply(config) && options.rangeReads !== 'sdk') {
       this.#plainReader = new PlainHttpRangeReader({
         endpoint: config.endpoint as string,
-        bucket: config.bucket,
-        region: config.region,
-        credentials: revealed,
+        signing: { bucket: config.bucket, region: config.region, credentials: revealed },
         stallTimeoutMs: transfer.stallTimeoutMs,
         connectTimeoutMs: transfer.connectTimeoutMs,
         maxIdleConnections: maxSockets,
@@ -552,7 +550,7 @@ function watchBody(body: Readable, stallTimeoutMs: number, signal: AbortSignal |
   };
 }
 
-async function readBody(
+export async function readBody(
   body: Readable | undefined,
   expectedLength: number | undefined,
   stallTimeoutMs: number,
@@ -603,13 +601,13 @@ const SINK_BATCH_BYTES = 4 * 1024 * 1024;
 // Smaller batches for the plain-HTTP reader: each is received, hashed and written while
 // it is still in cache. On the 2-core bench machine against MinIO (3 rounds each, noisy)
 // 1 MiB averaged about 650 MiB/s, 4 MiB 620 and 256 KiB 490 (more sink calls).
-const PLAIN_READ_BATCH_BYTES = 1024 * 1024;
+export const PLAIN_READ_BATCH_BYTES = 1024 * 1024;
 
 /**
  * Hands the body to `sink` in batches of about 4 MiB (writev-friendly, no concatenation).
  * While the sink works the stream is not read, so memory per range stays near one batch.
  */
-async function streamBody(
+export async function streamBody(
   body: Readable | undefined,
   expectedLength: number,
   stallTimeoutMs: number,
@@ -649,7 +647,7 @@ async function streamBody(
   }
 }
 
-const NETWORK_ERROR_CODES = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED', 'EAI_AGAIN', 'ENOTFOUND', 'UND_ERR_SOCKET']);
+export const NETWORK_ERROR_CODES = new Set(['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'ECONNABORTED', 'EAI_AGAIN', 'ENOTFOUND', 'UND_ERR_SOCKET']);
 
 /**
  * Maps whatever the SDK threw to this package's errors. The caller's abort passes through

@@ -26,7 +26,10 @@ across groups), DROVER_TELEMETRY_INTERVAL (how often node and GPU telemetry goes
 head: 5s by default, 0 = off). The join token is read from DROVER_JOIN_TOKEN or
 --join-token-file (never from argv, which any local user can read). The head is trusted
 by its CA's SHA-256 fingerprint, DROVER_HEAD_CA_SHA256 (TLS); DROVER_HEAD_INSECURE=1
-talks plaintext to a head started with head.insecure.`;
+talks plaintext to a head started with head.insecure. Checkpoint storage: by default
+none of it here (the head signs each S3 request); DROVER_STORAGE_CONFIG only with the
+spec's storage.workerAccess: keys; DROVER_STORAGE_DIAL (host:port) dials a forwarder
+instead of the store's host.`;
 
 /** DROVER_STORAGE_CONFIG: the @drover/storage config as JSON (set in the container's env). */
 function readStorageConfig(): StorageConfigInput | undefined {
@@ -101,6 +104,7 @@ async function main(): Promise<number> {
       headLostTimeoutMs: values["head-lost-timeout-ms"] ? Number(values["head-lost-timeout-ms"]) : undefined,
       uploadRetryForMs: optionalNumber(values["upload-retry-ms"] ?? env.DROVER_UPLOAD_RETRY_MS),
       storage: readStorageConfig(),
+      storageDial: env.DROVER_STORAGE_DIAL || undefined,
       bridgePort: optionalNumber(values["bridge-port"] ?? env.DROVER_BRIDGE_PORT),
       bridgeHost: values["bridge-host"] ?? (env.DROVER_BRIDGE_HOST || undefined),
       bridgeAdvertise: values["bridge-advertise"] ?? env.DROVER_BRIDGE_ADVERTISE,

@@ -8,10 +8,13 @@ import { fileURLToPath } from "node:url";
 import * as grpc from "@grpc/grpc-js";
 import { z } from "zod";
 import {
-  ControlClient, LogStream, PROTOCOL_VERSION, callUnary, controlChannelOptions,
-  type HeadMessage, type ICheckpointFile, type IStartJob, type IWorkerMessage,
+  ControlClient, LogStream, PROTOCOL_VERSION, callUnary, controlChannelOptions, presignOperationValue,
+  type HeadMessage, type ICheckpointFile, type IPresignedStorage, type IStartJob, type IWorkerMessage,
 } from "@drover/proto";
-import { CheckpointStore, forgetSecretValue, registerSecretValue, retryThroughOutage, STORE_OUTAGE_RETRY, type StorageConfigInput } from "@drover/storage";
+import {
+  CheckpointStore, ObjectStoreRequestError, PresignedObjectStore, forgetSecretValue, parseTransferConfig, registerSecretValue, retryThroughOutage, STORE_OUTAGE_RETRY,
+  type PresignedRequest, type PresignRequest, type StorageConfigInput,
+} from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
 import { confineCheckpointReport } from "./checkpoint-report.js";
 import { HeadTrustError, JoinRefusedError, WorkerConfigError } from "./errors.js";
@@ -65,10 +68,17 @@ export const workerOptionsSchema = z.object({
   bridgeHost: z.string().min(1).default("0.0.0.0"),
   bridgeAdvertise: z.string().regex(/^(?:|(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5})$/, "expected host:port").default(""),
   /**
-   * Where checkpoints go (@drover/storage config, credentials included). Comes from the
-   * node's own environment (DROVER_STORAGE_CONFIG), never over the control plane.
+   * Where checkpoints go with `storage.workerAccess: keys` (@drover/storage config,
+   * credentials included), from the node's own environment (DROVER_STORAGE_CONFIG).
+   * Without it the head may name a presigned store at Register: the agent then holds no
+   * keys and asks the head to sign each request (Control.Presign).
    */
   storage: z.custom<StorageConfigInput>().optional(),
+  /**
+   * host:port to dial for the presigned store's host (DROVER_STORAGE_DIAL: a forwarder,
+   * for a local group in its own network namespace); the signed Host header is kept.
+   */
+  storageDial: z.string().regex(/^[^\s/]+:\d{1,5}$/, "expected host:port").optional(),
   /** How often node and GPU telemetry is sampled and sent to the head; 0 = never. */
   telemetryIntervalMs: z.number().int().refine((ms) => ms === 0 || ms >= MIN_TELEMETRY_INTERVAL_MS, `at least ${MIN_TELEMETRY_INTERVAL_MS}ms, or 0 for off`).default(DEFAULT_TELEMETRY_INTERVAL_MS),
 });
@@ -124,14 +134,15 @@ export class WorkerAgent {
 
   private bridge: BridgeEndpoint | undefined;
   private telemetry: TelemetryReporter | undefined;
-  private readonly checkpoints: CheckpointStore | undefined;
+  private checkpoints: CheckpointStore | undefined;
   /** Tells the head this is a new agent process (see RegisterRequest.incarnation). */
   private readonly incarnation = randomUUID();
   /**
    * The session credential the head gave this agent (renewed on the Session stream): a
-   * reconnect proves itself with it, since the join token was spent on the first Register.
+   * reconnect proves itself with it, since the join token was spent on the first Register;
+   * Presign calls carry it too.
    */
-  private session: { token: string; expiresAtMs: number; previous?: string } | undefined;
+  private session: { workerId: string; token: string; expiresAtMs: number; previous?: string } | undefined;
 
   private constructor(readonly options: WorkerOptions, private readonly logger: Logger) {
     // Every concurrent part transfer listens on this one signal; the default cap of 10 warns.
@@ -208,6 +219,7 @@ export class WorkerAgent {
     this.lastContact = Date.now();
     const metadata = new grpc.Metadata();
     metadata.set("x-drover-worker-id", registered.workerId);
+    if (registered.presignedStorage) this.openPresignedStore(registered.presignedStorage);
     metadata.set("x-drover-session-token", registered.sessionToken);
     const stream = client.session(metadata);
     this.stream = stream;
@@ -280,15 +292,15 @@ export class WorkerAgent {
         throw new JoinRefusedError(`the head refused this worker's join token${tokens.length > 1 ? "s" : ""} (${lastRefusal?.details ?? "refused"})`, { head: this.options.headAddress }, { cause: lastRefusal });
       }
     }
-    this.holdSession(registered.sessionToken, Number(registered.sessionExpiresAtMs ?? 0));
+    this.holdSession(registered.workerId, registered.sessionToken, Number(registered.sessionExpiresAtMs ?? 0));
     return registered;
   }
 
   /** Keeps the newest credential and the one before it (a reconnect racing a renewal), redacted from logs. */
-  private holdSession(token: string, expiresAtMs: number): void {
+  private holdSession(workerId: string, token: string, expiresAtMs: number): void {
     registerSecretValue(token);
     if (this.session?.previous) forgetSecretValue(this.session.previous);
-    this.session = { token, expiresAtMs, ...(this.session ? { previous: this.session.token } : {}) };
+    this.session = { workerId, token, expiresAtMs, ...(this.session ? { previous: this.session.token } : {}) };
   }
 
   /**
@@ -324,7 +336,7 @@ export class WorkerAgent {
         void running.supervisor.stop(message.stopJob.graceMs || this.options.stopGraceMs);
       }
     } else if (message.sessionRenewal) {
-      this.holdSession(message.sessionRenewal.sessionToken ?? "", Number(message.sessionRenewal.expiresAtMs ?? 0));
+      if (this.session) this.holdSession(this.session.workerId, message.sessionRenewal.sessionToken ?? "", Number(message.sessionRenewal.expiresAtMs ?? 0));
     } else if (message.bridgePeers) {
       // Another group restarted or moved: its leader's bridge may listen elsewhere now.
       const running = this.jobs.get(message.bridgePeers.jobId ?? "");
@@ -484,9 +496,72 @@ export class WorkerAgent {
     await outer.socket.close();
   }
 
+  /**
+   * The checkpoint store through URLs the head signs: opened at the first Register that
+   * names one (a node configured with keys keeps its own store), kept across reconnects.
+   */
+  private openPresignedStore(described: IPresignedStorage): void {
+    if (this.checkpoints) return;
+    let transfer;
+    try {
+      transfer = parseTransferConfig(JSON.parse(described.transferJson || "{}"));
+    } catch (error) {
+      this.logger.error("the head's transfer settings do not parse; no checkpoint store on this node", { error: (error as Error).message });
+      return;
+    }
+    const store = new PresignedObjectStore({
+      sign: (requests, signal) => this.presign(requests, signal),
+      description: described.description || "presigned store",
+      keyPrefix: described.keyPrefix ?? "",
+      wireIsProtected: described.wireIsProtected ?? false,
+      transfer,
+      ...(this.options.storageDial ? { dial: this.options.storageDial } : {}),
+      logger: this.logger.child({ component: "presigned-store" }),
+    });
+    this.checkpoints = new CheckpointStore({ store, transfer, logger: this.logger, resumeStateDir: join(this.options.stateDir, "upload-journal") });
+    this.logger.info("checkpoint store reached through presigned URLs from the head", { store: store.description });
+  }
+
+  /**
+   * Asks the head to sign S3 requests. The head being away is an outage (retryable, the
+   * upload waits it out); a refusal is final for that request.
+   */
+  private async presign(requests: readonly PresignRequest[], signal?: AbortSignal): Promise<PresignedRequest[]> {
+    const client = this.client;
+    const session = this.session;
+    if (!client || !session) throw new ObjectStoreRequestError("not registered with the head: nothing can be signed", { operation: "Presign", retryable: true });
+    const metadata = new grpc.Metadata();
+    metadata.set("x-drover-worker-id", session.workerId);
+    metadata.set("x-drover-session-token", session.token);
+    const items = requests.map((request) => ({
+      operation: presignOperationValue(request.operation),
+      key: request.key,
+      uploadId: request.uploadId ?? "",
+      partNumber: request.partNumber ?? 0,
+      metadata: request.metadata ?? {},
+      delimiter: request.delimiter ?? "",
+      marker: request.marker ?? "",
+      uploadIdMarker: request.uploadIdMarker ?? "",
+    }));
+    let response;
+    try {
+      response = await callUnary(client.presign.bind(client), { protocolVersion: PROTOCOL_VERSION, items }, metadata, { ...(signal ? { signal } : {}), timeoutMs: 30_000 });
+    } catch (error) {
+      const code = (error as grpc.ServiceError).code;
+      const final = code === grpc.status.PERMISSION_DENIED || code === grpc.status.INVALID_ARGUMENT || code === grpc.status.UNIMPLEMENTED;
+      throw new ObjectStoreRequestError(`the head did not sign: ${(error as grpc.ServiceError).details || (error as Error).message}`, { operation: "Presign", retryable: !final, code: String(code) });
+    }
+    return (response.urls ?? []).map((url) => ({
+      url: url.url ?? "",
+      method: (url.method ?? "GET") as PresignedRequest["method"],
+      headers: { ...(url.headers ?? {}) },
+      expiresInMs: url.expiresInMs ?? 0,
+    }));
+  }
+
   /** Fetches a job's shipped working directory; the trainers run in it. */
   private async downloadCodeBundle(job: IStartJob, destDir: string): Promise<string> {
-    if (!this.checkpoints) throw new WorkerConfigError("the job's code was shipped as a bundle but this node has no storage configured (DROVER_STORAGE_CONFIG)");
+    if (!this.checkpoints) throw new WorkerConfigError("the job's code was shipped as a bundle but this node has no checkpoint store (the head named none at Register, and DROVER_STORAGE_CONFIG is unset)");
     const started = Date.now();
     const bundle = await this.checkpoints.downloadCodeBundle({ run: job.runId ?? "", bundleId: job.codeBundleId ?? "", destDir, signal: this.stopController.signal });
     this.agentLog(job.jobId ?? "", `code bundle ${bundle.bundleId.slice(0, 12)} verified: ${bundle.files.length} files, ${(bundle.totalBytes / 2 ** 20).toFixed(1)} MiB in ${((Date.now() - started) / 1000).toFixed(1)}s`);
@@ -495,7 +570,7 @@ export class WorkerAgent {
 
   /** Downloads the committed checkpoint a resumed job starts from; every byte is verified first. */
   private async downloadResumeCheckpoint(job: IStartJob, destDir: string): Promise<string> {
-    if (!this.checkpoints) throw new WorkerConfigError("the job resumes from a checkpoint but this node has no storage configured (DROVER_STORAGE_CONFIG)");
+    if (!this.checkpoints) throw new WorkerConfigError("the job resumes from a checkpoint but this node has no checkpoint store (the head named none at Register, and DROVER_STORAGE_CONFIG is unset)");
     const step = Number(job.resumeStep ?? 0);
     const started = Date.now();
     this.agentLog(job.jobId ?? "", `downloading checkpoint step ${step} of run ${job.runId}`);

@@ -255,6 +255,7 @@ function loopbackPorts(context: BackendContext): number[] {
 }
 
 function storageEndpoint(agentEnv: Readonly<Record<string, string>>): URL | undefined {
+  if (agentEnv.DROVER_STORAGE_ENDPOINT) return new URL(agentEnv.DROVER_STORAGE_ENDPOINT);
   const text = agentEnv.DROVER_STORAGE_CONFIG;
   if (!text) return undefined;
   try {
@@ -274,6 +275,9 @@ function throughControlLink(address: string, network: GroupNetwork): string {
 function agentEnvFor(agentEnv: Readonly<Record<string, string>>, network: GroupNetwork | undefined): Record<string, string> {
   const endpoint = storageEndpoint(agentEnv);
   if (!network || !endpoint || !["127.0.0.1", "localhost"].includes(endpoint.hostname)) return { ...agentEnv };
+  // Presigned URLs name the loopback endpoint they were signed for: the agent dials the
+  // forwarder and keeps that Host (DROVER_STORAGE_DIAL).
+  if (!agentEnv.DROVER_STORAGE_CONFIG) return { ...agentEnv, DROVER_STORAGE_DIAL: `${network.rootAddress}:${endpoint.port || 80}` };
   const config = JSON.parse(agentEnv.DROVER_STORAGE_CONFIG!) as { store: { endpoint: string } };
   endpoint.hostname = network.rootAddress;
   config.store.endpoint = endpoint.toString().replace(/\/$/, "");
