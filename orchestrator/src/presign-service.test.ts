@@ -12,6 +12,7 @@ import type { Logger } from "./logger.js";
 import { PresignService } from "./presign-service.js";
 import type { NodeAssignment } from "./rank-assignment.js";
 import { WorkerRegistry } from "./worker-registry.js";
+import { JoinTokenBook } from "./join-tokens.js";
 
 const SECRET = "presign-test-secret-key-0123456789";
 const storage = parseStorageConfig({
@@ -122,8 +123,9 @@ describe("Control.Presign", () => {
     const registry = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, logger });
     const jobs = new JobController({ registry, allocateMasterPort: async () => 29500, workerWaitTimeoutMs: 5_000, stopGraceMs: 100, logger });
     const presign = PresignService.create({ storage, jobs, logger })!;
+    const joinTokens = new JoinTokenBook();
     server = new ControlServer({
-      registry, jobs, logger, joinToken: "the-real-join-token-0123456789", adminToken: "admin-token-0123456789",
+      registry, jobs, logger, joinTokens, adminToken: "admin-token-0123456789",
       heartbeatIntervalMs: 1_000, heartbeatTimeoutMs: 5_000, onShutdownRequested: () => {},
       submitJob: async (request) => jobs.submit({ ...request, nodes: request.nodes ?? 1 }),
       presign: () => presign,
@@ -131,7 +133,7 @@ describe("Control.Presign", () => {
     await server.listen("127.0.0.1", 0);
     client = new ControlClient(`127.0.0.1:${server.controlPort}`, grpc.credentials.createInsecure(), controlChannelOptions);
     const registered = await callUnary(client.register.bind(client), {
-      protocolVersion: PROTOCOL_VERSION, joinToken: "the-real-join-token-0123456789", nodeName: "node-a", slots: 1, resources: {},
+      protocolVersion: PROTOCOL_VERSION, joinToken: joinTokens.mint({ group: "", nodeName: "node-a" }), nodeName: "node-a", slots: 1, resources: {},
     }, new grpc.Metadata(), { timeoutMs: 5_000 });
     // The head tells the worker the store is presigned, and nothing secret about it.
     expect(registered.presignedStorage?.keyPrefix).toBe("team/");
