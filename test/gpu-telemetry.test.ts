@@ -41,9 +41,9 @@ describe("GPU telemetry from a FAKE nvidia-smi on PATH", () => {
     const gpus = await new GpuSampler({ logger: recordingLogger(lines) }).sample();
     expect(gpus).toEqual([
       { index: 0, uuid: "GPU-3f4e8a52-91c7-6d1b-0e2a-7b9c4d5e6f10", utilizationRatio: 0.97, memoryUsedBytes: 71234 * MiB, memoryTotalBytes: 81559 * MiB,
-        temperatureCelsius: 64, powerDrawWatts: 512.37, powerLimitWatts: 700, smClockHz: 1980e6, throttleReasons: 0 },
+        temperatureCelsius: 64, powerDrawWatts: 512.37, powerLimitWatts: 700, smClockHz: 1980e6, throttleReasons: 0, eccErrorsUncorrected: 0, eccErrorsCorrected: 0 },
       { index: 1, uuid: "GPU-a81c2e9d-5b37-4f06-c2d8-1e6f9a0b3c47", utilizationRatio: 0.95, memoryUsedBytes: 70112 * MiB, memoryTotalBytes: 81559 * MiB,
-        temperatureCelsius: 71, powerDrawWatts: 689.52, powerLimitWatts: 700, smClockHz: 1755e6, throttleReasons: 4 },
+        temperatureCelsius: 71, powerDrawWatts: 689.52, powerLimitWatts: 700, smClockHz: 1755e6, throttleReasons: 4, eccErrorsUncorrected: 0, eccErrorsCorrected: 2 },
     ]);
     expect(lines.filter((line) => line.startsWith("warn"))).toEqual([]);
   });
@@ -52,6 +52,15 @@ describe("GPU telemetry from a FAKE nvidia-smi on PATH", () => {
     process.env.FAKE_NVIDIA_SMI_MODE = "na";
     const gpus = await new GpuSampler({ logger: recordingLogger([]) }).sample();
     expect(gpus[1]).toEqual({ index: 1, uuid: "GPU-a81c2e9d-5b37-4f06-c2d8-1e6f9a0b3c47", utilizationRatio: 0.95, memoryUsedBytes: 70112 * MiB, memoryTotalBytes: 81559 * MiB, temperatureCelsius: 71 });
+  });
+
+  it("reads a GPU's uncorrected and corrected ECC error counts", async () => {
+    process.env.FAKE_NVIDIA_SMI_MODE = "ecc";
+    const gpus = await new GpuSampler({ logger: recordingLogger([]) }).sample();
+    expect(gpus.map(({ index, eccErrorsUncorrected, eccErrorsCorrected }) => ({ index, eccErrorsUncorrected, eccErrorsCorrected }))).toEqual([
+      { index: 0, eccErrorsUncorrected: 0, eccErrorsCorrected: 0 },
+      { index: 1, eccErrorsUncorrected: 3, eccErrorsCorrected: 41 },
+    ]);
   });
 
   it("kills a hanging nvidia-smi after the timeout and warns once, until it answers again", async () => {
@@ -93,7 +102,7 @@ describe("GPU telemetry from a FAKE nvidia-smi on PATH", () => {
     const warnings = lines.filter((line) => line.startsWith("warn"));
     expect(warnings).toHaveLength(1);
     expect(warnings[0]).toContain("nvidia-smi output rejected");
-    expect(warnings[0]).toContain('nvidia-smi output line 2 (\\"1, GPU-a81c2e9d-5b37-4f06-c2d8-1e6f9a0b3c47, 95, 70\\"): 4 fields, expected 10');
+    expect(warnings[0]).toContain('nvidia-smi output line 2 (\\"1, GPU-a81c2e9d-5b37-4f06-c2d8-1e6f9a0b3c47, 95, 70\\"): 4 fields, expected 12');
   });
 
   it("reports a failing driver with nvidia-smi's own words", async () => {

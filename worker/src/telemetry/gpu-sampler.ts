@@ -6,6 +6,10 @@ import type { Logger } from "../logger.js";
 export const GPU_QUERY_FIELDS = [
   "index", "uuid", "utilization.gpu", "memory.used", "memory.total", "temperature.gpu",
   "power.draw", "power.limit", "clocks.sm", "clocks_throttle_reasons.active",
+  // ECC errors since the driver loaded; "[N/A]" on GPUs without ECC (consumer cards).
+  // Row-remapping and retired-page fields are not asked: a field an older driver does
+  // not know fails the whole query, and these two exist in every driver Drover runs on.
+  "ecc.errors.uncorrected.volatile.total", "ecc.errors.corrected.volatile.total",
 ] as const;
 
 export const GPU_QUERY_ARGS = [`--query-gpu=${GPU_QUERY_FIELDS.join(",")}`, "--format=csv,noheader,nounits"];
@@ -48,7 +52,7 @@ export function parseGpuTelemetryCsv(text: string): { ok: true; gpus: IGpuTeleme
     if (gpus.length === TELEMETRY_MAX_GPUS) return { ok: false, error: `${where}: more than ${TELEMETRY_MAX_GPUS} GPUs` };
     const cells = line.split(",").map((cell) => cell.trim());
     if (cells.length !== GPU_QUERY_FIELDS.length) return { ok: false, error: `${where}: ${cells.length} field${cells.length === 1 ? "" : "s"}, expected ${GPU_QUERY_FIELDS.length}` };
-    const [index, uuid, utilization, memoryUsed, memoryTotal, temperature, powerDraw, powerLimit, smClock, throttle] = cells as [string, string, string, string, string, string, string, string, string, string];
+    const [index, uuid, utilization, memoryUsed, memoryTotal, temperature, powerDraw, powerLimit, smClock, throttle, eccUncorrected, eccCorrected] = cells as [string, string, string, string, string, string, string, string, string, string, string, string];
     if (!/^\d{1,3}$/.test(index) || Number(index) > 255) return { ok: false, error: `${where}: index ${JSON.stringify(index)} is not a GPU index` };
     if (seen.has(Number(index))) return { ok: false, error: `${where}: GPU index ${index} appears twice` };
     seen.add(Number(index));
@@ -72,10 +76,17 @@ export function parseGpuTelemetryCsv(text: string): { ok: true; gpus: IGpuTeleme
     let throttleReasons: number | undefined;
     if (/^0x[0-9A-Fa-f]{1,16}$/.test(throttle)) throttleReasons = Number(BigInt(throttle));
     else if (!UNAVAILABLE.test(throttle)) return { ok: false, error: `${where}: clocks_throttle_reasons.active ${JSON.stringify(throttle.slice(0, 40))} is not a bitmask` };
+    const counts: Array<number | undefined> = [];
+    for (const [field, cell] of [["ecc.errors.uncorrected.volatile.total", eccUncorrected], ["ecc.errors.corrected.volatile.total", eccCorrected]] as const) {
+      if (UNAVAILABLE.test(cell)) counts.push(undefined);
+      else if (/^\d{1,15}$/.test(cell)) counts.push(Number(cell));
+      else return { ok: false, error: `${where}: ${field} ${JSON.stringify(cell.slice(0, 40))} is not a count` };
+    }
     const [utilizationRatio, memoryUsedBytes, memoryTotalBytes, temperatureCelsius, powerDrawWatts, powerLimitWatts, smClockHz] = values;
+    const [eccErrorsUncorrected, eccErrorsCorrected] = counts;
     gpus.push(withoutUnset({
       index: Number(index), uuid, utilizationRatio, memoryUsedBytes, memoryTotalBytes, temperatureCelsius,
-      powerDrawWatts, powerLimitWatts, smClockHz, throttleReasons,
+      powerDrawWatts, powerLimitWatts, smClockHz, throttleReasons, eccErrorsUncorrected, eccErrorsCorrected,
     }));
   }
   return { ok: true, gpus };
