@@ -3,8 +3,13 @@ import type { CostReport } from "../cost/run-cost.js";
 import type { WorkerRegistry } from "../worker-registry.js";
 import type { GpuMetric, NodeMetric, SeriesInfo, TelemetryStore } from "./telemetry-store.js";
 
+/** The driver's counters since it loaded (mirrored as counters: a driver reload starts them at 0 again, which Prometheus reads as a reset). */
+const ECC_EXPORTS = {
+  eccErrorsUncorrected: { name: "drover_gpu_ecc_errors_uncorrected_total", help: "Uncorrected (double-bit) ECC errors since the driver loaded (nvidia-smi ecc.errors.uncorrected.volatile.total); absent on GPUs without ECC." },
+  eccErrorsCorrected: { name: "drover_gpu_ecc_errors_corrected_total", help: "Corrected (single-bit) ECC errors since the driver loaded (nvidia-smi ecc.errors.corrected.volatile.total); absent on GPUs without ECC." },
+} as const;
 /** What /metrics says about each telemetry series, by Prometheus naming (base units, `_total` counters). */
-const GPU_EXPORTS: Record<GpuMetric, { name: string; help: string }> = {
+const GPU_EXPORTS: Record<Exclude<GpuMetric, keyof typeof ECC_EXPORTS>, { name: string; help: string }> = {
   utilizationRatio: { name: "drover_gpu_utilization_ratio", help: "Share of time the GPU was busy (nvidia-smi utilization.gpu / 100)." },
   memoryUsedBytes: { name: "drover_gpu_memory_used_bytes", help: "GPU memory in use." },
   memoryTotalBytes: { name: "drover_gpu_memory_total_bytes", help: "GPU memory in all." },
@@ -90,6 +95,17 @@ export class HeadMetrics {
           this.reset();
           for (const point of latest()) {
             if (point.scope === "node" && point.metric === metric) this.set({ node: point.node, group: point.group }, point.value);
+          }
+        },
+      });
+    }
+    for (const [metric, { name, help }] of Object.entries(ECC_EXPORTS)) {
+      new Counter({
+        name, help, labelNames: ["node", "group", "gpu"], registers,
+        collect() {
+          this.reset();
+          for (const point of latest()) {
+            if (point.scope === "gpu" && point.metric === metric) this.inc({ node: point.node, group: point.group, gpu: String(point.gpu) }, point.value);
           }
         },
       });
