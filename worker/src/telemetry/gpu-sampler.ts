@@ -96,21 +96,29 @@ function withoutUnset(gpu: Record<string, number | string | undefined>): IGpuTel
   return Object.fromEntries(Object.entries(gpu).filter(([, value]) => value !== undefined)) as IGpuTelemetry;
 }
 
+export type CommandResult =
+  | { kind: "ok"; stdout: string }
+  /** The command is not installed. */
+  | { kind: "absent" }
+  | { kind: "timeout"; timeoutMs: number }
+  | { kind: "malformed"; error: string }
+  | { kind: "failed"; error: string; exitCode?: number; said: string };
+
 /**
- * Runs nvidia-smi once. It is killed (its whole process group: a wrapper script's
- * children too) after `timeoutMs` or on abort, and the answer does not wait for its
- * pipes to close: a process stuck in the driver cannot be reaped at once, and the
- * sampling loop must go on without it.
+ * Runs a driver tool once (nvidia-smi, dmesg). It is killed (its whole process group: a
+ * wrapper script's children too) after `timeoutMs` or on abort, and the answer does not
+ * wait for its pipes to close: a process stuck in the driver cannot be reaped at once,
+ * and the sampling loop must go on without it.
  */
-export function queryNvidiaSmi(options: { command?: string; timeoutMs?: number; signal?: AbortSignal }): Promise<GpuQueryResult> {
-  const timeoutMs = options.timeoutMs ?? DEFAULT_GPU_QUERY_TIMEOUT_MS;
+export function runBoundedCommand(command: string, args: readonly string[], options: { timeoutMs: number; maxOutputBytes: number; signal?: AbortSignal }): Promise<CommandResult> {
+  const { timeoutMs } = options;
   return new Promise((resolve) => {
-    if (options.signal?.aborted) return resolve({ kind: "failed", error: "aborted" });
-    const child = spawn(options.command ?? "nvidia-smi", GPU_QUERY_ARGS, { stdio: ["ignore", "pipe", "pipe"], detached: true });
+    if (options.signal?.aborted) return resolve({ kind: "failed", error: "aborted", said: "" });
+    const child = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"], detached: true });
     let stdout = "";
     let stderr = "";
     let settled = false;
-    const finish = (result: GpuQueryResult, kill: boolean) => {
+    const finish = (result: CommandResult, kill: boolean) => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
@@ -128,27 +136,34 @@ export function queryNvidiaSmi(options: { command?: string; timeoutMs?: number; 
       resolve(result);
     };
     const timer = setTimeout(() => finish({ kind: "timeout", timeoutMs }, true), timeoutMs);
-    const onAbort = () => finish({ kind: "failed", error: "aborted" }, true);
+    const onAbort = () => finish({ kind: "failed", error: "aborted", said: "" }, true);
     options.signal?.addEventListener("abort", onAbort, { once: true });
     child.stdout!.setEncoding("utf8").on("data", (chunk: string) => {
       stdout += chunk;
-      if (stdout.length > MAX_OUTPUT_BYTES) finish({ kind: "malformed", error: `nvidia-smi printed more than ${MAX_OUTPUT_BYTES / 1024} KiB` }, true);
+      if (stdout.length > options.maxOutputBytes) finish({ kind: "malformed", error: `${command} printed more than ${options.maxOutputBytes / 1024} KiB` }, true);
     });
     child.stderr!.setEncoding("utf8").on("data", (chunk: string) => {
       if (stderr.length < 4096) stderr += chunk;
     });
     child.on("error", (error: NodeJS.ErrnoException) => {
-      finish(error.code === "ENOENT" ? { kind: "absent" } : { kind: "failed", error: error.message }, false);
+      finish(error.code === "ENOENT" ? { kind: "absent" } : { kind: "failed", error: error.message, said: "" }, false);
     });
     child.on("close", (code, signal) => {
       const said = (stderr.trim() || stdout.trim()).split("\n")[0]?.slice(0, 200) ?? "";
-      // nvidia-smi exits 6 with "No devices were found" on a machine with a driver but no GPU.
-      if (code !== 0 && /no devices were found/i.test(said)) return finish({ kind: "absent" }, false);
-      if (code !== 0) return finish({ kind: "failed", error: `nvidia-smi exited with ${signal ? `signal ${signal}` : `code ${code}`}${said ? `: ${said}` : ""}` }, false);
-      const parsed = parseGpuTelemetryCsv(stdout);
-      finish(parsed.ok ? { kind: "ok", gpus: parsed.gpus } : { kind: "malformed", error: parsed.error }, false);
+      if (code !== 0) return finish({ kind: "failed", error: `${command} exited with ${signal ? `signal ${signal}` : `code ${code}`}${said ? `: ${said}` : ""}`, said, ...(code === null ? {} : { exitCode: code }) }, false);
+      finish({ kind: "ok", stdout }, false);
     });
   });
+}
+
+/** Runs nvidia-smi once with GPU_QUERY_ARGS (killed after `timeoutMs`, see runBoundedCommand). */
+export async function queryNvidiaSmi(options: { command?: string; timeoutMs?: number; signal?: AbortSignal }): Promise<GpuQueryResult> {
+  const result = await runBoundedCommand(options.command ?? "nvidia-smi", GPU_QUERY_ARGS, { timeoutMs: options.timeoutMs ?? DEFAULT_GPU_QUERY_TIMEOUT_MS, maxOutputBytes: MAX_OUTPUT_BYTES, signal: options.signal });
+  if (result.kind !== "ok" && result.kind !== "failed") return result;
+  // nvidia-smi exits 6 with "No devices were found" on a machine with a driver but no GPU.
+  if (result.kind === "failed") return /no devices were found/i.test(result.said) ? { kind: "absent" } : { kind: "failed", error: result.error };
+  const parsed = parseGpuTelemetryCsv(result.stdout);
+  return parsed.ok ? { kind: "ok", gpus: parsed.gpus } : { kind: "malformed", error: parsed.error };
 }
 
 /**
