@@ -1,6 +1,7 @@
 // The agent's GPU sampler against a FAKE nvidia-smi (test/fakes/nvidia-smi) first on
 // PATH, as a real child process: its normal answer, "[N/A]" readings, and the faults a
 // rented node's driver shows (a hang, garbled output, a failing driver, no nvidia-smi).
+// A FAKE dmesg (test/fakes/dmesg) beside it stands for the kernel log the Xid errors are in.
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import os from "node:os";
 import { join } from "node:path";
@@ -19,7 +20,7 @@ function recordingLogger(lines: string[]): Logger {
 }
 
 describe("GPU telemetry from a FAKE nvidia-smi on PATH", () => {
-  const saved = { PATH: process.env.PATH, mode: process.env.FAKE_NVIDIA_SMI_MODE, pidFile: process.env.FAKE_NVIDIA_SMI_PID_FILE };
+  const saved = { PATH: process.env.PATH, mode: process.env.FAKE_NVIDIA_SMI_MODE, pidFile: process.env.FAKE_NVIDIA_SMI_PID_FILE, dmesg: process.env.FAKE_DMESG_MODE };
   let scratch: string;
   beforeAll(async () => {
     scratch = await mkdtemp(join(os.tmpdir(), "drover-fake-smi-"));
@@ -28,11 +29,13 @@ describe("GPU telemetry from a FAKE nvidia-smi on PATH", () => {
   afterEach(() => {
     process.env.FAKE_NVIDIA_SMI_MODE = "normal";
     delete process.env.FAKE_NVIDIA_SMI_PID_FILE;
+    delete process.env.FAKE_DMESG_MODE;
   });
   afterAll(async () => {
     process.env.PATH = saved.PATH;
     if (saved.mode === undefined) delete process.env.FAKE_NVIDIA_SMI_MODE;
     else process.env.FAKE_NVIDIA_SMI_MODE = saved.mode;
+    if (saved.dmesg !== undefined) process.env.FAKE_DMESG_MODE = saved.dmesg;
     await rm(scratch, { recursive: true, force: true });
   });
 
@@ -61,6 +64,34 @@ describe("GPU telemetry from a FAKE nvidia-smi on PATH", () => {
       { index: 0, eccErrorsUncorrected: 0, eccErrorsCorrected: 0 },
       { index: 1, eccErrorsUncorrected: 3, eccErrorsCorrected: 41 },
     ]);
+  });
+
+  it("counts each GPU's Xid errors from a readable kernel log, by PCI bus id", async () => {
+    process.env.FAKE_DMESG_MODE = "xid";
+    const lines: string[] = [];
+    const sampler = new GpuSampler({ logger: recordingLogger(lines) });
+    const gpus = await sampler.sample();
+    expect(gpus.map(({ index, xidErrors, lastXid }) => ({ index, xidErrors, lastXid }))).toEqual([
+      { index: 0, xidErrors: 0, lastXid: undefined },
+      { index: 1, xidErrors: 2, lastXid: 79 },
+    ]);
+    expect(lines).toEqual([]);
+  });
+
+  it("leaves Xid errors out, said once, where the kernel log is not readable (a container) or hangs", async () => {
+    const lines: string[] = [];
+    const sampler = new GpuSampler({ logger: recordingLogger(lines) });
+    expect((await sampler.sample())[1]).not.toHaveProperty("xidErrors");
+    process.env.FAKE_DMESG_MODE = "xid";
+    expect((await sampler.sample())[1]).not.toHaveProperty("xidErrors");
+    expect(lines).toEqual(['info the kernel log is not readable here; GPU Xid errors are not reported {"error":"dmesg exited with code 1: dmesg: read kernel buffer failed: Operation not permitted"}']);
+
+    process.env.FAKE_DMESG_MODE = "hang";
+    const hung: string[] = [];
+    const started = Date.now();
+    expect(await new GpuSampler({ logger: recordingLogger(hung), timeoutMs: 300 }).sample()).toHaveLength(2);
+    expect(Date.now() - started).toBeLessThan(3_000);
+    expect(hung).toEqual(['info the kernel log is not readable here; GPU Xid errors are not reported {"error":"no answer within 300 ms"}']);
   });
 
   it("kills a hanging nvidia-smi after the timeout and warns once, until it answers again", async () => {

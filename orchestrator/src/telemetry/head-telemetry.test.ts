@@ -117,10 +117,30 @@ describe("HeadTelemetry", () => {
     expect(registry.get(workerId)!.connection).toBe("connected");
     // A second rise, on another GPU: the node is lost, and cannot come back with its old session.
     sample([4, 1]);
-    expect(lost).toEqual(["h100-0: its GPUs' uncorrected ECC errors rose 2 times (head.alerts.gpuErrorsToReplace 2)"]);
+    expect(lost).toEqual(["h100-0: its GPUs' uncorrected ECC or Xid errors rose 2 times (head.alerts.gpuErrorsToReplace 2)"]);
     expect(registry.get(workerId)!.connection).toBe("lost");
     expect(registry.reauthenticate("h100-0", registry.get(workerId)!.sessionToken)).toMatchObject({ ok: false });
     expect(lines.filter((line) => line.startsWith("error node declared lost"))).toHaveLength(1);
+  });
+
+  it("counts rises of a GPU's Xid errors after the first sample toward replacing the node too", async () => {
+    const lost: string[] = [];
+    registry.on("lost", (worker) => lost.push(worker.nodeName));
+    telemetry = HeadTelemetry.create({ metricsHost: "127.0.0.1", metricsPort: 0, retentionMs: 3_600_000, stateDir: new StateDirectory(dir), workers: registry, jobs, logger: silentLogger, now: () => now,
+      alerts: { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5, escrowMinutes: 60, replaceNodeOnGpuErrors: true, gpuErrorsToReplace: 2 } });
+    await telemetry.start();
+    const workerId = register("h100-0", "h100");
+    const sample = (xidErrors: number) => {
+      now += 5_000;
+      telemetry!.onTelemetry(workerId, { sentTimeMs: now, intervalMs: 5_000, samples: [{ timeMs: now - 1_000, gpus: [{ ...gpuReading, xidErrors, lastXid: 79 }] }] });
+    };
+    // Xids already in the log when the agent first looked are the base, not rises.
+    sample(4);
+    expect(telemetry.checkAlerts().map((alert) => alert.key)).toEqual(["gpu-xid:h100-0:0"]);
+    sample(5);
+    expect(lost).toEqual([]);
+    sample(7);
+    expect(lost).toEqual(["h100-0"]);
   });
 
   it("only alerts on GPU errors when replaceNodeOnGpuErrors is off (the default)", async () => {

@@ -18,6 +18,9 @@ const GPU_EXPORTS: Record<Exclude<GpuMetric, keyof typeof ECC_EXPORTS>, { name: 
   powerLimitWatts: { name: "drover_gpu_power_limit_watts", help: "GPU power limit." },
   smClockHz: { name: "drover_gpu_sm_clock_hertz", help: "GPU SM clock." },
   throttleReasons: { name: "drover_gpu_throttle_reasons", help: "NVML clocks throttle reasons bitmask (0 = not throttled; 4 = software power cap, 32/64 = thermal)." },
+  // A gauge: the kernel log buffer rotates, so the count can fall.
+  xidErrors: { name: "drover_gpu_xid_errors", help: "NVIDIA Xid error lines of the GPU in the node's kernel log buffer; absent where the agent may not read the kernel log." },
+  lastXid: { name: "drover_gpu_last_xid", help: "Code of the GPU's newest Xid error in the kernel log (79 = fallen off the bus, 48 = double-bit ECC, ...)." },
 };
 const NODE_EXPORTS: Record<Exclude<NodeMetric, "networkReceiveBytes" | "networkTransmitBytes">, { name: string; help: string }> = {
   cpuUtilizationRatio: { name: "drover_node_cpu_utilization_ratio", help: "Share of CPU time the node spent busy since its previous sample." },

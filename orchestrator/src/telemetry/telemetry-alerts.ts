@@ -15,9 +15,9 @@ export interface AlertThresholds {
   stragglerRatio: number;
   /** A lease whose deployment's escrow runs out within this many minutes is reported. */
   escrowMinutes: number;
-  /** Whether the head treats a node as lost once its GPUs' uncorrected ECC count rose gpuErrorsToReplace times. */
+  /** Whether the head treats a node as lost once its GPUs' error counts rose gpuErrorsToReplace times. */
   replaceNodeOnGpuErrors: boolean;
-  /** Rises of a node's uncorrected ECC counts (any of its GPUs) that condemn it, with replaceNodeOnGpuErrors. */
+  /** Rises of a node's uncorrected ECC or Xid counts (any of its GPUs) that condemn it, with replaceNodeOnGpuErrors. */
   gpuErrorsToReplace: number;
 }
 
@@ -99,7 +99,7 @@ export interface JobMetricsView {
   assignments: ReadonlyArray<{ nodeName: string; group: string; globalRankOffset: number; localWorldSize: number }>;
 }
 
-export type AlertKind = "gpu-temperature" | "gpu-throttle" | "gpu-ecc" | "node-silent" | "straggler" | "escrow-low";
+export type AlertKind = "gpu-temperature" | "gpu-throttle" | "gpu-ecc" | "gpu-xid" | "node-silent" | "straggler" | "escrow-low";
 
 export interface Alert {
   /** Stable while the condition holds (the head logs a raise and a clear per key). */
@@ -159,6 +159,13 @@ export function evaluateAlerts(input: { nodes: readonly NodeTelemetry[]; jobs: r
       if (uncorrected !== undefined && uncorrected > 0) {
         alerts.push({ key: `gpu-ecc:${node.node}:${gpu.index}`, kind: "gpu-ecc", node: node.node, message: `${node.node} GPU ${gpu.index} has ${uncorrected} uncorrected ECC error${uncorrected === 1 ? "" : "s"} since its driver loaded: its memory is failing` });
       }
+      // Any Xid in the kernel log: some are the job's own fault (13, 31: a bad kernel or
+      // address), most are the GPU's or the driver's; either way the run should know.
+      const xids = gpu.readings.xidErrors;
+      if (xids !== undefined && xids > 0) {
+        const last = gpu.readings.lastXid;
+        alerts.push({ key: `gpu-xid:${node.node}:${gpu.index}`, kind: "gpu-xid", node: node.node, message: `${node.node} GPU ${gpu.index} has ${xids} Xid error${xids === 1 ? "" : "s"} in the kernel log${last === undefined ? "" : ` (newest: Xid ${last})`}` });
+      }
     }
   }
   for (const job of input.jobs) {
@@ -215,17 +222,19 @@ function escrowAlerts(cost: Pick<CostReport, "computedAtMs" | "leases"> | undefi
 }
 
 /**
- * How many times a sample raised a GPU's uncorrected ECC count over the one before it
- * (`previous`, by GPU index; updated in place). A GPU first seen with errors counts as
- * one rise (its count was 0 when the driver loaded); a count that fell (driver reload)
- * is taken as the new base, not as a rise.
+ * How many times a sample raised one of a GPU's error counts (`countOf`: uncorrected ECC
+ * errors, Xid lines) over the one before it (`previous`, by GPU index; updated in place).
+ * With `firstSeenIsRise`, a GPU first seen with errors counts as one rise (the ECC count
+ * was 0 when the driver loaded); without, the first count is only the base (the kernel
+ * log holds Xids from before the agent, even from an earlier tenant's job). A count that
+ * fell (driver reload, kernel log rotated) is taken as the new base, not as a rise.
  */
-export function uncorrectedEccRises(previous: Map<number, number>, gpus: ReadonlyArray<{ index: number; eccErrorsUncorrected?: number }>): Array<{ gpu: number; from: number; to: number }> {
+export function errorCountRises<Gpu extends { index: number }>(previous: Map<number, number>, gpus: readonly Gpu[], countOf: (gpu: Gpu) => number | undefined, firstSeenIsRise: boolean): Array<{ gpu: number; from: number; to: number }> {
   const rises: Array<{ gpu: number; from: number; to: number }> = [];
   for (const gpu of gpus) {
-    const count = gpu.eccErrorsUncorrected;
+    const count = countOf(gpu);
     if (count === undefined) continue;
-    const before = previous.get(gpu.index) ?? 0;
+    const before = previous.get(gpu.index) ?? (firstSeenIsRise ? 0 : count);
     if (count > before) rises.push({ gpu: gpu.index, from: before, to: count });
     previous.set(gpu.index, count);
   }

@@ -38,6 +38,10 @@ const gpuSchema = z.object({
   throttleReasons: int64.pipe(z.number().min(0).max(MAX_COUNTER)).optional(),
   eccErrorsUncorrected: int64.pipe(z.number().min(0, "is less than 0").max(MAX_ECC_ERRORS, "is more than 2^40")).optional(),
   eccErrorsCorrected: int64.pipe(z.number().min(0, "is less than 0").max(MAX_ECC_ERRORS, "is more than 2^40")).optional(),
+  // Xid lines in the kernel log buffer (a few MiB): a million is already not a log.
+  xidErrors: z.number().int("is not an integer").min(0, "is less than 0").max(1_000_000, "is more than 1000000").optional(),
+  // NVIDIA's Xid codes are below 200 today; the room is for new ones.
+  lastXid: z.number().int("is not an integer").min(0, "is less than 0").max(1_023, "is more than 1023").optional(),
 });
 
 const nodeSchema = z.object({

@@ -1,6 +1,7 @@
 import { spawn } from "node:child_process";
 import { TELEMETRY_MAX_GPUS, type IGpuTelemetry } from "@drover/proto";
 import type { Logger } from "../logger.js";
+import { XidReader } from "./xid-reader.js";
 
 /** The fields asked of nvidia-smi, in the order its CSV answers them. */
 export const GPU_QUERY_FIELDS = [
@@ -176,8 +177,12 @@ export class GpuSampler {
   private absent = false;
   private inFlight = false;
   private readonly warned = new Set<GpuQueryResult["kind"]>();
+  private readonly xid: XidReader | undefined;
 
-  constructor(private readonly options: { logger: Logger; command?: string; timeoutMs?: number }) {}
+  /** `xid: false` leaves the kernel log alone; by default it is read with `dmesg` (see XidReader). */
+  constructor(private readonly options: { logger: Logger; command?: string; timeoutMs?: number; xid?: XidReader | false }) {
+    this.xid = options.xid === false ? undefined : options.xid ?? new XidReader({ logger: options.logger, nvidiaSmiCommand: options.command, timeoutMs: options.timeoutMs });
+  }
 
   async sample(signal?: AbortSignal): Promise<IGpuTelemetry[]> {
     // One query at a time: a hanging nvidia-smi is killed on its timeout, never piled up.
@@ -187,9 +192,16 @@ export class GpuSampler {
       const result = await queryNvidiaSmi({ command: this.options.command, timeoutMs: this.options.timeoutMs, signal });
       if (signal?.aborted) return [];
       switch (result.kind) {
-        case "ok":
+        case "ok": {
           this.warned.clear();
-          return result.gpus;
+          // Only a node with GPUs has Xid errors to look for.
+          const xids = result.gpus.length > 0 ? await this.xid?.read(signal) : undefined;
+          if (!xids) return result.gpus;
+          return result.gpus.map((gpu) => {
+            const counts = xids.get(Number(gpu.index));
+            return counts ? { ...gpu, xidErrors: counts.count, lastXid: counts.lastCode } : { ...gpu, xidErrors: 0 };
+          });
+        }
         case "absent":
           this.absent = true;
           this.options.logger.info("no nvidia-smi on this node; telemetry has no GPU readings");
