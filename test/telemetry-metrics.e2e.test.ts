@@ -90,6 +90,9 @@ describe("telemetry and /metrics, end to end", { timeout: 90_000 }, () => {
       expect(valueOf(families, "drover_gpu_power_limit_watts", gpu(1))).toBe(700);
       expect(valueOf(families, "drover_gpu_sm_clock_hertz", gpu(1))).toBe(1755e6);
       expect(valueOf(families, "drover_gpu_throttle_reasons", gpu(1))).toBe(4);
+      // The ECC counters cross the wire as uint64 and are mirrored as Prometheus counters.
+      expect(valueOf(families, "drover_gpu_ecc_errors_uncorrected_total", gpu(0))).toBe(0);
+      expect(valueOf(families, "drover_gpu_ecc_errors_corrected_total", gpu(1))).toBe(2);
       expect(valueOf(families, "drover_gpu_info", { ...gpu(1), uuid: "GPU-a81c2e9d-5b37-4f06-c2d8-1e6f9a0b3c47" })).toBe(1);
       expect(valueOf(families, "drover_node_up", { node, group: "local" })).toBe(1);
       const cpu = valueOf(families, "drover_node_cpu_utilization_ratio", { node, group: "local" })!;

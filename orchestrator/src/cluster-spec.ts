@@ -40,6 +40,13 @@ const alertsSchema = z.object({
   stragglerRatio: z.number().gt(0, "must be above 0").lt(1, "must be below 1").default(0.5),
   /** Minutes of escrow left below which a lease is reported (Akash; the keeper tops up earlier when the wallet can pay). */
   escrowMinutes: z.number().gt(0, "must be above 0").max(10_080, "must be at most 10080 (a week)").default(60),
+  /**
+   * Treat a node as lost (replaced like one whose heartbeat stopped, its job restarting
+   * from the last checkpoint) once the uncorrected ECC counts of its GPUs rose
+   * gpuErrorsToReplace times. Off by default: the alert alone is raised.
+   */
+  replaceNodeOnGpuErrors: z.boolean().default(false),
+  gpuErrorsToReplace: z.number().int().min(1, "must be at least 1").max(1_000, "must be at most 1000").default(3),
 }).strict().prefault({});
 
 const headSchema = z.object({

@@ -212,7 +212,7 @@ export interface HeadRecord {
   /** The provisioner backend (`drover down` reaps with it, without reading the spec again). */
   provisioner?: string;
   /** The spec's `head.alerts` thresholds (telemetry-alerts.ts), for readers of the state directory. */
-  alerts?: { gpuTemperatureCelsius: number; silentIntervals: number; stragglerRatio: number; escrowMinutes?: number };
+  alerts?: { gpuTemperatureCelsius: number; silentIntervals: number; stragglerRatio: number; escrowMinutes?: number; replaceNodeOnGpuErrors?: boolean; gpuErrorsToReplace?: number };
   /** SHA-256 of the head's CA certificate, which workers pin; absent with `head.insecure`. */
   caFingerprint?: string;
   /** Why the head failed to start (state `failed`). */

@@ -215,6 +215,31 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
     return [...this.workers.values()];
   }
 
+  /**
+   * Declares a live worker lost although it still answers (its GPUs report memory
+   * errors): what a heartbeat loss does, so its jobs restart elsewhere from their
+   * checkpoint and the repair loop replaces the node. Its session credential is
+   * revoked too: a node condemned for its hardware must not rejoin and be given a job
+   * again before it is terminated. False when there is no such worker or it is lost already.
+   */
+  declareLost(workerId: string, reason: string): boolean {
+    const worker = this.workers.get(workerId);
+    if (!worker || worker.connection === "lost") return false;
+    worker.sessionExpiresAtMs = 0;
+    this.previousSessions.delete(workerId);
+    this.markLost(worker, reason);
+    return true;
+  }
+
+  private markLost(worker: RegisteredWorker, reason: string): void {
+    worker.connection = "lost";
+    this.channels.get(worker.workerId)?.close();
+    this.channels.delete(worker.workerId);
+    this.options.logger.warn("worker lost", { workerId: worker.workerId, node: worker.nodeName, reason });
+    this.emit("lost", worker, reason);
+    this.emit("changed");
+  }
+
   private checkHeartbeats(): void {
     const now = this.clock.now();
     for (const worker of this.workers.values()) {
@@ -228,15 +253,7 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
         this.emit("changed");
         continue;
       }
-      if (silentMs > this.options.heartbeatTimeoutMs) {
-        worker.connection = "lost";
-        this.channels.get(worker.workerId)?.close();
-        this.channels.delete(worker.workerId);
-        const reason = `no heartbeat for ${Math.round(silentMs / 1000)}s`;
-        this.options.logger.warn("worker lost", { workerId: worker.workerId, node: worker.nodeName, reason });
-        this.emit("lost", worker, reason);
-        this.emit("changed");
-      }
+      if (silentMs > this.options.heartbeatTimeoutMs) this.markLost(worker, `no heartbeat for ${Math.round(silentMs / 1000)}s`);
     }
   }
 }

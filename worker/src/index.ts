@@ -9,6 +9,7 @@ export { allReduceAcrossGroups, ExchangeBuffers, type AllReduceOptions, type All
 export { BridgeEndpoint, JobBridge, type BridgePeer, type JobBridgeOptions } from "./bridge/job-bridge.js";
 export { CODECS, decodeFrame, encodeFrame, encodeTensor, TensorAssembler, type Codec, type Frame, type FrameHeader } from "./bridge/tensor-frame.js";
 export { GpuSampler, parseGpuTelemetryCsv, queryNvidiaSmi, GPU_QUERY_ARGS, GPU_QUERY_FIELDS, type GpuQueryResult } from "./telemetry/gpu-sampler.js";
+export { XidReader, parseXidLines, parseBusIds, type XidCounts } from "./telemetry/xid-reader.js";
 export { NodeSampler, parseMeminfo, parseNetDev, parseProcStat, cpuUtilization } from "./telemetry/node-sampler.js";
 export { TelemetryReporter, parseTelemetryInterval, DEFAULT_TELEMETRY_INTERVAL_MS, type TelemetryReporterState } from "./telemetry/telemetry-reporter.js";
 export { fetchPinnedHeadCa, headChannel, headTrustFrom, type HeadTrust } from "./head-trust.js";

@@ -17,7 +17,7 @@ function recordingLogger(lines: string[]): Logger {
 }
 
 const MiB = 2 ** 20;
-const gpuReading = { index: 0, uuid: "GPU-3f4e8a52", utilizationRatio: 0.97, memoryUsedBytes: 71234 * MiB, memoryTotalBytes: 81559 * MiB, temperatureCelsius: 64, powerDrawWatts: 512.5, powerLimitWatts: 700, smClockHz: 1.98e9, throttleReasons: 4 };
+const gpuReading = { index: 0, uuid: "GPU-3f4e8a52", utilizationRatio: 0.97, memoryUsedBytes: 71234 * MiB, memoryTotalBytes: 81559 * MiB, temperatureCelsius: 64, powerDrawWatts: 512.5, powerLimitWatts: 700, smClockHz: 1.98e9, throttleReasons: 4, eccErrorsUncorrected: 0, eccErrorsCorrected: 7 };
 
 describe("HeadTelemetry", () => {
   let dir: string;
@@ -95,6 +95,69 @@ describe("HeadTelemetry", () => {
     expect(await TelemetryStore.loadSnapshot(join(dir, "absent.json"))).toBeUndefined();
   });
 
+  it("declares a node lost once its GPUs' uncorrected ECC count rose gpuErrorsToReplace times, with replaceNodeOnGpuErrors", async () => {
+    const lines: string[] = [];
+    const lost: string[] = [];
+    registry.on("lost", (worker, reason) => lost.push(`${worker.nodeName}: ${reason}`));
+    telemetry = HeadTelemetry.create({ metricsHost: "127.0.0.1", metricsPort: 0, retentionMs: 3_600_000, stateDir: new StateDirectory(dir), workers: registry, jobs, logger: recordingLogger(lines), now: () => now,
+      alerts: { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5, escrowMinutes: 60, replaceNodeOnGpuErrors: true, gpuErrorsToReplace: 2 } });
+    await telemetry.start();
+    const workerId = register("h100-0", "h100");
+    const sample = (uncorrected: number[]) => {
+      now += 5_000;
+      telemetry!.onTelemetry(workerId, { sentTimeMs: now, intervalMs: 5_000, samples: [{ timeMs: now - 1_000, gpus: uncorrected.map((count, index) => ({ ...gpuReading, index, eccErrorsUncorrected: count, eccErrorsCorrected: 7 })) }] });
+    };
+    sample([0, 0]);
+    sample([0, 1]);
+    expect(telemetry.checkAlerts().map((alert) => alert.key)).toEqual(["gpu-ecc:h100-0:1"]);
+    expect(lines.filter((line) => line.includes("ECC errors rose"))).toEqual(['warn GPU uncorrected ECC errors rose {"node":"h100-0","gpu":1,"from":0,"to":1,"rises":1,"replaceAfter":2}']);
+    // The same count again is no rise.
+    sample([0, 1]);
+    expect(lost).toEqual([]);
+    expect(registry.get(workerId)!.connection).toBe("connected");
+    // A second rise, on another GPU: the node is lost, and cannot come back with its old session.
+    sample([4, 1]);
+    expect(lost).toEqual(["h100-0: its GPUs' uncorrected ECC or Xid errors rose 2 times (head.alerts.gpuErrorsToReplace 2)"]);
+    expect(registry.get(workerId)!.connection).toBe("lost");
+    expect(registry.reauthenticate("h100-0", registry.get(workerId)!.sessionToken)).toMatchObject({ ok: false });
+    expect(lines.filter((line) => line.startsWith("error node declared lost"))).toHaveLength(1);
+  });
+
+  it("counts rises of a GPU's Xid errors after the first sample toward replacing the node too", async () => {
+    const lost: string[] = [];
+    registry.on("lost", (worker) => lost.push(worker.nodeName));
+    telemetry = HeadTelemetry.create({ metricsHost: "127.0.0.1", metricsPort: 0, retentionMs: 3_600_000, stateDir: new StateDirectory(dir), workers: registry, jobs, logger: silentLogger, now: () => now,
+      alerts: { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5, escrowMinutes: 60, replaceNodeOnGpuErrors: true, gpuErrorsToReplace: 2 } });
+    await telemetry.start();
+    const workerId = register("h100-0", "h100");
+    const sample = (xidErrors: number) => {
+      now += 5_000;
+      telemetry!.onTelemetry(workerId, { sentTimeMs: now, intervalMs: 5_000, samples: [{ timeMs: now - 1_000, gpus: [{ ...gpuReading, xidErrors, lastXid: 79 }] }] });
+    };
+    // Xids already in the log when the agent first looked are the base, not rises.
+    sample(4);
+    expect(telemetry.checkAlerts().map((alert) => alert.key)).toEqual(["gpu-xid:h100-0:0"]);
+    sample(5);
+    expect(lost).toEqual([]);
+    sample(7);
+    expect(lost).toEqual(["h100-0"]);
+  });
+
+  it("only alerts on GPU errors when replaceNodeOnGpuErrors is off (the default)", async () => {
+    const lost: string[] = [];
+    registry.on("lost", (worker) => lost.push(worker.nodeName));
+    create();
+    await telemetry!.start();
+    const workerId = register("h100-0", "h100");
+    for (const count of [1, 2, 3, 4, 5]) {
+      now += 5_000;
+      telemetry!.onTelemetry(workerId, { sentTimeMs: now, intervalMs: 5_000, samples: [{ timeMs: now - 1_000, gpus: [{ ...gpuReading, eccErrorsUncorrected: count }] }] });
+    }
+    expect(telemetry!.checkAlerts().map((alert) => alert.kind)).toEqual(["gpu-ecc"]);
+    expect(lost).toEqual([]);
+    expect(registry.get(workerId)!.connection).toBe("connected");
+  });
+
   it("raises a lease's escrow running out from the cost tracker's report, logged once, and clears it after a top-up", async () => {
     const lines: string[] = [];
     create(recordingLogger(lines));
@@ -138,6 +201,9 @@ describe("HeadTelemetry", () => {
     expect(text).toContain('drover_gpu_power_watts{node="h100-0",group="h100",gpu="0"} 512.5');
     expect(text).toContain('drover_gpu_sm_clock_hertz{node="h100-0",group="h100",gpu="0"} 1980000000');
     expect(text).toContain('drover_gpu_info{node="h100-0",group="h100",gpu="0",uuid="GPU-3f4e8a52"} 1');
+    expect(text).toContain("# TYPE drover_gpu_ecc_errors_uncorrected_total counter");
+    expect(text).toContain('drover_gpu_ecc_errors_uncorrected_total{node="h100-0",group="h100",gpu="0"} 0');
+    expect(text).toContain('drover_gpu_ecc_errors_corrected_total{node="h100-0",group="h100",gpu="0"} 7');
     expect(text).toContain('drover_node_cpu_utilization_ratio{node="h100-0",group="h100"} 0.25');
     expect(text).toContain(`drover_node_shm_used_bytes{node="h100-0",group="h100"} ${3 * 2 ** 30}`);
     expect(text).toContain("# TYPE drover_node_network_receive_bytes_total counter");

@@ -8,7 +8,7 @@ import type { StateDirectory } from "../state-store.js";
 import type { WorkerRegistry } from "../worker-registry.js";
 import { MetricsServer, type MountedHandler } from "./metrics-server.js";
 import { HeadMetrics } from "./prometheus-metrics.js";
-import { alertTransitions, DEFAULT_ALERT_THRESHOLDS, evaluateAlerts, latestByNode, type Alert, type AlertThresholds } from "./telemetry-alerts.js";
+import { alertTransitions, DEFAULT_ALERT_THRESHOLDS, evaluateAlerts, errorCountRises, latestByNode, type Alert, type AlertThresholds } from "./telemetry-alerts.js";
 import { checkTelemetry } from "./telemetry-report.js";
 import { TelemetryStore } from "./telemetry-store.js";
 
@@ -61,6 +61,8 @@ export class HeadTelemetry {
   get alerts(): Alert[] {
     return [...this.activeAlerts.values()];
   }
+  /** Per node: each GPU's last uncorrected ECC and Xid counts, and how often they rose since the node joined. */
+  private readonly gpuErrorsByNode = new Map<string, { ecc: Map<number, number>; xid: Map<number, number>; rises: number }>();
   private saving: Promise<void> | undefined;
   private changedSinceSave = false;
   private readonly refusals = new Map<string, { lastLoggedMs: number; since: number }>();
@@ -143,6 +145,38 @@ export class HeadTelemetry {
     }
     this.store.record(worker.nodeName, worker.group, checked.value);
     this.changedSinceSave = true;
+    this.watchGpuErrors(workerId, worker.nodeName, checked.value.samples);
+  }
+
+  /**
+   * Logs every rise of a GPU's uncorrected ECC or Xid count and, with
+   * `head.alerts.replaceNodeOnGpuErrors`, declares the node lost once its counts rose
+   * `gpuErrorsToReplace` times: a GPU whose memory fails or that falls off the bus
+   * crashes the job again and again, and restarting from a checkpoint on a new node is cheaper.
+   */
+  private watchGpuErrors(workerId: string, node: string, samples: ReadonlyArray<{ gpus: ReadonlyArray<{ index: number; eccErrorsUncorrected?: number; xidErrors?: number }> }>): void {
+    const thresholds = this.options.alerts ?? DEFAULT_ALERT_THRESHOLDS;
+    let seen = this.gpuErrorsByNode.get(node);
+    for (const sample of samples) {
+      if (!sample.gpus.some((gpu) => gpu.eccErrorsUncorrected !== undefined || gpu.xidErrors !== undefined)) continue;
+      if (!seen) {
+        seen = { ecc: new Map(), xid: new Map(), rises: 0 };
+        this.gpuErrorsByNode.set(node, seen);
+      }
+      const rises = [
+        ...errorCountRises(seen.ecc, sample.gpus, (gpu) => gpu.eccErrorsUncorrected, true).map((rise) => ({ ...rise, what: "uncorrected ECC errors" })),
+        ...errorCountRises(seen.xid, sample.gpus, (gpu) => gpu.xidErrors, false).map((rise) => ({ ...rise, what: "Xid errors" })),
+      ];
+      for (const rise of rises) {
+        seen.rises += 1;
+        this.options.logger.warn(`GPU ${rise.what} rose`, { node, gpu: rise.gpu, from: rise.from, to: rise.to, rises: seen.rises, ...(thresholds.replaceNodeOnGpuErrors ? { replaceAfter: thresholds.gpuErrorsToReplace } : {}) });
+      }
+    }
+    if (!seen || !thresholds.replaceNodeOnGpuErrors || seen.rises < thresholds.gpuErrorsToReplace) return;
+    const reason = `its GPUs' uncorrected ECC or Xid errors rose ${seen.rises} times (head.alerts.gpuErrorsToReplace ${thresholds.gpuErrorsToReplace})`;
+    // A replacement of the same name starts counting afresh.
+    this.gpuErrorsByNode.delete(node);
+    if (this.options.workers.declareLost(workerId, reason)) this.options.logger.error("node declared lost for its GPU errors; it is replaced and its job restarts from its checkpoint", { node, reason });
   }
 
   private refused(node: string, error: string): void {

@@ -3,8 +3,13 @@ import type { CostReport } from "../cost/run-cost.js";
 import type { WorkerRegistry } from "../worker-registry.js";
 import type { GpuMetric, NodeMetric, SeriesInfo, TelemetryStore } from "./telemetry-store.js";
 
+/** The driver's counters since it loaded (mirrored as counters: a driver reload starts them at 0 again, which Prometheus reads as a reset). */
+const ECC_EXPORTS = {
+  eccErrorsUncorrected: { name: "drover_gpu_ecc_errors_uncorrected_total", help: "Uncorrected (double-bit) ECC errors since the driver loaded (nvidia-smi ecc.errors.uncorrected.volatile.total); absent on GPUs without ECC." },
+  eccErrorsCorrected: { name: "drover_gpu_ecc_errors_corrected_total", help: "Corrected (single-bit) ECC errors since the driver loaded (nvidia-smi ecc.errors.corrected.volatile.total); absent on GPUs without ECC." },
+} as const;
 /** What /metrics says about each telemetry series, by Prometheus naming (base units, `_total` counters). */
-const GPU_EXPORTS: Record<GpuMetric, { name: string; help: string }> = {
+const GPU_EXPORTS: Record<Exclude<GpuMetric, keyof typeof ECC_EXPORTS>, { name: string; help: string }> = {
   utilizationRatio: { name: "drover_gpu_utilization_ratio", help: "Share of time the GPU was busy (nvidia-smi utilization.gpu / 100)." },
   memoryUsedBytes: { name: "drover_gpu_memory_used_bytes", help: "GPU memory in use." },
   memoryTotalBytes: { name: "drover_gpu_memory_total_bytes", help: "GPU memory in all." },
@@ -13,6 +18,9 @@ const GPU_EXPORTS: Record<GpuMetric, { name: string; help: string }> = {
   powerLimitWatts: { name: "drover_gpu_power_limit_watts", help: "GPU power limit." },
   smClockHz: { name: "drover_gpu_sm_clock_hertz", help: "GPU SM clock." },
   throttleReasons: { name: "drover_gpu_throttle_reasons", help: "NVML clocks throttle reasons bitmask (0 = not throttled; 4 = software power cap, 32/64 = thermal)." },
+  // A gauge: the kernel log buffer rotates, so the count can fall.
+  xidErrors: { name: "drover_gpu_xid_errors", help: "NVIDIA Xid error lines of the GPU in the node's kernel log buffer; absent where the agent may not read the kernel log." },
+  lastXid: { name: "drover_gpu_last_xid", help: "Code of the GPU's newest Xid error in the kernel log (79 = fallen off the bus, 48 = double-bit ECC, ...)." },
 };
 const NODE_EXPORTS: Record<Exclude<NodeMetric, "networkReceiveBytes" | "networkTransmitBytes">, { name: string; help: string }> = {
   cpuUtilizationRatio: { name: "drover_node_cpu_utilization_ratio", help: "Share of CPU time the node spent busy since its previous sample." },
@@ -90,6 +98,17 @@ export class HeadMetrics {
           this.reset();
           for (const point of latest()) {
             if (point.scope === "node" && point.metric === metric) this.set({ node: point.node, group: point.group }, point.value);
+          }
+        },
+      });
+    }
+    for (const [metric, { name, help }] of Object.entries(ECC_EXPORTS)) {
+      new Counter({
+        name, help, labelNames: ["node", "group", "gpu"], registers,
+        collect() {
+          this.reset();
+          for (const point of latest()) {
+            if (point.scope === "gpu" && point.metric === metric) this.inc({ node: point.node, group: point.group, gpu: String(point.gpu) }, point.value);
           }
         },
       });

@@ -1,12 +1,12 @@
 import { describe, expect, it } from "vitest";
 import { parseClusterSpecYaml } from "../cluster-spec.js";
-import { alertTransitions, DEFAULT_ALERT_THRESHOLDS, evaluateAlerts, latestByNode, slowdownReasons, type Alert, type JobMetricsView, type NodeTelemetry } from "./telemetry-alerts.js";
+import { alertTransitions, DEFAULT_ALERT_THRESHOLDS, evaluateAlerts, latestByNode, errorCountRises, slowdownReasons, type Alert, type JobMetricsView, type NodeTelemetry } from "./telemetry-alerts.js";
 import { TelemetryStore } from "./telemetry-store.js";
 
 const NOW = 1_700_000_000_000;
 const INTERVAL = 5_000;
 
-function node(name: string, gpus: Array<{ temperatureCelsius?: number; throttleReasons?: number }>, sampleTimeMs = NOW): NodeTelemetry {
+function node(name: string, gpus: Array<{ temperatureCelsius?: number; throttleReasons?: number; eccErrorsUncorrected?: number; eccErrorsCorrected?: number; xidErrors?: number; lastXid?: number }>, sampleTimeMs = NOW): NodeTelemetry {
   return { node: name, group: "alpha", intervalMs: INTERVAL, sampleTimeMs, readings: { cpuUtilizationRatio: 0.5 }, gpus: gpus.map((readings, index) => ({ index, readings })) };
 }
 
@@ -79,6 +79,44 @@ describe("alert rules", () => {
     expect(keys(throttled)).toEqual(["gpu-throttle:a0:1"]);
     expect(throttled[0]!.message).toBe("a0 GPU 1 throttled: software thermal slowdown (clocks_throttle_reasons 0x24)");
     expect(evaluate([node("a0", [{ throttleReasons: 0x4 }, { throttleReasons: 0 }])])).toEqual([]);
+  });
+
+  it("raises a GPU with uncorrected ECC errors since its driver loaded, not corrected ones or a GPU without ECC", () => {
+    const failing = evaluate([node("a0", [{ eccErrorsUncorrected: 0, eccErrorsCorrected: 12 }, { eccErrorsUncorrected: 3, eccErrorsCorrected: 41 }, {}])]);
+    expect(failing).toEqual([{ key: "gpu-ecc:a0:1", kind: "gpu-ecc", node: "a0", message: "a0 GPU 1 has 3 uncorrected ECC errors since its driver loaded: its memory is failing" }]);
+    expect(evaluate([node("a0", [{ eccErrorsUncorrected: 0, eccErrorsCorrected: 500 }])])).toEqual([]);
+    // The key holds while the count grows: raised once, not at every new error.
+    const more = evaluate([node("a0", [{ eccErrorsUncorrected: 0 }, { eccErrorsUncorrected: 5 }])]);
+    expect(alertTransitions(new Map(failing.map((alert) => [alert.key, alert])), more)).toEqual({ raised: [], cleared: [] });
+  });
+
+  it("counts rises of a GPU's error count, taking a fall (driver reload, rotated log) as the new base", () => {
+    const previous = new Map<number, number>();
+    const uncorrectedEccRises = (gpus: Array<{ index: number; eccErrorsUncorrected?: number }>) => errorCountRises(previous, gpus, (gpu) => gpu.eccErrorsUncorrected, true);
+    expect(uncorrectedEccRises([{ index: 0, eccErrorsUncorrected: 0 }, { index: 1 }])).toEqual([]);
+    expect(uncorrectedEccRises([{ index: 0, eccErrorsUncorrected: 2 }])).toEqual([{ gpu: 0, from: 0, to: 2 }]);
+    expect(uncorrectedEccRises([{ index: 0, eccErrorsUncorrected: 2 }])).toEqual([]);
+    expect(uncorrectedEccRises([{ index: 0, eccErrorsUncorrected: 1 }])).toEqual([]);
+    expect(uncorrectedEccRises([{ index: 0, eccErrorsUncorrected: 2 }, { index: 3, eccErrorsUncorrected: 7 }])).toEqual([{ gpu: 0, from: 1, to: 2 }, { gpu: 3, from: 0, to: 7 }]);
+  });
+
+  it("takes the first Xid count seen as the base: the kernel log holds Xids from before the agent", () => {
+    const previous = new Map<number, number>();
+    const xidRises = (xidErrors: number) => errorCountRises(previous, [{ index: 0, xidErrors }], (gpu) => gpu.xidErrors, false);
+    expect(xidRises(5)).toEqual([]);
+    expect(xidRises(6)).toEqual([{ gpu: 0, from: 5, to: 6 }]);
+  });
+
+  it("raises a GPU with Xid errors in the kernel log, naming the newest code", () => {
+    const xid = evaluate([node("a0", [{ xidErrors: 0 }, { xidErrors: 2, lastXid: 79 }, {}])]);
+    expect(xid).toEqual([{ key: "gpu-xid:a0:1", kind: "gpu-xid", node: "a0", message: "a0 GPU 1 has 2 Xid errors in the kernel log (newest: Xid 79)" }]);
+    expect(evaluate([node("a0", [{ xidErrors: 0 }])])).toEqual([]);
+  });
+
+  it("reads head.alerts.replaceNodeOnGpuErrors and gpuErrorsToReplace, off and 3 by default", () => {
+    expect(parseClusterSpecYaml("head: {}\n", "/tmp/alerts.yaml").head.alerts).toMatchObject({ replaceNodeOnGpuErrors: false, gpuErrorsToReplace: 3 });
+    expect(parseClusterSpecYaml("head:\n  alerts:\n    replaceNodeOnGpuErrors: true\n    gpuErrorsToReplace: 1\n", "/tmp/alerts.yaml").head.alerts).toMatchObject({ replaceNodeOnGpuErrors: true, gpuErrorsToReplace: 1 });
+    expect(() => parseClusterSpecYaml("head:\n  alerts:\n    gpuErrorsToReplace: 0\n", "/tmp/alerts.yaml")).toThrow(/gpuErrorsToReplace/);
   });
 
   it("raises a node silent for more than 3 intervals, clears it when it reports, and ignores its old readings", () => {

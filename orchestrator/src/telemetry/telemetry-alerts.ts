@@ -15,9 +15,13 @@ export interface AlertThresholds {
   stragglerRatio: number;
   /** A lease whose deployment's escrow runs out within this many minutes is reported. */
   escrowMinutes: number;
+  /** Whether the head treats a node as lost once its GPUs' error counts rose gpuErrorsToReplace times. */
+  replaceNodeOnGpuErrors: boolean;
+  /** Rises of a node's uncorrected ECC or Xid counts (any of its GPUs) that condemn it, with replaceNodeOnGpuErrors. */
+  gpuErrorsToReplace: number;
 }
 
-export const DEFAULT_ALERT_THRESHOLDS: Readonly<AlertThresholds> = { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5, escrowMinutes: 60 };
+export const DEFAULT_ALERT_THRESHOLDS: Readonly<AlertThresholds> = { gpuTemperatureCelsius: 85, silentIntervals: 3, stragglerRatio: 0.5, escrowMinutes: 60, replaceNodeOnGpuErrors: false, gpuErrorsToReplace: 3 };
 
 /**
  * The bits of nvidia-smi's `clocks_throttle_reasons.active` (NVML's
@@ -95,7 +99,7 @@ export interface JobMetricsView {
   assignments: ReadonlyArray<{ nodeName: string; group: string; globalRankOffset: number; localWorldSize: number }>;
 }
 
-export type AlertKind = "gpu-temperature" | "gpu-throttle" | "node-silent" | "straggler" | "escrow-low";
+export type AlertKind = "gpu-temperature" | "gpu-throttle" | "gpu-ecc" | "gpu-xid" | "node-silent" | "straggler" | "escrow-low";
 
 export interface Alert {
   /** Stable while the condition holds (the head logs a raise and a clear per key). */
@@ -146,6 +150,21 @@ export function evaluateAlerts(input: { nodes: readonly NodeTelemetry[]; jobs: r
       const reasons = mask === undefined ? [] : slowdownReasons(mask);
       if (reasons.length > 0) {
         alerts.push({ key: `gpu-throttle:${node.node}:${gpu.index}`, kind: "gpu-throttle", node: node.node, message: `${node.node} GPU ${gpu.index} throttled: ${reasons.join(", ")} (clocks_throttle_reasons 0x${mask!.toString(16)})` });
+      }
+      // The volatile count starts at 0 when the driver loads: any uncorrected error since
+      // is a fault (the kernel that hit it likely crashed or computed garbage), and it
+      // holds until the driver reloads or the node is replaced. Corrected errors are
+      // expected in small numbers and are only exported.
+      const uncorrected = gpu.readings.eccErrorsUncorrected;
+      if (uncorrected !== undefined && uncorrected > 0) {
+        alerts.push({ key: `gpu-ecc:${node.node}:${gpu.index}`, kind: "gpu-ecc", node: node.node, message: `${node.node} GPU ${gpu.index} has ${uncorrected} uncorrected ECC error${uncorrected === 1 ? "" : "s"} since its driver loaded: its memory is failing` });
+      }
+      // Any Xid in the kernel log: some are the job's own fault (13, 31: a bad kernel or
+      // address), most are the GPU's or the driver's; either way the run should know.
+      const xids = gpu.readings.xidErrors;
+      if (xids !== undefined && xids > 0) {
+        const last = gpu.readings.lastXid;
+        alerts.push({ key: `gpu-xid:${node.node}:${gpu.index}`, kind: "gpu-xid", node: node.node, message: `${node.node} GPU ${gpu.index} has ${xids} Xid error${xids === 1 ? "" : "s"} in the kernel log${last === undefined ? "" : ` (newest: Xid ${last})`}` });
       }
     }
   }
@@ -200,6 +219,26 @@ function escrowAlerts(cost: Pick<CostReport, "computedAtMs" | "leases"> | undefi
     });
   }
   return alerts;
+}
+
+/**
+ * How many times a sample raised one of a GPU's error counts (`countOf`: uncorrected ECC
+ * errors, Xid lines) over the one before it (`previous`, by GPU index; updated in place).
+ * With `firstSeenIsRise`, a GPU first seen with errors counts as one rise (the ECC count
+ * was 0 when the driver loaded); without, the first count is only the base (the kernel
+ * log holds Xids from before the agent, even from an earlier tenant's job). A count that
+ * fell (driver reload, kernel log rotated) is taken as the new base, not as a rise.
+ */
+export function errorCountRises<Gpu extends { index: number }>(previous: Map<number, number>, gpus: readonly Gpu[], countOf: (gpu: Gpu) => number | undefined, firstSeenIsRise: boolean): Array<{ gpu: number; from: number; to: number }> {
+  const rises: Array<{ gpu: number; from: number; to: number }> = [];
+  for (const gpu of gpus) {
+    const count = countOf(gpu);
+    if (count === undefined) continue;
+    const before = previous.get(gpu.index) ?? (firstSeenIsRise ? 0 : count);
+    if (count > before) rises.push({ gpu: gpu.index, from: before, to: count });
+    previous.set(gpu.index, count);
+  }
+  return rises;
 }
 
 /** What changed between two evaluations: alerts that now hold and did not, and ones that no longer hold. */

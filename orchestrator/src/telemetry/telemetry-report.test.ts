@@ -4,7 +4,7 @@ import { checkTelemetry } from "./telemetry-report.js";
 
 const MiB = 2 ** 20;
 const gpu = { index: 0, uuid: "GPU-3f4e8a52-91c7-6d1b-0e2a-7b9c4d5e6f10", utilizationRatio: 0.97, memoryUsedBytes: 71234 * MiB, memoryTotalBytes: 81559 * MiB,
-  temperatureCelsius: 64, powerDrawWatts: 512.37, powerLimitWatts: 700, smClockHz: 1.98e9, throttleReasons: 4 };
+  temperatureCelsius: 64, powerDrawWatts: 512.37, powerLimitWatts: 700, smClockHz: 1.98e9, throttleReasons: 4, eccErrorsUncorrected: 2, eccErrorsCorrected: 41, xidErrors: 2, lastXid: 79 };
 const node = { cpuUtilizationRatio: 0.42, memoryUsedBytes: 100 * 2 ** 30, memoryTotalBytes: 512 * 2 ** 30, shmUsedBytes: 2 ** 30, shmTotalBytes: 64 * 2 ** 30,
   diskFreeBytes: 2 ** 40, diskTotalBytes: 2 ** 41, networkReceiveBytes: 123_456_789, networkTransmitBytes: 987_654_321 };
 const good: ITelemetry = { sentTimeMs: 5_000_000, intervalMs: 5_000, samples: [{ timeMs: 4_995_000, node, gpus: [gpu, { ...gpu, index: 1, uuid: "GPU-1" }] }, { timeMs: 5_000_000, node, gpus: [] }] };
@@ -47,6 +47,10 @@ describe("Telemetry batches are believed only within bounds", () => {
     expect(refuse({ temperatureCelsius: 1e300 })).toBe("samples[0].gpus[0].temperature_celsius: is more than 200 °C");
     expect(refuse({ powerDrawWatts: Number.NaN })).toBe("samples[0].gpus[0].power_draw_watts: is not a finite number");
     expect(refuse({ utilizationRatio: 97 })).toBe("samples[0].gpus[0].utilization_ratio: is more than 1");
+    expect(refuse({ eccErrorsUncorrected: 2 ** 50 })).toBe("samples[0].gpus[0].ecc_errors_uncorrected: is more than 2^40");
+    expect(refuse({ eccErrorsCorrected: 1.5 })).toBe("samples[0].gpus[0].ecc_errors_corrected: is not an integer");
+    expect(refuse({ xidErrors: 2_000_000 })).toBe("samples[0].gpus[0].xid_errors: is more than 1000000");
+    expect(refuse({ lastXid: 4096 })).toBe("samples[0].gpus[0].last_xid: is more than 1023");
     expect(refuse({ memoryUsedBytes: -1 })).toBe("samples[0].gpus[0].memory_used_bytes: is less than 0");
     expect(refuse({ uuid: "GPU-1; rm -rf /" })).toBe("samples[0].gpus[0].uuid: has characters that are not allowed");
     expect(refuse({ uuid: "G".repeat(100_000) })).toBe("samples[0].gpus[0].uuid: is longer than 128 characters");

@@ -11,6 +11,8 @@ const TiB = 2 ** 40;
 /** Largest memory, shm or GPU memory a node may report (as at Register). */
 const MAX_MEMORY_BYTES = 64 * TiB;
 const MAX_COUNTER = 2 ** 53 - 1;
+/** ECC errors since the driver loaded: a dying GPU counts millions of corrected ones, never 2^40. */
+const MAX_ECC_ERRORS = 2 ** 40;
 /** A sample older than this at sending is refused: the agent keeps minutes, not days. */
 const MAX_SAMPLE_AGE_MS = 7 * 24 * 3_600_000;
 /** Clocks step back a little (NTP); further than this, the sample times are not believed. */
@@ -34,6 +36,12 @@ const gpuSchema = z.object({
   powerLimitWatts: bounded(0, 10_000, "10 kW"),
   smClockHz: bounded(0, 10e9, "10 GHz"),
   throttleReasons: int64.pipe(z.number().min(0).max(MAX_COUNTER)).optional(),
+  eccErrorsUncorrected: int64.pipe(z.number().min(0, "is less than 0").max(MAX_ECC_ERRORS, "is more than 2^40")).optional(),
+  eccErrorsCorrected: int64.pipe(z.number().min(0, "is less than 0").max(MAX_ECC_ERRORS, "is more than 2^40")).optional(),
+  // Xid lines in the kernel log buffer (a few MiB): a million is already not a log.
+  xidErrors: z.number().int("is not an integer").min(0, "is less than 0").max(1_000_000, "is more than 1000000").optional(),
+  // NVIDIA's Xid codes are below 200 today; the room is for new ones.
+  lastXid: z.number().int("is not an integer").min(0, "is less than 0").max(1_023, "is more than 1023").optional(),
 });
 
 const nodeSchema = z.object({

@@ -7,6 +7,7 @@ import type { GpuReading, NodeReading, TelemetryBatch } from "./telemetry-report
 export const GPU_METRICS = [
   "utilizationRatio", "memoryUsedBytes", "memoryTotalBytes", "temperatureCelsius",
   "powerDrawWatts", "powerLimitWatts", "smClockHz", "throttleReasons",
+  "eccErrorsUncorrected", "eccErrorsCorrected", "xidErrors", "lastXid",
 ] as const satisfies ReadonlyArray<keyof GpuReading>;
 export const NODE_METRICS = [
   "cpuUtilizationRatio", "memoryUsedBytes", "memoryTotalBytes", "shmUsedBytes", "shmTotalBytes",

@@ -1,11 +1,16 @@
 import { spawn } from "node:child_process";
 import { TELEMETRY_MAX_GPUS, type IGpuTelemetry } from "@drover/proto";
 import type { Logger } from "../logger.js";
+import { XidReader } from "./xid-reader.js";
 
 /** The fields asked of nvidia-smi, in the order its CSV answers them. */
 export const GPU_QUERY_FIELDS = [
   "index", "uuid", "utilization.gpu", "memory.used", "memory.total", "temperature.gpu",
   "power.draw", "power.limit", "clocks.sm", "clocks_throttle_reasons.active",
+  // ECC errors since the driver loaded; "[N/A]" on GPUs without ECC (consumer cards).
+  // Row-remapping and retired-page fields are not asked: a field an older driver does
+  // not know fails the whole query, and these two exist in every driver Drover runs on.
+  "ecc.errors.uncorrected.volatile.total", "ecc.errors.corrected.volatile.total",
 ] as const;
 
 export const GPU_QUERY_ARGS = [`--query-gpu=${GPU_QUERY_FIELDS.join(",")}`, "--format=csv,noheader,nounits"];
@@ -48,7 +53,7 @@ export function parseGpuTelemetryCsv(text: string): { ok: true; gpus: IGpuTeleme
     if (gpus.length === TELEMETRY_MAX_GPUS) return { ok: false, error: `${where}: more than ${TELEMETRY_MAX_GPUS} GPUs` };
     const cells = line.split(",").map((cell) => cell.trim());
     if (cells.length !== GPU_QUERY_FIELDS.length) return { ok: false, error: `${where}: ${cells.length} field${cells.length === 1 ? "" : "s"}, expected ${GPU_QUERY_FIELDS.length}` };
-    const [index, uuid, utilization, memoryUsed, memoryTotal, temperature, powerDraw, powerLimit, smClock, throttle] = cells as [string, string, string, string, string, string, string, string, string, string];
+    const [index, uuid, utilization, memoryUsed, memoryTotal, temperature, powerDraw, powerLimit, smClock, throttle, eccUncorrected, eccCorrected] = cells as [string, string, string, string, string, string, string, string, string, string, string, string];
     if (!/^\d{1,3}$/.test(index) || Number(index) > 255) return { ok: false, error: `${where}: index ${JSON.stringify(index)} is not a GPU index` };
     if (seen.has(Number(index))) return { ok: false, error: `${where}: GPU index ${index} appears twice` };
     seen.add(Number(index));
@@ -72,10 +77,17 @@ export function parseGpuTelemetryCsv(text: string): { ok: true; gpus: IGpuTeleme
     let throttleReasons: number | undefined;
     if (/^0x[0-9A-Fa-f]{1,16}$/.test(throttle)) throttleReasons = Number(BigInt(throttle));
     else if (!UNAVAILABLE.test(throttle)) return { ok: false, error: `${where}: clocks_throttle_reasons.active ${JSON.stringify(throttle.slice(0, 40))} is not a bitmask` };
+    const counts: Array<number | undefined> = [];
+    for (const [field, cell] of [["ecc.errors.uncorrected.volatile.total", eccUncorrected], ["ecc.errors.corrected.volatile.total", eccCorrected]] as const) {
+      if (UNAVAILABLE.test(cell)) counts.push(undefined);
+      else if (/^\d{1,15}$/.test(cell)) counts.push(Number(cell));
+      else return { ok: false, error: `${where}: ${field} ${JSON.stringify(cell.slice(0, 40))} is not a count` };
+    }
     const [utilizationRatio, memoryUsedBytes, memoryTotalBytes, temperatureCelsius, powerDrawWatts, powerLimitWatts, smClockHz] = values;
+    const [eccErrorsUncorrected, eccErrorsCorrected] = counts;
     gpus.push(withoutUnset({
       index: Number(index), uuid, utilizationRatio, memoryUsedBytes, memoryTotalBytes, temperatureCelsius,
-      powerDrawWatts, powerLimitWatts, smClockHz, throttleReasons,
+      powerDrawWatts, powerLimitWatts, smClockHz, throttleReasons, eccErrorsUncorrected, eccErrorsCorrected,
     }));
   }
   return { ok: true, gpus };
@@ -85,21 +97,29 @@ function withoutUnset(gpu: Record<string, number | string | undefined>): IGpuTel
   return Object.fromEntries(Object.entries(gpu).filter(([, value]) => value !== undefined)) as IGpuTelemetry;
 }
 
+export type CommandResult =
+  | { kind: "ok"; stdout: string }
+  /** The command is not installed. */
+  | { kind: "absent" }
+  | { kind: "timeout"; timeoutMs: number }
+  | { kind: "malformed"; error: string }
+  | { kind: "failed"; error: string; exitCode?: number; said: string };
+
 /**
- * Runs nvidia-smi once. It is killed (its whole process group: a wrapper script's
- * children too) after `timeoutMs` or on abort, and the answer does not wait for its
- * pipes to close: a process stuck in the driver cannot be reaped at once, and the
- * sampling loop must go on without it.
+ * Runs a driver tool once (nvidia-smi, dmesg). It is killed (its whole process group: a
+ * wrapper script's children too) after `timeoutMs` or on abort, and the answer does not
+ * wait for its pipes to close: a process stuck in the driver cannot be reaped at once,
+ * and the sampling loop must go on without it.
  */
-export function queryNvidiaSmi(options: { command?: string; timeoutMs?: number; signal?: AbortSignal }): Promise<GpuQueryResult> {
-  const timeoutMs = options.timeoutMs ?? DEFAULT_GPU_QUERY_TIMEOUT_MS;
+export function runBoundedCommand(command: string, args: readonly string[], options: { timeoutMs: number; maxOutputBytes: number; signal?: AbortSignal }): Promise<CommandResult> {
+  const { timeoutMs } = options;
   return new Promise((resolve) => {
-    if (options.signal?.aborted) return resolve({ kind: "failed", error: "aborted" });
-    const child = spawn(options.command ?? "nvidia-smi", GPU_QUERY_ARGS, { stdio: ["ignore", "pipe", "pipe"], detached: true });
+    if (options.signal?.aborted) return resolve({ kind: "failed", error: "aborted", said: "" });
+    const child = spawn(command, args, { stdio: ["ignore", "pipe", "pipe"], detached: true });
     let stdout = "";
     let stderr = "";
     let settled = false;
-    const finish = (result: GpuQueryResult, kill: boolean) => {
+    const finish = (result: CommandResult, kill: boolean) => {
       if (settled) return;
       settled = true;
       clearTimeout(timer);
@@ -117,27 +137,34 @@ export function queryNvidiaSmi(options: { command?: string; timeoutMs?: number; 
       resolve(result);
     };
     const timer = setTimeout(() => finish({ kind: "timeout", timeoutMs }, true), timeoutMs);
-    const onAbort = () => finish({ kind: "failed", error: "aborted" }, true);
+    const onAbort = () => finish({ kind: "failed", error: "aborted", said: "" }, true);
     options.signal?.addEventListener("abort", onAbort, { once: true });
     child.stdout!.setEncoding("utf8").on("data", (chunk: string) => {
       stdout += chunk;
-      if (stdout.length > MAX_OUTPUT_BYTES) finish({ kind: "malformed", error: `nvidia-smi printed more than ${MAX_OUTPUT_BYTES / 1024} KiB` }, true);
+      if (stdout.length > options.maxOutputBytes) finish({ kind: "malformed", error: `${command} printed more than ${options.maxOutputBytes / 1024} KiB` }, true);
     });
     child.stderr!.setEncoding("utf8").on("data", (chunk: string) => {
       if (stderr.length < 4096) stderr += chunk;
     });
     child.on("error", (error: NodeJS.ErrnoException) => {
-      finish(error.code === "ENOENT" ? { kind: "absent" } : { kind: "failed", error: error.message }, false);
+      finish(error.code === "ENOENT" ? { kind: "absent" } : { kind: "failed", error: error.message, said: "" }, false);
     });
     child.on("close", (code, signal) => {
       const said = (stderr.trim() || stdout.trim()).split("\n")[0]?.slice(0, 200) ?? "";
-      // nvidia-smi exits 6 with "No devices were found" on a machine with a driver but no GPU.
-      if (code !== 0 && /no devices were found/i.test(said)) return finish({ kind: "absent" }, false);
-      if (code !== 0) return finish({ kind: "failed", error: `nvidia-smi exited with ${signal ? `signal ${signal}` : `code ${code}`}${said ? `: ${said}` : ""}` }, false);
-      const parsed = parseGpuTelemetryCsv(stdout);
-      finish(parsed.ok ? { kind: "ok", gpus: parsed.gpus } : { kind: "malformed", error: parsed.error }, false);
+      if (code !== 0) return finish({ kind: "failed", error: `${command} exited with ${signal ? `signal ${signal}` : `code ${code}`}${said ? `: ${said}` : ""}`, said, ...(code === null ? {} : { exitCode: code }) }, false);
+      finish({ kind: "ok", stdout }, false);
     });
   });
+}
+
+/** Runs nvidia-smi once with GPU_QUERY_ARGS (killed after `timeoutMs`, see runBoundedCommand). */
+export async function queryNvidiaSmi(options: { command?: string; timeoutMs?: number; signal?: AbortSignal }): Promise<GpuQueryResult> {
+  const result = await runBoundedCommand(options.command ?? "nvidia-smi", GPU_QUERY_ARGS, { timeoutMs: options.timeoutMs ?? DEFAULT_GPU_QUERY_TIMEOUT_MS, maxOutputBytes: MAX_OUTPUT_BYTES, signal: options.signal });
+  if (result.kind !== "ok" && result.kind !== "failed") return result;
+  // nvidia-smi exits 6 with "No devices were found" on a machine with a driver but no GPU.
+  if (result.kind === "failed") return /no devices were found/i.test(result.said) ? { kind: "absent" } : { kind: "failed", error: result.error };
+  const parsed = parseGpuTelemetryCsv(result.stdout);
+  return parsed.ok ? { kind: "ok", gpus: parsed.gpus } : { kind: "malformed", error: parsed.error };
 }
 
 /**
@@ -150,8 +177,12 @@ export class GpuSampler {
   private absent = false;
   private inFlight = false;
   private readonly warned = new Set<GpuQueryResult["kind"]>();
+  private readonly xid: XidReader | undefined;
 
-  constructor(private readonly options: { logger: Logger; command?: string; timeoutMs?: number }) {}
+  /** `xid: false` leaves the kernel log alone; by default it is read with `dmesg` (see XidReader). */
+  constructor(private readonly options: { logger: Logger; command?: string; timeoutMs?: number; xid?: XidReader | false }) {
+    this.xid = options.xid === false ? undefined : options.xid ?? new XidReader({ logger: options.logger, nvidiaSmiCommand: options.command, timeoutMs: options.timeoutMs });
+  }
 
   async sample(signal?: AbortSignal): Promise<IGpuTelemetry[]> {
     // One query at a time: a hanging nvidia-smi is killed on its timeout, never piled up.
@@ -161,9 +192,16 @@ export class GpuSampler {
       const result = await queryNvidiaSmi({ command: this.options.command, timeoutMs: this.options.timeoutMs, signal });
       if (signal?.aborted) return [];
       switch (result.kind) {
-        case "ok":
+        case "ok": {
           this.warned.clear();
-          return result.gpus;
+          // Only a node with GPUs has Xid errors to look for.
+          const xids = result.gpus.length > 0 ? await this.xid?.read(signal) : undefined;
+          if (!xids) return result.gpus;
+          return result.gpus.map((gpu) => {
+            const counts = xids.get(Number(gpu.index));
+            return counts ? { ...gpu, xidErrors: counts.count, lastXid: counts.lastCode } : { ...gpu, xidErrors: 0 };
+          });
+        }
         case "absent":
           this.absent = true;
           this.options.logger.info("no nvidia-smi on this node; telemetry has no GPU readings");
