@@ -3,7 +3,7 @@
 // `drover status` and /metrics must show each lease's spend as price per block x blocks,
 // and that figure must be what the simulated escrow drew, compared at the same height;
 // a small deposit's escrow must show how long it lasts and raise the escrow alert.
-import { spawn, spawnSync, type ChildProcess } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import os from "node:os";
@@ -11,6 +11,7 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { StateDirectory } from "@drover/orchestrator";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { startAkashSimulator, type AkashSimulatorProcess } from "./akash-simulator-process.js";
 import { waitFor } from "./wait-for.js";
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -19,8 +20,7 @@ const cli = join(root, "orchestrator", "dist", "cli.js");
 let work: string;
 let stateDir: string;
 let walletFile: string;
-let simulator: ChildProcess;
-let simulatorOutput = "";
+let simulator: AkashSimulatorProcess;
 let rpcUrl: string;
 let owner: string;
 
@@ -54,23 +54,13 @@ describe("lease cost against the Akash simulator's books", { timeout: 90_000 }, 
   beforeAll(async () => {
     work = await mkdtemp(join(os.tmpdir(), "drover-cost-e2e-"));
     stateDir = join(work, "state");
-    walletFile = join(work, "wallet");
-    simulator = spawn(process.execPath, [cli, "akash-sim", "--port", "0", "--wallet", walletFile, "--containers-dir", join(work, "containers"), "--block-time", "300ms"], {
-      env: { ...process.env, DROVER_STATE_DIR: stateDir },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    simulator.stdout!.on("data", (chunk) => (simulatorOutput += chunk));
-    simulator.stderr!.on("data", (chunk) => (simulatorOutput += chunk));
-    await waitFor(() => simulatorOutput.includes("ready;") || simulator.exitCode !== null, 30_000, "the simulator");
-    expect(simulatorOutput).toContain("ready;");
-    rpcUrl = /^rpc: (\S+)$/m.exec(simulatorOutput)![1]!;
-    owner = /^wallet: (akash1\w+)/m.exec(simulatorOutput)![1]!;
+    simulator = await startAkashSimulator(work, stateDir, ["--block-time", "300ms"]);
+    ({ walletFile, rpcUrl, owner } = simulator);
   });
 
   afterAll(async () => {
     if (existsSync(join(stateDir, "head.json"))) drover(["down"]);
-    simulator.kill("SIGTERM");
-    await waitFor(() => simulator.exitCode !== null, 20_000, "the simulator to stop").catch(() => simulator.kill("SIGKILL"));
+    await simulator.stop();
     await rm(work, { recursive: true, force: true });
   });
 

@@ -24,6 +24,19 @@ function drover(args: string[], timeoutMs = 120_000) {
 }
 
 
+/** A drover-worker of our own against the head, trusting its CA, until it exits: its exit code and output. */
+async function runWorker(head: { controlAddress: string; caFingerprint: string }, args: string[], joinToken: string): Promise<{ code: number | null; output: string }> {
+  const worker = spawn(process.execPath, [workerMain, "--head", head.controlAddress, ...args], {
+    env: { ...process.env, DROVER_JOIN_TOKEN: joinToken, DROVER_HEAD_CA_SHA256: head.caFingerprint },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let output = "";
+  worker.stdout.on("data", (chunk) => (output += chunk));
+  worker.stderr.on("data", (chunk) => (output += chunk));
+  const code = await new Promise<number | null>((resolveExit) => worker.on("close", resolveExit));
+  return { code, output };
+}
+
 async function json<T>(file: string): Promise<T> {
   return JSON.parse(await readFile(join(stateDir, file), "utf8")) as T;
 }
@@ -111,14 +124,7 @@ describe("local cluster, end to end", { timeout: 180_000 }, () => {
     // The control plane is TLS by default: head.json names the CA a worker pins.
     expect(head.caFingerprint).toMatch(/^[0-9a-f]{64}$/);
     const wrongToken = "not-the-join-token-but-secret-anyway";
-    const worker = spawn(process.execPath, [workerMain, "--head", head.controlAddress, "--node-name", "intruder", "--slots", "1", "--state-dir", join(stateDir, "intruder")], {
-      env: { ...process.env, DROVER_JOIN_TOKEN: wrongToken, DROVER_HEAD_CA_SHA256: head.caFingerprint },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    let output = "";
-    worker.stdout.on("data", (chunk) => (output += chunk));
-    worker.stderr.on("data", (chunk) => (output += chunk));
-    const code = await new Promise<number | null>((resolveExit) => worker.on("close", resolveExit));
+    const { code, output } = await runWorker(head, ["--node-name", "intruder", "--slots", "1", "--state-dir", join(stateDir, "intruder")], wrongToken);
     expect(code).toBe(3);
     expect(output).toContain("refused this worker's join token");
     await waitFor(async () => (await readFile(join(stateDir, "head.log"), "utf8")).includes("invalid join token"), 5_000, "the refusal in head.log");
@@ -138,14 +144,7 @@ describe("local cluster, end to end", { timeout: 180_000 }, () => {
     // Every node got a token of its own.
     const others = await Promise.all(nodes.slice(1).map(async (node) => (await readFile(`/proc/${node.pid}/environ`, "utf8")).split("\0").find((entry) => entry.startsWith("DROVER_JOIN_TOKEN="))));
     for (const other of others) expect(other).not.toBe(`DROVER_JOIN_TOKEN=${spent}`);
-    const worker = spawn(process.execPath, [workerMain, "--head", head.controlAddress, "--node-name", nodes[0]!.nodeName, "--group", "local", "--slots", "1", "--state-dir", join(stateDir, "replayer")], {
-      env: { ...process.env, DROVER_JOIN_TOKEN: spent, DROVER_HEAD_CA_SHA256: head.caFingerprint },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    let output = "";
-    worker.stdout.on("data", (chunk) => (output += chunk));
-    worker.stderr.on("data", (chunk) => (output += chunk));
-    const code = await new Promise<number | null>((resolveExit) => worker.on("close", resolveExit));
+    const { code, output } = await runWorker(head, ["--node-name", nodes[0]!.nodeName, "--group", "local", "--slots", "1", "--state-dir", join(stateDir, "replayer")], spent);
     expect(code).toBe(3);
     expect(output).toContain("join token already used");
     await waitFor(async () => (await readFile(join(stateDir, "head.log"), "utf8")).includes("join token already used"), 5_000, "the replay in head.log");

@@ -18,7 +18,7 @@
 // spent (a Register with it is refused as used). Session credentials never leave the
 // head's and agents' memory, so no artefact can be searched for their values; the
 // logger's redaction tests cover the log path.
-import { execFileSync, spawnSync, type ChildProcess } from "node:child_process";
+import { execFileSync, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import os from "node:os";
