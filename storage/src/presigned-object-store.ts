@@ -270,7 +270,8 @@ export class PresignedObjectStore implements ObjectStore {
       if (status >= 200 && status < 300) return response;
       const text = signed.method === 'HEAD' ? '' : (await readBody(response, undefined, stallTimeoutMs, options.signal).catch(() => Buffer.alloc(0))).subarray(0, ERROR_BODY_MAX_BYTES).toString('utf8');
       response.resume();
-      throw errorOfS3Answer({ operation, key, statusCode: status, code: xmlValue(text, 'Code') ?? `HTTP${status}` });
+      // The server's own words (a full disk: "disk full: <path> ...") travel with the code.
+      throw errorOfS3Answer({ operation, key, statusCode: status, code: xmlValue(text, 'Code') ?? `HTTP${status}`, message: xmlValue(text, 'Message') });
     } catch (error) {
       throw toStoreError(error, operation, key, options.signal);
     }
@@ -293,7 +294,7 @@ export class PresignedObjectStore implements ObjectStore {
   /** S3 may answer a CompleteMultipartUpload with 200 and an error in the body. */
   #throwIfErrorBody(operation: string, key: string, text: string): void {
     if (!/<Error>/.test(text)) return;
-    throw errorOfS3Answer({ operation, key, statusCode: undefined, code: xmlValue(text, 'Code') ?? 'InternalError' });
+    throw errorOfS3Answer({ operation, key, statusCode: undefined, code: xmlValue(text, 'Code') ?? 'InternalError', message: xmlValue(text, 'Message') });
   }
 
   // ---- ObjectStore --------------------------------------------------------------------
