@@ -1,5 +1,5 @@
 import type { Logger } from "../logger.js";
-import { runBoundedCommand } from "./gpu-sampler.js";
+import { runBoundedCommand } from "./bounded-command.js";
 
 // Xid errors are the NVIDIA driver's fault reports (79: fallen off the bus, 48: double-bit
 // ECC, 63/64: page retirement, ...). nvidia-smi does not count them: they are only kernel
