@@ -34,7 +34,7 @@ describe("a head killed under a running job", { timeout: 300_000 }, () => {
       const stateDir = join(scratch, supervise ? "supervised" : "plain");
       const drover = (args: string[]) => runDrover(stateDir, args, 120_000);
       const spec = join(scratch, "spec.json");
-      await writeFile(spec, JSON.stringify({ name: "head-restart", head: { heartbeatInterval: "1s", heartbeatTimeout: "10s" }, local: { nodes: 1, ranksPerNode: 2 } }));
+      await writeFile(spec, JSON.stringify({ name: "head-restart", head: { heartbeatInterval: "1s", heartbeatTimeout: "10s" }, local: { nodes: 1, ranksPerNode: 2 }, cost: { pricePerNodeHour: { amount: "3600", denom: "usd" } } }));
       const state = new StateDirectory(stateDir);
       const steps = 40;
       try {
@@ -52,11 +52,16 @@ describe("a head killed under a running job", { timeout: 300_000 }, () => {
           const step = current?.latestMetrics[0]?.step;
           return current?.lastCommittedStep !== undefined && step !== undefined && step >= current.lastCommittedStep + 3 ? current : undefined;
         }, 150_000, "a committed checkpoint and 3 more steps");
+        // A cost report that prices the node (one every 30 s) before the head dies.
+        await waitForValue(async () => ((await state.readJson<{ totals: unknown[] }>("cost.json").catch(() => undefined))?.totals.length ? true : undefined), 60_000, "a cost report pricing the node");
         const dead = (await state.readJson<HeadRecord>("head.json"))!;
         expect(dead.supervisorPid !== undefined).toBe(supervise);
         process.kill(dead.pid, "SIGKILL");
+        await waitForValue(async () => (processAlive(dead.pid) ? undefined : true), 5_000, "the head to die");
+        // What the dead head last said it spent (its cost.json is final now).
+        const deadCost = (await state.readJson<{ totals: Array<{ denom: string; spent: string }> }>("cost.json"))!;
+        expect(deadCost.totals.map((total) => total.denom)).toEqual(["usd"]);
         if (!supervise) {
-          await waitForValue(async () => (processAlive(dead.pid) ? undefined : true), 5_000, "the head to die");
           const again = await drover(["up", spec]);
           expect(again.code, again.stdout + again.stderr).toBe(0);
         }
@@ -84,6 +89,12 @@ describe("a head killed under a running job", { timeout: 300_000 }, () => {
           .map((line) => JSON.parse(line) as MetricPoint & { rank: number; loss?: number }).filter((point) => point.rank === 0 && typeof point.loss === "number");
         expect(stitchAttempts(points, final.restarts).map((point) => point.step)).toEqual(Array.from({ length: steps }, (_, index) => index + 1));
         expect(final.lastCommittedStep).toBe(steps);
+        // The new head counts on from what the dead one spent (node-hours here, at 1 usd/s).
+        const cost = (await state.readJson<{ earlier?: { spent: Array<{ denom: string; spent: string }> }; totals: Array<{ denom: string; spent: string }> }>("cost.json"))!;
+        expect(cost.earlier?.spent).toEqual(deadCost.totals.map(({ denom, spent }) => ({ denom, spent })));
+        expect(Number(cost.totals[0]!.spent)).toBeGreaterThan(Number(deadCost.totals[0]!.spent));
+        const status = await drover(["status"]);
+        expect(status.stdout).toMatch(/earlier heads of this cluster \(they died; their last report\): [\d.]+ usd/);
         const verify = await drover(["ckpt", "verify", "--run", "survivor"]);
         expect(verify.code, verify.stdout + verify.stderr).toBe(0);
       } finally {

@@ -8,6 +8,7 @@ import { backendSection, expectedNodes, type ClusterSpec } from "./cluster-spec.
 import { ControlServer } from "./control-server.js";
 import { PresignService } from "./presign-service.js";
 import { CostTracker } from "./cost/cost-tracker.js";
+import { COST_FILE, type CostReport } from "./cost/run-cost.js";
 import { DASHBOARD_PATH, DashboardServer } from "./dashboard/dashboard-server.js";
 import { JobRequestError, StateError } from "./errors.js";
 import { JoinTokenBook } from "./join-tokens.js";
@@ -106,7 +107,7 @@ export class Head extends EventEmitter<HeadEvents> {
     private readonly logger: Logger,
     private readonly adminToken: string,
     /** What a head that stopped without `drover down` (a crash, kill -9) left: taken up again by start(). */
-    private readonly interrupted: { jobs: JobRecord[] } | undefined,
+    private readonly interrupted: { jobs: JobRecord[]; cost?: CostReport } | undefined,
   ) {
     super();
     this.appender = new OrderedAppender(stateDir, (relative, error) => this.stateWriteFailed(relative, error));
@@ -147,6 +148,7 @@ export class Head extends EventEmitter<HeadEvents> {
       jobs: this.jobs,
       logger: logger.child({ component: "cost" }),
       ...(spec.cost?.pricePerNodeHour === undefined ? {} : { pricePerNodeHour: spec.cost.pricePerNodeHour }),
+      ...(interrupted?.cost ? { earlier: interrupted.cost } : {}),
       onReport: (report) => this.telemetry.observeCost(report),
     });
     this.server = new ControlServer({
@@ -213,13 +215,18 @@ export class Head extends EventEmitter<HeadEvents> {
     // A previous head that neither stopped nor failed to start died under its jobs: its
     // nodes are reaped and its unfinished jobs resume from their newest committed
     // checkpoints (read now, before this head's first snapshot replaces cluster.json).
-    let interrupted: { jobs: JobRecord[] } | undefined;
+    let interrupted: { jobs: JobRecord[]; cost?: CostReport } | undefined;
     if (previous && !["stopped", "failed"].includes(previous.state)) {
       const cluster = await state.readJson<{ jobs?: JobRecord[] }>("cluster.json").catch((error: Error) => {
         options.logger.warn("the previous head's cluster.json is unreadable; its jobs cannot be resumed", { error: error.message });
         return undefined;
       });
-      interrupted = { jobs: (cluster?.jobs ?? []).filter((job) => !isFinal(job.state)) };
+      // What it spent is spent: its last cost report counts on in this head's totals.
+      const cost = await state.readJson<CostReport>(COST_FILE).catch((error: Error) => {
+        options.logger.warn("the previous head's cost.json is unreadable; this head's cost figures start from zero", { error: error.message });
+        return undefined;
+      });
+      interrupted = { jobs: (cluster?.jobs ?? []).filter((job) => !isFinal(job.state)), ...(cost?.totals ? { cost } : {}) };
     }
     return new Head(spec, state, options.logger, adminToken, interrupted);
   }

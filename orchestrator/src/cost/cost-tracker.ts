@@ -27,6 +27,11 @@ export interface CostTrackerOptions {
   /** The spec's cost.pricePerNodeHour (local and Kubernetes nodes). */
   readonly pricePerNodeHour?: Price;
   readonly intervalMs?: number;
+  /**
+   * The last report of the head that died before this one over the same state directory
+   * (undefined after a clean `down`): its spend and training count on in this head's totals.
+   */
+  readonly earlier?: CostReport;
   /** Each new report, e.g. for /metrics. */
   readonly onReport?: (report: CostReport) => void;
   readonly now?: () => number;
@@ -156,6 +161,8 @@ export class CostTracker {
       nodes: this.nodeUptimes(),
       ...(this.options.pricePerNodeHour === undefined || this.provisioner.leasesOnChain ? {} : { pricePerNodeHour: this.options.pricePerNodeHour }),
       training: { images: [...this.images.values()].reduce((sum, count) => sum + count.images, 0), committedCheckpoints: this.committed.size },
+      // Its totals already hold whatever the heads before it carried.
+      ...(this.options.earlier === undefined ? {} : { earlier: { spent: this.options.earlier.totals.map(({ denom, spent }) => ({ denom, spent })), training: this.options.earlier.training } }),
     });
     if (this.state !== "running") return undefined;
     this.latest = report;

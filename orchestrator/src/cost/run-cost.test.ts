@@ -64,6 +64,31 @@ describe("escrow left", () => {
   });
 });
 
+describe("a head after one that died", () => {
+  it("counts the earlier heads' spend, images and checkpoints in its totals and per-unit figures, without their burn", () => {
+    const earlier = { spent: [{ denom: "uact", spent: "1000000.5" }], training: { images: 3_000, committedCheckpoints: 2 } };
+    const report = costReport({
+      computedAtMs: 0,
+      chain: { earlier: { height: 0, timeMs: 0 }, latest: { height: 60, timeMs: 360_000 } },
+      leases: [lease],
+      training: { images: 1_000, committedCheckpoints: 2 },
+      earlier,
+    });
+    const own = report.leases[0]!.spent;
+    const total = report.totals.find((entry) => entry.denom === "uact")!;
+    // Exact decimal sum: the lease's own spend plus what the earlier heads paid.
+    expect(total.spent).toBe((BigInt(own) * 10n + 10_000_005n).toString().replace(/(\d)$/, ".$1"));
+    expect(total.burnPerHour).toBe(report.leases[0]!.burnPerHour);
+    expect(report.training).toEqual({ images: 4_000, committedCheckpoints: 4 });
+    expect(report.earlier).toEqual(earlier);
+    expect(costLines(report, 0).join("\n")).toContain("earlier heads of this cluster (they died; their last report): 1000000.5 uact, ~3000 images, 2 checkpoint(s)");
+    // A head with nothing of its own priced yet still shows what was spent before it.
+    const alone = costReport({ computedAtMs: 0, training: { images: 0, committedCheckpoints: 0 }, earlier });
+    expect(alone.totals.map((entry) => [entry.denom, entry.spent])).toEqual([["uact", "1000000.5"]]);
+    expect(costLines(alone, 0).length).toBeGreaterThan(0);
+  });
+});
+
 describe("block time", () => {
   it("is measured from two blocks far enough apart, else unknown", () => {
     expect(measuredBlockTimeMs({ height: 10, timeMs: 0 }, { height: 20, timeMs: 61_000 })).toBe(6_100);

@@ -97,8 +97,16 @@ export interface DenomTotal {
   readonly perCheckpoint?: string;
 }
 
+/** What the heads before this one over the same state directory spent and trained, from their last report. */
+export interface EarlierHeads {
+  readonly spent: ReadonlyArray<{ readonly denom: string; readonly spent: string }>;
+  readonly training: TrainingOutput;
+}
+
 export interface CostReport {
   readonly computedAtMs: number;
+  /** Carried from heads that died under this cluster (a crash, kill -9): already in totals and training. */
+  readonly earlier?: EarlierHeads;
   /** The chain's latest block when the lease figures were computed (Akash only). */
   readonly chain?: ChainBlock & { readonly blockTimeMs: number; readonly blockTimeMeasured: boolean };
   readonly leases: readonly LeaseCost[];
@@ -189,6 +197,7 @@ export function costReport(input: {
   nodes?: ReadonlyArray<NodeUptime & { running: boolean }>;
   pricePerNodeHour?: Price;
   training: TrainingOutput;
+  earlier?: EarlierHeads;
 }): CostReport {
   const measured = input.chain && measuredBlockTimeMs(input.chain.earlier, input.chain.latest);
   const blockTimeMs = measured ?? NOMINAL_BLOCK_TIME_MS;
@@ -198,14 +207,15 @@ export function costReport(input: {
   const pricePerNodeHour = input.pricePerNodeHour;
   const nodes = pricePerNodeHour === undefined ? [] : (input.nodes ?? []).map((node) => nodeCost(node, pricePerNodeHour, node.running));
   const sums = new Map<string, { spent: ScaledDecimal; burn: ScaledDecimal }>();
-  for (const item of [...leases, ...nodes]) {
+  // What earlier heads paid is paid: it counts toward the totals, with no burn of its own.
+  for (const item of [...(input.earlier?.spent ?? []).map((spent) => ({ ...spent, burnPerHour: "0" })), ...leases, ...nodes]) {
     const sum = sums.get(item.denom) ?? { spent: 0n, burn: 0n };
     sum.spent += parseDecimal(item.spent);
     sum.burn += parseDecimal(item.burnPerHour);
     sums.set(item.denom, sum);
   }
-  const images = Math.floor(input.training.images);
-  const checkpoints = input.training.committedCheckpoints;
+  const images = Math.floor(input.training.images + (input.earlier?.training.images ?? 0));
+  const checkpoints = input.training.committedCheckpoints + (input.earlier?.training.committedCheckpoints ?? 0);
   const totals = [...sums.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([denom, sum]): DenomTotal => ({
     denom, spent: formatDecimal(sum.spent), burnPerHour: formatDecimal(sum.burn),
     ...(images > 0 ? { per1kImages: formatDecimal((sum.spent * 1_000n) / BigInt(images)) } : {}),
@@ -213,6 +223,7 @@ export function costReport(input: {
   }));
   return {
     computedAtMs: input.computedAtMs,
+    ...(input.earlier === undefined ? {} : { earlier: input.earlier }),
     ...(input.chain === undefined ? {} : { chain: { ...input.chain.latest, blockTimeMs, blockTimeMeasured: measured !== undefined } }),
     leases, nodes, totals,
     training: { images, committedCheckpoints: checkpoints },
@@ -239,7 +250,7 @@ export function formatMinutes(minutes: number): string {
 /** The cost section of `drover status`, from a cost.json report. */
 export function costLines(report: CostReport, nowMs: number): string[] {
   // A cluster with nothing priced (local nodes without cost.pricePerNodeHour) has no section.
-  if (report.leases.length === 0 && report.nodes.length === 0) return [];
+  if (report.leases.length === 0 && report.nodes.length === 0 && (report.earlier?.spent.length ?? 0) === 0) return [];
   const age = Math.max(0, Math.round((nowMs - report.computedAtMs) / 1000));
   const lines: string[] = [];
   const chain = report.chain;
@@ -250,6 +261,10 @@ export function costLines(report: CostReport, nowMs: number): string[] {
   }
   for (const node of report.nodes) {
     lines.push(`  node ${node.node} (${node.group}): ${node.pricePerHour} ${node.denom}/h x ${node.hours.toFixed(3)} h = ${shortDecimal(node.spent)} ${node.denom}`);
+  }
+  const earlier = report.earlier;
+  if (earlier && earlier.spent.length > 0) {
+    lines.push(`  earlier heads of this cluster (they died; their last report): ${earlier.spent.map((entry) => `${shortDecimal(entry.spent)} ${entry.denom}`).join(", ")}, ~${Math.floor(earlier.training.images)} images, ${earlier.training.committedCheckpoints} checkpoint(s)`);
   }
   const images = report.training.images;
   for (const total of report.totals) {
