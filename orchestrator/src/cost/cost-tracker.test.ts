@@ -31,7 +31,8 @@ function tracker(options: { workers?: RegisteredWorker[]; now: () => number; pri
   const reports: CostReport[] = [];
   const costs = CostTracker.create({
     stateDir: state, logger: silentLogger, jobs: jobs as unknown as JobController,
-    workers: { all: () => options.workers ?? [] } as unknown as WorkerRegistry,
+    // The registry's list and its change events (a node joining prices it at once).
+    workers: Object.assign(new EventEmitter(), { all: () => options.workers ?? [] }) as unknown as WorkerRegistry,
     now: options.now, intervalMs: 3_600_000, onReport: (report) => reports.push(report),
     ...(options.pricePerNodeHour ? { pricePerNodeHour: options.pricePerNodeHour } : {}),
   });

@@ -81,6 +81,8 @@ export class CostTracker {
     if (timeMs > 0) count.lastReportMs = timeMs;
   };
 
+  private readonly onWorkersChanged = (): void => void this.refresh();
+
   private constructor(private readonly options: CostTrackerOptions) {}
 
   static create(options: CostTrackerOptions): CostTracker {
@@ -106,6 +108,8 @@ export class CostTracker {
     if (this.state !== "created") return;
     this.provisioner = provisioner;
     this.options.jobs.on("metric", this.onMetric);
+    // Nodes coming and going change what is priced: a report then, not up to 30 s later.
+    this.options.workers.on("changed", this.onWorkersChanged);
     this.setState("running");
     void this.refresh();
     this.timer = setInterval(() => void this.refresh(), this.options.intervalMs ?? DEFAULT_COST_INTERVAL_MS);
@@ -194,6 +198,7 @@ export class CostTracker {
     this.setState("stopping");
     this.controller.abort(new Error("the cost tracker is stopping"));
     this.options.jobs.off("metric", this.onMetric);
+    this.options.workers.off("changed", this.onWorkersChanged);
     this.setState("stopped");
   }
 }
