@@ -185,7 +185,9 @@ export class Head extends EventEmitter<HeadEvents> {
     });
     this.jobs.on("changed", (job) => {
       this.emit("job", job);
-      this.scheduleSnapshot();
+      // A job's end is what `drover submit` waits for: written at once, not batched.
+      if (isFinal(job.state)) this.flushSnapshot();
+      else this.scheduleSnapshot();
     });
     this.jobs.on("log", (line) => {
       const prefix = line.rank < 0 ? "[drover]" : `[rank ${line.rank}]`;
@@ -512,6 +514,13 @@ export class Head extends EventEmitter<HeadEvents> {
       this.snapshotTimer = undefined;
       void this.writeSnapshot();
     }, 200);
+  }
+
+  /** Writes cluster.json now, folding in a batched write that was due. */
+  private flushSnapshot(): void {
+    clearTimeout(this.snapshotTimer);
+    this.snapshotTimer = undefined;
+    void this.writeSnapshot();
   }
 
   /** `final`: the head is stopping; no worker is connected to it any more. */
