@@ -27,10 +27,6 @@ export function headTrustFrom(caSha256: string | undefined, insecure: string | u
   throw new HeadTrustError("no DROVER_HEAD_CA_SHA256 (the head CA's fingerprint, printed by `drover up` and in head.json); set DROVER_HEAD_INSECURE=1 only for a head with head.insecure");
 }
 
-function toPem(der: Buffer): string {
-  return `-----BEGIN CERTIFICATE-----\n${der.toString("base64").replace(/.{64}/g, "$&\n").replace(/\n$/, "")}\n-----END CERTIFICATE-----\n`;
-}
-
 /**
  * Fetches the head's CA certificate from its own TLS handshake and keeps it only when its
  * fingerprint is the pinned one. Nothing is sent before that: the handshake is the only
@@ -71,7 +67,7 @@ export async function fetchPinnedHeadCa(address: string, caSha256: string, signa
   if (!pinned) {
     throw new HeadTrustError(`the head at ${address} does not present the CA this worker pins (sha256 ${caSha256.slice(0, 16)}…); refusing to send it anything`, { head: address });
   }
-  return toPem(pinned);
+  return new X509Certificate(pinned).toString();
 }
 
 /**

@@ -1,4 +1,4 @@
-import { X509Certificate, createHash, randomBytes, webcrypto } from "node:crypto";
+import { KeyObject, X509Certificate, createHash, createPrivateKey, randomBytes, webcrypto } from "node:crypto";
 import { mkdir } from "node:fs/promises";
 import os from "node:os";
 import { isIP } from "node:net";
@@ -39,11 +39,6 @@ export function certificateFingerprint(certPem: string): string {
   return createHash("sha256").update(new X509Certificate(certPem).raw).digest("hex");
 }
 
-function toPem(der: ArrayBuffer, label: string): string {
-  const base64 = Buffer.from(der).toString("base64").replace(/.{64}/g, "$&\n").replace(/\n$/, "");
-  return `-----BEGIN ${label}-----\n${base64}\n-----END ${label}-----\n`;
-}
-
 function serialNumber(): string {
   // Positive (high bit clear), 16 random bytes: RFC 5280 allows up to 20 octets.
   const bytes = randomBytes(16);
@@ -51,13 +46,13 @@ function serialNumber(): string {
   return bytes.toString("hex");
 }
 
+// Node's KeyObject speaks PEM both ways; WebCrypto (what @peculiar/x509 signs with) only DER.
 async function exportKey(key: CryptoKey): Promise<string> {
-  return toPem(await crypto.subtle.exportKey("pkcs8", key), "PRIVATE KEY");
+  return KeyObject.from(key).export({ type: "pkcs8", format: "pem" }) as string;
 }
 
 async function importKey(pem: string): Promise<CryptoKey> {
-  const der = Buffer.from(pem.replace(/-----[^-]+-----/g, "").replace(/\s+/g, ""), "base64");
-  return crypto.subtle.importKey("pkcs8", der, ALGORITHM, true, ["sign"]);
+  return createPrivateKey(pem).toCryptoKey(ALGORITHM, true, ["sign"]);
 }
 
 export class HeadAuthority {
