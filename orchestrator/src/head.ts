@@ -334,8 +334,9 @@ export class Head extends EventEmitter<HeadEvents> {
 
   /**
    * The head's certificate for the control server, from the state directory's CA (made
-   * on the first start): named for `head.advertise`, `head.host` and this machine's
-   * addresses, since workers check the name they dial. None with `head.insecure`.
+   * on the first start): named head.drover.invalid, which agents verify whatever address
+   * they dial, and `head.advertise`, `head.host` and this machine's addresses for other
+   * TLS clients. None with `head.insecure`.
    */
   /**
    * One bridge certificate per group of a bridge job id, from the head's CA: the leaders

@@ -3,7 +3,7 @@ import {
   type IPresignItem, type IPresignedStorage, type IPresignedUrl,
 } from "@drover/proto";
 import {
-  MANIFEST_FILE, S3Presigner, STEP_DIGITS, StorageConfigError, describeStore, endpointIsProtected, presignRequestSchema,
+  MANIFEST_FILE, S3Presigner, STEP_DIGITS, StorageConfigError, checkpointsPrefix, codeBundlePrefix, describeStore, endpointIsProtected, presignRequestSchema, runPrefix,
   type PresignOperation, type PresignRequest, type StorageConfig,
 } from "@drover/storage";
 import { PresignRefusedError } from "./errors.js";
@@ -12,7 +12,7 @@ import type { Logger } from "./logger.js";
 
 // Decides which S3 requests the head signs for a worker (storage.workerAccess: presigned)
 // and signs them. A worker holds no keys; what it can touch is what its current jobs
-// need and nothing else:
+// need and nothing else (prefixes from the store's own key layout, checkpoint-store.ts):
 //   writes  runs/<run>/ckpt/<step>/<file> of every run it has a job in (one group's
 //           folder, group-<name>/, in a job with several groups), never a step's
 //           MANIFEST.json (only the head commits). The layout does not give each rank
@@ -166,12 +166,11 @@ export function refusalOf(request: PresignRequest, scopes: readonly JobScope[]):
 }
 
 function refusalInScope(request: PresignRequest, scope: JobScope): string | undefined {
-  const runPrefix = `runs/${scope.run}/`;
-  const ckptPrefix = `${runPrefix}ckpt/`;
+  const ckptPrefix = checkpointsPrefix(scope.run);
   const { key, operation } = request;
-  if (!key.startsWith(runPrefix)) return `outside run ${scope.run} of job ${scope.jobId}`;
+  if (!key.startsWith(runPrefix(scope.run))) return `outside run ${scope.run} of job ${scope.jobId}`;
   if (operation === "list-objects") return key.startsWith(ckptPrefix) ? undefined : `lists only under ${ckptPrefix}`;
-  const codePrefix = scope.codeBundleId ? `${runPrefix}code/${scope.codeBundleId}/` : undefined;
+  const codePrefix = scope.codeBundleId ? codeBundlePrefix(scope.run, scope.codeBundleId) : undefined;
   if (codePrefix && key.startsWith(codePrefix)) {
     return operation === "get" || operation === "head" ? undefined : "the code bundle is read-only to workers";
   }

@@ -111,6 +111,29 @@ function checkRun(run: string): string {
   return run;
 }
 
+// The key layout (see the top of this file), defined once: the store writes and reads by
+// it, and the head's presign scope (which keys a worker may touch) is derived from it.
+
+/** `runs/<run>/`: every object of a run. */
+export function runPrefix(run: string): string {
+  return `runs/${checkRun(run)}/`;
+}
+
+/** `runs/<run>/ckpt/`: the run's checkpoint steps. */
+export function checkpointsPrefix(run: string): string {
+  return `${runPrefix(run)}ckpt/`;
+}
+
+/** `runs/<run>/ckpt/<step>/`: one step's files and its MANIFEST.json. */
+export function stepPrefix(run: string, step: number): string {
+  return `${checkpointsPrefix(run)}${formatStep(step)}/`;
+}
+
+/** `runs/<run>/code/<bundle id>/`: one code bundle's files/ and BUNDLE.json. */
+export function codeBundlePrefix(run: string, bundleId: string): string {
+  return `${runPrefix(run)}code/${sha256Hex.parse(bundleId)}/`;
+}
+
 /** A file path inside a checkpoint: relative, `/`-separated, never escaping its directory. */
 export function checkRelativePath(filePath: string, reserved: readonly string[] = []): string {
   const segments = filePath.split('/');
@@ -197,7 +220,7 @@ export class CheckpointStore {
   }
 
   stepPrefix(run: string, step: number): string {
-    return `runs/${checkRun(run)}/ckpt/${formatStep(step)}/`;
+    return stepPrefix(run, step);
   }
 
   #retry(context: Record<string, string | number>, signal: AbortSignal | undefined) {
@@ -447,7 +470,7 @@ export class CheckpointStore {
 
   /** Every step directory of a run, split by whether it has a manifest; ascending. */
   async listSteps(run: string, options: SignalOption = {}): Promise<{ committed: number[]; uncommitted: number[] }> {
-    const base = `runs/${checkRun(run)}/ckpt/`;
+    const base = checkpointsPrefix(run);
     const prefixes = await withRetry('ListObjectsV2', () => this.store.listPrefixes(base, options), this.#retry({ prefix: base }, options.signal));
     const steps = prefixes
       .map((p) => p.slice(base.length, -1))
@@ -545,7 +568,7 @@ export class CheckpointStore {
       transfer: this.transfer,
       logger: this.#logger,
       signal,
-      prefix: `runs/${run}/ckpt/`,
+      prefix: checkpointsPrefix(run),
       initiatedBefore: new Date(this.#now() - (params.abandonUploadsAfterMs ?? 24 * 3600_000)),
     });
     this.#logger.info('pruned checkpoints', { run, kept: plan.keep.length, deleted: plan.remove.length, abandoned: abandoned.length });
@@ -603,7 +626,7 @@ export class CheckpointStore {
     const bundleId = createHash('sha256')
       .update(files.map((f) => `${f.path}\0${f.size}\0${f.sha256}\n`).join(''))
       .digest('hex');
-    const prefix = `runs/${run}/code/${bundleId}/`;
+    const prefix = codeBundlePrefix(run, bundleId);
     const manifest: CodeBundleManifest = { formatVersion: 1, run, bundleId, files, totalBytes: files.reduce((s, f) => s + f.size, 0) };
     const existing = await withRetry('HeadObject', () => this.store.headObject(prefix + BUNDLE_FILE, params), this.#retry({ key: prefix + BUNDLE_FILE }, params.signal));
     if (existing) return manifest;
@@ -620,7 +643,7 @@ export class CheckpointStore {
 
   /** Downloads and verifies a code bundle into `destDir` (replaced atomically). */
   async downloadCodeBundle(params: { run: string; bundleId: string; destDir: string; signal?: AbortSignal }): Promise<CodeBundleManifest> {
-    const prefix = `runs/${checkRun(params.run)}/code/${sha256Hex.parse(params.bundleId)}/`;
+    const prefix = codeBundlePrefix(params.run, params.bundleId);
     const manifest = await this.#getJson(prefix + BUNDLE_FILE, bundleManifestSchema, params.signal);
     if (!manifest) throw new CheckpointNotFoundError(`no code bundle ${params.bundleId} for run ${params.run}`, { run: params.run, bundleId: params.bundleId });
     await this.#downloadInto(params.destDir, manifest.files, (file) => `${prefix}files/${file.path}`, {}, params);
