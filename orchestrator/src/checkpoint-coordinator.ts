@@ -22,6 +22,13 @@ export class CheckpointCoordinator extends EventEmitter<CheckpointCoordinatorEve
   private readonly pending = new Map<string, Map<number, RankUploadReport[]>>();
   /** Commits running per job, which a restart waits for before it picks its step. */
   private readonly inFlight = new Map<string, Set<Promise<void>>>();
+  /**
+   * The newest commit queued per run: a run's steps are committed one after the other, in
+   * the order they became complete, because each commit prunes uncommitted steps older
+   * than the newest committed one as abandoned; an older step still being verified would
+   * lose its objects.
+   */
+  private readonly commitQueues = new Map<string, Promise<void>>();
 
   constructor(
     readonly store: CheckpointStore,
@@ -59,6 +66,15 @@ export class CheckpointCoordinator extends EventEmitter<CheckpointCoordinatorEve
     if (reports.length < job.worldSize) return;
     byStep.delete(step);
     const allReportedAt = performance.now();
+    const queued = this.commitQueues.get(job.runId) ?? Promise.resolve();
+    const commit = queued.then(() => this.commitWithRetry(job, step, reports, allReportedAt));
+    this.commitQueues.set(job.runId, commit);
+    await commit;
+    if (this.commitQueues.get(job.runId) === commit) this.commitQueues.delete(job.runId);
+  }
+
+  /** Commits one complete step, through store outages; a step that cannot be committed is said lost. */
+  private async commitWithRetry(job: JobRecord, step: number, reports: RankUploadReport[], allReportedAt: number): Promise<void> {
     try {
       await retryThroughOutage(() => this.commitOnce(job, step, reports, allReportedAt), {
         policy: this.retry,

@@ -23,6 +23,8 @@ export interface ControlServerDeps {
   adminToken: string;
   heartbeatIntervalMs: number;
   heartbeatTimeoutMs: number;
+  /** Random per head process (RegisterResponse.head_instance): agents replay to a new one. */
+  headInstance?: string;
   logger: Logger;
   /** Called by Admin.Shutdown after the reply is sent. */
   onShutdownRequested: () => void;
@@ -121,6 +123,7 @@ export class ControlServer {
           heartbeatIntervalMs: this.deps.heartbeatIntervalMs,
           heartbeatTimeoutMs: this.deps.heartbeatTimeoutMs,
           presignedStorage: this.deps.presign?.()?.describe() ?? null,
+          headInstance: this.deps.headInstance ?? "",
         });
       },
       session: (call) => {
@@ -150,10 +153,12 @@ export class ControlServer {
         renewals.unref();
         call.on("data", (message: IWorkerMessage) => {
           registry.seen(workerId);
-          if (message.metric) jobs.onMetric(workerId, message.metric);
+          const replayed = message.replayed === true;
+          if (message.heartbeat) jobs.onHeartbeat(workerId, message.heartbeat.runningJobIds ?? []);
+          else if (message.metric) jobs.onMetric(workerId, message.metric, replayed);
           else if (message.log) jobs.onLog(workerId, message.log);
-          else if (message.rankExit) jobs.onRankExit(workerId, message.rankExit);
-          else if (message.checkpoint) jobs.onCheckpoint(workerId, message.checkpoint);
+          else if (message.rankExit) jobs.onRankExit(workerId, message.rankExit, replayed);
+          else if (message.checkpoint) jobs.onCheckpoint(workerId, message.checkpoint, replayed);
           else if (message.jobFailure) jobs.onJobFailure(workerId, message.jobFailure.jobId ?? "", message.jobFailure.reason ?? "the node could not run the job");
           else if (message.telemetry) this.deps.onTelemetry?.(workerId, message.telemetry);
         });

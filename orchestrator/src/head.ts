@@ -1,6 +1,6 @@
-import { randomBytes } from "node:crypto";
+import { randomBytes, randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { mkdir } from "node:fs/promises";
+import { mkdir, readFile } from "node:fs/promises";
 import type { IBridgeTls, IMetricReport } from "@drover/proto";
 import { CheckpointStore, parseStorageConfig, registerSecretValue, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
 import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
@@ -19,7 +19,7 @@ import { RepairLoop } from "./repair-loop.js";
 import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
 import { HeadTelemetry } from "./telemetry/head-telemetry.js";
 import { HeadAuthority } from "./tls/head-authority.js";
-import { WorkerRegistry } from "./worker-registry.js";
+import { WorkerRegistry, type PersistedWorker } from "./worker-registry.js";
 
 /**
  * How long a job's bridge certificates stay valid: longer than any run we expect (a run
@@ -38,6 +38,29 @@ interface HeadEvents {
   workers: [];
   /** A worker's Telemetry sample arrived (after the store kept it). */
   telemetry: [];
+}
+
+/** Where the head keeps its workers' registrations and session-credential digests, for a successor to take up (0600). */
+const SESSIONS_FILE = "sessions.json";
+
+/** What a head that died under its jobs (kill -9, a crash) left in the state directory. */
+interface InterruptedHead {
+  jobs: JobRecord[];
+  cost?: CostReport;
+  /** host:port its agents dial: a successor that binds it again finds them reconnecting. */
+  controlAddress?: string;
+  /** Its live workers and their credentials' digests (sessions.json). */
+  workers: PersistedWorker[];
+  /** The embedded store's endpoint (local mode), which its agents' presigned URLs name. */
+  embeddedStoreEndpoint?: string;
+}
+
+/** What this head takes over from a dead one instead of reaping it (see adoptionPlan). */
+interface Adoption {
+  port: number;
+  workers: PersistedWorker[];
+  /** With the newest step per global rank its metrics file holds (lastMetricSteps). */
+  jobs: Array<{ job: JobRecord; lastSteps: Map<number, number> }>;
 }
 
 /** A full disk is logged at most this often per file (a log line is written per output line). */
@@ -98,6 +121,10 @@ export class Head extends EventEmitter<HeadEvents> {
   /** The web dashboard on the /metrics server, behind the admin token. */
   private readonly dashboard: DashboardServer;
   private stopped: Promise<void> | undefined;
+  /** Random per head process: agents that see it change send again what the dead head may have lost. */
+  private readonly instance = randomUUID();
+  /** Serialises sessions.json writes (registrations and renewals come in bursts). */
+  private sessionWrites: Promise<void> = Promise.resolve();
   private shutdownRequested!: () => void;
   readonly shutdownRequestedPromise = new Promise<void>((resolve) => (this.shutdownRequested = resolve));
 
@@ -107,7 +134,7 @@ export class Head extends EventEmitter<HeadEvents> {
     private readonly logger: Logger,
     private readonly adminToken: string,
     /** What a head that stopped without `drover down` (a crash, kill -9) left: taken up again by start(). */
-    private readonly interrupted: { jobs: JobRecord[]; cost?: CostReport } | undefined,
+    private readonly interrupted: InterruptedHead | undefined,
   ) {
     super();
     this.appender = new OrderedAppender(stateDir, (relative, error) => this.stateWriteFailed(relative, error));
@@ -158,6 +185,7 @@ export class Head extends EventEmitter<HeadEvents> {
       adminToken,
       heartbeatIntervalMs: spec.head.heartbeatIntervalMs,
       heartbeatTimeoutMs: spec.head.heartbeatTimeoutMs,
+      headInstance: this.instance,
       logger: logger.child({ component: "control-server" }),
       onShutdownRequested: () => this.shutdownRequested(),
       submitJob: (request) => this.submit(request),
@@ -183,6 +211,7 @@ export class Head extends EventEmitter<HeadEvents> {
       this.emit("workers");
       this.scheduleSnapshot();
     });
+    this.registry.on("sessions", () => this.persistSessions());
     this.jobs.on("changed", (job) => {
       this.emit("job", job);
       // A job's end is what `drover submit` waits for: written at once, not batched.
@@ -217,7 +246,7 @@ export class Head extends EventEmitter<HeadEvents> {
     // A previous head that neither stopped nor failed to start died under its jobs: its
     // nodes are reaped and its unfinished jobs resume from their newest committed
     // checkpoints (read now, before this head's first snapshot replaces cluster.json).
-    let interrupted: { jobs: JobRecord[]; cost?: CostReport } | undefined;
+    let interrupted: InterruptedHead | undefined;
     if (previous && !["stopped", "failed"].includes(previous.state)) {
       const cluster = await state.readJson<{ jobs?: JobRecord[] }>("cluster.json").catch((error: Error) => {
         options.logger.warn("the previous head's cluster.json is unreadable; its jobs cannot be resumed", { error: error.message });
@@ -228,7 +257,20 @@ export class Head extends EventEmitter<HeadEvents> {
         options.logger.warn("the previous head's cost.json is unreadable; this head's cost figures start from zero", { error: error.message });
         return undefined;
       });
-      interrupted = { jobs: (cluster?.jobs ?? []).filter((job) => !isFinal(job.state)), ...(cost?.totals ? { cost } : {}) };
+      // Its agents' credentials (digests) and where they dial: enough to take them up as they run.
+      const sessions = await state.readJson<{ workers?: PersistedWorker[] }>(SESSIONS_FILE).catch((error: Error) => {
+        options.logger.warn("the previous head's sessions.json is unreadable; its nodes cannot be taken up and are released", { error: error.message });
+        return undefined;
+      });
+      const storage = await state.readJson<{ storage?: StorageConfigInput; embedded?: boolean }>("storage.json").catch(() => undefined);
+      const embeddedStoreEndpoint = storage?.embedded ? (storage.storage as { store?: { endpoint?: string } } | undefined)?.store?.endpoint : undefined;
+      interrupted = {
+        jobs: (cluster?.jobs ?? []).filter((job) => !isFinal(job.state)),
+        ...(cost?.totals ? { cost } : {}),
+        ...(previous.controlAddress ? { controlAddress: previous.controlAddress } : {}),
+        workers: Array.isArray(sessions?.workers) ? sessions.workers : [],
+        ...(embeddedStoreEndpoint ? { embeddedStoreEndpoint } : {}),
+      };
     }
     return new Head(spec, state, options.logger, adminToken, interrupted);
   }
@@ -274,14 +316,23 @@ export class Head extends EventEmitter<HeadEvents> {
 
   /** Starts the servers and provisions the nodes; resolves once every node was asked for. */
   async start(): Promise<void> {
-    // Before this head's first snapshot replaces cluster.json: the jobs it takes up again
-    // are in it from the start (their resume step is refined once the store is open).
-    const resumed = (this.interrupted?.jobs ?? []).map((previous) =>
-      this.jobs.resumeInterrupted(previous, previous.lastCommittedStep ?? previous.resumeStep, `the head stopped unexpectedly while the job was ${previous.state}`));
+    // A dead head's running job is taken up as it runs when its nodes can be (adoptionPlan):
+    // its workers and their credentials are restored before this head listens where they
+    // dial, so their reconnects are accepted. Every other unfinished job resumes from its
+    // newest committed checkpoint. Both before this head's first snapshot replaces
+    // cluster.json, so the jobs are in it from the start.
+    let adoption = this.interrupted ? await this.adoptionPlan(this.interrupted) : undefined;
+    const resume = (previous: JobRecord) =>
+      this.jobs.resumeInterrupted(previous, previous.lastCommittedStep ?? previous.resumeStep, `the head stopped unexpectedly while the job was ${previous.state}`);
+    if (adoption) {
+      this.registry.restore(adoption.workers);
+      for (const { job, lastSteps } of adoption.jobs) this.jobs.adoptInterrupted(job, lastSteps);
+    }
+    const resumed = (this.interrupted?.jobs ?? []).filter((job) => !adoption?.jobs.some((adopted) => adopted.job.jobId === job.jobId)).map(resume);
     await this.setState("starting");
     let phase = "starting the control server";
     try {
-      if (this.interrupted) {
+      if (this.interrupted && !adoption) {
         // First: the dead head's agents must not register here with their trainers running.
         phase = "releasing what the previous head left";
         await this.releaseInterrupted();
@@ -295,10 +346,27 @@ export class Head extends EventEmitter<HeadEvents> {
       await this.telemetry.start(this.shutdownController.signal);
       this.telemetry.mount(DASHBOARD_PATH, this.dashboard.handle);
       phase = "starting the control server";
-      await this.server.listen(this.spec.head.host, this.spec.head.port, await this.controlCertificate());
+      const certificate = await this.controlCertificate();
+      if (adoption) {
+        try {
+          await this.server.listen(this.spec.head.host, adoption.port, certificate);
+        } catch (error) {
+          // Its agents dial that port and no other: they cannot be taken up after all.
+          this.logger.warn("cannot listen where the previous head's agents dial; releasing them, and its jobs resume from their checkpoints", { port: adoption.port, error: (error as Error).message });
+          this.registry.forgetRestored();
+          resumed.push(...adoption.jobs.map(({ job }) => resume(job)));
+          adoption = undefined;
+          phase = "releasing what the previous head left";
+          await this.releaseInterrupted();
+          phase = "starting the control server";
+        }
+      }
+      if (!adoption) await this.server.listen(this.spec.head.host, this.spec.head.port, certificate);
       await this.stateDir.writeJson("admin-token", { adminToken: this.adminToken }, 0o600);
       phase = "opening checkpoint storage";
-      await this.startStorage();
+      // Where the adopted agents' store was (their presigned store and URLs name it).
+      const previousStorePort = adoption && this.interrupted?.embeddedStoreEndpoint ? Number(new URL(this.interrupted.embeddedStoreEndpoint).port) : undefined;
+      await this.startStorage(previousStorePort);
       if (this.interrupted) await this.refineResumeSteps(resumed);
       await this.setState("provisioning");
       phase = "provisioning";
@@ -317,7 +385,9 @@ export class Head extends EventEmitter<HeadEvents> {
         logger: provisionerLogger,
       });
       this.repair = new RepairLoop({ provisioner: this.provisioner, groups: backendSection(this.spec).groups, logger: this.logger.child({ component: "repair" }) });
-      await this.repair.provisionAll(this.shutdownController.signal);
+      const adopted = adoption && this.provisioner.adopt ? await this.provisioner.adopt(this.shutdownController.signal) : [];
+      if (adoption) this.logger.info("took over the previous head's nodes", { nodes: adopted.map((node) => node.id).join(",") || "none" });
+      await this.repair.provisionAll(this.shutdownController.signal, adopted);
       this.repair.start(this.shutdownController.signal);
       this.costs.run(this.provisioner);
     } catch (error) {
@@ -383,6 +453,67 @@ export class Head extends EventEmitter<HeadEvents> {
     if (reaped.length > 0) this.logger.info("released what the previous head left", { reaped });
   }
 
+  /**
+   * Whether the dead head's running job can be taken up as it runs, and with what: the
+   * backend can take over its nodes (Provisioner.adopt), this head can listen where its
+   * agents dial, and every node of the job has a restorable session. Undefined (said in
+   * the log) when not: the job then resumes from its newest committed checkpoint.
+   */
+  private async adoptionPlan(interrupted: InterruptedHead): Promise<Adoption | undefined> {
+    const candidates = interrupted.jobs.filter((job) => (job.state === "running" || job.state === "finishing") && (job.groupsRestarting ?? []).length === 0 && job.assignments.length > 0);
+    if (candidates.length === 0) return undefined;
+    const refuse = (reason: string) => {
+      this.logger.warn("the previous head's running job cannot be taken up as it runs; it resumes from its newest committed checkpoint", { reason });
+      return undefined;
+    };
+    const backend = backendNamed(this.spec.provisioner);
+    if (!backend?.adoptable) return refuse(`the ${this.spec.provisioner} backend cannot take over running nodes`);
+    const port = Number(/:(\d+)$/.exec(interrupted.controlAddress ?? "")?.[1] ?? 0);
+    if (!port) return refuse("the previous head's control address is unknown");
+    if (this.spec.head.port !== 0 && this.spec.head.port !== port) return refuse(`head.port is ${this.spec.head.port}, but its agents dial port ${port}`);
+    const verdict = await backend.adoptable(this.stateDir).catch((error: Error) => ({ ok: false as const, reason: error.message }));
+    if (!verdict.ok) return refuse(verdict.reason);
+    const restorable = new Set(interrupted.workers.map((worker) => worker.workerId));
+    const jobs: Adoption["jobs"] = [];
+    for (const job of candidates) {
+      const missing = job.assignments.filter((assignment) => !restorable.has(assignment.workerId)).map((assignment) => assignment.nodeName);
+      if (missing.length > 0) {
+        refuse(`no session of node ${missing.join(", ")} of job ${job.jobId} is on record`);
+        continue;
+      }
+      jobs.push({ job, lastSteps: await this.lastMetricSteps(job) });
+    }
+    return jobs.length > 0 ? { port, workers: interrupted.workers, jobs } : undefined;
+  }
+
+  /**
+   * The newest step per global rank of a job's current attempt in its metrics file: what
+   * the dead head wrote down. Metrics its agents send again at or below it are not
+   * written twice; those above it were lost with the head and are.
+   */
+  private async lastMetricSteps(job: JobRecord): Promise<Map<number, number>> {
+    const steps = new Map<number, number>();
+    const text = await readFile(this.stateDir.path("jobs", job.jobId, "metrics.ndjson"), "utf8").catch(() => "");
+    for (const line of text.split("\n")) {
+      let point: { rank?: unknown; attempt?: unknown; step?: unknown };
+      try {
+        point = JSON.parse(line) as typeof point;
+      } catch {
+        continue; // the torn last line of a head killed mid-write, or an empty one
+      }
+      if (point.attempt !== job.attempt || typeof point.rank !== "number" || typeof point.step !== "number") continue;
+      steps.set(point.rank, Math.max(steps.get(point.rank) ?? -1, point.step));
+    }
+    return steps;
+  }
+
+  /** Writes sessions.json (0600): what a successor needs to accept this head's agents. */
+  private persistSessions(): void {
+    this.sessionWrites = this.sessionWrites
+      .then(() => this.stateDir.writeJson(SESSIONS_FILE, { workers: this.registry.persisted() }, 0o600))
+      .catch((error: Error) => this.stateWriteFailed(SESSIONS_FILE, error));
+  }
+
   /** The store is the truth about what is committed: a resumed job starts from its newest step. */
   private async refineResumeSteps(jobs: JobRecord[]): Promise<void> {
     if (!this.checkpoints) return;
@@ -401,16 +532,24 @@ export class Head extends EventEmitter<HeadEvents> {
    * server on loopback with its data in the state directory (so checkpoints outlive the
    * head and a later `drover up` over the same directory resumes from them).
    */
-  private async startStorage(): Promise<void> {
+  private async startStorage(preferredPort?: number): Promise<void> {
     if (this.spec.storage) {
       this.storageConfig = this.spec.storage;
     } else if (this.spec.provisioner === "local") {
-      this.embeddedS3 = await startLocalS3Server({
+      const start = (port: number) => startLocalS3Server({
         directory: this.stateDir.path("s3"),
+        port,
         signal: this.shutdownController.signal,
         // The upload that met it fails with the same words (its step is named as not stored).
         onDiskFull: (error) => this.stateWriteFailed("s3", error),
       });
+      // Adopted agents hold presigned URLs for the previous head's port; new ones are signed for wherever this one listens.
+      this.embeddedS3 = preferredPort
+        ? await start(preferredPort).catch((error: Error) => {
+          this.logger.warn("the embedded S3 server cannot listen where the previous head's did; adopted agents get URLs for the new port", { port: preferredPort, error: error.message });
+          return start(0);
+        })
+        : await start(0);
       this.storageConfig = { store: this.embeddedS3.storeConfig() };
       this.logger.info("embedded S3 server started", { endpoint: this.embeddedS3.endpoint });
     }

@@ -184,6 +184,16 @@ export class JobController extends EventEmitter<JobEvents> {
    * alone keeps the attempt's bridge id, so it gets the same one again.
    */
   private readonly bridgeCertificates = new Map<string, ReadonlyMap<string, IBridgeTls>>();
+  /**
+   * jobId -> workers of an adopted attempt (adoptInterrupted) that have not yet said, in
+   * their first heartbeat to this head, whether its trainers still run there.
+   */
+  private readonly adopting = new Map<string, Set<string>>();
+  /**
+   * jobId -> global rank -> the newest step of the current attempt this head's files
+   * hold: a metric an agent sends again (replayed) at or below it was written already.
+   */
+  private readonly replayFloors = new Map<string, Map<number, number>>();
   /** jobId -> group -> its restart on its own, while it lasts. */
   private readonly groupRestarts = new Map<string, Map<string, GroupRestart>>();
   private groupRestartCount = 0;
@@ -300,12 +310,91 @@ export class JobController extends EventEmitter<JobEvents> {
     delete job.endedAtMs;
     this.jobs.set(job.jobId, job);
     this.byWireId.set(job.wireJobId, job);
+    // The dead head's attempt, if this head had taken it up first: its late messages are not this attempt's.
+    for (const wireJobId of [previous.wireJobId, ...Object.values(previous.groupWireIds ?? {})]) this.byWireId.set(wireJobId, job);
+    this.adopting.delete(job.jobId);
+    this.replayFloors.delete(job.jobId);
+    this.progress.delete(job.jobId);
     this.deps.logger.info("job resumed after a head restart", { jobId: job.jobId, runId: job.runId, attempt, resumeStep });
     this.log(job, `${reason}; attempt ${attempt} resumes ${resumeStep === undefined ? "from scratch (nothing committed yet)" : `from committed checkpoint step ${resumeStep}`} once ${job.request.nodes} nodes are connected`);
     this.armWaitTimer(job);
     this.emit("changed", job);
     void this.startPendingJobs();
     return job;
+  }
+
+  /**
+   * A job a previous head was running when it died, taken up where it runs: the same
+   * attempt, wire id and ranks, so its trainers go on untouched. Its agents re-register
+   * with this head and their first heartbeat says whether the attempt's trainers still
+   * run there (onHeartbeat); a node whose trainers are gone fails the attempt as a lost
+   * node would (a restart from the newest committed checkpoint), and one that never comes
+   * back is lost at the heartbeat timeout. `lastSteps`: the newest step per global rank of
+   * this attempt in the job's metrics file, below which replayed metrics are duplicates.
+   */
+  adoptInterrupted(previous: JobRecord, lastSteps: ReadonlyMap<number, number>): JobRecord {
+    const job: JobRecord = {
+      ...previous,
+      state: "running",
+      exitCodes: { ...previous.exitCodes },
+      checkpointsReported: { ...previous.checkpointsReported },
+      checkpointsCommitted: [...previous.checkpointsCommitted],
+      checkpointsLost: { ...previous.checkpointsLost },
+      latestMetrics: { ...previous.latestMetrics },
+      groupWireIds: { ...previous.groupWireIds },
+      groupsRestarting: [],
+      stalled: [],
+    };
+    for (const [rank, step] of lastSteps) {
+      if ((job.latestMetrics[rank]?.step ?? -1) < step) job.latestMetrics[rank] = { step, values: job.latestMetrics[rank]?.values ?? {} };
+    }
+    this.jobs.set(job.jobId, job);
+    for (const wireJobId of [job.wireJobId, ...Object.values(job.groupWireIds ?? {})]) this.byWireId.set(wireJobId, job);
+    this.replayFloors.set(job.jobId, new Map(lastSteps));
+    const startedMs = this.now();
+    this.progress.set(job.jobId, new Map(Array.from({ length: job.worldSize }, (_, rank) => [rank, { lastMs: startedMs, stepIntervals: [] }])));
+    this.adopting.set(job.jobId, new Set(job.assignments.map((assignment) => assignment.workerId)));
+    this.deps.logger.info("job adopted after a head restart", { jobId: job.jobId, attempt: job.attempt, nodes: job.assignments.length });
+    this.log(job, `the head restarted; attempt ${job.attempt} goes on where it runs once its ${job.assignments.length} node${job.assignments.length === 1 ? "" : "s"} reconnect and report their trainers`);
+    this.emit("changed", job);
+    return job;
+  }
+
+  /**
+   * A worker's heartbeat (Heartbeat.running_job_ids). The first one an adopted attempt's
+   * worker sends this head settles whether its trainers survived: the agent sends again
+   * what the dead head may have lost (exits, checkpoint reports) before it, so a node
+   * whose ranks all exited meanwhile is no loss.
+   */
+  onHeartbeat(workerId: string, runningJobIds: readonly string[]): void {
+    for (const [jobId, waiting] of this.adopting) {
+      if (!waiting.delete(workerId)) continue;
+      const job = this.jobs.get(jobId);
+      const assignment = job?.assignments.find((candidate) => candidate.workerId === workerId);
+      if (!job || !assignment || job.state !== "running") {
+        this.adopting.delete(jobId);
+        continue;
+      }
+      const ranks = Array.from({ length: assignment.localWorldSize }, (_, local) => assignment.globalRankOffset + local);
+      const running = runningJobIds.includes(this.wireIdOf(job, assignment.group));
+      if (!running && ranks.some((rank) => job.exitCodes[rank] === undefined)) {
+        this.adopting.delete(jobId);
+        // Gone without an exit anyone saw (-1, as for a signal): the restart waits for no report of them.
+        for (const rank of ranks) job.exitCodes[rank] ??= -1;
+        this.fail(job, { reason: `the trainers of node ${assignment.nodeName} did not outlive the head`, lastLines: [] }, true);
+        continue;
+      }
+      if (waiting.size > 0) continue;
+      this.adopting.delete(jobId);
+      this.log(job, `adopted: attempt ${job.attempt}'s ${job.worldSize} ranks on ${job.assignments.length} node${job.assignments.length === 1 ? "" : "s"} go on without a restart`);
+      if (Object.keys(job.exitCodes).length === job.worldSize) void this.finishAfterCheckpoints(job);
+      else this.emit("changed", job);
+    }
+  }
+
+  /** Whether an adopted attempt still waits for some of its nodes to say their trainers live. */
+  adoptionPending(jobId: string): boolean {
+    return this.adopting.has(jobId);
   }
 
   /** A resumed job that has not started yet starts from `step` instead (a newer commit the store knows of). */
@@ -482,20 +571,28 @@ export class JobController extends EventEmitter<JobEvents> {
     this.emit("log", { jobId: job.jobId, rank, stream, line: line.line ?? "" });
   }
 
-  onMetric(workerId: string, metric: IMetricReport): void {
+  /** `replayed`: sent to the dead head before this one (WorkerMessage.replayed); taken only if its files lack it. */
+  onMetric(workerId: string, metric: IMetricReport, replayed = false): void {
     const job = this.current(metric.jobId);
     if (!job || (job.state !== "running" && job.state !== "finishing") || !this.fromCurrentRun(job, workerId, metric.jobId)) return;
     const rank = this.globalRank(job, workerId, metric.rank ?? 0);
+    if (replayed) {
+      const floor = this.replayFloors.get(job.jobId);
+      if ((floor?.get(rank) ?? -1) >= Number(metric.step ?? 0)) return;
+      floor?.set(rank, Number(metric.step ?? 0));
+    }
     if (job.latestMetrics[rank]?.step !== Number(metric.step ?? 0)) this.madeProgress(job, rank, true);
     job.latestMetrics[rank] = { step: Number(metric.step ?? 0), values: { ...(metric.values ?? {}) } };
     this.emit("metric", job, { ...metric, rank });
   }
 
-  onCheckpoint(workerId: string, report: ICheckpointReport): void {
+  onCheckpoint(workerId: string, report: ICheckpointReport, replayed = false): void {
     const job = this.current(report.jobId);
     // Reports of a failed attempt never count: its ranks may not all have written the step.
     // A finishing job still takes them: agents report a rank's exit only after its uploads.
     if (!job || (job.state !== "running" && job.state !== "finishing") || !this.fromCurrentRun(job, workerId, report.jobId)) return;
+    // Sent again to this head after the previous one died: a committed step needs nothing more.
+    if (replayed && job.checkpointsCommitted.includes(Number(report.step ?? 0))) return;
     const rank = this.globalRank(job, workerId, report.rank ?? 0);
     if (report.error) {
       this.checkpointLost(job.jobId, Number(report.step ?? 0), `rank ${rank} could not store it: ${report.error}`);
@@ -507,7 +604,7 @@ export class JobController extends EventEmitter<JobEvents> {
     this.emit("checkpoint", job, { ...report, rank });
   }
 
-  onRankExit(workerId: string, exit: IRankExit): void {
+  onRankExit(workerId: string, exit: IRankExit, replayed = false): void {
     const draining = this.draining.get(exit.jobId ?? "");
     if (draining) {
       const job = this.byWireId.get(draining.wireJobId)!;
@@ -528,6 +625,10 @@ export class JobController extends EventEmitter<JobEvents> {
     if (!this.fromCurrentRun(job, workerId, exit.jobId)) return;
     const rank = this.globalRank(job, workerId, exit.rank ?? 0);
     const exitCode = exit.exitCode ?? 0;
+    if (replayed && job.exitCodes[rank] !== undefined) {
+      // The dead head had it; what it had not done with it is done when the adoption settles.
+      return;
+    }
     job.exitCodes[rank] = exitCode;
     const how = exit.signal ? `signal ${exit.signal}` : `exit code ${exitCode}`;
     this.log(job, `rank ${rank} exited with ${how}`);
@@ -541,7 +642,7 @@ export class JobController extends EventEmitter<JobEvents> {
       this.fail(job, { reason, rank, lastLines: exit.lastLines ?? [] }, downNodes.length > 0, downGroups.size === 1 ? [...downGroups][0] : undefined);
       return;
     }
-    if (Object.keys(job.exitCodes).length === job.worldSize && job.state !== "failed") {
+    if (Object.keys(job.exitCodes).length === job.worldSize && job.state !== "failed" && !this.adopting.has(job.jobId)) {
       if (job.state === "stopping") this.finish(job, "stopped");
       else void this.finishAfterCheckpoints(job);
     } else {
@@ -791,6 +892,8 @@ export class JobController extends EventEmitter<JobEvents> {
     const restart: JobRestart = { attempt: job.attempt, reason, atMs: this.now(), ...(lastStep === undefined ? {} : { lastStep }) };
     job.restarts.push(restart);
     job.state = "restarting";
+    this.adopting.delete(job.jobId);
+    this.replayFloors.delete(job.jobId);
     this.log(job, `attempt ${job.attempt} failed: ${reason}; restarting from the newest committed checkpoint (restart ${job.restarts.length} of at most ${job.maxRestarts})`);
     this.emit("changed", job);
 
@@ -866,6 +969,8 @@ export class JobController extends EventEmitter<JobEvents> {
     job.state = state;
     job.endedAtMs = this.now();
     this.progress.delete(job.jobId);
+    this.adopting.delete(job.jobId);
+    this.replayFloors.delete(job.jobId);
     for (const entry of this.groupRestarts.get(job.jobId)?.values() ?? []) clearTimeout(entry.waitTimer);
     this.groupRestarts.delete(job.jobId);
     this.bridgeSecrets.delete(job.jobId);

@@ -71,10 +71,14 @@ export class RepairLoop {
     return this.latest;
   }
 
-  /** Launches every group; rejects with the first unrecoverable (or retried-out) failure. */
-  async provisionAll(signal: AbortSignal): Promise<void> {
+  /**
+   * Launches every group, less the nodes `adopted` from a dead head (still running);
+   * rejects with the first unrecoverable (or retried-out) failure.
+   */
+  async provisionAll(signal: AbortSignal, adopted: readonly NodeRecord[] = []): Promise<void> {
     for (const group of this.options.groups) {
-      await this.launchWithRetry(group.name, group.nodes, `provisioning group ${group.name}`, signal);
+      const missing = group.nodes - adopted.filter((node) => node.group === group.name).length;
+      if (missing > 0) await this.launchWithRetry(group.name, missing, `provisioning group ${group.name}`, signal);
     }
     this.latest = await this.options.provisioner.nodes(signal);
   }

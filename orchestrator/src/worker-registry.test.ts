@@ -86,4 +86,41 @@ describe("WorkerRegistry", () => {
     expect(registry.attach(replaced.workerId, replaced.sessionToken, channel())).toBe(true);
     expect(registry.connected().map((worker) => worker.nodeName)).toEqual(["local-1"]);
   });
+
+  it("hands a successor what it needs to accept the same agents: digests, never credentials", () => {
+    const clock = manualClock();
+    const dead = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, clock, logger: silentLogger });
+    const first = dead.register({ ...node("local-0"), bridgeAddress: "" });
+    const token = first.sessionToken;
+    const renewed = dead.renewSession(first.workerId)!;
+    const persisted = dead.persisted();
+    expect(JSON.stringify(persisted)).not.toContain(token);
+    expect(JSON.stringify(persisted)).not.toContain(renewed.token);
+    expect(persisted).toEqual([expect.objectContaining({ workerId: first.workerId, nodeName: "local-0", incarnation: "agent-1", sessions: [expect.any(Object), expect.any(Object)] })]);
+
+    const successor = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, clock, logger: silentLogger });
+    successor.start();
+    successor.restore(JSON.parse(JSON.stringify(persisted)));
+    expect(successor.get(first.workerId)).toMatchObject({ connection: "disconnected", nodeName: "local-0" });
+    expect(successor.reauthenticate("local-0", "not-the-credential-0123456789ab")).toMatchObject({ ok: false });
+    expect(successor.reauthenticate("local-1", renewed.token)).toMatchObject({ ok: false });
+    // The credential it holds (current, or the one the renewal replaced) is accepted, once.
+    expect(successor.reauthenticate("local-0", token)).toMatchObject({ ok: true });
+    const again = successor.register({ ...node("local-0"), bridgeAddress: "" });
+    expect(again.workerId).toBe(first.workerId);
+    expect(successor.reauthenticate("local-0", renewed.token)).toMatchObject({ ok: false });
+    expect(successor.attach(again.workerId, again.sessionToken, channel())).toBe(true);
+
+    // A restored worker whose agent never comes back is lost at the heartbeat timeout.
+    const other = new WorkerRegistry({ heartbeatTimeoutMs: 5_000, clock, logger: silentLogger });
+    other.start();
+    other.restore(JSON.parse(JSON.stringify(persisted)));
+    const lost: string[] = [];
+    other.on("lost", (worker) => lost.push(worker.nodeName));
+    clock.advance(6_000);
+    expect(lost).toEqual(["local-0"]);
+    // Expired credentials are not handed on.
+    clock.advance(20 * 60_000);
+    expect(dead.persisted()).toEqual([]);
+  });
 });

@@ -1,4 +1,4 @@
-import { randomBytes, randomUUID } from "node:crypto";
+import { createHash, randomBytes, randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
 import type { IHeadMessage, IResources } from "@drover/proto";
 import type { Logger } from "./logger.js";
@@ -40,6 +40,22 @@ function newSessionToken(): string {
   return randomBytes(24).toString("base64url");
 }
 
+function sessionDigest(token: string): string {
+  return createHash("sha256").update(token).digest("hex");
+}
+
+/**
+ * What a head keeps of a registered worker across its own death (sessions.json): the
+ * registration and the digests of its live session credentials, never a credential. A
+ * new head over the same state directory restores these, so the agents of the dead head
+ * re-register with the credentials they hold and their trainers go on.
+ */
+export interface PersistedWorker extends WorkerRegistration {
+  workerId: string;
+  registeredAtMs: number;
+  sessions: Array<{ sha256: string; expiresAtMs: number }>;
+}
+
 export interface WorkerChannel {
   send(message: IHeadMessage): void;
   close(): void;
@@ -47,6 +63,8 @@ export interface WorkerChannel {
 
 interface RegistryEvents {
   changed: [];
+  /** A session credential was issued, renewed or revoked: what persisted() returns changed. */
+  sessions: [];
   lost: [RegisteredWorker, string];
 }
 
@@ -72,6 +90,11 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
   private readonly channels = new Map<string, WorkerChannel>();
   /** The credential a renewal replaced, accepted until its own expiry (the renewal may have been lost on the way). */
   private readonly previousSessions = new Map<string, { token: string; expiresAtMs: number }>();
+  /**
+   * Digests of credentials a previous head issued (restore()): a worker that re-registers
+   * with one of them is the same agent, reconnecting. Dropped once it has re-registered.
+   */
+  private readonly restoredSessions = new Map<string, Array<{ sha256: string; expiresAtMs: number }>>();
   private timer: unknown;
 
   constructor(private readonly options: { heartbeatTimeoutMs: number; clock?: Clock; logger: Logger; sessionTtlMs?: number }) {
@@ -117,9 +140,11 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
       sessionExpiresAtMs: now + this.sessionTtlMs,
     };
     this.previousSessions.delete(worker.workerId);
+    this.restoredSessions.delete(worker.workerId);
     this.workers.set(worker.workerId, worker);
     this.options.logger.info(existing ? "worker re-registered" : "worker registered", { workerId: worker.workerId, node: worker.nodeName, group: worker.group, slots: worker.slots });
     this.emit("changed");
+    this.emit("sessions");
     return worker;
   }
 
@@ -129,7 +154,9 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
     if (token === "") return false;
     if (secretsEqual(token, worker.sessionToken) && now < worker.sessionExpiresAtMs) return true;
     const previous = this.previousSessions.get(worker.workerId);
-    return previous !== undefined && secretsEqual(token, previous.token) && now < previous.expiresAtMs;
+    if (previous !== undefined && secretsEqual(token, previous.token) && now < previous.expiresAtMs) return true;
+    const digest = sessionDigest(token);
+    return (this.restoredSessions.get(worker.workerId) ?? []).some((restored) => secretsEqual(digest, restored.sha256) && now < restored.expiresAtMs);
   }
 
   /** True when `token` is a live session credential of worker `workerId` (Presign calls carry it). */
@@ -157,13 +184,65 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
     this.previousSessions.set(workerId, { token: worker.sessionToken, expiresAtMs: worker.sessionExpiresAtMs });
     worker.sessionToken = newSessionToken();
     worker.sessionExpiresAtMs = this.clock.now() + this.sessionTtlMs;
+    this.emit("sessions");
     return { token: worker.sessionToken, expiresAtMs: worker.sessionExpiresAtMs };
   }
 
   /** Every session credential is worthless from now on (the cluster is going down). */
   revokeSessions(): void {
     this.previousSessions.clear();
+    this.restoredSessions.clear();
     for (const worker of this.workers.values()) worker.sessionExpiresAtMs = 0;
+    this.emit("sessions");
+  }
+
+  /** The live workers as a later head would restore them: registrations and credential digests (sessions.json). */
+  persisted(): PersistedWorker[] {
+    const now = this.clock.now();
+    return [...this.workers.values()].filter((worker) => worker.connection !== "lost").map((worker) => {
+      const previous = this.previousSessions.get(worker.workerId);
+      const sessions = [
+        ...(worker.sessionToken ? [{ sha256: sessionDigest(worker.sessionToken), expiresAtMs: worker.sessionExpiresAtMs }] : []),
+        ...(previous ? [{ sha256: sessionDigest(previous.token), expiresAtMs: previous.expiresAtMs }] : []),
+        ...(this.restoredSessions.get(worker.workerId) ?? []),
+      ].filter((session) => session.expiresAtMs > now);
+      return {
+        workerId: worker.workerId,
+        nodeName: worker.nodeName,
+        group: worker.group,
+        slots: worker.slots,
+        resources: worker.resources,
+        agentVersion: worker.agentVersion,
+        incarnation: worker.incarnation,
+        bridgeAddress: worker.bridgeAddress,
+        registeredAtMs: worker.registeredAtMs,
+        sessions,
+      };
+    }).filter((worker) => worker.sessions.length > 0);
+  }
+
+  /**
+   * The workers a dead head had (persisted()), taken up by this head before it listens:
+   * disconnected until their agents re-register with the credentials they hold, and lost
+   * as any silent worker is if they do not within the heartbeat timeout from now.
+   */
+  restore(workers: readonly PersistedWorker[]): void {
+    const now = this.clock.now();
+    for (const { sessions, ...registration } of workers) {
+      this.workers.set(registration.workerId, { ...registration, connection: "disconnected", lastSeenMs: now, sessionToken: "", sessionExpiresAtMs: 0 });
+      this.restoredSessions.set(registration.workerId, sessions.map((session) => ({ ...session })));
+    }
+    if (workers.length > 0) {
+      this.options.logger.info("workers of the previous head restored; waiting for them to reconnect", { workers: workers.length });
+      this.emit("changed");
+    }
+  }
+
+  /** Forgets restored workers none of whose agents came back (this head could not take them up after all). */
+  forgetRestored(): void {
+    for (const workerId of this.restoredSessions.keys()) this.workers.delete(workerId);
+    this.restoredSessions.clear();
+    this.emit("changed");
   }
 
   /** Binds a Session stream; false when the worker id or session credential does not match (or expired). */
@@ -227,6 +306,7 @@ export class WorkerRegistry extends EventEmitter<RegistryEvents> {
     if (!worker || worker.connection === "lost") return false;
     worker.sessionExpiresAtMs = 0;
     this.previousSessions.delete(workerId);
+    this.restoredSessions.delete(workerId);
     this.markLost(worker, reason);
     return true;
   }

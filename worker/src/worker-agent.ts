@@ -93,6 +93,21 @@ const PYTHON_HELPER_DIR = fileURLToPath(new URL("../python", import.meta.url));
 /** Messages kept while the head is unreachable; log lines are dropped first beyond it. */
 const OUTBOX_LIMIT = 10_000;
 
+/**
+ * What the agent keeps of what it sent, to send again to a new head over the same state
+ * (a crashed head's successor): the newest metrics and every checkpoint report, exit and
+ * failure of the newest jobs. A head killed the moment after a write never read it, or
+ * read it without writing it down; the new head takes what it has no record of.
+ */
+const REPLAY_METRICS_PER_JOB = 1_024;
+const REPLAY_REPORTS_PER_JOB = 8_192;
+const REPLAY_JOBS = 8;
+
+interface SentJournal {
+  metrics: IWorkerMessage[];
+  reports: IWorkerMessage[];
+}
+
 interface RunningJob {
   job: IStartJob;
   supervisor: TrainerSupervisor;
@@ -126,6 +141,10 @@ export class WorkerAgent {
   private client: ControlClient | undefined;
   private stream: grpc.ClientDuplexStream<IWorkerMessage, HeadMessage> | undefined;
   private readonly outbox: IWorkerMessage[] = [];
+  /** Job id -> what was written to a head's stream about it (see REPLAY_*). */
+  private readonly sentJournal = new Map<string, SentJournal>();
+  /** The head process this agent last registered with (RegisterResponse.head_instance). */
+  private headInstance: string | undefined;
   private readonly jobs = new Map<string, RunningJob>();
   private readonly stopController = new AbortController();
   private heartbeatTimer: NodeJS.Timeout | undefined;
@@ -217,6 +236,11 @@ export class WorkerAgent {
     const client = this.client;
     const registered = await this.register(client, resources, signal);
     this.lastContact = Date.now();
+    // Another head process than before: the previous one died, maybe before it acted on
+    // what it was sent last. Its successor gets it again, marked as replayed.
+    const newHead = registered.headInstance ? registered.headInstance : undefined;
+    const replay = this.headInstance !== undefined && newHead !== undefined && newHead !== this.headInstance;
+    this.headInstance = newHead ?? this.headInstance;
     const metadata = new grpc.Metadata();
     metadata.set("x-drover-worker-id", registered.workerId);
     if (registered.presignedStorage) this.openPresignedStore(registered.presignedStorage);
@@ -227,8 +251,11 @@ export class WorkerAgent {
     this.logger.info("registered with head", { workerId: registered.workerId, slots: this.options.slots });
 
     const heartbeat = () => this.send({ heartbeat: { timeMs: Date.now(), runningJobIds: [...this.jobs.keys()] } }, true);
-    heartbeat();
+    if (replay) this.replayJournal(stream);
     this.flushOutbox();
+    // After what was sent again and what waited: a new head judges from the first
+    // heartbeat which of its jobs' trainers outlived its predecessor, knowing every exit.
+    heartbeat();
     this.heartbeatTimer = setInterval(heartbeat, registered.heartbeatIntervalMs || 1_000);
     const onAbort = () => stream.cancel();
     signal.addEventListener("abort", onAbort, { once: true });
@@ -396,8 +423,12 @@ export class WorkerAgent {
       this.send({ metric: { jobId, rank: metric.rank, step: metric.step, values: metric.values, timeMs: Date.now() } });
     });
     socket.on("checkpoint", (report) => {
-      const upload = this.reportCheckpoint(jobId, report);
       const pending = running.uploadsByRank.get(report.rank) ?? new Set<Promise<void>>();
+      // A rank's steps are stored in the order it saved them: a later step committed while
+      // an earlier one still uploads (the store or the head out for a while) would have
+      // the commit's prune take the earlier step's objects for abandoned.
+      const earlier = [...pending];
+      const upload = Promise.allSettled(earlier).then(() => this.reportCheckpoint(jobId, report));
       running.uploadsByRank.set(report.rank, pending);
       pending.add(upload);
       void upload.finally(() => pending.delete(upload));
@@ -679,7 +710,7 @@ export class WorkerAgent {
   private send(message: IWorkerMessage, skipQueue = false): void {
     const full = { protocolVersion: PROTOCOL_VERSION, ...message };
     if (this.stream && this.outbox.length === 0) {
-      this.stream.write(full);
+      this.writeToHead(this.stream, full);
       return;
     }
     if (skipQueue) return;
@@ -692,7 +723,40 @@ export class WorkerAgent {
   }
 
   private flushOutbox(): void {
-    while (this.stream && this.outbox.length > 0) this.stream.write(this.outbox.shift()!);
+    while (this.stream && this.outbox.length > 0) this.writeToHead(this.stream, this.outbox.shift()!);
+  }
+
+  /** Writes to the head's stream and keeps what a successor head would need again. */
+  private writeToHead(stream: grpc.ClientDuplexStream<IWorkerMessage, HeadMessage>, message: IWorkerMessage): void {
+    stream.write(message);
+    const jobId = message.metric?.jobId ?? message.checkpoint?.jobId ?? message.rankExit?.jobId ?? message.jobFailure?.jobId;
+    if (!jobId) return;
+    let journal = this.sentJournal.get(jobId);
+    if (!journal) {
+      journal = { metrics: [], reports: [] };
+      this.sentJournal.set(jobId, journal);
+      // Oldest job first out (a Map iterates in insertion order).
+      if (this.sentJournal.size > REPLAY_JOBS) this.sentJournal.delete(this.sentJournal.keys().next().value!);
+    }
+    const [list, limit] = message.metric ? [journal.metrics, REPLAY_METRICS_PER_JOB] : [journal.reports, REPLAY_REPORTS_PER_JOB];
+    list.push(message);
+    if (list.length > limit) list.shift();
+  }
+
+  /**
+   * Sends a new head what its dead predecessor was sent (replayed = true), before the
+   * outbox and the first heartbeat: per job its newest metrics, then its checkpoint
+   * reports and exits in the order they were sent (a rank's reports before its exit).
+   */
+  private replayJournal(stream: grpc.ClientDuplexStream<IWorkerMessage, HeadMessage>): void {
+    let count = 0;
+    for (const journal of this.sentJournal.values()) {
+      for (const message of [...journal.metrics, ...journal.reports]) {
+        stream.write({ ...message, replayed: true });
+        count++;
+      }
+    }
+    if (count > 0) this.logger.info("sent a new head what its predecessor was sent last", { messages: count });
   }
 
   /**

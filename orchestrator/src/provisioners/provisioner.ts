@@ -58,6 +58,13 @@ export interface Provisioner {
    * chain's latest block (Akash); absent for backends the spec prices by the node-hour.
    */
   leasesOnChain?(signal: AbortSignal): Promise<{ latest: ChainBlock; leases: LeaseOnChain[] }>;
+  /**
+   * Takes over the nodes a head that died left running, instead of their being reaped:
+   * their agents reconnect to this head (same address) and their trainers go on. Resolves
+   * with the nodes it took; those it could not (gone meanwhile) are left to the repair loop.
+   * Only called when the backend's `adoptable` said yes.
+   */
+  adopt?(signal: AbortSignal): Promise<NodeRecord[]>;
   /** Called whenever a node may have changed state (a watch event, a process exit), so the head need not poll. */
   onNodesChanged?(listener: () => void): void;
 }
@@ -103,6 +110,12 @@ export interface ProvisionerBackend<Schema extends z.ZodType<{ groups: readonly 
   startDeadlineMs?(section: z.output<Schema>): number;
   /** A short clause on provisioning progress for `drover up` ("; 2 ask(s) posted, ..."), read from the state directory. */
   progress?(state: StateDirectory, sinceMs: number): Promise<string>;
+  /**
+   * Whether a new head can take over what a crashed head left (Provisioner.adopt), from
+   * the state directory alone; the reason when not (the head then reaps and restarts the
+   * jobs from their checkpoints). Absent: never.
+   */
+  adoptable?(state: StateDirectory): Promise<{ ok: true } | { ok: false; reason: string }>;
   /** Releases what a crashed head left behind, from its state directory alone; says what it stopped. */
   reap(state: StateDirectory, logger: Logger, signal: AbortSignal): Promise<string[]>;
 }

@@ -40,7 +40,8 @@ export function findWorkerProgram(): { program: string; args: string[] } {
 
 interface LocalNode {
   readonly group: string;
-  readonly child: ChildProcess;
+  /** Undefined for a node adopted from a dead head: not this process's child, watched by pid. */
+  readonly child: ChildProcess | undefined;
   readonly pid: number;
   /** Where the head reaches the node: loopback, or its namespace's end of the control link. */
   readonly address: string;
@@ -63,6 +64,8 @@ export class LocalProvisioner implements Provisioner {
   private readonly listeners: Array<() => void> = [];
   private recordWrites: Promise<void> = Promise.resolve();
   private closed = false;
+  /** Polls adopted nodes' pids (no exit event reaches a process that is not their parent). */
+  private adoptedWatch: NodeJS.Timeout | undefined;
   /** Isolated groups' namespaces, made on the first launch; undefined inside when groups share loopback. */
   private networks: Promise<GroupNetworks | undefined> | undefined;
 
@@ -87,6 +90,35 @@ export class LocalProvisioner implements Provisioner {
       started.push(this.recordOf(nodeName, this.running.get(nodeName)!, pid));
     }
     return started;
+  }
+
+  /**
+   * The workers a dead head started that still run (local-nodes.json, each pid checked to
+   * be a worker of this state directory), taken over as this provisioner's own: watched
+   * by pid, stopped by process group. Records of dead workers are dropped.
+   */
+  async adopt(): Promise<NodeRecord[]> {
+    const records = (await this.context.state.readJson<LocalNodeRecord[]>(NODES_FILE)) ?? [];
+    const adopted: NodeRecord[] = [];
+    for (const record of records) {
+      const nodeName = record.nodeName;
+      const group = this.spec.groups.find((candidate) => localNodeName(candidate.name, Number(/-(\d+)$/.exec(nodeName)?.[1] ?? -1)) === nodeName);
+      const commandLine = processAlive(record.pid) ? await processCommandLine(record.pid) : undefined;
+      if (!group || commandLine === undefined || !isWorkerCommandLine(commandLine) || !commandLine.includes(`--state-dir ${record.stateDir}`)) continue;
+      const node: LocalNode = { group: group.name, child: undefined, pid: record.pid, state: "running", address: "127.0.0.1" };
+      this.running.set(nodeName, node);
+      this.records.set(nodeName, record);
+      adopted.push(this.recordOf(nodeName, node, record.pid));
+      this.context.logger.info("local worker adopted", { node: nodeName, pid: record.pid });
+    }
+    await this.writeRecords();
+    this.adoptedWatch ??= setInterval(() => {
+      for (const [nodeName, node] of this.running) {
+        if (node.child === undefined && node.state === "running" && !processAlive(node.pid)) this.onExit(nodeName, node, null, null);
+      }
+    }, 1_000);
+    this.adoptedWatch.unref();
+    return adopted;
   }
 
   async nodes(): Promise<NodeRecord[]> {
@@ -183,7 +215,8 @@ export class LocalProvisioner implements Provisioner {
    */
   private onExit(nodeName: string, node: LocalNode, code: number | null, signal: NodeJS.Signals | null): void {
     if (this.running.get(nodeName) !== node || this.closed) return;
-    const how = signal ? `signal ${signal}` : `exit code ${code}`;
+    // An adopted worker's exit status is not ours to read: it is gone, for an unknown reason.
+    const how = signal ? `signal ${signal}` : code === null ? "it exited (adopted from the previous head: status unknown)" : `exit code ${code}`;
     if (code === 0 || code === 3) {
       this.context.logger.info("local worker exited", { node: nodeName, how });
       this.running.delete(nodeName);
@@ -202,14 +235,15 @@ export class LocalProvisioner implements Provisioner {
       this.running.delete(id);
       return [{ id, node }];
     });
-    await Promise.all(stopping.map(({ id, node }) => stopChild(id, node.child, this.context.logger)));
+    await Promise.all(stopping.map(({ id, node }) => stopNode(id, node, this.context.logger)));
     for (const { id } of stopping) this.records.delete(id);
     await this.writeRecords();
   }
 
   async close(): Promise<void> {
     this.closed = true;
-    const exits = [...this.running.entries()].map(([nodeName, node]) => stopChild(nodeName, node.child, this.context.logger));
+    clearInterval(this.adoptedWatch);
+    const exits = [...this.running.entries()].map(([nodeName, node]) => stopNode(nodeName, node, this.context.logger));
     await Promise.all(exits);
     await this.recordWrites.catch(() => undefined);
     // Whatever did not stop in time (and any trainer it left) is killed from the records.
@@ -226,6 +260,15 @@ export class LocalProvisioner implements Provisioner {
 }
 
 /** SIGTERM to a worker's process group; resolves when it exited or after a grace period (the reaper then kills what is left). */
+async function stopNode(nodeName: string, node: LocalNode, logger: Logger): Promise<void> {
+  if (node.child) return stopChild(nodeName, node.child, logger);
+  // Adopted: not our child, so its exit is seen by pid.
+  logger.info("stopping local worker", { node: nodeName });
+  signalGroup(node.pid, "SIGTERM");
+  const deadline = Date.now() + 15_000;
+  while (processAlive(node.pid) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+}
+
 function stopChild(nodeName: string, child: ChildProcess, logger: Logger): Promise<void> {
   return new Promise<void>((resolve) => {
     if (child.exitCode !== null || child.signalCode !== null) return resolve();
@@ -408,5 +451,13 @@ export const localBackend: ProvisionerBackend<typeof localSpecSchema> = {
   defaultSection: {},
   sharesFilesystem: true,
   create: (section, context) => new LocalProvisioner(section, context),
+  adoptable: async (state) => {
+    // Isolated groups reach the head through forwarders that died with it.
+    const plan = await state.readJson<GroupNetworkPlan>(NETWORKS_FILE).catch(() => undefined);
+    if (plan?.wanNamespace) return { ok: false, reason: "its groups ran in network namespaces of their own, whose forwarders to the head ended with it" };
+    const records = await state.readJson<LocalNodeRecord[]>(NODES_FILE).catch(() => undefined);
+    if (!records?.some((record) => processAlive(record.pid))) return { ok: false, reason: "none of its workers is running" };
+    return { ok: true };
+  },
   reap: (state, logger) => reapLocalNodes(state, logger),
 };
