@@ -239,6 +239,36 @@ describe.skipIf(unavailable !== undefined)("Kubernetes backend against a loopbac
     await waitFor(async () => ((await drover(["status"])).stdout.match(/ connected, group trainers/g)?.length ?? 0) === 2, 30_000, "both nodes connected");
   });
 
+  it("takes up the running pods and their job when `drover up` runs again after kill -9 of the head", async () => {
+    const codeDir = join(work, "ckpt-trainer");
+    const submit = await drover(["submit", "--no-wait", "--run-id", "k8s-adopt", "--working-dir", codeDir, "--", "python", "train.py", "40"]);
+    expect(submit.code, submit.stdout + submit.stderr).toBe(0);
+    const jobId = /submitted (\S+)/.exec(submit.stdout)![1]!;
+    await waitFor(async () => ((await clusterJob(jobId))?.lastCommittedStep ?? 0) >= 5, 90_000, "a committed checkpoint");
+    const pods = (await labelled()).pods.map((pod) => pod.metadata!.name!).sort();
+    const agents = runtime!.pods().map((pod) => pod.pid).sort();
+    const head = JSON.parse(await readFile(join(stateDir, "head.json"), "utf8")) as { pid: number };
+    process.kill(head.pid, "SIGKILL");
+    await waitFor(() => !processAlive(head.pid), 5_000, "the head to die");
+    const up = await drover(["up", specFile], 180_000);
+    expect(up.code, up.stdout + up.stderr).toBe(0);
+    await waitFor(async () => {
+      const job = await clusterJob(jobId);
+      return job !== undefined && ["succeeded", "failed", "stopped"].includes(job.state);
+    }, 150_000, "the job to finish", 250);
+    const final = (await clusterJob(jobId))!;
+    const logs = await drover(["logs", "--job", jobId]);
+    expect(final.state, logs.stdout.slice(-2000)).toBe("succeeded");
+    // The same pods and agent processes, the same attempt: nothing was restarted.
+    expect(final.attempt).toBe(1);
+    expect(final.restarts).toEqual([]);
+    expect((await labelled()).pods.map((pod) => pod.metadata!.name!).sort()).toEqual(pods);
+    expect(runtime!.pods().map((pod) => pod.pid).sort()).toEqual(agents);
+    expect(logs.stdout).toContain("adopted: attempt 1's 2 ranks on 2 nodes go on without a restart");
+    expect(logs.stdout).not.toMatch(/RESUMED rank=/);
+    expect([...logs.stdout.matchAll(/DONE rank=\d world=2 sum=3/g)]).toHaveLength(2);
+  });
+
   it("`drover down` after kill -9 of the head, with the spec file deleted, deletes every object with the cluster's label", async () => {
     const head = JSON.parse(await readFile(join(stateDir, "head.json"), "utf8")) as { pid: number };
     process.kill(head.pid, "SIGKILL");

@@ -139,8 +139,12 @@ export class KubernetesProvisioner implements Provisioner {
     return `${this.clusterId}-${group}`.slice(0, 63).replace(/-+$/, "");
   }
 
-  /** Records what `drover down` needs, then the Secret; each group's Service on its first launch. */
-  private async prepare(signal: AbortSignal): Promise<void> {
+  /**
+   * Records what `drover down` needs, then the Secret; each group's Service on its first
+   * launch. `adopting`: the pods an earlier (dead) head left are this head's to take up,
+   * not to delete.
+   */
+  private async prepare(signal: AbortSignal, adopting = false): Promise<void> {
     if (this.prepared) return;
     this.connection ??= await connectKubernetes({ ...(this.spec.context ? { context: this.spec.context } : {}), ...(process.env.KUBECONFIG ? { kubeconfig: process.env.KUBECONFIG } : {}) }).catch((error: unknown) => {
       throw new ProvisionError(`kubernetes: no usable kubeconfig (KUBECONFIG, ~/.kube/config or in-cluster): ${(error as Error).message}`, false, {}, { cause: error });
@@ -154,12 +158,15 @@ export class KubernetesProvisioner implements Provisioner {
     // First, before any object exists: a head killed a moment later leaves nothing `down` cannot find.
     await this.context.state.writeJson(KUBERNETES_STATE_FILE, record);
     // An earlier head of this state directory may have left pods whose agents hold an old
-    // token: they could only fail. A new head starts clean, as on Akash.
-    try {
-      const left = await deleteClusterObjects(this.api, this.spec.namespace, this.clusterId, this.context.logger, signal);
-      for (const what of left) if (what.startsWith("pod ")) this.terminated.add(what.slice(what.indexOf("/") + 1));
-    } catch (error) {
-      throw provisionError("deleting what an earlier head left", error);
+    // token: they could only fail. A new head starts clean, as on Akash, unless it takes
+    // them up (their agents hold session credentials it accepts).
+    if (!adopting) {
+      try {
+        const left = await deleteClusterObjects(this.api, this.spec.namespace, this.clusterId, this.context.logger, signal);
+        for (const what of left) if (what.startsWith("pod ")) this.terminated.add(what.slice(what.indexOf("/") + 1));
+      } catch (error) {
+        throw provisionError("deleting what an earlier head left", error);
+      }
     }
     const secret = {
       metadata: { name: this.secretName, labels: this.labels() },
@@ -198,6 +205,28 @@ export class KubernetesProvisioner implements Provisioner {
     }
     this.watching = this.watchPods();
     this.prepared = true;
+  }
+
+  /**
+   * The pods a dead head of this state directory left (by the cluster's label) that are
+   * not failed or going: this head's nodes from now on, their agents reconnecting to it.
+   */
+  async adopt(signal: AbortSignal): Promise<NodeRecord[]> {
+    await this.prepare(signal, true);
+    let list;
+    try {
+      list = await abortable(this.api.listNamespacedPod({ namespace: this.spec.namespace, labelSelector: this.selector }), signal);
+    } catch (error) {
+      throw provisionError("listing the pods an earlier head left", error);
+    }
+    const adopted: NodeRecord[] = [];
+    for (const pod of list.items) {
+      if (podState(pod).state === "lost" || !this.spec.groups.some((group) => group.name === pod.metadata?.labels?.[GROUP_LABEL])) continue;
+      this.pods.set(pod.metadata!.name!, pod);
+      adopted.push(this.recordOf(pod));
+      this.context.logger.info("pod adopted", { pod: pod.metadata!.name, group: pod.metadata?.labels?.[GROUP_LABEL] });
+    }
+    return adopted;
   }
 
   async launch(groupName: string, count: number, signal: AbortSignal): Promise<NodeRecord[]> {
@@ -449,6 +478,17 @@ export const kubernetesBackend: ProvisionerBackend<typeof kubernetesSpecSchema> 
   // Pods may pull a multi-GB image first: minutes, not seconds.
   startDeadlineMs: () => 10 * 60_000,
   create: (section, context) => new KubernetesProvisioner(section, context),
+  adoptable: async (state) => {
+    const record = await state.readJson<KubernetesRecord>(KUBERNETES_STATE_FILE).catch(() => undefined);
+    if (record === undefined) return { ok: false, reason: "it recorded no Kubernetes cluster" };
+    try {
+      const { api } = await connectKubernetes(record);
+      const pods = await abortable(api.listNamespacedPod({ namespace: record.namespace, labelSelector: `${CLUSTER_LABEL}=${record.clusterId}` }), AbortSignal.timeout(30_000));
+      return pods.items.some((pod) => podState(pod).state !== "lost") ? { ok: true } : { ok: false, reason: "none of its pods is running" };
+    } catch (error) {
+      return { ok: false, reason: `its pods cannot be listed: ${(error as Error).message}` };
+    }
+  },
   reap: reapKubernetes,
 };
 
