@@ -220,6 +220,50 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
     expect(after.leases).toEqual([]);
   });
 
+  it("after the head is killed with SIGKILL mid-job, a new `drover up` takes up its leases and the running job: no new deployment, no restart", { timeout: 240_000 }, async () => {
+    const data = at1Data();
+    const up = drover(["up", specFile]);
+    expect(up.code, up.stdout + up.stderr).toBe(0);
+    try {
+      const before = await books();
+      expect(before.leases).toHaveLength(2);
+      const submit = drover(["submit", "--no-wait", "--run-id", "adopt-leases", "--working-dir", join(root, "examples", "at1"), "--", "python", "train.py", "--config", "tiny", "--data", data,
+        "--steps", "40", "--batch-size", "4", "--warmup-steps", "2", "--ckpt-every", "5", "--val-samples", "0", "--log-every", "1"]);
+      expect(submit.code, submit.stdout + submit.stderr).toBe(0);
+      const jobId = /submitted (\S+)/.exec(submit.stdout)![1]!;
+      const job = async () => (JSON.parse(await readFile(join(stateDir, "cluster.json"), "utf8").catch(() => "{}")) as { jobs?: Array<{ jobId: string; state: string; attempt: number; restarts: unknown[]; lastCommittedStep?: number }> }).jobs?.find((candidate) => candidate.jobId === jobId);
+      await waitFor(async () => ((await job())?.lastCommittedStep ?? 0) >= 5, 120_000, "a committed checkpoint");
+      const head = JSON.parse(await readFile(join(stateDir, "head.json"), "utf8")) as { pid: number };
+      const ledgerBefore = (await ledgerOps()).length;
+      process.kill(head.pid, "SIGKILL");
+      await waitFor(() => !processAlive(head.pid), 5_000, "the head to die");
+      const again = drover(["up", specFile]);
+      expect(again.code, again.stdout + again.stderr).toBe(0);
+      await waitFor(async () => ["succeeded", "failed", "stopped"].includes((await job())?.state ?? ""), 180_000, "the job to end");
+      const final = (await job())!;
+      const log = await readFile(join(stateDir, "jobs", jobId, "output.log"), "utf8");
+      outputs.push(log);
+      expect(final.state, log.slice(-3000)).toBe("succeeded");
+      expect(final.attempt).toBe(1);
+      expect(final.restarts).toEqual([]);
+      expect(log).toContain("adopted: attempt 1's 3 ranks on 3 nodes go on without a restart");
+      // The same two leases and containers: nothing was closed, nothing leased anew.
+      const now = await books();
+      expect(now.deployments.map((deployment) => deployment.dseq).sort()).toEqual(before.deployments.map((deployment) => deployment.dseq).sort());
+      expect(now.leases).toEqual(before.leases);
+      expect(now.containers.filter((container) => container.running).map((container) => container.pid).sort())
+        .toEqual(before.containers.filter((container) => container.running).map((container) => container.pid).sort());
+      const since = (await ledgerOps()).slice(ledgerBefore);
+      expect(since).not.toContain("close-deployment");
+      expect(since).not.toContain("create-deployment");
+    } finally {
+      expect(drover(["down"]).code).toBe(0);
+    }
+    const after = await books();
+    expect(after.deployments).toEqual([]);
+    expect(after.leases).toEqual([]);
+  });
+
   it("after the head is killed with SIGKILL mid-provisioning, a new `drover up` closes what it left and leases afresh, never twice", async () => {
     const up = spawn(process.execPath, [cli, "up", specFile], { env: env(), stdio: ["ignore", "pipe", "pipe"] });
     await waitFor(async () => (await ledgerOps()).includes("create-deployment") && (await books()).deployments.length > 0, 30_000, "the first ask on chain");

@@ -85,6 +85,12 @@ export interface AkashLeaseRecord {
   readonly denom: string;
   readonly nodes: number;
   readonly handle: string;
+  /**
+   * The lease's nodes as the head knew them (ids, the leader's forwarded bridge port): a
+   * head that replaces a crashed one takes the lease up with them (adopt) instead of
+   * asking the provider again.
+   */
+  readonly members?: readonly NodeRecord[];
 }
 /** What a provider's lease status says (the parts read here). */
 interface LeaseStatus {
@@ -176,8 +182,53 @@ export class AkashProvisioner implements Provisioner {
     } finally {
       client.disconnect();
     }
-    await context.state.writeJson(AKASH_LEASES_FILE, this.held.map((lease) => lease.record));
+    await this.writeHeld(context.state);
     this.restartKeeper(ledger, context.logger, signal);
+  }
+
+  /** akash/leases.json: the held leases with their nodes, for status and for a successor head. */
+  private async writeHeld(state: StateDirectory): Promise<void> {
+    await state.writeJson(AKASH_LEASES_FILE, this.held.map((lease) => ({ ...lease.record, members: lease.nodes })));
+  }
+
+  /**
+   * Takes up the leases a crashed head of this state directory held (akash/leases.json)
+   * that the chain still lists as active with the same provider: their containers' agents
+   * reconnect to this head. First the ledger is settled as on any start, leaving leased
+   * deployments open; then every other open deployment the ledger knows (an ask in
+   * flight, a lease not yet running) is closed, since the repair loop asks again for what
+   * is missing.
+   */
+  async adopt(signal: AbortSignal): Promise<NodeRecord[]> {
+    const context = this.requireContext();
+    const saved = (await context.state.readJson<AkashLeaseRecord[]>(AKASH_LEASES_FILE)) ?? [];
+    const ledger = await LeaseLedger.open(context.state, { now: this.now });
+    const client = await this.connect(signal);
+    try {
+      await context.state.writeJson(AKASH_CONNECTION_FILE, { rpcUrl: this.config.rpcUrl, gasPrice: this.config.gasPrice, pollIntervalMs: this.config.broadcastPollIntervalMs });
+      await settleLedger(ledger, client, context.logger, signal, { closeAdopted: false });
+      const active = (await client.leases(signal)).filter((lease) => lease.state === "active");
+      for (const { members, ...record } of saved) {
+        if (!members || !this.config.groups.some((group) => group.name === record.group)) continue;
+        if (!active.some((lease) => lease.dseq === record.dseq && lease.provider === record.provider)) {
+          context.logger.warn("a lease of the previous head is no longer active; its group is leased again", { group: record.group, dseq: record.dseq, provider: record.provider });
+          continue;
+        }
+        this.held.push({ record, nodes: [...members] });
+        context.logger.info("lease adopted", { group: record.group, dseq: record.dseq, provider: record.provider, nodes: members.length });
+      }
+      const ours = new Set(ledger.entries().flatMap((entry) => (entry.kind === "intent" && entry.operation.op === "create-deployment" ? [entry.operation.dseq] : [])));
+      for (const deployment of await client.deployments(signal)) {
+        if (deployment.state !== "active" || !ours.has(deployment.dseq) || this.held.some((lease) => lease.record.dseq === deployment.dseq)) continue;
+        await closeQuietly(ledger, client, deployment.dseq, "left by the previous head without a lease this head takes up", context.logger, signal);
+      }
+      this.settled = true;
+      await this.writeHeld(context.state);
+      this.restartKeeper(ledger, context.logger, signal);
+      return this.held.flatMap((lease) => lease.nodes);
+    } finally {
+      client.disconnect();
+    }
   }
 
   async close(signal: AbortSignal): Promise<void> {
@@ -254,7 +305,7 @@ export class AkashProvisioner implements Provisioner {
           price: placement.price, denom: placement.part.maxPrice.denom, nodes: placement.part.nodes, handle: started[0]?.handle ?? "",
         };
         this.held.push({ record, nodes: started });
-        await context.state.writeJson(AKASH_LEASES_FILE, this.held.map((lease) => lease.record));
+        await this.writeHeld(context.state);
       }
       this.restartKeeper(ledger, logger, signal);
       return nodes;
@@ -747,6 +798,13 @@ export const akashBackend: ProvisionerBackend<typeof akashSpecSchema> = {
   // Every group may need all its asks' bid windows, then its containers' start.
   startDeadlineMs: (section) => section.groups.length * (4 + (section.priceSteps ?? 4) * 2) * section.bidWindowMs + section.leaseReadyTimeoutMs + 60_000,
   progress: ledgerProgress,
+  adoptable: async (state) => {
+    const leases = await state.readJson<AkashLeaseRecord[]>(AKASH_LEASES_FILE).catch(() => undefined);
+    const connection = await state.readJson<object>(AKASH_CONNECTION_FILE).catch(() => undefined);
+    if (connection === undefined) return { ok: false, reason: "it recorded no chain connection" };
+    // Whether the chain still holds them is asked by adopt(), with the wallet.
+    return leases?.some((lease) => lease.members !== undefined && lease.members.length > 0) ? { ok: true } : { ok: false, reason: "it held no lease with running nodes" };
+  },
   create: (section, context) => new AkashProvisioner({
     ...section,
     // Inclusion is checked as often as bids: a second poll cadence would be one more knob.
