@@ -90,6 +90,7 @@ export class AdminViews {
   /** Watches of final jobs waiting for their output to reach the disk. */
   private readonly finishing = new Set<Watch>();
   private readonly backlogs = new Map<string, OutputBacklog>();
+  private readonly jobsSeen = new Set<string>();
   private readonly createdAtMs = Date.now();
   private closed = false;
 
@@ -153,7 +154,7 @@ export class AdminViews {
     const watch: Watch = { jobId: job.jobId, call, lastSent: "" };
     const backlog = this.backlogs.get(job.jobId);
     const withOutput = call.request.withOutputSoFar === true;
-    this.sendSnapshot(watch, job, withOutput ? { outputSoFarComplete: backlog ? backlog.complete : this.seenFromStart(job) } : {});
+    this.sendSnapshot(watch, job, withOutput ? { outputSoFarComplete: backlog?.complete ?? false } : {});
     if (withOutput) for (const line of backlog?.lines ?? []) this.send(watch, { output: { rank: line.rank, stream: line.stream, line: line.line } });
     if (isFinal(job.state)) {
       void this.finish(watch);
@@ -184,23 +185,31 @@ export class AdminViews {
   }
 
   private readonly onLog = (line: JobLogLine) => {
-    let backlog = this.backlogs.get(line.jobId);
-    if (!backlog) {
-      const job = this.deps.jobs.get(line.jobId);
-      backlog = { lines: [], complete: job !== undefined && this.seenFromStart(job) };
-      this.backlogs.set(line.jobId, backlog);
-      // Map order is insertion order: the oldest job's lines go first.
-      while (this.backlogs.size > BACKLOG_MAX_JOBS) this.backlogs.delete(this.backlogs.keys().next().value!);
-    }
-    backlog.lines.push(line);
-    if (backlog.lines.length > BACKLOG_MAX_LINES) {
-      backlog.lines.shift();
-      backlog.complete = false;
+    const backlog = this.backlogs.get(line.jobId);
+    if (backlog) {
+      backlog.lines.push(line);
+      if (backlog.lines.length > BACKLOG_MAX_LINES) {
+        backlog.lines.shift();
+        backlog.complete = false;
+      }
     }
     for (const watch of this.watches) {
       if (watch.jobId === line.jobId) this.send(watch, { output: { rank: line.rank, stream: line.stream, line: line.line } });
     }
   };
+
+  /**
+   * A job's backlog starts with the first event of it this head sees (a submitted job's
+   * comes before any of its lines). One dropped for a newer job is never started again:
+   * a watch of that job is told its output so far is not complete.
+   */
+  private startBacklog(job: JobRecord): void {
+    if (this.jobsSeen.has(job.jobId)) return;
+    this.jobsSeen.add(job.jobId);
+    this.backlogs.set(job.jobId, { lines: [], complete: this.seenFromStart(job) });
+    // Map order is insertion order: the oldest job's lines go first.
+    while (this.backlogs.size > BACKLOG_MAX_JOBS) this.backlogs.delete(this.backlogs.keys().next().value!);
+  }
 
   private readonly onMetric = (job: JobRecord, metric: { rank?: number | null; step?: number | null; values?: Record<string, number> | null; timeMs?: number | null }) => {
     for (const watch of this.watches) {
@@ -209,6 +218,7 @@ export class AdminViews {
   };
 
   private readonly onChanged = (job: JobRecord) => {
+    this.startBacklog(job);
     for (const watch of this.watches) {
       if (watch.jobId !== job.jobId) continue;
       this.sendSnapshot(watch, job);
