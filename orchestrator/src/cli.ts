@@ -329,8 +329,9 @@ async function commandSubmit(args: string[]): Promise<number> {
       "stall-timeout": { type: "string" },
     },
   });
-  const { durationMs } = await import("./duration.js");
-  const stall = values["stall-timeout"] === undefined ? undefined : durationMs.safeParse(/^\d+$/.test(values["stall-timeout"]) ? Number(values["stall-timeout"]) : values["stall-timeout"]);
+  // duration.js brings zod (tens of ms of a submit's start): loaded only for the option that needs it.
+  const stallText = values["stall-timeout"];
+  const stall = stallText === undefined ? undefined : (await import("./duration.js")).durationMs.safeParse(/^\d+$/.test(stallText) ? Number(stallText) : stallText);
   if (stall && (!stall.success || stall.data > 2 ** 31)) throw new UsageError(`--stall-timeout ${values["stall-timeout"]}: expected a duration like 90s or 10m (0 = no watchdog)`);
   const stallTimeoutMs = stall?.success ? stall.data : undefined;
   const maxRestarts = values["max-restarts"] === undefined ? undefined : Number(values["max-restarts"]);
@@ -607,7 +608,10 @@ async function statusPicture(state: StateDirectory, head: HeadRecord, alive: boo
     }
   } catch (error) {
     const serviceError = error as Partial<grpc.ServiceError>;
-    return statusFromFiles(state, head, `the head did not answer: ${serviceError.details || serviceError.message}`);
+    // grpc-js's deadline message lists its internal phases; the wait is what matters here.
+    const deadlineExceeded = serviceError.code !== undefined && serviceError.code === (await import("@grpc/grpc-js")).status.DEADLINE_EXCEEDED;
+    const why = deadlineExceeded ? `no answer within ${STATUS_DEADLINE_MS / 1000}s` : serviceError.details || serviceError.message;
+    return statusFromFiles(state, head, `the head did not answer: ${why}`);
   }
 }
 
