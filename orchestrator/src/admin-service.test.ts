@@ -163,6 +163,20 @@ describe("Admin.Status and Admin.WatchJob", () => {
     expect(unknown.ended()).toMatchObject({ code: grpc.status.NOT_FOUND, details: "no job job-nope on this head" });
   });
 
+  it("says when the output so far is not the whole output: the head keeps only a job's newest lines", async () => {
+    const { worker, jobs } = await startServer(recordingLogger([]));
+    const job = jobs.submit({ command: ["sleep", "100"], workingDir: "/tmp", env: {}, nodes: 1 });
+    await until(() => job.state === "running", "the job to start");
+    for (let index = 0; index < 2_100; index++) jobs.onLog(worker.workerId, { jobId: job.jobId, rank: 0, stream: 1, line: `line ${index}` });
+
+    const watch = collect(client!.watchJob({ adminToken: ADMIN_TOKEN, jobId: job.jobId, withOutputSoFar: true }));
+    await until(() => watch.events.some((event) => event.output?.line === "line 2099"), "the kept lines");
+    expect(watch.events[0]!.job).toMatchObject({ jobId: job.jobId, outputSoFarComplete: false });
+    const lines = watch.events.flatMap((event) => (event.output ? [event.output.line] : []));
+    expect(lines).toHaveLength(2_000);
+    expect(lines[0]).toBe("line 100");
+  });
+
   it("refuses a wrong admin token with UNAUTHENTICATED on Status and WatchJob, never echoing or logging it", async () => {
     const lines: string[] = [];
     const { jobs } = await startServer(recordingLogger(lines));

@@ -33,6 +33,8 @@ export interface HeadLiveView {
  * every line.
  */
 const BACKLOG_MAX_LINES = 2_000;
+/** Characters of one job's kept lines (a line may be up to LOG_LINE_MAX_CHARS). */
+const BACKLOG_MAX_CHARS = 1024 * 1024;
 const BACKLOG_MAX_JOBS = 4;
 /**
  * Events a watch may have queued for a client that reads too slowly before the head ends
@@ -44,6 +46,7 @@ const OUTPUT_WRITTEN_WAIT_MS = 5_000;
 
 interface OutputBacklog {
   lines: JobLogLine[];
+  chars: number;
   /** Every line of the job since its first is here (none was dropped, none came before this head). */
   complete: boolean;
 }
@@ -188,8 +191,9 @@ export class AdminViews {
     const backlog = this.backlogs.get(line.jobId);
     if (backlog) {
       backlog.lines.push(line);
-      if (backlog.lines.length > BACKLOG_MAX_LINES) {
-        backlog.lines.shift();
+      backlog.chars += line.line.length;
+      while (backlog.lines.length > BACKLOG_MAX_LINES || backlog.chars > BACKLOG_MAX_CHARS) {
+        backlog.chars -= backlog.lines.shift()!.line.length;
         backlog.complete = false;
       }
     }
@@ -206,7 +210,7 @@ export class AdminViews {
   private startBacklog(job: JobRecord): void {
     if (this.jobsSeen.has(job.jobId)) return;
     this.jobsSeen.add(job.jobId);
-    this.backlogs.set(job.jobId, { lines: [], complete: this.seenFromStart(job) });
+    this.backlogs.set(job.jobId, { lines: [], chars: 0, complete: this.seenFromStart(job) });
     // Map order is insertion order: the oldest job's lines go first.
     while (this.backlogs.size > BACKLOG_MAX_JOBS) this.backlogs.delete(this.backlogs.keys().next().value!);
   }
