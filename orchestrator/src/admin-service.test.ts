@@ -1,5 +1,6 @@
 import * as grpc from "@grpc/grpc-js";
 import { AdminClient, callUnary, controlChannelOptions, type JobEvent } from "@drover/proto";
+import { AdminCallError, AdminLoopbackClient, AdminStatusCode } from "@drover/proto/admin-loopback";
 import { afterEach, describe, expect, it } from "vitest";
 import type { HeadLiveView } from "./admin-service.js";
 import { ControlServer } from "./control-server.js";
@@ -228,5 +229,58 @@ describe("Admin.Status and Admin.WatchJob", () => {
     for (const watch of watches) expect(watch.ended()).toMatchObject({ code: grpc.status.UNAVAILABLE, details: "the head is shutting down" });
     expect(server!.watchCount).toBe(0);
     server = undefined;
+  });
+
+  describe("through the CLI's node:http2 client (AdminLoopbackClient)", () => {
+    let loopback: AdminLoopbackClient | undefined;
+    afterEach(() => loopback?.close());
+
+    it("calls Status, and gets UNAUTHENTICATED for a wrong token and DEADLINE_EXCEEDED past its deadline", async () => {
+      const { worker } = await startServer(recordingLogger([]), { outputWritten: async () => {} });
+      loopback = new AdminLoopbackClient(`127.0.0.1:${server!.adminPort}`);
+      const status = await loopback.status({ adminToken: ADMIN_TOKEN }, { timeoutMs: 5_000 });
+      expect(status.nodes.map((node) => node.workerId)).toEqual([worker.workerId]);
+
+      const refused = await loopback.status({ adminToken: "wrong" }, { timeoutMs: 5_000 }).then(() => undefined, (error: AdminCallError) => error);
+      expect(refused).toBeInstanceOf(AdminCallError);
+      expect(refused).toMatchObject({ code: AdminStatusCode.UNAUTHENTICATED, details: "invalid admin token (is this the state directory of the running head?)" });
+
+      const late = await loopback.status({ adminToken: ADMIN_TOKEN }, { timeoutMs: 0.001 }).then(() => undefined, (error: AdminCallError) => error);
+      expect(late?.code).toBe(AdminStatusCode.DEADLINE_EXCEEDED);
+    });
+
+    it("streams a watch to its end, and an aborted watch ends CANCELLED and is dropped by the head", async () => {
+      const { worker, jobs } = await startServer(recordingLogger([]));
+      const job = jobs.submit({ command: ["true"], workingDir: "/tmp", env: {}, nodes: 1 });
+      await until(() => job.state === "running", "the job to start");
+      loopback = new AdminLoopbackClient(`127.0.0.1:${server!.adminPort}`);
+
+      const aborted = new AbortController();
+      const abortedEvents: JobEvent[] = [];
+      const abortedWatch = loopback.watchJob({ adminToken: ADMIN_TOKEN, jobId: job.jobId }, (event) => abortedEvents.push(event), { signal: aborted.signal })
+        .then(() => undefined, (error: AdminCallError) => error);
+      const events: JobEvent[] = [];
+      const watch = loopback.watchJob({ adminToken: ADMIN_TOKEN, jobId: job.jobId, withOutputSoFar: true }, (event) => events.push(event));
+      await until(() => abortedEvents.length > 0 && events.length > 0 && server!.watchCount === 2, "both watches to start");
+      aborted.abort();
+      expect((await abortedWatch)?.code).toBe(AdminStatusCode.CANCELLED);
+      await until(() => server!.watchCount === 1, "the head to drop the aborted watch");
+
+      jobs.onLog(worker.workerId, { jobId: job.jobId, rank: 0, stream: 1, line: "x".repeat(100_000) });
+      jobs.onRankExit(worker.workerId, { jobId: job.jobId, rank: 0, exitCode: 0 });
+      await watch;
+      expect(events.some((event) => event.output?.line?.length === 100_000)).toBe(true);
+      expect(events.at(-1)!.job).toMatchObject({ state: "succeeded", final: true });
+    });
+
+    it("ends a call UNAVAILABLE when nothing listens", async () => {
+      await startServer(recordingLogger([]));
+      const port = server!.adminPort;
+      await server!.close(100);
+      server = undefined;
+      loopback = new AdminLoopbackClient(`127.0.0.1:${port}`);
+      const error = await loopback.status({ adminToken: ADMIN_TOKEN }, { timeoutMs: 5_000 }).then(() => undefined, (failure: AdminCallError) => failure);
+      expect(error?.code).toBe(AdminStatusCode.UNAVAILABLE);
+    });
   });
 });

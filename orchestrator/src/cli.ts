@@ -5,8 +5,8 @@ import { mkdir, open, readFile, rm } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import type * as grpc from "@grpc/grpc-js";
-import type { AdminClient, JobEvent, StatusResponse } from "@drover/proto";
+import type { AdminCallError, AdminLoopbackClient, AdminStatusCode } from "@drover/proto/admin-loopback";
+import type { JobEvent, StatusResponse } from "@drover/proto";
 import type { ClusterSpec } from "./cluster-spec.js";
 import type { CostReport } from "./cost/run-cost.js";
 import { DroverError, HeadUnreachableError, PartialReapError, StateError } from "./errors.js";
@@ -87,14 +87,13 @@ async function readHead(state: StateDirectory): Promise<HeadRecord | undefined> 
 
 /** A connection to a running head's Admin service. */
 interface AdminConnection {
-  client: AdminClient;
+  /** gRPC over node:http2, not grpc-js: see proto/src/admin-loopback.ts for why. */
+  client: AdminLoopbackClient;
   token: string;
   head: HeadRecord;
   protocolVersion: number;
-  /** grpc-js's status codes (the module is loaded with the connection). */
-  codes: typeof grpc.status;
-  /** One unary Admin call, ended by its deadline. */
-  call<Request, Response>(invoke: (request: Request, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>, callback: grpc.requestCallback<Response>) => grpc.ClientUnaryCall, request: Request, timeoutMs: number): Promise<Response>;
+  /** gRPC status codes (the module is loaded with the connection). */
+  codes: typeof AdminStatusCode;
 }
 
 async function adminClient(state: StateDirectory): Promise<AdminConnection> {
@@ -104,14 +103,13 @@ async function adminClient(state: StateDirectory): Promise<AdminConnection> {
   }
   const credentials = await state.readJson<{ adminToken: string }>("admin-token");
   if (!credentials) throw new StateError(`${state.path("admin-token")} is missing`);
-  const [grpcJs, { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions }] = await Promise.all([import("@grpc/grpc-js"), import("@drover/proto")]);
+  const { AdminLoopbackClient, AdminStatusCode, PROTOCOL_VERSION } = await import("@drover/proto/admin-loopback");
   return {
-    client: new AdminClient(head.adminAddress, grpcJs.credentials.createInsecure(), controlChannelOptions),
+    client: new AdminLoopbackClient(head.adminAddress),
     token: credentials.adminToken,
     head,
     protocolVersion: PROTOCOL_VERSION,
-    codes: grpcJs.status,
-    call: (invoke, request, timeoutMs) => callUnary(invoke, request, new grpcJs.Metadata(), { timeoutMs }),
+    codes: AdminStatusCode,
   };
 }
 
@@ -341,7 +339,7 @@ async function commandSubmit(args: string[]): Promise<number> {
   if (positionals.length === 0) throw new UsageError("drover submit needs a command after --, e.g. drover submit -- python train.py");
   const state = new StateDirectory(StateDirectory.defaultRoot());
   const connection = await adminClient(state);
-  const { client, token, head, protocolVersion, call } = connection;
+  const { client, token, head, protocolVersion } = connection;
   const workingDir = resolve(values["working-dir"] ?? ".");
   let runId = values["run-id"];
   let codeBundleId = "";
@@ -362,7 +360,7 @@ async function commandSubmit(args: string[]): Promise<number> {
         await opened.close();
       }
     }
-    const response = await call(client.submitJob.bind(client), {
+    const response = await client.submitJob({
       protocolVersion,
       adminToken: token,
       command: positionals,
@@ -377,7 +375,7 @@ async function commandSubmit(args: string[]): Promise<number> {
       codeBundleId,
       stallTimeoutMs: stallTimeoutMs ?? 0,
       hasStallTimeout: stallTimeoutMs !== undefined,
-    }, 30_000);
+    }, { timeoutMs: 30_000 });
     print(`submitted ${response.jobId} (run ${response.runId})`);
     if (values["no-wait"]) return 0;
     const job = (await watchJob(connection, response.jobId)) ?? await followJob(state, response.jobId, { follow: true });
@@ -386,7 +384,7 @@ async function commandSubmit(args: string[]): Promise<number> {
     if (curve) print(curve);
     return job.state === "succeeded" ? 0 : 1;
   } catch (error) {
-    const serviceError = error as grpc.ServiceError;
+    const serviceError = error as Partial<AdminCallError>;
     if (serviceError.code !== undefined && serviceError.details) throw new DroverError(`the head refused the job: ${serviceError.details}`);
     throw error;
   } finally {
@@ -402,42 +400,38 @@ async function commandSubmit(args: string[]): Promise<number> {
  * (it kept only the newest lines, the job began under an earlier head, or it does not
  * know the job): the caller then follows the job's files instead.
  */
-function watchJob(connection: AdminConnection, jobId: string): Promise<JobRecord | undefined> {
-  const stream = connection.client.watchJob({ adminToken: connection.token, jobId, withOutputSoFar: true });
-  return new Promise((resolveWatch, rejectWatch) => {
-    let final: JobRecord | undefined;
-    let printedAny = false;
-    let settled = false;
-    const settle = (outcome: () => void) => {
-      if (settled) return;
-      settled = true;
-      outcome();
-    };
-    stream.on("data", (event: JobEvent) => {
-      if (settled) return;
+async function watchJob(connection: AdminConnection, jobId: string): Promise<JobRecord | undefined> {
+  const { client, codes } = connection;
+  // Set when the head cannot give the whole output: the watch is dropped unprinted.
+  const incomplete = new AbortController();
+  let final: JobRecord | undefined;
+  let printedAny = false;
+  try {
+    await client.watchJob({ adminToken: connection.token, jobId, withOutputSoFar: true }, (event: JobEvent) => {
+      if (incomplete.signal.aborted) return;
       if (event.job) {
         if (!printedAny && event.job.outputSoFarComplete === false) {
-          settle(() => resolveWatch(undefined));
-          stream.cancel();
+          incomplete.abort();
           return;
         }
         printedAny = true;
-        if (event.job.final) final = JSON.parse(event.job.recordJson ?? "{}") as JobRecord;
+        if (event.job.final) final = JSON.parse(event.job.recordJson || "{}") as JobRecord;
       } else if (event.output) {
         printedAny = true;
         const rank = event.output.rank ?? 0;
         process.stdout.write(`${rank < 0 ? "[drover]" : `[rank ${rank}]`} ${event.output.line ?? ""}\n`);
       }
-    });
-    stream.on("end", () => settle(() => (final ? resolveWatch(final) : rejectWatch(new HeadUnreachableError("the head ended the job's watch before the job ended; see drover status")))));
-    stream.on("error", (error: grpc.ServiceError) => settle(() => {
-      if (final) resolveWatch(final);
-      // Nothing printed yet: the files can still tell the whole story.
-      else if (!printedAny && error.code !== connection.codes.UNAUTHENTICATED) resolveWatch(undefined);
-      else if (error.code === connection.codes.UNAVAILABLE || error.code === connection.codes.CANCELLED) rejectWatch(new HeadUnreachableError("the head stopped while the job was running; see drover status"));
-      else rejectWatch(new HeadUnreachableError(`the head ended the job's watch: ${error.details || error.message}`));
-    }));
-  });
+    }, { signal: incomplete.signal });
+  } catch (error) {
+    const { code, details, message } = error as Partial<AdminCallError>;
+    if (final) return final;
+    // Nothing printed yet: the files can still tell the whole story.
+    if (!printedAny && code !== codes.UNAUTHENTICATED) return undefined;
+    if (code === codes.UNAVAILABLE || code === codes.CANCELLED) throw new HeadUnreachableError("the head stopped while the job was running; see drover status");
+    throw new HeadUnreachableError(`the head ended the job's watch: ${details || message}`);
+  }
+  if (!final) throw new HeadUnreachableError("the head ended the job's watch before the job ended; see drover status");
+  return final;
 }
 
 async function latestJob(state: StateDirectory, jobId?: string): Promise<JobRecord | undefined> {
@@ -601,16 +595,14 @@ async function statusPicture(state: StateDirectory, head: HeadRecord, alive: boo
   try {
     const connection = await adminClient(state);
     try {
-      const response = await connection.call(connection.client.status.bind(connection.client), { adminToken: connection.token }, STATUS_DEADLINE_MS);
+      const response = await connection.client.status({ adminToken: connection.token }, { timeoutMs: STATUS_DEADLINE_MS });
       return statusFromResponse(response);
     } finally {
       connection.client.close();
     }
   } catch (error) {
-    const serviceError = error as Partial<grpc.ServiceError>;
-    // grpc-js's deadline message lists its internal phases; the wait is what matters here.
-    const deadlineExceeded = serviceError.code !== undefined && serviceError.code === (await import("@grpc/grpc-js")).status.DEADLINE_EXCEEDED;
-    const why = deadlineExceeded ? `no answer within ${STATUS_DEADLINE_MS / 1000}s` : serviceError.details || serviceError.message;
+    const serviceError = error as Partial<AdminCallError>;
+    const why = serviceError.details || serviceError.message;
     return statusFromFiles(state, head, `the head did not answer: ${why}`);
   }
 }
@@ -807,9 +799,9 @@ async function commandStop(args: string[]): Promise<number> {
   const state = new StateDirectory(StateDirectory.defaultRoot());
   const job = await latestJob(state, values.job);
   if (!job) throw new StateError("no job to stop");
-  const { client, token, call } = await adminClient(state);
+  const { client, token } = await adminClient(state);
   try {
-    const response = await call(client.stopJob.bind(client), { adminToken: token, jobId: job.jobId }, 10_000);
+    const response = await client.stopJob({ adminToken: token, jobId: job.jobId }, { timeoutMs: 10_000 });
     print(response.stopped ? `stopping ${job.jobId}` : `${job.jobId} is not running`);
   } finally {
     client.close();
@@ -885,8 +877,8 @@ async function tearDown(state: StateDirectory): Promise<number> {
       }
     };
     try {
-      const { client, token, call } = await adminClient(state);
-      await call(client.shutdown.bind(client), { adminToken: token }, 5_000).finally(() => client.close());
+      const { client, token } = await adminClient(state);
+      await client.shutdown({ adminToken: token }, { timeoutMs: 5_000 }).finally(() => client.close());
     } catch {
       signal("SIGTERM");
     }
