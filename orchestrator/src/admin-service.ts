@@ -1,7 +1,7 @@
 import * as grpc from "@grpc/grpc-js";
 import {
   JOB_RECORD_MAX_JSON_BYTES, PROTOCOL_VERSION, STATUS_MAX_JOBS, STATUS_NODE_TELEMETRY_MAX_BYTES,
-  type IJobEvent, type IStatusResponse, type IWatchJobRequest,
+  type IJobEvent, type IMetricReport, type IStatusResponse, type IWatchJobRequest,
 } from "@drover/proto";
 import type { CostReport } from "./cost/run-cost.js";
 import { isFinal, type JobController, type JobLogLine, type JobRecord } from "./job-controller.js";
@@ -215,7 +215,7 @@ export class AdminViews {
     while (this.backlogs.size > BACKLOG_MAX_JOBS) this.backlogs.delete(this.backlogs.keys().next().value!);
   }
 
-  private readonly onMetric = (job: JobRecord, metric: { rank?: number | null; step?: number | null; values?: Record<string, number> | null; timeMs?: number | null }) => {
+  private readonly onMetric = (job: JobRecord, metric: IMetricReport) => {
     for (const watch of this.watches) {
       if (watch.jobId === job.jobId) this.send(watch, { metric: { jobId: job.jobId, rank: metric.rank ?? 0, step: metric.step ?? 0, values: metric.values ?? {}, timeMs: metric.timeMs ?? 0 } });
     }
