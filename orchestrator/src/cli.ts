@@ -5,8 +5,8 @@ import { mkdir, open, readFile, rm } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import type * as grpc from "@grpc/grpc-js";
-import type { AdminClient } from "@drover/proto";
+import type { AdminCallError, AdminLoopbackClient, AdminStatusCode } from "@drover/proto/admin-loopback";
+import type { JobEvent, StatusResponse } from "@drover/proto";
 import type { ClusterSpec } from "./cluster-spec.js";
 import type { CostReport } from "./cost/run-cost.js";
 import { DroverError, HeadUnreachableError, PartialReapError, StateError } from "./errors.js";
@@ -87,12 +87,13 @@ async function readHead(state: StateDirectory): Promise<HeadRecord | undefined> 
 
 /** A connection to a running head's Admin service. */
 interface AdminConnection {
-  client: AdminClient;
+  /** gRPC over node:http2, not grpc-js: see proto/src/admin-loopback.ts for why. */
+  client: AdminLoopbackClient;
   token: string;
   head: HeadRecord;
   protocolVersion: number;
-  /** One unary Admin call, ended by its deadline. */
-  call<Request, Response>(invoke: (request: Request, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>, callback: grpc.requestCallback<Response>) => grpc.ClientUnaryCall, request: Request, timeoutMs: number): Promise<Response>;
+  /** gRPC status codes (the module is loaded with the connection). */
+  codes: typeof AdminStatusCode;
 }
 
 async function adminClient(state: StateDirectory): Promise<AdminConnection> {
@@ -102,13 +103,13 @@ async function adminClient(state: StateDirectory): Promise<AdminConnection> {
   }
   const credentials = await state.readJson<{ adminToken: string }>("admin-token");
   if (!credentials) throw new StateError(`${state.path("admin-token")} is missing`);
-  const [grpcJs, { AdminClient, PROTOCOL_VERSION, callUnary, controlChannelOptions }] = await Promise.all([import("@grpc/grpc-js"), import("@drover/proto")]);
+  const { AdminLoopbackClient, AdminStatusCode, PROTOCOL_VERSION } = await import("@drover/proto/admin-loopback");
   return {
-    client: new AdminClient(head.adminAddress, grpcJs.credentials.createInsecure(), controlChannelOptions),
+    client: new AdminLoopbackClient(head.adminAddress),
     token: credentials.adminToken,
     head,
     protocolVersion: PROTOCOL_VERSION,
-    call: (invoke, request, timeoutMs) => callUnary(invoke, request, new grpcJs.Metadata(), { timeoutMs }),
+    codes: AdminStatusCode,
   };
 }
 
@@ -326,8 +327,9 @@ async function commandSubmit(args: string[]): Promise<number> {
       "stall-timeout": { type: "string" },
     },
   });
-  const { durationMs } = await import("./duration.js");
-  const stall = values["stall-timeout"] === undefined ? undefined : durationMs.safeParse(/^\d+$/.test(values["stall-timeout"]) ? Number(values["stall-timeout"]) : values["stall-timeout"]);
+  // duration.js brings zod (tens of ms of a submit's start): loaded only for the option that needs it.
+  const stallText = values["stall-timeout"];
+  const stall = stallText === undefined ? undefined : (await import("./duration.js")).durationMs.safeParse(/^\d+$/.test(stallText) ? Number(stallText) : stallText);
   if (stall && (!stall.success || stall.data > 2 ** 31)) throw new UsageError(`--stall-timeout ${values["stall-timeout"]}: expected a duration like 90s or 10m (0 = no watchdog)`);
   const stallTimeoutMs = stall?.success ? stall.data : undefined;
   const maxRestarts = values["max-restarts"] === undefined ? undefined : Number(values["max-restarts"]);
@@ -336,7 +338,8 @@ async function commandSubmit(args: string[]): Promise<number> {
   if (fromStep !== undefined && (!Number.isInteger(fromStep) || fromStep < 0)) throw new UsageError(`--from-step ${values["from-step"]}: expected a step number`);
   if (positionals.length === 0) throw new UsageError("drover submit needs a command after --, e.g. drover submit -- python train.py");
   const state = new StateDirectory(StateDirectory.defaultRoot());
-  const { client, token, head, protocolVersion, call } = await adminClient(state);
+  const connection = await adminClient(state);
+  const { client, token, head, protocolVersion } = connection;
   const workingDir = resolve(values["working-dir"] ?? ".");
   let runId = values["run-id"];
   let codeBundleId = "";
@@ -357,7 +360,7 @@ async function commandSubmit(args: string[]): Promise<number> {
         await opened.close();
       }
     }
-    const response = await call(client.submitJob.bind(client), {
+    const response = await client.submitJob({
       protocolVersion,
       adminToken: token,
       command: positionals,
@@ -372,21 +375,63 @@ async function commandSubmit(args: string[]): Promise<number> {
       codeBundleId,
       stallTimeoutMs: stallTimeoutMs ?? 0,
       hasStallTimeout: stallTimeoutMs !== undefined,
-    }, 30_000);
+    }, { timeoutMs: 30_000 });
     print(`submitted ${response.jobId} (run ${response.runId})`);
     if (values["no-wait"]) return 0;
-    const job = await followJob(state, response.jobId, { follow: true });
+    const job = (await watchJob(connection, response.jobId)) ?? await followJob(state, response.jobId, { follow: true });
     for (const line of summarizeJob(job)) print(line);
     const curve = await lossCurveLine(state, job);
     if (curve) print(curve);
     return job.state === "succeeded" ? 0 : 1;
   } catch (error) {
-    const serviceError = error as grpc.ServiceError;
+    const serviceError = error as Partial<AdminCallError>;
     if (serviceError.code !== undefined && serviceError.details) throw new DroverError(`the head refused the job: ${serviceError.details}`);
     throw error;
   } finally {
     client.close();
   }
+}
+
+/**
+ * Prints a job's output as the head's Admin.WatchJob streams it (the lines it kept from
+ * before the watch first) and returns the job's final record, once the head ended the
+ * stream: it does so after the job's output and metrics are written to the state
+ * directory. Undefined, with nothing printed, when the head cannot give the whole output
+ * (it kept only the newest lines, the job began under an earlier head, or it does not
+ * know the job): the caller then follows the job's files instead.
+ */
+async function watchJob(connection: AdminConnection, jobId: string): Promise<JobRecord | undefined> {
+  const { client, codes } = connection;
+  // Set when the head cannot give the whole output: the watch is dropped unprinted.
+  const incomplete = new AbortController();
+  let final: JobRecord | undefined;
+  let printedAny = false;
+  try {
+    await client.watchJob({ adminToken: connection.token, jobId, withOutputSoFar: true }, (event: JobEvent) => {
+      if (incomplete.signal.aborted) return;
+      if (event.job) {
+        if (!printedAny && event.job.outputSoFarComplete === false) {
+          incomplete.abort();
+          return;
+        }
+        printedAny = true;
+        if (event.job.final) final = JSON.parse(event.job.recordJson || "{}") as JobRecord;
+      } else if (event.output) {
+        printedAny = true;
+        const rank = event.output.rank ?? 0;
+        process.stdout.write(`${rank < 0 ? "[drover]" : `[rank ${rank}]`} ${event.output.line ?? ""}\n`);
+      }
+    }, { signal: incomplete.signal });
+  } catch (error) {
+    const { code, details, message } = error as Partial<AdminCallError>;
+    if (final) return final;
+    // Nothing printed yet: the files can still tell the whole story.
+    if (!printedAny && code !== codes.UNAUTHENTICATED) return undefined;
+    if (code === codes.UNAVAILABLE || code === codes.CANCELLED) throw new HeadUnreachableError("the head stopped while the job was running; see drover status");
+    throw new HeadUnreachableError(`the head ended the job's watch: ${details || message}`);
+  }
+  if (!final) throw new HeadUnreachableError("the head ended the job's watch before the job ended; see drover status");
+  return final;
 }
 
 async function latestJob(state: StateDirectory, jobId?: string): Promise<JobRecord | undefined> {
@@ -440,37 +485,66 @@ async function followJob(state: StateDirectory, jobId: string, options: { follow
   }
 }
 
+/** How long `drover status` waits for a running head to answer before it reads the state files. */
+const STATUS_DEADLINE_MS = 2_000;
+
+/** What `drover status` shows: the running head's live view, or the state files it wrote. */
+interface StatusPicture {
+  /** Set when the state files are the source: why the head was not asked, or did not answer. */
+  fromFilesBecause?: string;
+  headState: string;
+  workers: Array<Record<string, any>>;
+  jobs: JobRecord[];
+  /** `liveAtMs`: the head's clock when it answered; `savedAtMs`: when it last saved telemetry.json. */
+  telemetry: { nodes: Map<string, NodeTelemetry>; liveAtMs?: number; savedAtMs?: number; problem?: string };
+  alerts: Alert[];
+  cost?: CostReport;
+  diskFull?: { message: string; atMs: number };
+}
+
 async function commandStatus(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { json: { type: "boolean" } } });
   const state = new StateDirectory(StateDirectory.defaultRoot());
   const head = await readHead(state);
-  const cluster = await state.readJson<{ workers: Array<Record<string, any>>; jobs: JobRecord[] }>("cluster.json");
-  const alive = head ? processAlive(head.pid) : false;
-  if (values.json) {
-    const leases = await akashLeases(state, head);
-    const telemetry = head ? await readTelemetryPicture(state, head, cluster) : undefined;
-    const cost = await readCost(state);
-    print(JSON.stringify({
-      stateDir: state.root, head: head && { ...head, alive }, workers: cluster?.workers ?? [], leases, jobs: cluster?.jobs ?? [],
-      telemetry: telemetry && { savedAt: telemetry.savedAtMs === undefined ? undefined : new Date(telemetry.savedAtMs).toISOString(), problem: telemetry.problem, nodes: [...telemetry.nodes.values()] },
-      alerts: telemetry?.alerts ?? [],
-      cost: cost?.report,
-    }, null, 2));
-    return 0;
-  }
-  if (!head) {
+  if (!head && !values.json) {
     print(`no cluster over ${state.root} (drover up starts one)`);
     return 0;
   }
+  const alive = head ? processAlive(head.pid) : false;
+  const picture = head ? await statusPicture(state, head, alive) : await statusFromFiles(state, undefined, "no head has run here");
+  if (values.json) {
+    const leases = await akashLeases(state, head);
+    const { telemetry } = picture;
+    print(JSON.stringify({
+      stateDir: state.root,
+      source: picture.fromFilesBecause === undefined ? "head" : "state files",
+      ...(picture.fromFilesBecause === undefined ? {} : { sourceNote: picture.fromFilesBecause }),
+      head: head && { ...head, alive, ...(picture.fromFilesBecause === undefined ? { state: picture.headState } : {}) },
+      workers: picture.workers, leases, jobs: picture.jobs,
+      telemetry: {
+        ...(telemetry.liveAtMs === undefined ? {} : { asOf: new Date(telemetry.liveAtMs).toISOString() }),
+        savedAt: telemetry.savedAtMs === undefined ? undefined : new Date(telemetry.savedAtMs).toISOString(),
+        problem: telemetry.problem,
+        nodes: [...telemetry.nodes.values()],
+      },
+      alerts: picture.alerts,
+      cost: picture.cost,
+    }, null, 2));
+    return 0;
+  }
+  if (!head) return 0;
   const leases = await akashLeases(state, head);
-  const telemetry = await readTelemetryPicture(state, head, cluster);
+  const { telemetry } = picture;
   const { nodeTelemetryLines } = await import("./top-view.js");
-  print(`cluster ${head.clusterName}: head pid ${head.pid} ${alive ? head.state : `NOT RUNNING (last state ${head.state})`}; control ${head.controlAddress} (${head.caFingerprint ? `TLS, CA sha256 ${head.caFingerprint.slice(0, 16)}…` : "plaintext"}); state ${state.root}`);
-  if (telemetry.problem) print(`telemetry: ${state.path("telemetry.json")} ${telemetry.problem}`);
+  print(`cluster ${head.clusterName}: head pid ${head.pid} ${alive ? picture.headState : `NOT RUNNING (last state ${head.state})`}; control ${head.controlAddress} (${head.caFingerprint ? `TLS, CA sha256 ${head.caFingerprint.slice(0, 16)}…` : "plaintext"}); state ${state.root}`);
+  if (picture.fromFilesBecause !== undefined) print(`from the state files (${picture.fromFilesBecause}): what the head last wrote`);
+  if (telemetry.liveAtMs !== undefined) print(`telemetry: live from the head`);
+  else if (telemetry.problem) print(`telemetry: ${state.path("telemetry.json")} ${telemetry.problem}`);
   else if (telemetry.savedAtMs === undefined) print(`telemetry: none saved yet (the head writes it every head.telemetrySaveInterval, 30s by default)`);
   else print(`telemetry: as the head saved it ${Math.max(0, Math.round((Date.now() - telemetry.savedAtMs) / 1000))}s ago`);
+  const telemetryAsOfMs = telemetry.liveAtMs ?? telemetry.savedAtMs;
   print(`nodes:`);
-  for (const worker of cluster?.workers ?? []) {
+  for (const worker of picture.workers) {
     const resources = worker.resources ?? {};
     const gpus = (resources.gpus ?? []).length;
     const shmMiB = Math.round(Number(resources.shmBytes ?? 0) / 2 ** 20);
@@ -478,15 +552,17 @@ async function commandStatus(args: string[]): Promise<number> {
     // Without a running head the record is only what it last knew.
     const connection = alive ? worker.connection : `${worker.connection === "connected" ? "disconnected" : worker.connection} (head not running)`;
     print(`  ${worker.nodeName} (${worker.workerId}) ${connection}, group ${worker.group}, ${worker.slots} ranks, ${resources.cpuCount || "?"} cpus, ${gpus} gpus, shm ${resources.shmBytes ? `${shmMiB} MiB` : "?"}, seen ${ago}s ago`);
-    if (telemetry.savedAtMs !== undefined) for (const line of nodeTelemetryLines(telemetry.nodes.get(worker.nodeName), telemetry.savedAtMs)) print(`    ${line}`);
+    if (telemetryAsOfMs !== undefined) for (const line of nodeTelemetryLines(telemetry.nodes.get(worker.nodeName), telemetryAsOfMs)) print(`    ${line}`);
   }
   if (leases.length > 0) {
     print(`leases:`);
     for (const lease of leases) print(`  ${lease.group}: ${lease.nodes} nodes, ${lease.handle}, ${lease.price} ${lease.denom}/block`);
   }
-  const cost = await readCost(state);
-  if (cost) for (const line of cost.lines(Date.now())) print(line);
-  const jobs = cluster?.jobs ?? [];
+  if (picture.cost) {
+    const { costLines } = await import("./cost/run-cost.js");
+    for (const line of costLines(picture.cost, Date.now())) print(line);
+  }
+  const jobs = picture.jobs;
   print(`jobs: ${jobs.length === 0 ? "none" : ""}`);
   // Without a running head its record may lag the store by a commit (a crash between a
   // commit and the next write of cluster.json): the store says what is committed.
@@ -502,10 +578,75 @@ async function commandStatus(args: string[]): Promise<number> {
     for (const restart of job.restarts ?? []) print(`    ${describeRestart(restart)}`);
     if (job.state === "running") for (const stalled of job.stalled ?? []) print(`    STALLED: rank ${stalled.rank} has made no progress (no step, no output) for ${Math.round(stalled.idleMs / 1000)}s`);
   }
-  for (const alert of telemetry.alerts) print(`warning: ${alert.message}`);
-  const diskFull = (cluster as { diskFull?: { message: string; atMs: number } } | undefined)?.diskFull;
-  if (diskFull) print(`warning: the head could not write for a full disk ${Math.max(0, Math.round((Date.now() - diskFull.atMs) / 1000))}s ago: ${diskFull.message}`);
+  for (const alert of picture.alerts) print(`warning: ${alert.message}`);
+  if (picture.diskFull) print(`warning: the head could not write for a full disk ${Math.max(0, Math.round((Date.now() - picture.diskFull.atMs) / 1000))}s ago: ${picture.diskFull.message}`);
   return 0;
+}
+
+/**
+ * A running head is asked (Admin.Status, STATUS_DEADLINE_MS); the state files are read
+ * when it is gone, not yet listening, or does not answer in time. After a crash they
+ * (and the checkpoint store) are all there is.
+ */
+async function statusPicture(state: StateDirectory, head: HeadRecord, alive: boolean): Promise<StatusPicture> {
+  if (!alive || head.state === "stopped" || head.state === "failed") return statusFromFiles(state, head, "the head is not running");
+  // head.json is written before the Admin server listens: port 0 means not yet.
+  if (/:0$/.test(head.adminAddress)) return statusFromFiles(state, head, "the head is starting; it does not answer yet");
+  try {
+    const connection = await adminClient(state);
+    try {
+      const response = await connection.client.status({ adminToken: connection.token }, { timeoutMs: STATUS_DEADLINE_MS });
+      return statusFromResponse(response);
+    } finally {
+      connection.client.close();
+    }
+  } catch (error) {
+    const serviceError = error as Partial<AdminCallError>;
+    const why = serviceError.details || serviceError.message;
+    return statusFromFiles(state, head, `the head did not answer: ${why}`);
+  }
+}
+
+function statusFromResponse(response: StatusResponse): StatusPicture {
+  const nodes = new Map<string, NodeTelemetry>();
+  for (const node of response.nodes) {
+    if (node.telemetryJson) nodes.set(node.nodeName ?? "", JSON.parse(node.telemetryJson) as NodeTelemetry);
+  }
+  return {
+    headState: response.headState,
+    // The shape of cluster.json's workers, so --json reads the same either way (JSON
+    // round trip: protobufjs messages keep their defaults on the prototype).
+    workers: response.nodes.map((node) => ({
+      workerId: node.workerId, nodeName: node.nodeName, group: node.group, connection: node.connection, slots: node.slots,
+      resources: JSON.parse(JSON.stringify(node.resources ?? {})) as Record<string, unknown>,
+      agentVersion: node.agentVersion, registeredAtMs: Number(node.registeredAtMs), lastSeenMs: Number(node.lastSeenMs),
+    })),
+    jobs: response.jobsJson.map((text) => JSON.parse(text) as JobRecord),
+    telemetry: { nodes, liveAtMs: Number(response.timeMs) },
+    alerts: response.alerts.map((alert) => ({ key: alert.key, kind: alert.kind, node: alert.node, message: alert.message }) as Alert),
+    ...(response.costJson ? { cost: JSON.parse(response.costJson) as CostReport } : {}),
+    ...(response.diskFullMessage ? { diskFull: { message: response.diskFullMessage, atMs: Number(response.diskFullAtMs) } } : {}),
+  };
+}
+
+async function statusFromFiles(state: StateDirectory, head: HeadRecord | undefined, because: string): Promise<StatusPicture> {
+  const cluster = await state.readJson<{ workers: Array<Record<string, any>>; jobs: JobRecord[]; diskFull?: { message: string; atMs: number } }>("cluster.json");
+  const telemetry = head ? await readTelemetryPicture(state, head, cluster) : undefined;
+  const cost = await readCost(state);
+  return {
+    fromFilesBecause: because,
+    headState: head?.state ?? "",
+    workers: cluster?.workers ?? [],
+    jobs: cluster?.jobs ?? [],
+    telemetry: {
+      nodes: telemetry?.nodes ?? new Map(),
+      ...(telemetry?.savedAtMs === undefined ? {} : { savedAtMs: telemetry.savedAtMs }),
+      ...(telemetry?.problem ? { problem: telemetry.problem } : {}),
+    },
+    alerts: telemetry?.alerts ?? [],
+    ...(cost ? { cost: cost.report } : {}),
+    ...(cluster?.diskFull ? { diskFull: cluster.diskFull } : {}),
+  };
 }
 
 /**
@@ -638,6 +779,17 @@ async function commandLogs(args: string[]): Promise<number> {
   const state = new StateDirectory(StateDirectory.defaultRoot());
   const job = await latestJob(state, values.job);
   if (!job) throw new StateError(values.job ? `no job ${values.job} in ${state.root}` : `no job has run over ${state.root}`);
+  if (values.follow) {
+    // The running head streams it; without one (or when it cannot give the whole output) the files tell it.
+    const connection = await adminClient(state).catch(() => undefined);
+    if (connection) {
+      try {
+        if (await watchJob(connection, job.jobId)) return 0;
+      } finally {
+        connection.client.close();
+      }
+    }
+  }
   await followJob(state, job.jobId, { follow: values.follow ?? false });
   return 0;
 }
@@ -647,9 +799,9 @@ async function commandStop(args: string[]): Promise<number> {
   const state = new StateDirectory(StateDirectory.defaultRoot());
   const job = await latestJob(state, values.job);
   if (!job) throw new StateError("no job to stop");
-  const { client, token, call } = await adminClient(state);
+  const { client, token } = await adminClient(state);
   try {
-    const response = await call(client.stopJob.bind(client), { adminToken: token, jobId: job.jobId }, 10_000);
+    const response = await client.stopJob({ adminToken: token, jobId: job.jobId }, { timeoutMs: 10_000 });
     print(response.stopped ? `stopping ${job.jobId}` : `${job.jobId} is not running`);
   } finally {
     client.close();
@@ -725,8 +877,8 @@ async function tearDown(state: StateDirectory): Promise<number> {
       }
     };
     try {
-      const { client, token, call } = await adminClient(state);
-      await call(client.shutdown.bind(client), { adminToken: token }, 5_000).finally(() => client.close());
+      const { client, token } = await adminClient(state);
+      await client.shutdown({ adminToken: token }, { timeoutMs: 5_000 }).finally(() => client.close());
     } catch {
       signal("SIGTERM");
     }

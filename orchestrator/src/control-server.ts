@@ -3,6 +3,7 @@ import {
   PROTOCOL_VERSION, adminService, controlChannelOptions, controlService,
   type AdminHandlers, type ControlHandlers, type IHeadMessage, type ITelemetry, type IWorkerMessage,
 } from "@drover/proto";
+import { AdminViews, type HeadLiveView } from "./admin-service.js";
 import { DroverError, JobRequestError, PresignRefusedError } from "./errors.js";
 import type { JobController, JobRecord } from "./job-controller.js";
 import type { Logger } from "./logger.js";
@@ -33,6 +34,8 @@ export interface ControlServerDeps {
   onTelemetry?: (workerId: string, telemetry: ITelemetry) => void;
   /** Signs S3 requests for workers when the store is presigned (Control.Presign); absent = UNIMPLEMENTED. */
   presign?: () => PresignService | undefined;
+  /** What Admin.Status and Admin.WatchJob tell beyond the registry and the jobs (the head's state, telemetry, cost). */
+  live?: HeadLiveView;
   submitJob: (request: { command: string[]; workingDir: string; env: Record<string, string>; runId?: string; nodes?: number; fromStep?: number; maxRestarts?: number; codeBundleId?: string; stallTimeoutMs?: number }) => Promise<JobRecord>;
 }
 
@@ -47,10 +50,12 @@ function fail(callback: grpc.sendUnaryData<never>, code: grpc.status, details: s
 export class ControlServer {
   private readonly control = new grpc.Server(controlChannelOptions);
   private readonly admin = new grpc.Server(controlChannelOptions);
+  private readonly views: AdminViews;
   controlPort = 0;
   adminPort = 0;
 
   constructor(private readonly deps: ControlServerDeps) {
+    this.views = new AdminViews({ registry: deps.registry, jobs: deps.jobs, logger: deps.logger, ...(deps.live ? { live: deps.live } : {}) });
     this.control.addService(controlService, this.controlHandlers());
     this.admin.addService(adminService, this.adminHandlers());
   }
@@ -234,10 +239,30 @@ export class ControlServer {
         callback(null, {});
         setImmediate(this.deps.onShutdownRequested);
       },
+      status: (call, callback) => {
+        if (!authorized(call.request.adminToken, callback as grpc.sendUnaryData<never>)) return;
+        callback(null, this.views.status());
+      },
+      watchJob: (call) => {
+        if (!secretsEqual(call.request.adminToken ?? "", this.deps.adminToken)) {
+          logger.warn("admin call refused: invalid admin token");
+          // A server stream's status goes out through its error path (see session above).
+          call.emit("error", { code: grpc.status.UNAUTHENTICATED, details: "invalid admin token (is this the state directory of the running head?)" });
+          return;
+        }
+        this.views.watch(call);
+      },
     };
   }
 
+  /** Admin.WatchJob streams being served now. */
+  get watchCount(): number {
+    return this.views.watchCount;
+  }
+
   async close(graceMs = 2_000): Promise<void> {
+    // Open watches would hold the admin server's graceful shutdown for its whole grace.
+    this.views.close();
     for (const server of [this.control, this.admin]) {
       await new Promise<void>((resolve) => {
         const timer = setTimeout(() => {

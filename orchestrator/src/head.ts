@@ -18,6 +18,7 @@ import { backendNamed, createProvisioner, type Provisioner } from "./provisioner
 import { RepairLoop } from "./repair-loop.js";
 import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
 import { HeadTelemetry } from "./telemetry/head-telemetry.js";
+import { latestByNode } from "./telemetry/telemetry-alerts.js";
 import { HeadAuthority } from "./tls/head-authority.js";
 import { WorkerRegistry, type PersistedWorker } from "./worker-registry.js";
 
@@ -189,6 +190,15 @@ export class Head extends EventEmitter<HeadEvents> {
       logger: logger.child({ component: "control-server" }),
       onShutdownRequested: () => this.shutdownRequested(),
       submitJob: (request) => this.submit(request),
+      // Admin.Status and Admin.WatchJob: `drover status` and `drover submit` ask the head, not its files.
+      live: {
+        state: () => this.state,
+        nodeTelemetry: () => latestByNode(this.telemetry.series.latest(() => Infinity)),
+        alerts: () => this.telemetry.checkAlerts(),
+        cost: () => this.costs.report,
+        diskFull: () => this.diskFull,
+        outputWritten: () => this.appender.flushed(),
+      },
       presign: () => this.presign,
       onTelemetry: (workerId, telemetry) => {
         this.telemetry.onTelemetry(workerId, telemetry);

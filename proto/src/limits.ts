@@ -34,3 +34,12 @@ export const TELEMETRY_MAX_GPUS = 64;
  */
 export const PRESIGN_MAX_ITEMS = 64;
 export const PRESIGN_KEY_MAX_CHARS = 1024;
+
+/**
+ * Bounds of the Admin service's replies (Status, WatchJob): a job record as JSON, the
+ * jobs one Status lists (the newest), one node's telemetry as JSON. Together they stay
+ * well under CONTROL_MAX_MESSAGE_BYTES whatever the cluster holds.
+ */
+export const JOB_RECORD_MAX_JSON_BYTES = 256 * 1024;
+export const STATUS_MAX_JOBS = 8;
+export const STATUS_NODE_TELEMETRY_MAX_BYTES = 16 * 1024;

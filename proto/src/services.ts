@@ -39,6 +39,18 @@ export type StopJobResponse = drover.control.v1.StopJobResponse;
 export type ShutdownRequest = drover.control.v1.ShutdownRequest;
 export type IShutdownRequest = drover.control.v1.IShutdownRequest;
 export type ShutdownResponse = drover.control.v1.ShutdownResponse;
+export type StatusRequest = drover.control.v1.StatusRequest;
+export type IStatusRequest = drover.control.v1.IStatusRequest;
+export type StatusResponse = drover.control.v1.StatusResponse;
+export type IStatusResponse = drover.control.v1.IStatusResponse;
+export type INodeStatus = drover.control.v1.INodeStatus;
+export type IStatusAlert = drover.control.v1.IStatusAlert;
+export type WatchJobRequest = drover.control.v1.WatchJobRequest;
+export type IWatchJobRequest = drover.control.v1.IWatchJobRequest;
+export type JobEvent = drover.control.v1.JobEvent;
+export type IJobEvent = drover.control.v1.IJobEvent;
+export type IJobSnapshot = drover.control.v1.IJobSnapshot;
+export type IJobOutputLine = drover.control.v1.IJobOutputLine;
 export type PresignRequest = drover.control.v1.PresignRequest;
 export type IPresignRequest = drover.control.v1.IPresignRequest;
 export type PresignResponse = drover.control.v1.PresignResponse;
@@ -92,6 +104,10 @@ export const adminService = {
     "/drover.control.v1.Admin/StopJob", v1.StopJobRequest, v1.StopJobResponse, false, false),
   shutdown: method<ShutdownRequest, IShutdownRequest, ShutdownResponse, drover.control.v1.IShutdownResponse>(
     "/drover.control.v1.Admin/Shutdown", v1.ShutdownRequest, v1.ShutdownResponse, false, false),
+  status: method<StatusRequest, IStatusRequest, StatusResponse, IStatusResponse>(
+    "/drover.control.v1.Admin/Status", v1.StatusRequest, v1.StatusResponse, false, false),
+  watchJob: method<WatchJobRequest, IWatchJobRequest, JobEvent, IJobEvent>(
+    "/drover.control.v1.Admin/WatchJob", v1.WatchJobRequest, v1.JobEvent, false, true),
 } satisfies grpc.ServiceDefinition;
 
 /**
@@ -108,6 +124,8 @@ export interface AdminHandlers extends grpc.UntypedServiceImplementation {
   submitJob: grpc.handleUnaryCall<ISubmitJobRequest, ISubmitJobResponse>;
   stopJob: grpc.handleUnaryCall<IStopJobRequest, IStopJobResponse>;
   shutdown: grpc.handleUnaryCall<IShutdownRequest, drover.control.v1.IShutdownResponse>;
+  status: grpc.handleUnaryCall<IStatusRequest, IStatusResponse>;
+  watchJob: grpc.handleServerStreamingCall<IWatchJobRequest, IJobEvent>;
 }
 
 export interface ControlClient extends grpc.Client {
@@ -125,6 +143,9 @@ export interface AdminClient extends grpc.Client {
     callback: grpc.requestCallback<StopJobResponse>): grpc.ClientUnaryCall;
   shutdown(request: IShutdownRequest, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>,
     callback: grpc.requestCallback<ShutdownResponse>): grpc.ClientUnaryCall;
+  status(request: IStatusRequest, metadata: grpc.Metadata, options: Partial<grpc.CallOptions>,
+    callback: grpc.requestCallback<StatusResponse>): grpc.ClientUnaryCall;
+  watchJob(request: IWatchJobRequest, metadata?: grpc.Metadata, options?: Partial<grpc.CallOptions>): grpc.ClientReadableStream<JobEvent>;
 }
 
 type ClientConstructor<C> = new (address: string, credentials: grpc.ChannelCredentials, options?: grpc.ClientOptions) => C;
