@@ -66,6 +66,9 @@ describe("a head killed under a running job", { timeout: 300_000 }, () => {
         const jobId = /submitted (\S+)/.exec(submit.stdout)![1]!;
         const job = async () => (await state.readJson<{ jobs: JobRecord[] }>("cluster.json").catch(() => undefined))?.jobs.find((candidate) => candidate.jobId === jobId);
         const outputLog = () => readFile(join(stateDir, "jobs", jobId, "output.log"), "utf8").catch(() => "");
+        // Someone following the job as the head streams it, through the head's death.
+        if (fault === "supervised") await waitForValue(async () => ((await job()) ? true : undefined), 10_000, "the job in cluster.json");
+        const follower = fault === "supervised" ? runDrover(stateDir, ["logs", "-f", "--job", jobId], 280_000) : undefined;
 
         const before = await waitForValue(async () => {
           const current = await job();
@@ -135,6 +138,15 @@ describe("a head killed under a running job", { timeout: 300_000 }, () => {
           expect(final.checkpointsCommitted).toContain(savedWhileDown);
         }
         expect(log).not.toMatch(/NOT stored/);
+        if (follower) {
+          // It followed on from the state directory while the supervisor started the head again: every step once, to the end.
+          const followed = await follower;
+          expect(followed.code, followed.stderr).toBe(0);
+          expect(followed.stderr).toContain("the head stopped; its supervisor starts it again");
+          const printedSteps = [...followed.stdout.matchAll(/^\[rank 0\] step (\d+)\/\d+ /gm)].map((match) => Number(match[1]));
+          expect(printedSteps).toEqual(Array.from({ length: steps }, (_, index) => index + 1));
+          expect(followed.stdout).toContain("[drover] job succeeded");
+        }
         // One loss curve, every step once: nothing the dead head missed is missing, nothing it had is doubled.
         await new Promise((resolveDelay) => setTimeout(resolveDelay, 500));
         const points = (await readFile(join(stateDir, "jobs", jobId, "metrics.ndjson"), "utf8")).split("\n").filter(Boolean)

@@ -12,7 +12,7 @@ import type { CostReport } from "./cost/run-cost.js";
 import { DroverError, HeadUnreachableError, PartialReapError, StateError } from "./errors.js";
 import type { Head } from "./head.js";
 import type { JobRecord } from "./job-controller.js";
-import { describeRestart, formatMetrics, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
+import { describeRestart, formatMetrics, outputLine, stitchAttempts, summarizeJob, type MetricPoint } from "./job-view.js";
 import type { AkashLeaseRecord } from "./provisioners/akash/akash-provisioner.js";
 import type { Alert, NodeTelemetry } from "./telemetry/telemetry-alerts.js";
 import { processAlive, StateDirectory, StateLock, type HeadRecord } from "./state-store.js";
@@ -378,7 +378,10 @@ async function commandSubmit(args: string[]): Promise<number> {
     }, { timeoutMs: 30_000 });
     print(`submitted ${response.jobId} (run ${response.runId})`);
     if (values["no-wait"]) return 0;
-    const job = (await watchJob(connection, response.jobId)) ?? await followJob(state, response.jobId, { follow: true });
+    const watched = await watchJob(connection, response.jobId, state);
+    // The whole output from the files when the head could not stream it; past what was
+    // printed when a supervised head died mid-watch (its successor takes the job up).
+    const job = watched.final ?? await followJob(state, response.jobId, { follow: true, after: watched.printed });
     for (const line of summarizeJob(job)) print(line);
     const curve = await lossCurveLine(state, job);
     if (curve) print(curve);
@@ -400,12 +403,21 @@ async function commandSubmit(args: string[]): Promise<number> {
  * (it kept only the newest lines, the job began under an earlier head, or it does not
  * know the job): the caller then follows the job's files instead.
  */
-async function watchJob(connection: AdminConnection, jobId: string): Promise<JobRecord | undefined> {
+/** What a watch printed of a job's output, for following on from the job's output.log after it. */
+interface PrintedOutput {
+  lines: number;
+  /** The last line printed, and how many times it was printed in all. */
+  last?: { line: string; times: number };
+}
+
+async function watchJob(connection: AdminConnection, jobId: string, state: StateDirectory): Promise<{ final?: JobRecord; printed: PrintedOutput }> {
   const { client, codes } = connection;
   // Set when the head cannot give the whole output: the watch is dropped unprinted.
   const incomplete = new AbortController();
   let final: JobRecord | undefined;
   let printedAny = false;
+  const printed: PrintedOutput = { lines: 0 };
+  const timesPrinted = new Map<string, number>();
   try {
     await client.watchJob({ adminToken: connection.token, jobId, withOutputSoFar: true }, (event: JobEvent) => {
       if (incomplete.signal.aborted) return;
@@ -418,20 +430,32 @@ async function watchJob(connection: AdminConnection, jobId: string): Promise<Job
         if (event.job.final) final = JSON.parse(event.job.recordJson || "{}") as JobRecord;
       } else if (event.output) {
         printedAny = true;
-        const rank = event.output.rank ?? 0;
-        process.stdout.write(`${rank < 0 ? "[drover]" : `[rank ${rank}]`} ${event.output.line ?? ""}\n`);
+        const line = outputLine({ rank: event.output.rank ?? 0, line: event.output.line ?? "" });
+        process.stdout.write(`${line}\n`);
+        const times = (timesPrinted.get(line) ?? 0) + 1;
+        timesPrinted.set(line, times);
+        printed.lines++;
+        printed.last = { line, times };
       }
     }, { signal: incomplete.signal });
   } catch (error) {
     const { code, details, message } = error as Partial<AdminCallError>;
-    if (final) return final;
+    if (final) return { final, printed };
     // Nothing printed yet: the files can still tell the whole story.
-    if (!printedAny && code !== codes.UNAUTHENTICATED) return undefined;
-    if (code === codes.UNAVAILABLE || code === codes.CANCELLED) throw new HeadUnreachableError("the head stopped while the job was running; see drover status");
+    if (!printedAny && code !== codes.UNAUTHENTICATED) return { printed };
+    if (code === codes.UNAVAILABLE || code === codes.CANCELLED) {
+      // A supervised head that died is started again and takes the job up: go on from its files.
+      const head = await readHead(state).catch(() => undefined);
+      if (head?.supervisorPid && processAlive(head.supervisorPid)) {
+        process.stderr.write("drover: the head stopped; its supervisor starts it again, and the job's output continues from the state directory\n");
+        return { printed };
+      }
+      throw new HeadUnreachableError("the head stopped while the job was running; see drover status");
+    }
     throw new HeadUnreachableError(`the head ended the job's watch: ${details || message}`);
   }
   if (!final) throw new HeadUnreachableError("the head ended the job's watch before the job ended; see drover status");
-  return final;
+  return { final, printed };
 }
 
 async function latestJob(state: StateDirectory, jobId?: string): Promise<JobRecord | undefined> {
@@ -446,8 +470,10 @@ async function latestJob(state: StateDirectory, jobId?: string): Promise<JobReco
  * can be seen before the last lines land: the job's closing `[drover] job <state>` line
  * (written after every rank's output) marks the end, waited for a few seconds at most.
  */
-async function followJob(state: StateDirectory, jobId: string, options: { follow: boolean }): Promise<JobRecord> {
+async function followJob(state: StateDirectory, jobId: string, options: { follow: boolean; after?: PrintedOutput }): Promise<JobRecord> {
   let offset = 0;
+  // What a watch of the same job printed already: the file holds it first.
+  let after = options.after?.lines ? options.after : undefined;
   let printed = "";
   let finalSeenAt: number | undefined;
   const path = state.path("jobs", jobId, "output.log");
@@ -463,7 +489,9 @@ async function followJob(state: StateDirectory, jobId: string, options: { follow
           await handle.read(buffer, 0, buffer.length, offset);
           const text = buffer.toString("utf8");
           const complete = text.lastIndexOf("\n") + 1;
-          if (complete > 0) process.stdout.write(text.slice(0, complete));
+          const start = after && complete > 0 ? resumePoint(text.slice(0, complete), after) : 0;
+          if (complete > 0) after = undefined;
+          if (complete > start) process.stdout.write(text.slice(start, complete));
           offset += Buffer.byteLength(text.slice(0, complete));
           // Only the tail matters for the closing line; keep it bounded.
           printed = (printed + text.slice(0, complete)).slice(-4096);
@@ -474,7 +502,8 @@ async function followJob(state: StateDirectory, jobId: string, options: { follow
     }
     if (job && !options.follow) return job;
     const head = await readHead(state);
-    const headAlive = head !== undefined && processAlive(head.pid);
+    // While a supervisor lives, a dead head is about to be started again: keep following.
+    const headAlive = head !== undefined && (processAlive(head.pid) || (head.supervisorPid !== undefined && processAlive(head.supervisorPid)));
     if (job && isFinal(job.state)) {
       finalSeenAt ??= Date.now();
       if (printed.includes(`[drover] job ${job.state}`) || !headAlive || Date.now() - finalSeenAt > 5_000) return job;
@@ -483,6 +512,26 @@ async function followJob(state: StateDirectory, jobId: string, options: { follow
     }
     await new Promise((resolveDelay) => setTimeout(resolveDelay, 100));
   }
+}
+
+/**
+ * Where in a job's output text the lines a watch printed end: after the line it printed
+ * last, at the same count (a dead head may have written a line to the file it never
+ * streamed, or streamed one it never wrote), else after as many lines as it printed.
+ */
+function resumePoint(text: string, printed: PrintedOutput): number {
+  let position = 0;
+  let seen = 0;
+  let counted = 0;
+  let byCount = text.length;
+  while (position < text.length) {
+    const end = text.indexOf("\n", position) + 1;
+    counted++;
+    if (counted === printed.lines) byCount = end;
+    if (printed.last && text.slice(position, end - 1) === printed.last.line && ++seen === printed.last.times) return end;
+    position = end;
+  }
+  return byCount;
 }
 
 /** How long `drover status` waits for a running head to answer before it reads the state files. */
@@ -784,7 +833,10 @@ async function commandLogs(args: string[]): Promise<number> {
     const connection = await adminClient(state).catch(() => undefined);
     if (connection) {
       try {
-        if (await watchJob(connection, job.jobId)) return 0;
+        const watched = await watchJob(connection, job.jobId, state);
+        if (watched.final) return 0;
+        await followJob(state, job.jobId, { follow: true, after: watched.printed });
+        return 0;
       } finally {
         connection.client.close();
       }

@@ -161,7 +161,7 @@ export class ControlServer {
           const replayed = message.replayed === true;
           if (message.heartbeat) jobs.onHeartbeat(workerId, message.heartbeat.runningJobIds ?? []);
           else if (message.metric) jobs.onMetric(workerId, message.metric, replayed);
-          else if (message.log) jobs.onLog(workerId, message.log);
+          else if (message.log) jobs.onLog(workerId, message.log, replayed);
           else if (message.rankExit) jobs.onRankExit(workerId, message.rankExit, replayed);
           else if (message.checkpoint) jobs.onCheckpoint(workerId, message.checkpoint, replayed);
           else if (message.jobFailure) jobs.onJobFailure(workerId, message.jobFailure.jobId ?? "", message.jobFailure.reason ?? "the node could not run the job");

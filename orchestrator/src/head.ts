@@ -1,6 +1,6 @@
 import { randomBytes, randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { mkdir, readFile } from "node:fs/promises";
+import { mkdir, open, readFile } from "node:fs/promises";
 import type { IBridgeTls, IMetricReport } from "@drover/proto";
 import { CheckpointStore, parseStorageConfig, registerSecretValue, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
 import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
@@ -13,6 +13,7 @@ import { DASHBOARD_PATH, DashboardServer } from "./dashboard/dashboard-server.js
 import { JobRequestError, StateError } from "./errors.js";
 import { JoinTokenBook } from "./join-tokens.js";
 import { JobController, isFinal, type JobLogLine, type JobRecord, type JobRequest } from "./job-controller.js";
+import { outputLine } from "./job-view.js";
 import type { Logger } from "./logger.js";
 import { backendNamed, createProvisioner, type Provisioner } from "./provisioners/registry.js";
 import { RepairLoop } from "./repair-loop.js";
@@ -56,12 +57,15 @@ interface InterruptedHead {
   embeddedStoreEndpoint?: string;
 }
 
+/** How much of a job's output.log end a head taking the job up compares replayed output lines with. */
+const OUTPUT_TAIL_BYTES = 256 * 1024;
+
 /** What this head takes over from a dead one instead of reaping it (see adoptionPlan). */
 interface Adoption {
   port: number;
   workers: PersistedWorker[];
   /** With the newest step per global rank its metrics file holds (lastMetricSteps). */
-  jobs: Array<{ job: JobRecord; lastSteps: Map<number, number> }>;
+  jobs: Array<{ job: JobRecord; lastSteps: Map<number, number>; outputTail: string[] }>;
 }
 
 /** A full disk is logged at most this often per file (a log line is written per output line). */
@@ -229,8 +233,7 @@ export class Head extends EventEmitter<HeadEvents> {
       else this.scheduleSnapshot();
     });
     this.jobs.on("log", (line) => {
-      const prefix = line.rank < 0 ? "[drover]" : `[rank ${line.rank}]`;
-      this.appender.append(`jobs/${line.jobId}/output.log`, `${prefix} ${line.line}\n`);
+      this.appender.append(`jobs/${line.jobId}/output.log`, `${outputLine(line)}\n`);
       this.emit("log", line);
     });
     this.jobs.on("metric", (job, metric) => {
@@ -336,7 +339,7 @@ export class Head extends EventEmitter<HeadEvents> {
       this.jobs.resumeInterrupted(previous, previous.lastCommittedStep ?? previous.resumeStep, `the head stopped unexpectedly while the job was ${previous.state}`);
     if (adoption) {
       this.registry.restore(adoption.workers);
-      for (const { job, lastSteps } of adoption.jobs) this.jobs.adoptInterrupted(job, lastSteps);
+      for (const { job, lastSteps, outputTail } of adoption.jobs) this.jobs.adoptInterrupted(job, lastSteps, outputTail);
     }
     const resumed = (this.interrupted?.jobs ?? []).filter((job) => !adoption?.jobs.some((adopted) => adopted.job.jobId === job.jobId)).map(resume);
     await this.setState("starting");
@@ -491,7 +494,7 @@ export class Head extends EventEmitter<HeadEvents> {
         refuse(`no session of node ${missing.join(", ")} of job ${job.jobId} is on record`);
         continue;
       }
-      jobs.push({ job, lastSteps: await this.lastMetricSteps(job) });
+      jobs.push({ job, lastSteps: await this.lastMetricSteps(job), outputTail: await this.outputTail(job) });
     }
     return jobs.length > 0 ? { port, workers: interrupted.workers, jobs } : undefined;
   }
@@ -515,6 +518,31 @@ export class Head extends EventEmitter<HeadEvents> {
       steps.set(point.rank, Math.max(steps.get(point.rank) ?? -1, point.step));
     }
     return steps;
+  }
+
+  /**
+   * The newest lines of a job's output.log (its last OUTPUT_TAIL_BYTES): output lines its
+   * agents send again that these hold were written by the dead head already.
+   */
+  private async outputTail(job: JobRecord): Promise<string[]> {
+    const path = this.stateDir.path("jobs", job.jobId, "output.log");
+    let handle;
+    try {
+      handle = await open(path, "r");
+    } catch {
+      return [];
+    }
+    try {
+      const { size } = await handle.stat();
+      const length = Math.min(size, OUTPUT_TAIL_BYTES);
+      const buffer = Buffer.alloc(length);
+      await handle.read(buffer, 0, length, size - length);
+      const lines = buffer.toString("utf8").split("\n");
+      // The first may be cut by the window; the last is empty or torn by the kill.
+      return lines.slice(size > length ? 1 : 0, -1);
+    } finally {
+      await handle.close();
+    }
   }
 
   /** Writes sessions.json (0600): what a successor needs to accept this head's agents. */

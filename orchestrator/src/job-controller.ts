@@ -4,6 +4,7 @@ import type { IBridgeTls, ICheckpointReport, ILogLine, IMetricReport, IRankExit 
 import { LogStream } from "@drover/proto";
 import { JobRequestError } from "./errors.js";
 import type { Logger } from "./logger.js";
+import { outputLine } from "./job-view.js";
 import { assignRanks, topologyFor, type NodeAssignment } from "./rank-assignment.js";
 import type { RegisteredWorker, WorkerRegistry } from "./worker-registry.js";
 
@@ -194,6 +195,11 @@ export class JobController extends EventEmitter<JobEvents> {
    * hold: a metric an agent sends again (replayed) at or below it was written already.
    */
   private readonly replayFloors = new Map<string, Map<number, number>>();
+  /**
+   * jobId -> the newest lines of its output.log (outputLine) with how often each occurs
+   * there: a replayed output line found here was written already and is taken once less.
+   */
+  private readonly replayedOutputTail = new Map<string, Map<string, number>>();
   /** jobId -> group -> its restart on its own, while it lasts. */
   private readonly groupRestarts = new Map<string, Map<string, GroupRestart>>();
   private groupRestartCount = 0;
@@ -314,6 +320,7 @@ export class JobController extends EventEmitter<JobEvents> {
     for (const wireJobId of [previous.wireJobId, ...Object.values(previous.groupWireIds ?? {})]) this.byWireId.set(wireJobId, job);
     this.adopting.delete(job.jobId);
     this.replayFloors.delete(job.jobId);
+    this.replayedOutputTail.delete(job.jobId);
     this.progress.delete(job.jobId);
     this.deps.logger.info("job resumed after a head restart", { jobId: job.jobId, runId: job.runId, attempt, resumeStep });
     this.log(job, `${reason}; attempt ${attempt} resumes ${resumeStep === undefined ? "from scratch (nothing committed yet)" : `from committed checkpoint step ${resumeStep}`} once ${job.request.nodes} nodes are connected`);
@@ -332,7 +339,7 @@ export class JobController extends EventEmitter<JobEvents> {
    * back is lost at the heartbeat timeout. `lastSteps`: the newest step per global rank of
    * this attempt in the job's metrics file, below which replayed metrics are duplicates.
    */
-  adoptInterrupted(previous: JobRecord, lastSteps: ReadonlyMap<number, number>): JobRecord {
+  adoptInterrupted(previous: JobRecord, lastSteps: ReadonlyMap<number, number>, outputTail: readonly string[] = []): JobRecord {
     const job: JobRecord = {
       ...previous,
       state: "running",
@@ -351,6 +358,9 @@ export class JobController extends EventEmitter<JobEvents> {
     this.jobs.set(job.jobId, job);
     for (const wireJobId of [job.wireJobId, ...Object.values(job.groupWireIds ?? {})]) this.byWireId.set(wireJobId, job);
     this.replayFloors.set(job.jobId, new Map(lastSteps));
+    const tail = new Map<string, number>();
+    for (const line of outputTail) tail.set(line, (tail.get(line) ?? 0) + 1);
+    this.replayedOutputTail.set(job.jobId, tail);
     const startedMs = this.now();
     this.progress.set(job.jobId, new Map(Array.from({ length: job.worldSize }, (_, rank) => [rank, { lastMs: startedMs, stepIntervals: [] }])));
     this.adopting.set(job.jobId, new Set(job.assignments.map((assignment) => assignment.workerId)));
@@ -558,15 +568,26 @@ export class JobController extends EventEmitter<JobEvents> {
     return assignment ? assignment.globalRankOffset + (rank - assignment.rankOffset) : rank;
   }
 
-  onLog(workerId: string, line: ILogLine): void {
+  /** `replayed`: sent to the dead head before this one; taken unless its output file's tail holds it. */
+  onLog(workerId: string, line: ILogLine, replayed = false): void {
     const job = this.current(line.jobId);
     if (!job) return;
-    if (line.stream === LogStream.LOG_STREAM_AGENT) {
+    const agentLine = line.stream === LogStream.LOG_STREAM_AGENT;
+    const rank = agentLine ? -1 : this.globalRank(job, workerId, line.rank ?? 0);
+    if (replayed) {
+      const tail = this.replayedOutputTail.get(job.jobId);
+      const written = outputLine({ rank, line: line.line ?? "" });
+      const count = tail?.get(written) ?? 0;
+      if (count > 0) {
+        tail!.set(written, count - 1);
+        return;
+      }
+    }
+    if (agentLine) {
       this.log(job, line.line ?? "");
       return;
     }
     const stream = line.stream === LogStream.LOG_STREAM_STDERR ? "stderr" : "stdout";
-    const rank = this.globalRank(job, workerId, line.rank ?? 0);
     this.madeProgress(job, rank, false);
     this.emit("log", { jobId: job.jobId, rank, stream, line: line.line ?? "" });
   }
@@ -894,6 +915,7 @@ export class JobController extends EventEmitter<JobEvents> {
     job.state = "restarting";
     this.adopting.delete(job.jobId);
     this.replayFloors.delete(job.jobId);
+    this.replayedOutputTail.delete(job.jobId);
     this.log(job, `attempt ${job.attempt} failed: ${reason}; restarting from the newest committed checkpoint (restart ${job.restarts.length} of at most ${job.maxRestarts})`);
     this.emit("changed", job);
 
@@ -971,6 +993,7 @@ export class JobController extends EventEmitter<JobEvents> {
     this.progress.delete(job.jobId);
     this.adopting.delete(job.jobId);
     this.replayFloors.delete(job.jobId);
+    this.replayedOutputTail.delete(job.jobId);
     for (const entry of this.groupRestarts.get(job.jobId)?.values() ?? []) clearTimeout(entry.waitTimer);
     this.groupRestarts.delete(job.jobId);
     this.bridgeSecrets.delete(job.jobId);

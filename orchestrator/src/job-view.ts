@@ -1,5 +1,10 @@
 import type { JobRecord, JobRestart } from "./job-controller.js";
 
+/** A job output line as output.log holds it: `[rank N] text`, or `[drover] text` for the head's and agents' own lines. */
+export function outputLine(line: { rank: number; line: string }): string {
+  return `${line.rank < 0 ? "[drover]" : `[rank ${line.rank}]`} ${line.line}`;
+}
+
 /** One line of rank 0's metrics, e.g. `step 12 loss 0.4312 lr 3.0e-04`. */
 export function formatMetrics(step: number, values: Record<string, number>): string {
   const parts = Object.entries(values).map(([name, value]) => `${name} ${formatNumber(value)}`);

@@ -95,16 +95,18 @@ const OUTBOX_LIMIT = 10_000;
 
 /**
  * What the agent keeps of what it sent, to send again to a new head over the same state
- * (a crashed head's successor): the newest metrics and every checkpoint report, exit and
+ * (a crashed head's successor): the newest metrics and output lines and every checkpoint report, exit and
  * failure of the newest jobs. A head killed the moment after a write never read it, or
  * read it without writing it down; the new head takes what it has no record of.
  */
 const REPLAY_METRICS_PER_JOB = 1_024;
+const REPLAY_LOG_LINES_PER_JOB = 512;
 const REPLAY_REPORTS_PER_JOB = 8_192;
 const REPLAY_JOBS = 8;
 
 interface SentJournal {
   metrics: IWorkerMessage[];
+  logs: IWorkerMessage[];
   reports: IWorkerMessage[];
 }
 
@@ -729,29 +731,29 @@ export class WorkerAgent {
   /** Writes to the head's stream and keeps what a successor head would need again. */
   private writeToHead(stream: grpc.ClientDuplexStream<IWorkerMessage, HeadMessage>, message: IWorkerMessage): void {
     stream.write(message);
-    const jobId = message.metric?.jobId ?? message.checkpoint?.jobId ?? message.rankExit?.jobId ?? message.jobFailure?.jobId;
+    const jobId = message.metric?.jobId ?? message.log?.jobId ?? message.checkpoint?.jobId ?? message.rankExit?.jobId ?? message.jobFailure?.jobId;
     if (!jobId) return;
     let journal = this.sentJournal.get(jobId);
     if (!journal) {
-      journal = { metrics: [], reports: [] };
+      journal = { metrics: [], logs: [], reports: [] };
       this.sentJournal.set(jobId, journal);
       // Oldest job first out (a Map iterates in insertion order).
       if (this.sentJournal.size > REPLAY_JOBS) this.sentJournal.delete(this.sentJournal.keys().next().value!);
     }
-    const [list, limit] = message.metric ? [journal.metrics, REPLAY_METRICS_PER_JOB] : [journal.reports, REPLAY_REPORTS_PER_JOB];
+    const [list, limit] = message.metric ? [journal.metrics, REPLAY_METRICS_PER_JOB] : message.log ? [journal.logs, REPLAY_LOG_LINES_PER_JOB] : [journal.reports, REPLAY_REPORTS_PER_JOB];
     list.push(message);
     if (list.length > limit) list.shift();
   }
 
   /**
    * Sends a new head what its dead predecessor was sent (replayed = true), before the
-   * outbox and the first heartbeat: per job its newest metrics, then its checkpoint
+   * outbox and the first heartbeat: per job its newest metrics and output lines, then its checkpoint
    * reports and exits in the order they were sent (a rank's reports before its exit).
    */
   private replayJournal(stream: grpc.ClientDuplexStream<IWorkerMessage, HeadMessage>): void {
     let count = 0;
     for (const journal of this.sentJournal.values()) {
-      for (const message of [...journal.metrics, ...journal.reports]) {
+      for (const message of [...journal.metrics, ...journal.logs, ...journal.reports]) {
         stream.write({ ...message, replayed: true });
         count++;
       }
