@@ -3,7 +3,7 @@ import net from "node:net";
 import os from "node:os";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { silentLogger } from "../logger.js";
+import { silentLogger, type Logger } from "../logger.js";
 import { BridgeLink } from "./bridge-link.js";
 import { BridgeEndpoint, splitHostPort, type JobBridge } from "./job-bridge.js";
 import { encodeOuterMessage, OuterSyncSocketServer, readOuterStepHeader, type OuterSyncHandlers } from "./outer-sync-socket.js";
@@ -36,22 +36,30 @@ async function outerStep(path: string, header: Record<string, unknown>, payload:
   const tensorBytes = (answerHeader: Record<string, unknown>) => (answerHeader.tensors as Array<{ shape: number[] }>).reduce((sum, tensor) => sum + tensor.shape.reduce((a, b) => a * b, 1) * 4, 0);
   const expectedBytes = (answerHeader: Record<string, unknown>) => answerHeader.kind === "outer_result" ? tensorBytes(answerHeader)
     : answerHeader.kind === "join_result" && answerHeader.mode === "state" ? 2 * tensorBytes(answerHeader) : 0;
+  let received = 0;
+  socket.on("data", (chunk: Buffer) => { received += chunk.length; });
+  // How many bytes the answer has, as far as what arrived tells; copied together once
+  // that many are in (answers of tens of MiB arrive in 64 KiB chunks).
+  let wanted = 4;
   for (;;) {
+    while (received < wanted && !socket.destroyed) await Promise.race([new Promise((resolve) => socket.once("data", resolve)), closed]);
+    if (received < wanted) throw new Error(`socket closed after ${received} bytes`);
     const all = Buffer.concat(chunks);
-    if (all.length >= 4) {
-      const length = all.readUInt32LE(0);
-      if (all.length >= 4 + length) {
-        const answer = JSON.parse(all.toString("utf8", 4, 4 + length)) as Record<string, unknown>;
-        const bytes = expectedBytes(answer);
-        if (all.length >= 4 + length + bytes) {
-          socket.destroy();
-          const body = Buffer.from(all.subarray(4 + length, 4 + length + bytes));
-          return { header: answer, payload: new Float32Array(body.buffer, body.byteOffset, bytes / 4) };
-        }
-      }
+    chunks.splice(0, chunks.length, all);
+    const length = all.readUInt32LE(0);
+    if (all.length < 4 + length) {
+      wanted = 4 + length;
+      continue;
     }
-    await Promise.race([new Promise((resolve) => socket.once("data", resolve)), closed]);
-    if (socket.destroyed && Buffer.concat(chunks).length === all.length) throw new Error(`socket closed after ${all.length} bytes`);
+    const answer = JSON.parse(all.toString("utf8", 4, 4 + length)) as Record<string, unknown>;
+    const bytes = expectedBytes(answer);
+    if (all.length < 4 + length + bytes) {
+      wanted = 4 + length + bytes;
+      continue;
+    }
+    socket.destroy();
+    const body = Buffer.from(all.subarray(4 + length, 4 + length + bytes));
+    return { header: answer, payload: new Float32Array(body.buffer, body.byteOffset, bytes / 4) };
   }
 }
 
@@ -60,6 +68,70 @@ async function waitUntil(condition: () => boolean, timeoutMs = 10_000): Promise<
   while (!condition()) {
     if (Date.now() > until) throw new Error("condition not met in time");
     await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+/**
+ * A TCP relay in front of one leader's bridge port for one dialer: the link between two
+ * groups runs through it, and a test cuts it (mid-transfer, after so many bytes) and
+ * keeps it cut (new connections are refused), while every other link stays up.
+ */
+class CuttableRelay {
+  private readonly sockets = new Set<net.Socket>();
+  private cut = false;
+  private bytes = 0;
+  private cutAt = Number.POSITIVE_INFINITY;
+  private onCut: (() => void) | undefined;
+
+  private constructor(private readonly server: net.Server) {}
+
+  static async start(target: string): Promise<CuttableRelay> {
+    const [host, port] = splitHostPort(target);
+    let relay: CuttableRelay | undefined;
+    const server = net.createServer((inbound) => relay!.relay(inbound, host, port));
+    relay = new CuttableRelay(server);
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    return relay;
+  }
+
+  get address(): string {
+    return `127.0.0.1:${(this.server.address() as net.AddressInfo).port}`;
+  }
+
+  private relay(inbound: net.Socket, host: string, port: number): void {
+    if (this.cut) {
+      inbound.destroy();
+      return;
+    }
+    const outbound = net.connect(port, host);
+    for (const [from, to] of [[inbound, outbound], [outbound, inbound]] as const) {
+      this.sockets.add(from);
+      from.on("data", (chunk: Buffer) => {
+        if (this.cut) return;
+        this.bytes += chunk.length;
+        to.write(chunk);
+        if (this.bytes >= this.cutAt) this.cutNow();
+      });
+      from.on("error", () => undefined);
+      from.on("close", () => { this.sockets.delete(from); to.destroy(); });
+    }
+  }
+
+  /** Resolves once `bytes` more have gone through (either way) and every connection is cut. */
+  cutAfter(bytes: number): Promise<void> {
+    this.cutAt = this.bytes + bytes;
+    return new Promise((resolve) => { this.onCut = resolve; });
+  }
+
+  cutNow(): void {
+    this.cut = true;
+    for (const socket of this.sockets) socket.destroy();
+    this.onCut?.();
+  }
+
+  close(): Promise<void> {
+    this.cutNow();
+    return new Promise((resolve) => this.server.close(() => resolve()));
   }
 }
 
@@ -82,6 +154,75 @@ describe("JobBridge and the outer-step socket", () => {
     cleanups.push(() => alpha.close(), () => beta.close());
     return { alpha, beta, alphaEndpoint, betaEndpoint };
   }
+
+  /**
+   * Leaders of groups `names` (index = position), each with its trainer socket; a link
+   * listed in `relayed` ("alpha-gamma": the lower index dials) runs through a relay.
+   */
+  async function manyGroups(names: string[], options: { relayed?: string[]; logger?: Logger } = {}) {
+    const endpoints = await Promise.all(names.map(() => BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", secure: false, logger: silentLogger })));
+    cleanups.push(...endpoints.map((endpoint) => () => endpoint.close()));
+    const relays = new Map<string, CuttableRelay>();
+    for (const pair of options.relayed ?? []) {
+      const [, accepter] = pair.split("-");
+      const relay = await CuttableRelay.start(endpoints[names.indexOf(accepter!)]!.advertised);
+      cleanups.push(() => relay.close());
+      relays.set(pair, relay);
+    }
+    const bridges = names.map((group, index) => endpoints[index]!.open({
+      job: JOB,
+      group,
+      groupIndex: index,
+      key: KEY,
+      peers: names.flatMap((peer, at) => at === index ? [] : [{ group: peer, index: at, address: relays.get(`${group}-${peer}`)?.address ?? endpoints[at]!.advertised }]),
+      logger: options.logger ?? silentLogger,
+      onEvent: (line) => events.push(`${group}: ${line}`),
+    }));
+    cleanups.push(...bridges.map((bridge) => () => bridge.close()));
+    const dir = await mkdtemp(join(os.tmpdir(), "drover-outer-"));
+    cleanups.push(() => rm(dir, { recursive: true, force: true }));
+    const servers = await Promise.all(bridges.map((bridge, index) => OuterSyncSocketServer.listen(join(dir, `${index}.sock`), handlersOf(bridge), silentLogger)));
+    cleanups.push(...servers.map((server) => () => server.close()));
+    return { bridges, endpoints, relays, servers };
+  }
+
+  /** 2 frames of 4 MiB per group and peer: long enough to cut a link in the middle. */
+  const LARGE_ELEMENTS = 2 << 20;
+  const LARGE = [{ name: "w", shape: [LARGE_ELEMENTS] }, { name: "b", shape: [7] }];
+  const largeValues = new Map<number, Float32Array>();
+  const large = (seed: number) => {
+    if (!largeValues.has(seed)) largeValues.set(seed, values(LARGE_ELEMENTS, seed));
+    return largeValues.get(seed)!;
+  };
+  const largeStep = (path: string, outer: number, seed: number, weight = 10, timeoutMs = 10_000) =>
+    outerStep(path, { kind: "outer_step", outer_step: outer, weight, codec: "fp32", timeout_ms: timeoutMs, tensors: LARGE }, [large(seed), values(7, seed + 1)]);
+  const sameBits = (a: { payload: Float32Array }, b: { payload: Float32Array }) => Buffer.from(a.payload.buffer, a.payload.byteOffset, a.payload.byteLength).equals(Buffer.from(b.payload.buffer, b.payload.byteOffset, b.payload.byteLength));
+
+  it("three groups: a link between two of them breaks mid-step; the two that still link to all agree, the third takes their state", async () => {
+    const names = ["alpha", "beta", "gamma"];
+    const { servers, relays } = await manyGroups(names, { relayed: ["alpha-gamma"] });
+    const first = await Promise.all(servers.map((server, index) => largeStep(server.path, 1, index + 1)));
+    for (const answer of first) expect(answer.header.groups, JSON.stringify(answer.header)).toEqual(names);
+    expect(sameBits(first[0]!, first[1]!) && sameBits(first[0]!, first[2]!)).toBe(true);
+
+    // Alpha-gamma breaks 5 MiB into step 2 (of 16 both ways) and stays broken; beta still reaches both.
+    const cut = relays.get("alpha-gamma")!.cutAfter(5 << 20);
+    const second = await Promise.all(servers.map((server, index) => largeStep(server.path, 2, 10 + index, 10 + index)));
+    await cut;
+    const [alpha, beta, gamma] = second;
+    expect(alpha!.header, JSON.stringify(alpha!.header)).toMatchObject({ kind: "outer_result", groups: ["alpha", "beta"], weights: { alpha: 10, beta: 11 }, rejoin: false });
+    expect(beta!.header, JSON.stringify(beta!.header)).toMatchObject({ kind: "outer_result", groups: ["alpha", "beta"], rejoin: false });
+    expect(sameBits(alpha!, beta!)).toBe(true);
+    const mineA = large(10);
+    const mineB = large(11);
+    for (const at of [0, 12345, LARGE_ELEMENTS - 1]) expect(alpha!.payload[at]).toBeCloseTo((10 * mineA[at]! + 11 * mineB[at]!) / 21, 7);
+    // Gamma is left out: its step is its own, and it takes the agreed groups' state after.
+    expect(gamma!.header, JSON.stringify(gamma!.header)).toMatchObject({ kind: "outer_result", groups: ["gamma"], rejoin: true });
+    const log = events.join("\n");
+    expect(log).toMatch(/alpha: outer step 2: group gamma left the outer steps \([^)]*\); going on with alpha\+beta/);
+    expect(log).toMatch(/beta: outer step 2: group gamma left the outer steps \(the in-step groups agreed on alpha\+beta; it is not linked with all of them/);
+    expect(log).toMatch(/gamma: group gamma is out of step with group beta; it takes that group's state/);
+  });
 
   it("averages two groups' tensors by weight through the trainers' sockets, the same bits in both", async () => {
     const { alpha, beta } = await twoGroups();

@@ -3,7 +3,7 @@ import type { Logger } from "../logger.js";
 import { bridgeServerName } from "@drover/proto";
 import { BridgeLink, BridgeListener, bridgeTlsIdentity, type BridgeMessage, type BridgeTlsCredentials, type BridgeTlsIdentity } from "./bridge-link.js";
 import { allReduceAcrossGroups, ExchangeBuffers, type ExchangeLink } from "./group-all-reduce.js";
-import { byIndex, largestAgreeingSet, outranks, readMembersProposal, sameGroups, type MembersProposal } from "./member-agreement.js";
+import { byIndex, largestAgreeingSet, outranks, readCompletion, readMembersProposal, sameGroups, type MembersProposal } from "./member-agreement.js";
 import type { JoinAnswer, JoinRequest, OuterState, OuterStepAnswer, OuterStepRequest, StateRequest, TensorShape } from "./outer-sync-socket.js";
 import { readFrame, TensorAssembler, tensorFrameParts, type ReadFrame } from "./tensor-frame.js";
 
@@ -266,6 +266,11 @@ export class JobBridge {
   private readonly groupIndexes: ReadonlyMap<string, number>;
   /** This group's members proposal for the outer step being agreed; a new link gets it too. */
   private proposal: MembersProposal | undefined;
+  /**
+   * Groups known to hold every contribution of an exchange, by "outer step/members":
+   * this group's own, and what peers said (directly or passed on).
+   */
+  private readonly completions = new Map<string, Set<string>>();
   /** This group's bridge name in the job: what peers ask for and find in its certificate. */
   readonly serverName: string;
   /** The TLS context and CA of the job (parsed once); undefined when plaintext. */
@@ -387,6 +392,15 @@ export class JobBridge {
             return;
           case "state":
             return this.onStateHeader(view, control);
+          case "done": {
+            const completion = readCompletion(control, group, this.groupIndexes);
+            if (completion.outerStep > this.outerStep) {
+              const known = this.completionsOf(completion.outerStep, completion.members);
+              for (const done of completion.done) known.add(done);
+              this.notify();
+            }
+            return;
+          }
           case "members": {
             const proposal = readMembersProposal(control, group, this.groupIndexes);
             // A peer out of step proposes for a lineage this group does not share.
@@ -718,6 +732,7 @@ export class JobBridge {
             signal: this.stopped.signal,
             buffers: this.buffers,
           });
+          if (agreeing) await this.confirmCompletion(request.outerStep, participants, tryLinks, exchangeDeadline);
           answer = { groups: result.groups, weights: result.weights, bytesSent: result.bytesSent, tensors: result.tensors };
           break;
         } catch (error) {
@@ -757,6 +772,9 @@ export class JobBridge {
     for (const view of this.views.values()) {
       if (view.proposal && view.proposal.outerStep <= request.outerStep) view.proposal = undefined;
     }
+    for (const key of this.completions.keys()) {
+      if (Number(key.split("/")[0]) <= request.outerStep) this.completions.delete(key);
+    }
     this.phase = "live";
     this.outerStep = request.outerStep;
     const seconds = (performance.now() - started) / 1000;
@@ -770,6 +788,54 @@ export class JobBridge {
   private settleLineage(view: PeerView): void {
     if (view.peer.index < this.options.groupIndex) this.rejoinFrom ??= view.peer.group;
     else if (this.rejoinFrom === undefined) view.link?.sendControl({ kind: "rejoin" }).catch(() => undefined);
+  }
+
+  private completionsOf(outerStep: number, members: string[]): Set<string> {
+    const key = `${outerStep}/${members.join("+")}`;
+    let known = this.completions.get(key);
+    if (!known) {
+      // Bounded: a peer may name many member sets, only recent ones matter.
+      if (this.completions.size >= 64) this.completions.delete(this.completions.keys().next().value!);
+      known = new Set();
+      this.completions.set(key, known);
+    }
+    return known;
+  }
+
+  /**
+   * After this group holds every contribution: waits until it knows every member does
+   * (each says so to the others and passes on what it heard, so a link lost at the end
+   * does not hide it), so no member completes the step while another tries it again
+   * with a different set. A member whose link broke and who is not known done within
+   * the relink grace, or who proposes members again (it is trying again), fails the try.
+   */
+  private async confirmCompletion(outerStep: number, participants: PeerView[], tryLinks: BridgeLink[], deadline: number): Promise<void> {
+    const members = byIndex([this.options.group, ...participants.map((view) => view.peer.group)], this.groupIndexes);
+    const known = this.completionsOf(outerStep, members);
+    known.add(this.options.group);
+    let told = 0;
+    const tell = () => {
+      told = known.size;
+      const message = { kind: "done", outerStep, members, groups: byIndex(known, this.groupIndexes) };
+      for (const view of participants) view.link?.sendControl(message).catch(() => undefined);
+    };
+    const signal = AbortSignal.any([this.stopped.signal, AbortSignal.timeout(Math.max(1, deadline - Date.now()))]);
+    let lostSince: number | undefined;
+    for (;;) {
+      if (known.size > told) tell();
+      const waiting = participants.filter((view) => !known.has(view.peer.group));
+      if (waiting.length === 0) return;
+      if (this.stopped.signal.aborted) throw this.closedError();
+      const lost = waiting.filter((view) => view.link !== tryLinks[participants.indexOf(view)]);
+      const retrying = lost.find((view) => view.proposal?.outerStep === outerStep);
+      if (lost.length > 0) lostSince ??= Date.now();
+      const culprit = retrying ?? (lostSince !== undefined && Date.now() - lostSince >= RELINK_GRACE_MS ? lost[0] : undefined) ?? (signal.aborted ? waiting[0] : undefined);
+      if (culprit) {
+        throw new BridgeExchangeError(`outer step ${outerStep}: group ${culprit.peer.group} was not known to hold every contribution ${retrying ? "(it is agreeing on the members again)" : signal.aborted ? "in time" : "after its link broke"}`, { peer: culprit.peer.group, gone: true });
+      }
+      const graceLeft = lostSince === undefined ? undefined : RELINK_GRACE_MS - (Date.now() - lostSince);
+      await this.changed(graceLeft === undefined ? signal : AbortSignal.any([signal, AbortSignal.timeout(Math.max(1, graceLeft))]));
+    }
   }
 
   /** Closes a failed try's links and waits, briefly, until the in-step groups are linked again. */
@@ -846,6 +912,8 @@ export class JobBridge {
       if (timedOut || this.stopped.signal.aborted) break;
       await this.changed(signal);
     }
+    // A proposal from here on would be news of a new try: one on a new link says so.
+    this.proposal = undefined;
     if (this.stopped.signal.aborted) throw this.closedError();
     if (!agreed) {
       for (const view of [...candidates.keys()]) leave(view, `no agreement on the members within ${((performance.now() - began) / 1000).toFixed(1)}s (this group proposed ${mine.join("+")})`);

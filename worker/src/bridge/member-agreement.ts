@@ -22,7 +22,23 @@ export interface MembersProposal {
  * include the sender. `groupIndexes` holds every group of the job (this one too).
  */
 export function readMembersProposal(message: Record<string, unknown>, peer: string, groupIndexes: ReadonlyMap<string, number>): MembersProposal {
-  const fail = (field: string, what: string) => new BridgeFrameError(`bridge peer ${peer}: members proposal ${field} ${what}`, { peer, field });
+  return readGroupList(message, "members proposal", peer, groupIndexes);
+}
+
+/**
+ * Checks a peer's `done` message: the step's members (as it ran the exchange) and the
+ * groups it knows to hold every contribution, itself among them.
+ */
+export function readCompletion(message: Record<string, unknown>, peer: string, groupIndexes: ReadonlyMap<string, number>): { outerStep: number; members: string[]; done: string[] } {
+  const done = readGroupList(message, "completion", peer, groupIndexes);
+  const members = readGroupList({ outerStep: message.outerStep, groups: message.members }, "completion members", peer, groupIndexes);
+  const outside = done.groups.find((group) => !members.groups.includes(group));
+  if (outside !== undefined) throw new BridgeFrameError(`bridge peer ${peer}: completion groups name ${outside}, not one of its members`, { peer, field: "groups" });
+  return { outerStep: done.outerStep, members: members.groups, done: done.groups };
+}
+
+function readGroupList(message: Record<string, unknown>, what: string, peer: string, groupIndexes: ReadonlyMap<string, number>): MembersProposal {
+  const fail = (field: string, problem: string) => new BridgeFrameError(`bridge peer ${peer}: ${what} ${field} ${problem}`, { peer, field });
   const { outerStep, groups } = message;
   if (typeof outerStep !== "number" || !Number.isInteger(outerStep) || outerStep < 0 || outerStep > 2 ** 40) throw fail("outerStep", `${JSON.stringify(outerStep)} is not an outer step`);
   if (!Array.isArray(groups) || groups.length === 0 || groups.length > groupIndexes.size) throw fail("groups", `is not a list of 1 to ${groupIndexes.size} groups`);
