@@ -704,6 +704,7 @@ export class JobBridge {
     const atLeast = (floorMs: number) => Math.max(deadline, Date.now() + Math.min(request.timeoutMs, floorMs));
     let participants = [...this.views.values()].filter((view) => view.inSync && view.exchange);
     let agreementMs = 0;
+    let confirmMs = 0;
     let answer: Omit<OuterStepAnswer, "seconds" | "sendStateTo" | "rejoin">;
     try {
       for (;;) {
@@ -732,7 +733,11 @@ export class JobBridge {
             signal: this.stopped.signal,
             buffers: this.buffers,
           });
-          if (agreeing) await this.confirmCompletion(request.outerStep, participants, tryLinks, exchangeDeadline);
+          if (agreeing) {
+            const confirmStarted = performance.now();
+            await this.confirmCompletion(request.outerStep, participants, tryLinks, exchangeDeadline);
+            confirmMs = performance.now() - confirmStarted;
+          }
           answer = { groups: result.groups, weights: result.weights, bytesSent: result.bytesSent, tensors: result.tensors };
           break;
         } catch (error) {
@@ -778,7 +783,7 @@ export class JobBridge {
     this.phase = "live";
     this.outerStep = request.outerStep;
     const seconds = (performance.now() - started) / 1000;
-    this.logger.info("outer step exchanged", { outerStep: request.outerStep, groups: answer.groups, bytesSent: answer.bytesSent, seconds, codec: request.codec, ...(agreeing ? { agreementMs } : {}) });
+    this.logger.info("outer step exchanged", { outerStep: request.outerStep, groups: answer.groups, bytesSent: answer.bytesSent, seconds, codec: request.codec, ...(agreeing ? { agreementMs, confirmMs } : {}) });
     const rejoin = this.rejoinFrom !== undefined;
     if (rejoin) this.event(`group ${this.options.group} is out of step with group ${this.rejoinFrom}; it takes that group's state`);
     return { ...answer, seconds, sendStateTo: this.stateWanted(), rejoin };
