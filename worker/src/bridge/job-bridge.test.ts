@@ -244,7 +244,7 @@ describe("JobBridge and the outer-step socket", () => {
     for (const group of ["alpha", "beta", "delta"]) expect(log).toMatch(new RegExp(`${group}: outer step 1: group gamma left the outer steps \\([^\\n]*\\); going on with`));
   });
 
-  it("three groups: one killed mid-step; the other two agree and go on", async () => {
+  it("three groups: one killed mid-step; the other two agree and go on, and count it in again once it took their state", async () => {
     const names = ["alpha", "beta", "gamma"];
     const { bridges, endpoints, servers, relays } = await manyGroups(names, { relayed: ["alpha-gamma"] });
     const first = await Promise.all(servers.map((server, index) => largeStep(server.path, 1, 30 + index)));
@@ -265,9 +265,33 @@ describe("JobBridge and the outer-step socket", () => {
     expect(log).toMatch(/alpha: outer step 2: group gamma left the outer steps/);
     expect(log).toMatch(/beta: outer step 2: group gamma left the outer steps/);
 
-    // The two go on as one model.
+    // Gamma comes back on another node, restored at outer step 1, and asks to join: the
+    // two go on at step 3 without it, alpha sends it their state, and beta counts it in.
+    const newEndpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", secure: false, logger: silentLogger });
+    cleanups.push(() => newEndpoint.close());
+    const newGamma = newEndpoint.open({ job: JOB, group: "gamma", groupIndex: 2, key: KEY, peers: [{ group: "alpha", index: 0, address: "" }, { group: "beta", index: 1, address: "" }], logger: silentLogger, onEvent: (line) => events.push(`gamma: ${line}`) });
+    cleanups.push(() => newGamma.close());
+    for (const bridge of bridges.slice(0, 2)) bridge.updatePeers([{ group: "gamma", index: 2, address: newEndpoint.advertised }]);
+    const dir = await mkdtemp(join(os.tmpdir(), "drover-outer-"));
+    cleanups.push(() => rm(dir, { recursive: true, force: true }));
+    const gammaServer = await OuterSyncSocketServer.listen(join(dir, "g2.sock"), handlersOf(newGamma), silentLogger);
+    cleanups.push(() => gammaServer.close());
+    const joined = outerStep(gammaServer.path, { kind: "join", outer_step: 1, inner_step: 10, timeout_ms: 20_000, tensors: LARGE }, []);
+    await waitUntil(() => events.some((line) => line.includes("gamma: group gamma (at outer step 1) asks group alpha")));
     const third = await Promise.all(servers.slice(0, 2).map((server, index) => largeStep(server.path, 3, 50 + index)));
     expect(third.map((answer) => answer.header.groups)).toEqual([["alpha", "beta"], ["alpha", "beta"]]);
+    expect(third[0]!.header.send_state_to).toEqual(["gamma"]);
+    const momentum = [large(70), values(7, 71)];
+    const shared = await outerStep(servers[0]!.path, { kind: "state", outer_step: 3, inner_step: 30, tensors: LARGE }, [third[0]!.payload.subarray(0, LARGE_ELEMENTS), third[0]!.payload.subarray(LARGE_ELEMENTS), ...momentum]);
+    expect(shared.header).toMatchObject({ kind: "state_sent", groups: ["gamma"] });
+    const taken = await joined;
+    expect(taken.header).toMatchObject({ kind: "join_result", mode: "state", from: "alpha", outer_step: 3, groups: ["gamma", "alpha", "beta"] });
+    expect(events.join("\n")).toMatch(/beta: group gamma takes group alpha's outer state at outer step 3; in step with beta\+alpha\+gamma/);
+
+    // All three are one model again.
+    const fourth = await Promise.all([servers[0]!.path, servers[1]!.path, gammaServer.path].map((path, index) => largeStep(path, 4, 80 + index)));
+    for (const answer of fourth) expect(answer.header.groups, JSON.stringify(answer.header)).toEqual(names);
+    expect(sameBits(fourth[0]!, fourth[1]!) && sameBits(fourth[0]!, fourth[2]!)).toBe(true);
   });
 
   it("four groups: two crossing links break (two pairings as good); the lower pair wins, the others take its state", async () => {

@@ -262,6 +262,8 @@ export class JobBridge {
   /** This group fell out of step with a group of a lower index: it takes that group's state at its next boundary. */
   private rejoinFrom: string | undefined;
   private joinWait: JoinWait | undefined;
+  /** The groups in step with the source of the state being received (its lineage), when it said. */
+  private stateLineage: string[] | undefined;
   /** Every group of the job (this one too) by name: its index. */
   private readonly groupIndexes: ReadonlyMap<string, number>;
   /** This group's members proposal for the outer step being agreed; a new link gets it too. */
@@ -401,6 +403,8 @@ export class JobBridge {
             }
             return;
           }
+          case "admitted":
+            return this.onAdmitted(view, control);
           case "members": {
             const proposal = readMembersProposal(control, group, this.groupIndexes);
             // A peer out of step proposes for a lineage this group does not share.
@@ -444,6 +448,20 @@ export class JobBridge {
     this.notify();
   }
 
+  /** A group in step with this one sends its state to a joiner: the joiner is in step with this one too. */
+  private onAdmitted(view: PeerView, control: Record<string, unknown>): void {
+    const { group, outerStep } = control;
+    const joiner = typeof group === "string" ? this.views.get(group) : undefined;
+    if (!joiner || typeof outerStep !== "number" || !Number.isInteger(outerStep) || outerStep < 0) {
+      throw new BridgeFrameError(`bridge peer ${view.peer.group}: admitted group ${JSON.stringify(group).slice(0, 80)} at outer step ${JSON.stringify(outerStep)} is not another group of this job at an outer step`, { peer: view.peer.group, field: "group" });
+    }
+    if (!view.inSync || this.phase !== "live" || outerStep !== this.outerStep || joiner.inSync) return;
+    joiner.inSync = true;
+    joiner.proposal = undefined;
+    this.event(`group ${joiner.peer.group} takes group ${view.peer.group}'s outer state at outer step ${outerStep}; in step with ${this.inSyncGroups.join("+")}`);
+    this.notify();
+  }
+
   private onStateHeader(view: PeerView, control: Record<string, unknown>): void {
     const wait = this.joinWait;
     const group = view.peer.group;
@@ -459,6 +477,9 @@ export class JobBridge {
         throw new BridgeFrameError(`group ${group}'s state has tensor ${String(theirs?.name)} ${JSON.stringify(theirs?.shape)} where this model has ${mine.name} ${JSON.stringify(mine.shape)}`, { peer: group, tensor: mine.name });
       }
     });
+    // Which groups share the source's state: the joiner is in step with them, not only
+    // with the source (with three or more groups the others must count it in too).
+    this.stateLineage = control.groups === undefined ? undefined : readMembersProposal({ outerStep, groups: control.groups }, group, this.groupIndexes).groups;
     view.incoming = new StateReceiver(group, { job: this.options.job, outerStep, innerStep }, wait.tensors);
   }
 
@@ -596,12 +617,16 @@ export class JobBridge {
       }
       const from = source.peer.group;
       this.event(`group ${this.options.group} (at outer step ${request.outerStep}) asks group ${from} (at outer step ${source.status!.outerStep}) for its live outer state`);
+      this.stateLineage = undefined;
       const state = await this.receiveState(source, request, signal);
       this.phase = "live";
       this.outerStep = state.outerStep;
       source.inSync = true;
+      const lineage = this.stateLineage as string[] | undefined;
       for (const view of this.views.values()) {
-        if (view.status && !view.status.joining && view.status.outerStep === state.outerStep) view.inSync = true;
+        // The source names the groups that share its state; one that does not (an older
+        // agent) leaves it to their outer step.
+        if (lineage ? lineage.includes(view.peer.group) : view.status && !view.status.joining && view.status.outerStep === state.outerStep) view.inSync = true;
         this.sendHello(view, false);
       }
       this.event(`group ${this.options.group} took group ${from}'s live outer state at outer step ${state.outerStep} (inner step ${state.innerStep}); in step with ${this.inSyncGroups.join("+")}`);
@@ -658,7 +683,12 @@ export class JobBridge {
       const link = view.link;
       const started = performance.now();
       try {
-        await link.sendControl({ kind: "state", outerStep: request.outerStep, innerStep: request.innerStep, tensors });
+        await link.sendControl({ kind: "state", outerStep: request.outerStep, innerStep: request.innerStep, tensors, groups: this.inSyncGroups });
+        // The groups in step with this one count the joiner in from their next outer step;
+        // told before the state goes, so they know before the joiner says it is live.
+        for (const other of this.views.values()) {
+          if (other !== view && other.inSync) other.link?.sendControl({ kind: "admitted", group: view.peer.group, outerStep: request.outerStep }).catch(() => undefined);
+        }
         for (const tensor of [...request.tensors, ...request.momentum]) {
           for (const parts of tensorFrameParts({ job: this.options.job, outerStep: request.outerStep, tensor: tensor.name, shape: tensor.shape, codec: "fp32" }, tensor.values, CHUNK_ELEMENTS)) {
             await link.sendFrame(parts);
@@ -893,6 +923,7 @@ export class JobBridge {
       for (const [view, link] of candidates) {
         if (view.link !== link) leave(view, "its bridge link broke while the members were agreed");
         else if (!view.inSync) leave(view, "it asked for this group's state");
+        else if (view.status?.joining) leave(view, "it is joining the outer steps");
         else if (view.proposal && view.proposal.outerStep !== outerStep) {
           outOfStep.push(view);
           leave(view, `it proposes members for outer step ${view.proposal.outerStep}, this group is at ${outerStep}`);
