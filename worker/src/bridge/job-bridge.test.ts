@@ -313,6 +313,32 @@ describe("JobBridge and the outer-step socket", () => {
     expect(log).toMatch(/delta: group delta is out of step with group alpha; it takes that group's state/);
   });
 
+  it("closes a link that sends a malformed members proposal, completion or admission, naming the peer and field", async () => {
+    const endpoint = await BridgeEndpoint.listen({ host: "127.0.0.1", port: 0, advertise: "", advertiseHost: "127.0.0.1", secure: false, logger: silentLogger });
+    cleanups.push(() => endpoint.close());
+    const warnings: string[] = [];
+    const logger: Logger = { debug() {}, info() {}, error() {}, warn(message, fields) { warnings.push(`${message}: ${String(fields?.error)}`); }, child() { return logger; } };
+    const beta = endpoint.open({ job: JOB, group: "beta", groupIndex: 1, key: KEY, peers: [{ group: "alpha", index: 0, address: "" }, { group: "gamma", index: 2, address: "" }], logger });
+    cleanups.push(() => beta.close());
+    const malformed = [
+      { kind: "members", outerStep: 1, groups: ["alpha", "omega"] },
+      { kind: "members", outerStep: "1", groups: ["alpha"] },
+      { kind: "done", outerStep: 1, members: ["alpha", "beta"], groups: ["alpha", "gamma"] },
+      { kind: "admitted", group: "alpha", outerStep: 1 },
+    ];
+    for (const message of malformed) {
+      const link = await BridgeLink.dial({ host: "127.0.0.1", port: endpoint.port, self: { job: JOB, group: "alpha" }, key: KEY, signal: AbortSignal.timeout(5_000) });
+      cleanups.push(() => link.destroy());
+      const closed = new Promise((resolve) => link.once("close", resolve));
+      await link.sendControl(message);
+      await closed;
+    }
+    expect(warnings.join("\n")).toMatch(/bridge peer alpha: members proposal groups\[1\] "omega" is not a group of this job/);
+    expect(warnings.join("\n")).toMatch(/bridge peer alpha: members proposal outerStep "1" is not an outer step/);
+    expect(warnings.join("\n")).toMatch(/bridge peer alpha: completion groups name gamma, not one of its members/);
+    expect(warnings.join("\n")).toMatch(/bridge peer alpha: admitted group "alpha" at outer step 1 is not another group of this job/);
+  });
+
   it("measures what the agreement adds to an outer step on loopback (logged, not asserted)", async () => {
     const timings: Array<{ groups: number; agreementMs: number; confirmMs: number; seconds: number }> = [];
     const logger: Logger = {

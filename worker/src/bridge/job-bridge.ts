@@ -452,7 +452,7 @@ export class JobBridge {
   private onAdmitted(view: PeerView, control: Record<string, unknown>): void {
     const { group, outerStep } = control;
     const joiner = typeof group === "string" ? this.views.get(group) : undefined;
-    if (!joiner || typeof outerStep !== "number" || !Number.isInteger(outerStep) || outerStep < 0) {
+    if (!joiner || joiner === view || typeof outerStep !== "number" || !Number.isInteger(outerStep) || outerStep < 0 || outerStep > 2 ** 40) {
       throw new BridgeFrameError(`bridge peer ${view.peer.group}: admitted group ${JSON.stringify(group).slice(0, 80)} at outer step ${JSON.stringify(outerStep)} is not another group of this job at an outer step`, { peer: view.peer.group, field: "group" });
     }
     if (!view.inSync || this.phase !== "live" || outerStep !== this.outerStep || joiner.inSync) return;
