@@ -3,6 +3,7 @@ import type { Logger } from "../logger.js";
 import { bridgeServerName } from "@drover/proto";
 import { BridgeLink, BridgeListener, bridgeTlsIdentity, type BridgeMessage, type BridgeTlsCredentials, type BridgeTlsIdentity } from "./bridge-link.js";
 import { allReduceAcrossGroups, ExchangeBuffers, type ExchangeLink } from "./group-all-reduce.js";
+import { byIndex, largestAgreeingSet, outranks, readCompletion, readMembersProposal, sameGroups, type MembersProposal } from "./member-agreement.js";
 import type { JoinAnswer, JoinRequest, OuterState, OuterStepAnswer, OuterStepRequest, StateRequest, TensorShape } from "./outer-sync-socket.js";
 import { readFrame, TensorAssembler, tensorFrameParts, type ReadFrame } from "./tensor-frame.js";
 
@@ -19,6 +20,18 @@ const CHUNK_ELEMENTS = 1 << 20;
 const DIAL_BACKOFF_INITIAL_MS = 200;
 const DIAL_BACKOFF_MAX_MS = 5_000;
 const DIAL_TIMEOUT_MS = 10_000;
+/**
+ * After a failed try, how long the survivors wait for their links to come back (the
+ * lower index redials at once) before agreeing without the groups still unlinked.
+ */
+const RELINK_GRACE_MS = 2_000;
+/**
+ * When waiting for a group that never linked used up the step's timeout, the others
+ * still get this long (at most the timeout) to agree and exchange: within the 60 s the
+ * trainer's socket client allows past the timeout.
+ */
+const AGREEMENT_FLOOR_MS = 5_000;
+const LATE_EXCHANGE_FLOOR_MS = 30_000;
 
 export class BridgeEndpoint {
   private readonly jobs = new Map<string, JobBridge>();
@@ -124,6 +137,8 @@ interface PeerView {
   wantsState: boolean;
   /** A state transfer from this peer in progress. */
   incoming?: StateReceiver;
+  /** The peer's latest members proposal on the current link, kept while it is in step. */
+  proposal?: MembersProposal;
 }
 
 /**
@@ -247,6 +262,17 @@ export class JobBridge {
   /** This group fell out of step with a group of a lower index: it takes that group's state at its next boundary. */
   private rejoinFrom: string | undefined;
   private joinWait: JoinWait | undefined;
+  /** The groups in step with the source of the state being received (its lineage), when it said. */
+  private stateLineage: string[] | undefined;
+  /** Every group of the job (this one too) by name: its index. */
+  private readonly groupIndexes: ReadonlyMap<string, number>;
+  /** This group's members proposal for the outer step being agreed; a new link gets it too. */
+  private proposal: MembersProposal | undefined;
+  /**
+   * Groups known to hold every contribution of an exchange, by "outer step/members":
+   * this group's own, and what peers said (directly or passed on).
+   */
+  private readonly completions = new Map<string, Set<string>>();
   /** This group's bridge name in the job: what peers ask for and find in its certificate. */
   readonly serverName: string;
   /** The TLS context and CA of the job (parsed once); undefined when plaintext. */
@@ -257,6 +283,7 @@ export class JobBridge {
     this.tlsIdentity = options.tls ? bridgeTlsIdentity(options.tls) : undefined;
     this.logger = options.logger.child({ component: "bridge", jobId: options.job });
     for (const peer of options.peers) this.views.set(peer.group, { peer: { ...peer }, inSync: true, wantsState: false });
+    this.groupIndexes = new Map([[options.group, options.groupIndex], ...options.peers.map((peer) => [peer.group, peer.index] as const)]);
     for (const peer of options.peers) {
       if (peer.index > options.groupIndex) void this.keepDialing(peer.group);
     }
@@ -307,6 +334,7 @@ export class JobBridge {
     view.link = link;
     view.exchange = new ExchangeView(link);
     view.status = undefined;
+    view.proposal = undefined;
     this.logger.info("bridge link up", { peer: link.description });
     link.receive((message) => this.onMessage(view, link, message));
     link.once("close", (error) => {
@@ -316,16 +344,20 @@ export class JobBridge {
         view.status = undefined;
         view.wantsState = false;
         view.incoming = undefined; // a join waiting for it asks again on the next link
+        view.proposal = undefined;
       }
       if (!this.stopped.signal.aborted) this.logger.info("bridge link down", { peer: link.description, error: error?.message });
       this.notify();
     });
     this.sendHello(view, false);
+    // A peer agreeing on this outer step waits for this group's proposal on this link.
+    if (this.proposal) link.sendControl({ kind: "members", ...this.proposal }).catch(() => undefined);
     this.notify();
   }
 
   private sendHello(view: PeerView, reply: boolean): void {
-    view.link?.sendControl({ kind: "hello", phase: this.phase, outerStep: this.outerStep, reply }).catch(() => undefined);
+    // `rejoining`: this group will take another's state, so its own is no lineage to keep.
+    view.link?.sendControl({ kind: "hello", phase: this.phase, outerStep: this.outerStep, reply, ...(this.rejoinFrom !== undefined ? { rejoining: true } : {}) }).catch(() => undefined);
   }
 
   private event(line: string): void {
@@ -362,6 +394,26 @@ export class JobBridge {
             return;
           case "state":
             return this.onStateHeader(view, control);
+          case "done": {
+            const completion = readCompletion(control, group, this.groupIndexes);
+            if (completion.outerStep > this.outerStep) {
+              const known = this.completionsOf(completion.outerStep, completion.members);
+              for (const done of completion.done) known.add(done);
+              this.notify();
+            }
+            return;
+          }
+          case "admitted":
+            return this.onAdmitted(view, control);
+          case "members": {
+            const proposal = readMembersProposal(control, group, this.groupIndexes);
+            // A peer out of step proposes for a lineage this group does not share.
+            if (view.inSync) {
+              view.proposal = proposal;
+              this.notify();
+            }
+            return;
+          }
         }
       }
       view.exchange?.deliver(message);
@@ -385,13 +437,28 @@ export class JobBridge {
       this.notify();
       return;
     }
-    if (this.phase === "live" && !view.status.joining && !view.inSync && !view.wantsState) {
+    if (this.phase === "live" && !view.status.joining && !view.inSync && !view.wantsState && control.rejoining !== true && this.rejoinFrom === undefined) {
       // Both train, but not on the same outer state (each went on alone after a split):
-      // the group of the lower index is the lineage; the other takes its state.
-      if (view.peer.index < this.options.groupIndex) this.rejoinFrom ??= view.peer.group;
+      // the group of the lower index is the lineage; the other takes its state. A group
+      // already bound to take another's state (left out by an agreement) is neither.
+      if (view.peer.index < this.options.groupIndex) this.rejoinFrom = view.peer.group;
       else view.link?.sendControl({ kind: "rejoin" }).catch(() => undefined);
     }
     if (this.phase === "live" && view.status.joining && outerStep === this.outerStep && !view.wantsState) view.inSync = true;
+    this.notify();
+  }
+
+  /** A group in step with this one sends its state to a joiner: the joiner is in step with this one too. */
+  private onAdmitted(view: PeerView, control: Record<string, unknown>): void {
+    const { group, outerStep } = control;
+    const joiner = typeof group === "string" ? this.views.get(group) : undefined;
+    if (!joiner || joiner === view || typeof outerStep !== "number" || !Number.isInteger(outerStep) || outerStep < 0 || outerStep > 2 ** 40) {
+      throw new BridgeFrameError(`bridge peer ${view.peer.group}: admitted group ${JSON.stringify(group).slice(0, 80)} at outer step ${JSON.stringify(outerStep)} is not another group of this job at an outer step`, { peer: view.peer.group, field: "group" });
+    }
+    if (!view.inSync || this.phase !== "live" || outerStep !== this.outerStep || joiner.inSync) return;
+    joiner.inSync = true;
+    joiner.proposal = undefined;
+    this.event(`group ${joiner.peer.group} takes group ${view.peer.group}'s outer state at outer step ${outerStep}; in step with ${this.inSyncGroups.join("+")}`);
     this.notify();
   }
 
@@ -410,6 +477,9 @@ export class JobBridge {
         throw new BridgeFrameError(`group ${group}'s state has tensor ${String(theirs?.name)} ${JSON.stringify(theirs?.shape)} where this model has ${mine.name} ${JSON.stringify(mine.shape)}`, { peer: group, tensor: mine.name });
       }
     });
+    // Which groups share the source's state: the joiner is in step with them, not only
+    // with the source (with three or more groups the others must count it in too).
+    this.stateLineage = control.groups === undefined ? undefined : readMembersProposal({ outerStep, groups: control.groups }, group, this.groupIndexes).groups;
     view.incoming = new StateReceiver(group, { job: this.options.job, outerStep, innerStep }, wait.tensors);
   }
 
@@ -508,6 +578,7 @@ export class JobBridge {
     this.rejoinFrom = undefined;
     for (const view of this.views.values()) {
       view.inSync = false;
+      view.proposal = undefined; // of steps this group's restored state no longer stands at
       this.sendHello(view, false);
     }
     const signal = AbortSignal.any([this.stopped.signal, AbortSignal.timeout(request.timeoutMs)]);
@@ -546,12 +617,16 @@ export class JobBridge {
       }
       const from = source.peer.group;
       this.event(`group ${this.options.group} (at outer step ${request.outerStep}) asks group ${from} (at outer step ${source.status!.outerStep}) for its live outer state`);
+      this.stateLineage = undefined;
       const state = await this.receiveState(source, request, signal);
       this.phase = "live";
       this.outerStep = state.outerStep;
       source.inSync = true;
+      const lineage = this.stateLineage as string[] | undefined;
       for (const view of this.views.values()) {
-        if (view.status && !view.status.joining && view.status.outerStep === state.outerStep) view.inSync = true;
+        // The source names the groups that share its state; one that does not (an older
+        // agent) leaves it to their outer step.
+        if (lineage ? lineage.includes(view.peer.group) : view.status && !view.status.joining && view.status.outerStep === state.outerStep) view.inSync = true;
         this.sendHello(view, false);
       }
       this.event(`group ${this.options.group} took group ${from}'s live outer state at outer step ${state.outerStep} (inner step ${state.innerStep}); in step with ${this.inSyncGroups.join("+")}`);
@@ -608,7 +683,12 @@ export class JobBridge {
       const link = view.link;
       const started = performance.now();
       try {
-        await link.sendControl({ kind: "state", outerStep: request.outerStep, innerStep: request.innerStep, tensors });
+        await link.sendControl({ kind: "state", outerStep: request.outerStep, innerStep: request.innerStep, tensors, groups: this.inSyncGroups });
+        // The groups in step with this one count the joiner in from their next outer step;
+        // told before the state goes, so they know before the joiner says it is live.
+        for (const other of this.views.values()) {
+          if (other !== view && other.inSync) other.link?.sendControl({ kind: "admitted", group: view.peer.group, outerStep: request.outerStep }).catch(() => undefined);
+        }
         for (const tensor of [...request.tensors, ...request.momentum]) {
           for (const parts of tensorFrameParts({ job: this.options.job, outerStep: request.outerStep, tensor: tensor.name, shape: tensor.shape, codec: "fp32" }, tensor.values, CHUNK_ELEMENTS)) {
             await link.sendFrame(parts);
@@ -632,6 +712,12 @@ export class JobBridge {
    * silent past the timeout or out of step leaves the set and the others complete the
    * step without it; a damaged frame fails the step (the trainer tries again) after
    * every link is closed, so the next try starts on fresh streams.
+   *
+   * With three or more groups, the in-step leaders first agree on the step's members
+   * (agreeOnMembers), so all who complete it average the same contributions; a try
+   * that fails because a group went away runs again on fresh links, after a new
+   * agreement, while the step's time lasts: a group that only lost one link is not
+   * dropped by everyone. With two groups the exchange itself is the agreement.
    */
   async exchange(request: OuterStepRequest): Promise<OuterStepAnswer> {
     if (this.phase === "joining") throw new BridgeExchangeError(`outer step ${request.outerStep} requested while the group is joining`, {});
@@ -642,58 +728,255 @@ export class JobBridge {
     while (waitingFor().length > 0 && !signal.aborted) await this.changed(signal);
     if (this.stopped.signal.aborted) throw this.closedError();
     for (const view of waitingFor()) this.drop(view, request.outerStep, `no bridge link to ${view.peer.address || "(no bridge address)"} within ${(request.timeoutMs / 1000).toFixed(1)}s`);
+    const agreeing = this.views.size >= 2;
+    // Waiting for a group that never linked may have used up the step's time: the
+    // others still agree and exchange instead of each going on alone.
+    const atLeast = (floorMs: number) => Math.max(deadline, Date.now() + Math.min(request.timeoutMs, floorMs));
     let participants = [...this.views.values()].filter((view) => view.inSync && view.exchange);
+    let agreementMs = 0;
+    let confirmMs = 0;
     let answer: Omit<OuterStepAnswer, "seconds" | "sendStateTo" | "rejoin">;
-    for (;;) {
-      if (participants.length === 0) {
-        // Alone: the mean of one contribution is itself, untouched by the codec.
-        answer = { groups: [this.options.group], weights: { [this.options.group]: request.weight }, bytesSent: 0, tensors: new Map(request.tensors.map((tensor) => [tensor.name, tensor.values])) };
-        break;
-      }
-      try {
-        const result = await allReduceAcrossGroups({ outerStep: request.outerStep, weight: request.weight, tensors: request.tensors }, {
-          job: this.options.job,
-          group: this.options.group,
-          links: participants.map((view) => view.exchange!),
-          codec: request.codec,
-          chunkElements: CHUNK_ELEMENTS,
-          timeoutMs: Math.max(1, deadline - Date.now()),
-          // Its own per-peer timer says who was silent; the job's stop ends it early.
-          signal: this.stopped.signal,
-          buffers: this.buffers,
-        });
-        answer = { groups: result.groups, weights: result.weights, bytesSent: result.bytesSent, tensors: result.tensors };
-        break;
-      } catch (error) {
-        if (this.stopped.signal.aborted) throw this.closedError();
-        const context = (error as BridgeExchangeError).context ?? {};
-        const view = typeof context.peer === "string" ? this.views.get(context.peer) : undefined;
-        if (view && (context.gone === true || context.outOfStep === true)) {
-          this.drop(view, request.outerStep, (error as Error).message);
-          if (context.outOfStep === true) {
-            if (view.peer.index < this.options.groupIndex) this.rejoinFrom ??= view.peer.group;
-            else view.link?.sendControl({ kind: "rejoin" }).catch(() => undefined);
-          }
-          const remaining = participants.filter((candidate) => candidate !== view);
-          // Alone, the step completes at once; with others left, their links may hold
-          // half of this try: the trainer tries again on fresh links without the group.
-          if (remaining.length === 0) {
-            participants = remaining;
-            continue;
-          }
+    try {
+      for (;;) {
+        let exchangeDeadline = deadline;
+        if (agreeing) {
+          const agreementStarted = performance.now();
+          participants = await this.agreeOnMembers(request.outerStep, atLeast(AGREEMENT_FLOOR_MS));
+          agreementMs += performance.now() - agreementStarted;
+          exchangeDeadline = atLeast(LATE_EXCHANGE_FLOOR_MS);
         }
-        this.logger.warn("outer step failed; closing the bridge links for a fresh start", { outerStep: request.outerStep, error: (error as Error).message });
-        for (const candidate of this.views.values()) candidate.link?.destroy();
-        throw error;
+        if (participants.length === 0) {
+          // Alone: the mean of one contribution is itself, untouched by the codec.
+          answer = { groups: [this.options.group], weights: { [this.options.group]: request.weight }, bytesSent: 0, tensors: new Map(request.tensors.map((tensor) => [tensor.name, tensor.values])) };
+          break;
+        }
+        const tryLinks = participants.map((view) => view.link!);
+        try {
+          const result = await allReduceAcrossGroups({ outerStep: request.outerStep, weight: request.weight, tensors: request.tensors }, {
+            job: this.options.job,
+            group: this.options.group,
+            links: participants.map((view) => view.exchange!),
+            codec: request.codec,
+            chunkElements: CHUNK_ELEMENTS,
+            timeoutMs: Math.max(1, exchangeDeadline - Date.now()),
+            // Its own per-peer timer says who was silent; the job's stop ends it early.
+            signal: this.stopped.signal,
+            buffers: this.buffers,
+          });
+          if (agreeing) {
+            const confirmStarted = performance.now();
+            await this.confirmCompletion(request.outerStep, participants, tryLinks, exchangeDeadline);
+            confirmMs = performance.now() - confirmStarted;
+          }
+          answer = { groups: result.groups, weights: result.weights, bytesSent: result.bytesSent, tensors: result.tensors };
+          break;
+        } catch (error) {
+          if (this.stopped.signal.aborted) throw this.closedError();
+          const context = (error as BridgeExchangeError).context ?? {};
+          const view = typeof context.peer === "string" ? this.views.get(context.peer) : undefined;
+          if (view && (context.gone === true || context.outOfStep === true)) {
+            // A group gone from this group's link may still be linked to the others:
+            // with an agreement to come, it decides who is left out, not this one link.
+            if (!agreeing || context.outOfStep === true) {
+              this.drop(view, request.outerStep, (error as Error).message);
+              if (context.outOfStep === true) this.settleLineage(view);
+            }
+            const remaining = participants.filter((candidate) => candidate !== view);
+            // Alone, the step completes at once; with others left, their links may hold
+            // half of this try: it runs again on fresh links without the group.
+            if (!agreeing && remaining.length === 0) {
+              participants = remaining;
+              continue;
+            }
+            if (agreeing && Date.now() < deadline) {
+              this.logger.warn("outer step try failed; agreeing on the members again on fresh links", { outerStep: request.outerStep, error: (error as Error).message });
+              await this.relink(tryLinks, deadline);
+              continue;
+            }
+          }
+          this.logger.warn("outer step failed; closing the bridge links for a fresh start", { outerStep: request.outerStep, error: (error as Error).message });
+          for (const candidate of this.views.values()) candidate.link?.destroy();
+          throw error;
+        }
       }
+    } finally {
+      this.proposal = undefined;
+    }
+    // Proposals up to this step are spent: one for it or an earlier step that comes
+    // later says its sender is retrying a step this group has finished.
+    for (const view of this.views.values()) {
+      if (view.proposal && view.proposal.outerStep <= request.outerStep) view.proposal = undefined;
+    }
+    for (const key of this.completions.keys()) {
+      if (Number(key.split("/")[0]) <= request.outerStep) this.completions.delete(key);
     }
     this.phase = "live";
     this.outerStep = request.outerStep;
     const seconds = (performance.now() - started) / 1000;
-    this.logger.info("outer step exchanged", { outerStep: request.outerStep, groups: answer.groups, bytesSent: answer.bytesSent, seconds, codec: request.codec });
+    this.logger.info("outer step exchanged", { outerStep: request.outerStep, groups: answer.groups, bytesSent: answer.bytesSent, seconds, codec: request.codec, ...(agreeing ? { agreementMs, confirmMs } : {}) });
     const rejoin = this.rejoinFrom !== undefined;
     if (rejoin) this.event(`group ${this.options.group} is out of step with group ${this.rejoinFrom}; it takes that group's state`);
     return { ...answer, seconds, sendStateTo: this.stateWanted(), rejoin };
+  }
+
+  /** Of two groups that are out of step, the lower index is the lineage; the other takes its state. */
+  private settleLineage(view: PeerView): void {
+    if (view.peer.index < this.options.groupIndex) this.rejoinFrom ??= view.peer.group;
+    else if (this.rejoinFrom === undefined) view.link?.sendControl({ kind: "rejoin" }).catch(() => undefined);
+  }
+
+  private completionsOf(outerStep: number, members: string[]): Set<string> {
+    const key = `${outerStep}/${members.join("+")}`;
+    let known = this.completions.get(key);
+    if (!known) {
+      // Bounded: a peer may name many member sets, only recent ones matter.
+      if (this.completions.size >= 64) this.completions.delete(this.completions.keys().next().value!);
+      known = new Set();
+      this.completions.set(key, known);
+    }
+    return known;
+  }
+
+  /**
+   * After this group holds every contribution: waits until it knows every member does
+   * (each says so to the others and passes on what it heard, so a link lost at the end
+   * does not hide it), so no member completes the step while another tries it again
+   * with a different set. A member whose link broke and who is not known done within
+   * the relink grace, or who proposes members again (it is trying again), fails the try.
+   */
+  private async confirmCompletion(outerStep: number, participants: PeerView[], tryLinks: BridgeLink[], deadline: number): Promise<void> {
+    const members = byIndex([this.options.group, ...participants.map((view) => view.peer.group)], this.groupIndexes);
+    const known = this.completionsOf(outerStep, members);
+    known.add(this.options.group);
+    let told = 0;
+    const tell = () => {
+      told = known.size;
+      const message = { kind: "done", outerStep, members, groups: byIndex(known, this.groupIndexes) };
+      for (const view of participants) view.link?.sendControl(message).catch(() => undefined);
+    };
+    const signal = AbortSignal.any([this.stopped.signal, AbortSignal.timeout(Math.max(1, deadline - Date.now()))]);
+    let lostSince: number | undefined;
+    for (;;) {
+      if (known.size > told) tell();
+      const waiting = participants.filter((view) => !known.has(view.peer.group));
+      if (waiting.length === 0) return;
+      if (this.stopped.signal.aborted) throw this.closedError();
+      const lost = waiting.filter((view) => view.link !== tryLinks[participants.indexOf(view)]);
+      const retrying = lost.find((view) => view.proposal?.outerStep === outerStep);
+      if (lost.length > 0) lostSince ??= Date.now();
+      const culprit = retrying ?? (lostSince !== undefined && Date.now() - lostSince >= RELINK_GRACE_MS ? lost[0] : undefined) ?? (signal.aborted ? waiting[0] : undefined);
+      if (culprit) {
+        throw new BridgeExchangeError(`outer step ${outerStep}: group ${culprit.peer.group} was not known to hold every contribution ${retrying ? "(it is agreeing on the members again)" : signal.aborted ? "in time" : "after its link broke"}`, { peer: culprit.peer.group, gone: true });
+      }
+      const graceLeft = lostSince === undefined ? undefined : RELINK_GRACE_MS - (Date.now() - lostSince);
+      await this.changed(graceLeft === undefined ? signal : AbortSignal.any([signal, AbortSignal.timeout(Math.max(1, graceLeft))]));
+    }
+  }
+
+  /** Closes a failed try's links and waits, briefly, until the in-step groups are linked again. */
+  private async relink(tryLinks: BridgeLink[], deadline: number): Promise<void> {
+    for (const link of tryLinks) link.destroy();
+    const failed = new Set(tryLinks);
+    const signal = AbortSignal.any([this.stopped.signal, AbortSignal.timeout(Math.max(0, Math.min(deadline - Date.now(), RELINK_GRACE_MS)))]);
+    const unlinked = () => [...this.views.values()].filter((view) => view.inSync && (!view.link || failed.has(view.link)));
+    while (unlinked().length > 0 && !signal.aborted) await this.changed(signal);
+    if (this.stopped.signal.aborted) throw this.closedError();
+  }
+
+  /**
+   * Agrees with the other in-step leaders on the members of outer step `outerStep`
+   * (member-agreement.ts): proposes this group and its linked in-step peers to every
+   * linked leader, narrows the proposal as theirs come in, and returns the peers to
+   * exchange with once each of them proposes the same set. In-step groups left out
+   * leave the outer steps here, each with its reason in the job's log; when a larger
+   * set went on without this group, it takes a state from that set after the step.
+   * Past `deadline` without agreement this group goes on alone.
+   */
+  private async agreeOnMembers(outerStep: number, deadline: number): Promise<PeerView[]> {
+    const self = this.options.group;
+    const began = performance.now();
+    const signal = AbortSignal.any([this.stopped.signal, AbortSignal.timeout(Math.max(0, deadline - Date.now()))]);
+    const inStep = [...this.views.values()].filter((view) => view.inSync);
+    // Each candidate's proposal must come on the link it had when the agreement began:
+    // a new link means the old one broke, and with it that group's try.
+    const candidates = new Map<PeerView, BridgeLink>();
+    const leftOut = new Map<PeerView, string | undefined>();
+    const outOfStep: PeerView[] = [];
+    const leave = (view: PeerView, why?: string) => {
+      candidates.delete(view);
+      if (!leftOut.has(view)) leftOut.set(view, why);
+    };
+    for (const view of inStep) {
+      if (view.link) candidates.set(view, view.link);
+      else leave(view, "no bridge link to it when the members were agreed");
+    }
+    const propose = (groups: string[]) => {
+      this.proposal = { outerStep, groups };
+      for (const view of this.views.values()) view.link?.sendControl({ kind: "members", outerStep, groups }).catch(() => undefined);
+    };
+    let mine = byIndex([self, ...[...candidates.keys()].map((view) => view.peer.group)], this.groupIndexes);
+    propose(mine);
+    let proposals = 1;
+    let agreed = false;
+    for (;;) {
+      const timedOut = signal.aborted;
+      for (const [view, link] of candidates) {
+        if (view.link !== link) leave(view, "its bridge link broke while the members were agreed");
+        else if (!view.inSync) leave(view, "it asked for this group's state");
+        else if (view.status?.joining) leave(view, "it is joining the outer steps");
+        else if (view.proposal && view.proposal.outerStep !== outerStep) {
+          outOfStep.push(view);
+          leave(view, `it proposes members for outer step ${view.proposal.outerStep}, this group is at ${outerStep}`);
+        } else if (timedOut && !view.proposal) leave(view, `no members proposal from it within ${((performance.now() - began) / 1000).toFixed(1)}s`);
+      }
+      const theirs = new Map<string, ReadonlySet<string>>();
+      for (const view of candidates.keys()) if (view.proposal) theirs.set(view.peer.group, new Set(view.proposal.groups));
+      const stillIn = new Set([self, ...[...candidates.keys()].map((view) => view.peer.group)]);
+      const next = theirs.size === candidates.size
+        ? largestAgreeingSet(self, mine.filter((group) => stillIn.has(group)), theirs, this.groupIndexes)
+        : mine.filter((group) => stillIn.has(group));
+      for (const view of [...candidates.keys()]) if (!next.includes(view.peer.group)) leave(view);
+      if (!sameGroups(next, mine)) {
+        mine = next;
+        propose(mine);
+        proposals += 1;
+      }
+      if ([...candidates.keys()].every((view) => view.proposal && sameGroups(view.proposal.groups, mine))) {
+        agreed = true;
+        break;
+      }
+      if (timedOut || this.stopped.signal.aborted) break;
+      await this.changed(signal);
+    }
+    // A proposal from here on would be news of a new try: one on a new link says so.
+    this.proposal = undefined;
+    if (this.stopped.signal.aborted) throw this.closedError();
+    if (!agreed) {
+      for (const view of [...candidates.keys()]) leave(view, `no agreement on the members within ${((performance.now() - began) / 1000).toFixed(1)}s (this group proposed ${mine.join("+")})`);
+      mine = [self];
+    }
+    // Whom this group follows when it is the one left out: the best set that went on
+    // without it, through its first group this group is linked to.
+    let lineage: string[] | undefined;
+    for (const view of leftOut.keys()) {
+      const proposal = view.proposal;
+      if (proposal?.outerStep === outerStep && !proposal.groups.includes(self) && outranks(proposal.groups, lineage ?? mine, this.groupIndexes)) lineage = proposal.groups;
+    }
+    for (const view of leftOut.keys()) view.inSync = false;
+    for (const [view, why] of leftOut) {
+      const proposal = view.proposal?.outerStep === outerStep ? view.proposal.groups : undefined;
+      const reason = why ?? (proposal && !proposal.includes(self)
+        ? `its members proposal ${proposal.join("+")} leaves this group out`
+        : `the in-step groups agreed on ${mine.join("+")}; it is not linked with all of them${proposal ? ` (its proposal: ${proposal.join("+")})` : ""}`);
+      this.event(`outer step ${outerStep}: group ${view.peer.group} left the outer steps (${reason}); going on with ${this.inSyncGroups.join("+")}`);
+    }
+    if (lineage) {
+      const source = lineage.map((group) => this.views.get(group)).find((view) => view?.link);
+      if (source) this.rejoinFrom ??= source.peer.group;
+    }
+    for (const view of outOfStep) this.settleLineage(view);
+    this.logger.info("outer step members agreed", { outerStep, groups: mine, agreed, proposals, ms: performance.now() - began });
+    return [...candidates.keys()];
   }
 
   close(): void {
