@@ -94,6 +94,11 @@ describe("AkashProvisioner against the simulator", () => {
     expect(books.deployments.map((d) => d.dseq).sort()).toEqual(books.leases.map((l) => l.dseq).sort());
     const manifest = sim.providers.get(A100_PROVIDER)!.server.manifests.get(`${owner}/${books.leases[0]!.dseq}`);
     expect(manifest?.[0]?.services.map((service) => service.name)).toEqual(["a100-leader", "a100-worker"]);
+    // The leader is told the name the head knows its node (and forwarded bridge port) by; a
+    // real provider's container is named by its pod, which the head cannot predict.
+    const leaderId = nodes.find((node) => node.group === "a100" && node.id.includes("-leader-"))!.id;
+    expect(manifest![0]!.services[0]!.env).toContain(`DROVER_NODE_NAME=${leaderId}`);
+    expect(manifest![0]!.services[1]!.env?.some((entry) => entry.startsWith("DROVER_NODE_NAME="))).toBe(false);
     expect((await LeaseLedger.open(state)).pending()).toEqual([]);
 
     await akash.shutdown({ state, logger: silentLogger, signal: AbortSignal.timeout(10_000) });

@@ -375,7 +375,7 @@ export class AkashProvisioner implements Provisioner {
       switch (action.kind) {
         case "post-ask": {
           const dseq = this.nextDseq();
-          const yaml = renderGroupSdlYaml(action.group, this.sdlEnv(action.askId, action.group, context));
+          const yaml = renderGroupSdlYaml(action.group, this.sdlEnv(action.askId, dseq, action.group, context));
           const { groupSpecs } = buildManifest(yaml);
           const message = client.createDeploymentMessage({ dseq, groupSpecs, hash: await deploymentVersion(yaml), deposit: this.config.deposit });
           await sendTracked(ledger, client, { op: "create-deployment", dseq, group: action.group.name, askId: action.askId }, [message], signal);
@@ -428,7 +428,7 @@ export class AkashProvisioner implements Provisioner {
   /** Sends the manifest and waits until the provider runs every service of the group. */
   private async startGroup(placement: Placement & { dseq: string }, client: AkashChainClient, context: AkashProvisionContext): Promise<NodeRecord[]> {
     const { signal, logger } = context;
-    const yaml = renderGroupSdlYaml(placement.part, this.sdlEnv(placement.askId, placement.part, context));
+    const yaml = renderGroupSdlYaml(placement.part, this.sdlEnv(placement.askId, placement.dseq, placement.part, context));
     const body = manifestToSortedJSON(buildManifest(yaml).groups);
     const hostUri = await client.providerHostUri(placement.provider, signal);
     if (hostUri === "") throw new ProvisionError(`provider ${placement.provider} publishes no host URI`, true, { provider: placement.provider });
@@ -456,7 +456,7 @@ export class AkashProvisioner implements Provisioner {
     const leaderService = serviceName(group, "leader");
     const bridge = (forwarded[leaderService] ?? []).find((port) => port.port === AKASH_BRIDGE_PORT);
     const leaderPorts: NodePort[] = bridge ? [{ name: BRIDGE_PORT_NAME, inside: AKASH_BRIDGE_PORT, outside: `${bridge.host}:${bridge.externalPort}` }] : [];
-    const nodes: NodeRecord[] = [{ id: `${leaderService}-${placement.dseq}-0`, group, state: "running", address: "", ports: leaderPorts, lease, handle }];
+    const nodes: NodeRecord[] = [{ id: leaderNodeId(group, placement.dseq), group, state: "running", address: "", ports: leaderPorts, lease, handle }];
     for (let replica = 0; replica < placement.part.nodes - 1; replica++) {
       nodes.push({ id: `${serviceName(group, "worker")}-${placement.dseq}-${replica}`, group, state: "running", address: "", ports: [], lease, handle });
     }
@@ -472,17 +472,26 @@ export class AkashProvisioner implements Provisioner {
    * a single-use join token per replica: the leader service's one, and the worker
    * service's N-1 as a comma-separated list (its replicas share one environment; each
    * agent spends the first the head still accepts).
+   *
+   * The leader service (one replica) is also given its node name, the id this provisioner
+   * records for it (`<service>-<dseq>-0`): a provider's container is named by its
+   * Kubernetes pod, which the head cannot know, and the head finds the leader's
+   * forwarded bridge port (and binds its token) by that id. Workers register by hostname.
    */
-  private sdlEnv(askId: string, group: CompiledAkashGroup, context: AkashProvisionContext): RenderSdlOptions {
+  private sdlEnv(askId: string, dseq: string, group: CompiledAkashGroup, context: AkashProvisionContext): RenderSdlOptions {
+    const leaderNode = leaderNodeId(group.name, dseq);
     let tokens = this.joinTokensOfAsk.get(askId);
     if (!tokens) {
       const mint = () => context.joinTokens.mint({ group: group.name });
-      tokens = { leader: mint(), workers: Array.from({ length: Math.max(0, group.nodes - 1) }, mint) };
+      tokens = { leader: context.joinTokens.mint({ group: group.name, nodeName: leaderNode }), workers: Array.from({ length: Math.max(0, group.nodes - 1) }, mint) };
       this.joinTokensOfAsk.set(askId, tokens);
     }
     return {
       extraEnv: { DROVER_HEAD: context.headAddress, ...context.agentEnv },
-      roleEnv: { leader: { DROVER_JOIN_TOKEN: tokens.leader }, ...(tokens.workers.length > 0 ? { worker: { DROVER_JOIN_TOKEN: tokens.workers.join(",") } } : {}) },
+      roleEnv: {
+        leader: { DROVER_JOIN_TOKEN: tokens.leader, DROVER_NODE_NAME: leaderNode },
+        ...(tokens.workers.length > 0 ? { worker: { DROVER_JOIN_TOKEN: tokens.workers.join(",") } } : {}),
+      },
     };
   }
 
@@ -500,6 +509,11 @@ export class AkashProvisioner implements Provisioner {
     this.dseqCounter += 1;
     return (BigInt(this.now()) * 1000n + BigInt(this.dseqCounter % 1000)).toString();
   }
+}
+
+/** The node id (and DROVER_NODE_NAME) of a group's leader on the lease of deployment `dseq`. */
+export function leaderNodeId(group: string, dseq: string): string {
+  return `${serviceName(group, "leader")}-${dseq}-0`;
 }
 
 /** What providers advertise on their status endpoints (address -> URL); unreadable ones are logged and skipped. */

@@ -225,7 +225,8 @@ function containerEnv(service: ManifestServiceJson, container: { node: string; s
   const gpus = Number(service.resources?.gpu?.units?.val ?? "0");
   return {
     ...env,
-    DROVER_NODE_NAME: container.node,
+    // A manifest that names the node wins over the hostname, as in a real container.
+    DROVER_NODE_NAME: env.DROVER_NODE_NAME ?? container.node,
     DROVER_STATE_DIR: container.stateDir,
     DROVER_GROUP: container.group,
     DROVER_SLOTS: String(Number.isInteger(gpus) && gpus > 0 ? gpus : 1),
