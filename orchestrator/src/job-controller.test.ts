@@ -155,6 +155,33 @@ describe("JobController: a group of a several-group job restarts alone", () => {
     await until(() => job.state === "succeeded", "the job to succeed");
   });
 
+  it("stops a group still restarting when the other groups finish, and fails naming it instead of letting it train alone", async () => {
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    jobs = new JobController({
+      registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20,
+      settleCheckpoints: async () => true,
+    });
+    const lines: string[] = [];
+    jobs.on("log", (line) => lines.push(line.line));
+    const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+    const beta = connect(registry, "beta-0", "b-1", "beta");
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-late" });
+    await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+    jobs.markCommitted(job.jobId, 20);
+    // beta's node is lost for good: beta waits for a node while alpha trains to the end.
+    registry.declareLost(beta.workerId, "its machine is gone");
+    await until(() => lines.some((line) => line.startsWith("group beta will start again")), "beta to wait for its node");
+    for (const rank of [0, 1]) jobs.onCheckpoint(alpha.workerId, { jobId: job.jobId, rank, step: 40, files: [] });
+    for (const rank of [0, 1]) jobs.onRankExit(alpha.workerId, { jobId: job.jobId, rank, exitCode: 0 });
+    await until(() => job.state === "failed", "the job to end");
+    expect(job.failure?.reason).toBe("training finished but its final checkpoint, step 40, was not stored (group beta was still restarting when the others finished); newest committed checkpoint: step 20; resume the run with drover submit --run-id run-late");
+    expect(lines).toContain("the other groups finished while group beta was restarting; it is not started again (it would train alone from an older checkpoint), and the final checkpoint lacks its ranks");
+    // beta's node coming back now starts nothing.
+    const beta2 = connect(registry, "beta-0", "b-2", "beta");
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(starts(beta2)).toEqual([]);
+  });
+
   it("gives each group leader the bridge certificate of its group for the attempt's bridge id, the same one again when the group restarts alone", async () => {
     registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
     const issued: Array<{ bridgeJobId: string; groups: readonly string[] }> = [];

@@ -200,6 +200,11 @@ export class JobController extends EventEmitter<JobEvents> {
    * there: a replayed output line found here was written already and is taken once less.
    */
   private readonly replayedOutputTail = new Map<string, Map<string, number>>();
+  /**
+   * jobId -> groups that were still restarting on their own when every other group's
+   * ranks had finished: stopped, and named when the final checkpoint lacks their ranks.
+   */
+  private readonly absentAtEnd = new Map<string, string[]>();
   /** jobId -> group -> its restart on its own, while it lasts. */
   private readonly groupRestarts = new Map<string, Map<string, GroupRestart>>();
   private groupRestartCount = 0;
@@ -663,11 +668,51 @@ export class JobController extends EventEmitter<JobEvents> {
       this.fail(job, { reason, rank, lastLines: exit.lastLines ?? [] }, downNodes.length > 0, downGroups.size === 1 ? [...downGroups][0] : undefined);
       return;
     }
+    if (job.state === "running" && this.othersFinished(job)) this.giveUpGroupRestarts(job);
     if (Object.keys(job.exitCodes).length === job.worldSize && job.state !== "failed" && !this.adopting.has(job.jobId)) {
       if (job.state === "stopping") this.finish(job, "stopped");
       else void this.finishAfterCheckpoints(job);
     } else {
       this.emit("changed", job);
+    }
+  }
+
+  /** Some group restarts on its own, and every rank of the other groups exited 0: their training is done. */
+  private othersFinished(job: JobRecord): boolean {
+    const restarting = this.groupRestarts.get(job.jobId);
+    if (!restarting || restarting.size === 0) return false;
+    const absent = new Set([...restarting.keys()].flatMap((group) => this.globalRanksOf(job, group)));
+    for (let rank = 0; rank < job.worldSize; rank++) if (!absent.has(rank) && job.exitCodes[rank] !== 0) return false;
+    return true;
+  }
+
+  /**
+   * The groups that trained on have finished while others were still restarting: those
+   * are stopped rather than started again, since with nobody left to take the live outer
+   * state from they would train a model of their own from an older checkpoint (and their
+   * final step would be committed beside the others' as if it were the same model). The
+   * job then ends through finishAfterCheckpoints: the final step lacks their ranks, is
+   * not committed, and the failure names them; the run resumes from its newest committed
+   * step with every group (`drover submit --run-id`).
+   */
+  private giveUpGroupRestarts(job: JobRecord): void {
+    const restarting = this.groupRestarts.get(job.jobId);
+    if (!restarting) return;
+    const groups = [...restarting.keys()];
+    for (const entry of restarting.values()) {
+      clearTimeout(entry.waitTimer);
+      entry.drained();
+    }
+    this.groupRestarts.delete(job.jobId);
+    job.groupsRestarting = [];
+    this.absentAtEnd.set(job.jobId, groups);
+    for (const group of groups) {
+      for (const assignment of job.assignments.filter((candidate) => candidate.group === group)) {
+        this.deps.registry.send(assignment.workerId, { stopJob: { jobId: this.wireIdOf(job, group), reason: "the other groups finished training", graceMs: this.deps.stopGraceMs } });
+      }
+      // Not started again: no exit of theirs is awaited (-1, as for a rank gone without one).
+      for (const rank of this.globalRanksOf(job, group)) job.exitCodes[rank] ??= -1;
+      this.log(job, `the other groups finished while group ${group} was restarting; it is not started again (it would train alone from an older checkpoint), and the final checkpoint lacks its ranks`);
     }
   }
 
@@ -718,7 +763,9 @@ export class JobController extends EventEmitter<JobEvents> {
     const finalStep = reported.at(-1);
     if (finalStep !== undefined && !job.checkpointsCommitted.includes(finalStep)) {
       const newest = job.lastCommittedStep === undefined ? "none" : `step ${job.lastCommittedStep}`;
-      this.finish(job, "failed", { reason: `training finished but its final checkpoint, step ${finalStep}, was not stored (${job.checkpointsLost[finalStep]}); newest committed checkpoint: ${newest}`, lastLines: [] });
+      const absent = this.absentAtEnd.get(job.jobId);
+      const why = absent ? `group ${absent.join(", ")} was still restarting when the others finished` : job.checkpointsLost[finalStep];
+      this.finish(job, "failed", { reason: `training finished but its final checkpoint, step ${finalStep}, was not stored (${why}); newest committed checkpoint: ${newest}${absent ? `; resume the run with drover submit --run-id ${job.runId}` : ""}`, lastLines: [] });
       return;
     }
     this.finish(job, "succeeded");
@@ -822,6 +869,8 @@ export class JobController extends EventEmitter<JobEvents> {
       this.deps.registry.send(assignment.workerId, { stopJob: { jobId: this.wireIdOf(job, group), reason: `restarting group ${group}: ${reason}`, graceMs: this.deps.stopGraceMs } });
     }
     await drained;
+    // Given up meanwhile (the other groups finished, or the job restarted as a whole).
+    if (this.groupRestarts.get(job.jobId)?.get(group) !== entry) return;
     const ranks = new Set(this.globalRanksOf(job, group));
     for (const rank of ranks) delete job.exitCodes[rank];
     job.stalled = job.stalled?.filter((entry) => !ranks.has(entry.rank));
@@ -991,6 +1040,7 @@ export class JobController extends EventEmitter<JobEvents> {
     job.state = state;
     job.endedAtMs = this.now();
     this.progress.delete(job.jobId);
+    this.absentAtEnd.delete(job.jobId);
     this.adopting.delete(job.jobId);
     this.replayFloors.delete(job.jobId);
     this.replayedOutputTail.delete(job.jobId);
