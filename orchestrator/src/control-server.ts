@@ -166,6 +166,11 @@ export class ControlServer {
           else if (message.checkpoint) jobs.onCheckpoint(workerId, message.checkpoint, replayed);
           else if (message.jobFailure) jobs.onJobFailure(workerId, message.jobFailure.jobId ?? "", message.jobFailure.reason ?? "the node could not run the job");
           else if (message.telemetry) this.deps.onTelemetry?.(workerId, message.telemetry);
+          else if (message.outerJoin) {
+            const groups = message.outerJoin.inStepWith ?? [];
+            if (groups.length <= 8 && groups.every((group) => group.length <= 64)) jobs.onOuterJoin(workerId, message.outerJoin.jobId ?? "", groups);
+            else logger.warn("outer join report refused: more than 8 groups or a name over 64 characters", { workerId });
+          }
         });
         const end = () => {
           clearInterval(renewals);

@@ -174,12 +174,51 @@ describe("JobController: a group of a several-group job restarts alone", () => {
     for (const rank of [0, 1]) jobs.onCheckpoint(alpha.workerId, { jobId: job.jobId, rank, step: 40, files: [] });
     for (const rank of [0, 1]) jobs.onRankExit(alpha.workerId, { jobId: job.jobId, rank, exitCode: 0 });
     await until(() => job.state === "failed", "the job to end");
-    expect(job.failure?.reason).toBe("training finished but its final checkpoint, step 40, was not stored (group beta was still restarting when the others finished); newest committed checkpoint: step 20; resume the run with drover submit --run-id run-late");
-    expect(lines).toContain("the other groups finished while group beta was restarting; it is not started again (it would train alone from an older checkpoint), and the final checkpoint lacks its ranks");
+    expect(job.failure?.reason).toBe("training finished but its final checkpoint, step 40, was not stored (group beta was still restarting or training alone when the others finished); newest committed checkpoint: step 20; resume the run with drover submit --run-id run-late");
+    expect(lines).toContain("the other groups finished while group beta was restarting or training alone; it is stopped (alone it trains a model of its own from an older checkpoint), and the final checkpoint lacks its ranks");
     // beta's node coming back now starts nothing.
     const beta2 = connect(registry, "beta-0", "b-2", "beta");
     await new Promise((resolve) => setTimeout(resolve, 50));
     expect(starts(beta2)).toEqual([]);
+  });
+
+  it("stops a group that came back but joined the outer steps alone when the other groups finish; one that took their state finishes with them", async () => {
+    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    jobs = new JobController({
+      registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20,
+      settleCheckpoints: async () => true,
+    });
+    const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+    const beta = connect(registry, "beta-0", "b-1", "beta");
+    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-alone" });
+    await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+    jobs.markCommitted(job.jobId, 20);
+    const beta2 = connect(registry, "beta-0", "b-2", "beta");
+    await until(() => starts(beta2).length === 1, "beta to start again");
+    const betaWire = starts(beta2)[0]!.jobId!;
+    // Its trainer found nobody to take the live state from: it trains alone.
+    jobs.onOuterJoin(beta2.workerId, betaWire, ["beta"]);
+    expect(job.state).toBe("running");
+    for (const rank of [0, 1]) jobs.onCheckpoint(alpha.workerId, { jobId: job.jobId, rank, step: 40, files: [] });
+    for (const rank of [0, 1]) jobs.onRankExit(alpha.workerId, { jobId: job.jobId, rank, exitCode: 0 });
+    await until(() => job.state === "failed", "the job to end");
+    expect(job.failure?.reason).toContain("(group beta was still restarting or training alone when the others finished)");
+    expect(new Set(stops(beta2))).toEqual(new Set([betaWire]));
+
+    // The same, but beta took alpha's state: it is one model again and finishes with it.
+    const alpha3 = connect(registry, "alpha-0", "a-3", "alpha");
+    const beta3 = connect(registry, "beta-0", "b-3", "beta");
+    const next = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-rejoined" });
+    await until(() => starts(alpha3).length === 1 && starts(beta3).length === 1, "the next job to start");
+    const beta4 = connect(registry, "beta-0", "b-4", "beta");
+    await until(() => starts(beta4).length === 1, "beta to start again");
+    const beta4Wire = starts(beta4)[0]!.jobId!;
+    jobs.onOuterJoin(beta4.workerId, beta4Wire, ["beta"]);
+    jobs.onOuterJoin(beta4.workerId, beta4Wire, ["beta", "alpha"]);
+    for (const rank of [0, 1]) jobs.onRankExit(alpha3.workerId, { jobId: next.jobId, rank, exitCode: 0 });
+    expect(next.state).toBe("running");
+    for (const rank of [0, 1]) jobs.onRankExit(beta4.workerId, { jobId: beta4Wire, rank, exitCode: 0 });
+    await until(() => next.state === "succeeded", "the rejoined job to succeed");
   });
 
   it("gives each group leader the bridge certificate of its group for the attempt's bridge id, the same one again when the group restarts alone", async () => {

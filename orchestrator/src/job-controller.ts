@@ -205,6 +205,12 @@ export class JobController extends EventEmitter<JobEvents> {
    * ranks had finished: stopped, and named when the final checkpoint lacks their ranks.
    */
   private readonly absentAtEnd = new Map<string, string[]>();
+  /**
+   * jobId -> groups restarted alone whose trainer joined the outer steps in step with no
+   * other group (OuterJoin): they train on their own state until another group's state
+   * reaches them. Trainers that never join (no OuterSync) are never listed.
+   */
+  private readonly joinedAlone = new Map<string, Set<string>>();
   /** jobId -> group -> its restart on its own, while it lasts. */
   private readonly groupRestarts = new Map<string, Map<string, GroupRestart>>();
   private groupRestartCount = 0;
@@ -677,11 +683,33 @@ export class JobController extends EventEmitter<JobEvents> {
     }
   }
 
-  /** Some group restarts on its own, and every rank of the other groups exited 0: their training is done. */
+  /**
+   * A group restarted alone joined the outer steps (OuterSync.join): in step with
+   * `inStepWith` (its own group first). Alone, it trains on its own state; once another
+   * group is in step with it, it is one model with them again.
+   */
+  onOuterJoin(workerId: string, wireJobId: string, inStepWith: readonly string[]): void {
+    const job = this.current(wireJobId);
+    const assignment = job ? this.fromCurrentRun(job, workerId, wireJobId) : undefined;
+    if (!job || !assignment || job.state !== "running" || assignment.groupRank !== 0 || !job.groupWireIds?.[assignment.group]) return;
+    const alone = this.joinedAlone.get(job.jobId) ?? new Set<string>();
+    this.joinedAlone.set(job.jobId, alone);
+    if (inStepWith.some((group) => group !== assignment.group)) {
+      if (alone.delete(assignment.group)) this.log(job, `group ${assignment.group} is in step with ${inStepWith.filter((group) => group !== assignment.group).join(", ")} again`);
+      return;
+    }
+    alone.add(assignment.group);
+    if (this.othersFinished(job)) this.giveUpGroupRestarts(job);
+  }
+
+  /**
+   * Some group restarts on its own (or came back but trains alone on its own state), and
+   * every rank of the other groups exited 0: their training is done.
+   */
   private othersFinished(job: JobRecord): boolean {
-    const restarting = this.groupRestarts.get(job.jobId);
-    if (!restarting || restarting.size === 0) return false;
-    const absent = new Set([...restarting.keys()].flatMap((group) => this.globalRanksOf(job, group)));
+    const absentGroups = this.absentGroups(job);
+    if (absentGroups.length === 0) return false;
+    const absent = new Set(absentGroups.flatMap((group) => this.globalRanksOf(job, group)));
     for (let rank = 0; rank < job.worldSize; rank++) if (!absent.has(rank) && job.exitCodes[rank] !== 0) return false;
     return true;
   }
@@ -696,14 +724,14 @@ export class JobController extends EventEmitter<JobEvents> {
    * step with every group (`drover submit --run-id`).
    */
   private giveUpGroupRestarts(job: JobRecord): void {
-    const restarting = this.groupRestarts.get(job.jobId);
-    if (!restarting) return;
-    const groups = [...restarting.keys()];
-    for (const entry of restarting.values()) {
+    const groups = this.absentGroups(job);
+    if (groups.length === 0) return;
+    for (const entry of this.groupRestarts.get(job.jobId)?.values() ?? []) {
       clearTimeout(entry.waitTimer);
       entry.drained();
     }
     this.groupRestarts.delete(job.jobId);
+    this.joinedAlone.delete(job.jobId);
     job.groupsRestarting = [];
     this.absentAtEnd.set(job.jobId, groups);
     for (const group of groups) {
@@ -712,8 +740,13 @@ export class JobController extends EventEmitter<JobEvents> {
       }
       // Not started again: no exit of theirs is awaited (-1, as for a rank gone without one).
       for (const rank of this.globalRanksOf(job, group)) job.exitCodes[rank] ??= -1;
-      this.log(job, `the other groups finished while group ${group} was restarting; it is not started again (it would train alone from an older checkpoint), and the final checkpoint lacks its ranks`);
+      this.log(job, `the other groups finished while group ${group} was restarting or training alone; it is stopped (alone it trains a model of its own from an older checkpoint), and the final checkpoint lacks its ranks`);
     }
+  }
+
+  /** Groups restarting alone, and those back but in step with no other group. */
+  private absentGroups(job: JobRecord): string[] {
+    return [...new Set([...(this.groupRestarts.get(job.jobId)?.keys() ?? []), ...(this.joinedAlone.get(job.jobId) ?? [])])];
   }
 
   onJobFailure(workerId: string, jobId: string, reason: string): void {
@@ -764,7 +797,7 @@ export class JobController extends EventEmitter<JobEvents> {
     if (finalStep !== undefined && !job.checkpointsCommitted.includes(finalStep)) {
       const newest = job.lastCommittedStep === undefined ? "none" : `step ${job.lastCommittedStep}`;
       const absent = this.absentAtEnd.get(job.jobId);
-      const why = absent ? `group ${absent.join(", ")} was still restarting when the others finished` : job.checkpointsLost[finalStep];
+      const why = absent ? `group ${absent.join(", ")} was still restarting or training alone when the others finished` : job.checkpointsLost[finalStep];
       this.finish(job, "failed", { reason: `training finished but its final checkpoint, step ${finalStep}, was not stored (${why}); newest committed checkpoint: ${newest}${absent ? `; resume the run with drover submit --run-id ${job.runId}` : ""}`, lastLines: [] });
       return;
     }
@@ -1041,6 +1074,7 @@ export class JobController extends EventEmitter<JobEvents> {
     job.endedAtMs = this.now();
     this.progress.delete(job.jobId);
     this.absentAtEnd.delete(job.jobId);
+    this.joinedAlone.delete(job.jobId);
     this.adopting.delete(job.jobId);
     this.replayFloors.delete(job.jobId);
     this.replayedOutputTail.delete(job.jobId);

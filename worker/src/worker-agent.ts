@@ -513,7 +513,11 @@ export class WorkerAgent {
     try {
       const socket = await OuterSyncSocketServer.listen(agentSocketPath(this.options.stateDir, `${jobId}-outer`), {
         exchange: (request) => bridge.exchange(request).catch(told(`outer step ${request.outerStep}`)),
-        join: (request) => bridge.join(request).catch(told(`joining at outer step ${request.outerStep}`)),
+        join: (request) => bridge.join(request).then((answer) => {
+          // The head keeps whether a group restarted alone is one model with the others again.
+          this.send({ outerJoin: { jobId, group: job.group ?? "", inStepWith: [...answer.groups] } });
+          return answer;
+        }, told(`joining at outer step ${request.outerStep}`)),
         shareState: (request) => bridge.shareState(request).catch(told(`sending the outer state of step ${request.outerStep}`)),
       }, this.logger);
       return { bridge, socket };
