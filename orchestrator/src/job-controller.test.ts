@@ -112,6 +112,62 @@ describe("JobController restarts", () => {
     expect(job.state).toBe("failed");
     expect(job.failure?.reason).toBe("node local-0 lost (its agent restarted) (no restarts left: 1 allowed)");
   });
+  describe("adopting a dead head's running attempt", () => {
+    function adopted() {
+      const { a, b } = setup(async () => 20);
+      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-adopt" });
+      return { a, b, job };
+    }
+
+    it("goes on without a restart when every node's trainers outlived the head, taking only what its files lack", async () => {
+      const { a, b, job } = adopted();
+      await until(() => starts(a).length === 1 && starts(b).length === 1, "attempt 1 to start");
+      jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 7, values: { loss: 1 } });
+      // What the dead head wrote down (cluster.json), taken up by a new controller.
+      const previous = JSON.parse(JSON.stringify(job)) as JobRecord;
+      jobs.dispose();
+      jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20 });
+      const metrics: number[] = [];
+      jobs.on("metric", (_job, metric) => metrics.push(Number(metric.step)));
+      const taken = jobs.adoptInterrupted(previous, new Map([[0, 9]]));
+      expect(taken).toMatchObject({ state: "running", attempt: 1, wireJobId: job.jobId });
+      expect(jobs.adoptionPending(job.jobId)).toBe(true);
+      // Replayed metrics at or below what the metrics file holds are not taken twice; newer ones are.
+      jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 9, values: { loss: 1 } }, true);
+      jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 10, values: { loss: 1 } }, true);
+      jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 10, values: { loss: 1 } }, true);
+      jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 11, values: { loss: 1 } });
+      expect(metrics).toEqual([10, 11]);
+      // b's ranks exited while no head was up: its replayed exits count, and its heartbeat lists no job.
+      jobs.onRankExit(b.workerId, { jobId: job.jobId, rank: 2, exitCode: 0 }, true);
+      jobs.onRankExit(b.workerId, { jobId: job.jobId, rank: 3, exitCode: 0 }, true);
+      jobs.onRankExit(b.workerId, { jobId: job.jobId, rank: 3, exitCode: 0 }, true);
+      jobs.onHeartbeat(b.workerId, []);
+      jobs.onHeartbeat(a.workerId, [job.jobId]);
+      expect(jobs.adoptionPending(job.jobId)).toBe(false);
+      expect(jobs.get(job.jobId)).toMatchObject({ state: "running", attempt: 1, restarts: [] });
+      expect(starts(a)).toHaveLength(1);
+      for (const rank of [0, 1]) jobs.onRankExit(a.workerId, { jobId: job.jobId, rank, exitCode: 0 });
+      await until(() => jobs.get(job.jobId)!.state === "succeeded", "the adopted job to succeed");
+    });
+
+    it("restarts from the newest committed checkpoint when a node's trainers did not outlive the head", async () => {
+      const { a, b, job } = adopted();
+      await until(() => starts(a).length === 1 && starts(b).length === 1, "attempt 1 to start");
+      const previous = JSON.parse(JSON.stringify(job)) as JobRecord;
+      jobs.dispose();
+      jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20 });
+      jobs.adoptInterrupted(previous, new Map());
+      jobs.onHeartbeat(a.workerId, [job.jobId]);
+      // b's agent is back, but runs nothing of the job and reported no exit.
+      jobs.onHeartbeat(b.workerId, []);
+      expect(jobs.get(job.jobId)!.state).toBe("restarting");
+      for (const rank of [0, 1]) jobs.onRankExit(a.workerId, { jobId: job.jobId, rank, exitCode: 0, signal: "SIGTERM" });
+      await until(() => starts(a).length === 2 && starts(b).length === 2, "attempt 2 to start");
+      expect(starts(b)[1]).toMatchObject({ jobId: `${job.jobId}-a2`, resume: true, resumeStep: 20 });
+      expect(jobs.get(job.jobId)!.restarts).toEqual([expect.objectContaining({ attempt: 1, reason: "the trainers of node local-1 did not outlive the head" })]);
+    });
+  });
 });
 
 describe("JobController: a group of a several-group job restarts alone", () => {
@@ -489,75 +545,5 @@ describe("the checkpoint coordinator and the job's output (issue 14 item 11)", (
       store.close();
       await rm(root, { recursive: true, force: true });
     }
-  });
-});
-
-describe("adopting a dead head's running attempt", () => {
-  let registry: WorkerRegistry;
-  let jobs: JobController;
-  afterEach(() => {
-    jobs?.dispose();
-    registry?.stop();
-  });
-
-  function setup(restartStep: (job: JobRecord) => Promise<number | undefined>) {
-    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
-    jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep });
-    return { a: connect(registry, "local-0", "a-1"), b: connect(registry, "local-1", "b-1") };
-  }
-
-  function adopted() {
-    const { a, b } = setup(async () => 20);
-    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-adopt" });
-    return { a, b, job };
-  }
-
-  it("goes on without a restart when every node's trainers outlived the head, taking only what its files lack", async () => {
-    const { a, b, job } = adopted();
-    await until(() => starts(a).length === 1 && starts(b).length === 1, "attempt 1 to start");
-    jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 7, values: { loss: 1 } });
-    // What the dead head wrote down (cluster.json), taken up by a new controller.
-    const previous = JSON.parse(JSON.stringify(job)) as JobRecord;
-    jobs.dispose();
-    jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20 });
-    const metrics: number[] = [];
-    jobs.on("metric", (_job, metric) => metrics.push(Number(metric.step)));
-    const taken = jobs.adoptInterrupted(previous, new Map([[0, 9]]));
-    expect(taken).toMatchObject({ state: "running", attempt: 1, wireJobId: job.jobId });
-    expect(jobs.adoptionPending(job.jobId)).toBe(true);
-    // Replayed metrics at or below what the metrics file holds are not taken twice; newer ones are.
-    jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 9, values: { loss: 1 } }, true);
-    jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 10, values: { loss: 1 } }, true);
-    jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 10, values: { loss: 1 } }, true);
-    jobs.onMetric(a.workerId, { jobId: job.jobId, rank: 0, step: 11, values: { loss: 1 } });
-    expect(metrics).toEqual([10, 11]);
-    // b's ranks exited while no head was up: its replayed exits count, and its heartbeat lists no job.
-    jobs.onRankExit(b.workerId, { jobId: job.jobId, rank: 2, exitCode: 0 }, true);
-    jobs.onRankExit(b.workerId, { jobId: job.jobId, rank: 3, exitCode: 0 }, true);
-    jobs.onRankExit(b.workerId, { jobId: job.jobId, rank: 3, exitCode: 0 }, true);
-    jobs.onHeartbeat(b.workerId, []);
-    jobs.onHeartbeat(a.workerId, [job.jobId]);
-    expect(jobs.adoptionPending(job.jobId)).toBe(false);
-    expect(jobs.get(job.jobId)).toMatchObject({ state: "running", attempt: 1, restarts: [] });
-    expect(starts(a)).toHaveLength(1);
-    for (const rank of [0, 1]) jobs.onRankExit(a.workerId, { jobId: job.jobId, rank, exitCode: 0 });
-    await until(() => jobs.get(job.jobId)!.state === "succeeded", "the adopted job to succeed");
-  });
-
-  it("restarts from the newest committed checkpoint when a node's trainers did not outlive the head", async () => {
-    const { a, b, job } = adopted();
-    await until(() => starts(a).length === 1 && starts(b).length === 1, "attempt 1 to start");
-    const previous = JSON.parse(JSON.stringify(job)) as JobRecord;
-    jobs.dispose();
-    jobs = new JobController({ registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20 });
-    jobs.adoptInterrupted(previous, new Map());
-    jobs.onHeartbeat(a.workerId, [job.jobId]);
-    // b's agent is back, but runs nothing of the job and reported no exit.
-    jobs.onHeartbeat(b.workerId, []);
-    expect(jobs.get(job.jobId)!.state).toBe("restarting");
-    for (const rank of [0, 1]) jobs.onRankExit(a.workerId, { jobId: job.jobId, rank, exitCode: 0, signal: "SIGTERM" });
-    await until(() => starts(a).length === 2 && starts(b).length === 2, "attempt 2 to start");
-    expect(starts(b)[1]).toMatchObject({ jobId: `${job.jobId}-a2`, resume: true, resumeStep: 20 });
-    expect(jobs.get(job.jobId)!.restarts).toEqual([expect.objectContaining({ attempt: 1, reason: "the trainers of node local-1 did not outlive the head" })]);
   });
 });
