@@ -27,7 +27,11 @@ import { fileURLToPath } from "node:url";
 
 const PARAMS = Number(process.env.BENCH_PARAMS ?? 100_000_000);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
-const CHUNK_ELEMENTS = 4 * 1024 * 1024; // 16 MiB of fp32 per frame
+// Elements per frame: what the job bridge uses (job-bridge.ts), 4 MiB of fp32.
+const CHUNK_ELEMENTS = Number(process.env.BENCH_CHUNK_ELEMENTS ?? 1 << 20);
+// For iterating on one path: BENCH_VARIANTS=raw,fp32 runs only those (raw is always
+// kept: every ratio is against it), BENCH_WAN=0 skips the shaped link.
+const VARIANTS = ["raw", "fp32", "int8", "tls-fp32", "tls-int8"].filter((variant) => variant === "raw" || !process.env.BENCH_VARIANTS || process.env.BENCH_VARIANTS.split(",").includes(variant));
 const JOB = "bench-job";
 const KEY = Buffer.from("bench-bridge-key-0123456789abcdef");
 const self = fileURLToPath(import.meta.url);
@@ -44,6 +48,12 @@ function tensorOf(seed) {
     values[index] = (state / 2 ** 32 - 0.5) * 1e-3;
   }
   return values;
+}
+
+/** CPU seconds (user + system, this process, every thread) since `since`. */
+function cpuSeconds(since) {
+  const used = process.cpuUsage(since);
+  return (used.user + used.system) / 1e6;
 }
 
 // ---- the child: one group's side ------------------------------------------------------
@@ -88,16 +98,18 @@ async function child() {
       } else if (message.cmd === "bridge") {
         while (!link || !tlsLink) await new Promise((resolve) => setTimeout(resolve, 10));
         const started = performance.now();
+        const cpu = process.cpuUsage();
         const result = await worker.allReduceAcrossGroups(
           { outerStep: message.step, weight: 1, tensors: [{ name: "pseudo_gradient", shape: [PARAMS], values }] },
           { job: JOB, group: message.group, links: [message.tls ? tlsLink : link], codec: message.codec, chunkElements: CHUNK_ELEMENTS, timeoutMs: 600_000, signal: AbortSignal.timeout(600_000), buffers },
         );
-        send({ ok: true, seconds: (performance.now() - started) / 1000, bytesSent: result.bytesSent });
+        send({ ok: true, seconds: (performance.now() - started) / 1000, cpuSeconds: cpuSeconds(cpu), bytesSent: result.bytesSent });
       } else if (message.cmd === "raw") {
         while (!rawSocket) await new Promise((resolve) => setTimeout(resolve, 10));
         // The same bytes both ways at once, with backpressure, as the bridge moves them.
         const bytes = Buffer.from(values.buffer);
         const started = performance.now();
+        const cpu = process.cpuUsage();
         const receiving = new Promise((resolve) => {
           let got = 0;
           const onData = (chunk) => {
@@ -119,7 +131,7 @@ async function child() {
           }
         })();
         await Promise.all([receiving, sending]);
-        send({ ok: true, seconds: (performance.now() - started) / 1000, bytesSent: bytes.length });
+        send({ ok: true, seconds: (performance.now() - started) / 1000, cpuSeconds: cpuSeconds(cpu), bytesSent: bytes.length });
       } else if (message.cmd === "exit") {
         link?.destroy();
         tlsLink?.destroy();
@@ -171,7 +183,7 @@ async function suite(label, place, certificates) {
   try {
     const { port, tlsPort, rawPort } = await b.call({ cmd: "listen", host: place.listenHost, tls: certificates.rtx8000, serverName: certificates.serverName("rtx8000") });
     await a.call({ cmd: "dial", port, tlsPort, rawPort, host: place.listenHost, tls: certificates.a100, peerGroup: "rtx8000" });
-    const variants = ["raw", "fp32", "int8", "tls-fp32", "tls-int8"];
+    const variants = VARIANTS;
     const times = Object.fromEntries(variants.map((variant) => [variant, []]));
     const bytes = Object.fromEntries(variants.map((variant) => [variant, 0]));
     let step = 0;
@@ -186,7 +198,7 @@ async function suite(label, place, certificates) {
         if (round > 0) times[variant].push(seconds);
         bytes[variant] = ra.bytesSent;
         const rate = (2 * PARAMS * 4) / 2 ** 30 / seconds; // payload moved in both directions
-        console.log(`  ${round === 0 ? "warm-up" : `round ${round}`} ${variant.padEnd(8)} ${seconds.toFixed(2)} s  (${rate.toFixed(2)} GiB/s of fp32 payload, ${(ra.bytesSent / 2 ** 20).toFixed(0)} MiB on the wire each way)`);
+        console.log(`  ${round === 0 ? "warm-up" : `round ${round}`} ${variant.padEnd(8)} ${seconds.toFixed(2)} s  (${rate.toFixed(2)} GiB/s of fp32 payload, ${(ra.bytesSent / 2 ** 20).toFixed(0)} MiB on the wire each way; CPU ${ra.cpuSeconds.toFixed(2)} + ${rb.cpuSeconds.toFixed(2)} s)`);
       }
     }
     return { ...Object.fromEntries(variants.map((variant) => [variant, median(times[variant])])), bytes };
@@ -259,6 +271,7 @@ async function main() {
   console.log(`bench:bridge: ${PARAMS.toLocaleString()} fp32 parameters (${mib.toFixed(0)} MiB) between 2 groups, ${ROUNDS} rounds per variant after a warm-up, taking turns`);
   const certificates = await benchCertificates();
   report(await suite("loopback (unconstrained)", { listenHost: "127.0.0.1" }, certificates), 0.8);
+  if (process.env.BENCH_WAN === "0") return;
   if (!wanAvailable()) {
     console.log("WAN variant skipped: it needs root, `ip netns` and `tc`");
     return;

@@ -4,7 +4,7 @@ import type { Logger } from "../logger.js";
 import { silentLogger } from "../logger.js";
 import { BridgeLink, BridgeListener } from "./bridge-link.js";
 import { allReduceAcrossGroups, type OuterStepContribution } from "./group-all-reduce.js";
-import { encodeFrame } from "./tensor-frame.js";
+import { encodeFrame, encodeFrameParts, fp32PayloadView, readFrame } from "./tensor-frame.js";
 
 const JOB = "job-bridge-a1";
 const KEY = Buffer.from("per-job-bridge-secret-0123456789", "utf8");
@@ -168,6 +168,38 @@ describe("all-reduce across group leaders over the bridge", () => {
     const worst = Math.max(...ra!.tensors.get(name)!.map((value, at) => Math.abs(value - exact[at]!)));
     expect(worst).toBeLessThanOrEqual(0.02 / 255); // half a level of each of two chunks' ranges
     expect(ra!.bytesSent).toBeLessThan(0.27 * 4 * (96 * 32 + 32) + 4096);
+  });
+
+  it("delivers a frame joined from several socket reads with its fp32 payload 4-byte aligned, readable in place", async () => {
+    const links = await mesh(["a100", "rtx8000"], cleanups);
+    const values = series(3 << 20, 31); // 12 MiB: many reads
+    const received: boolean[] = [];
+    const got = new Promise<void>((resolve) => links.get("rtx8000")![0]!.receive((message) => {
+      if (message.kind !== "frame") return;
+      const read = readFrame(message.frame);
+      const view = fp32PayloadView(read);
+      received.push(view !== undefined && Buffer.from(view.buffer, view.byteOffset, view.byteLength).equals(Buffer.from(values.buffer, 4 * read.header.elementOffset, 4 * read.header.elements)));
+      if (received.length === 3) resolve();
+    }));
+    // Names of odd lengths put the payload at every offset modulo 4.
+    for (const [chunkIndex, tensor] of ["w", "wx", "wxy"].entries()) {
+      await links.get("a100")![0]!.sendFrame(encodeFrameParts({ job: JOB, outerStep: 1, tensor, shape: [values.length], chunkIndex, chunkCount: 3, elementOffset: chunkIndex << 20, codec: "fp32" }, values.subarray(chunkIndex << 20, (chunkIndex + 1) << 20)));
+    }
+    await got;
+    expect(received).toEqual([true, true, true]);
+  });
+
+  it("with 2 groups and frames spanning many reads (summed in place), every group gets the same bits", async () => {
+    const links = await mesh(["a100", "rtx8000"], cleanups);
+    const big = (seed: number, weight: number): OuterStepContribution => ({ outerStep: 1, weight, tensors: [{ name: "embed.weight", shape: [3 << 20], values: series(3 << 20, seed) }] });
+    const [a, b] = [big(41, 3), big(42, 1)];
+    const [ra, rb] = await Promise.all([
+      allReduceAcrossGroups(a, { ...options("a100", links.get("a100")!), chunkElements: 1 << 20 }),
+      allReduceAcrossGroups(b, { ...options("rtx8000", links.get("rtx8000")!), chunkElements: 1 << 20 }),
+    ]);
+    expectIdentical([ra, rb], ["embed.weight"]);
+    const mean = ra.tensors.get("embed.weight")!;
+    for (let at = 0; at < mean.length; at += 4099) expect(mean[at]).toBe(Math.fround(0.75 * a.tensors[0]!.values[at]! + 0.25 * b.tensors[0]!.values[at]!));
   });
 
   it("refuses a peer with a wrong job secret and logs it without the secret", async () => {

@@ -1,6 +1,6 @@
 import { BridgeExchangeError, BridgeFrameError } from "../errors.js";
 import type { BridgeMessage } from "./bridge-link.js";
-import { CODECS, decodePayloadInto, encodeFrameParts, readFrame, TensorAssembler, tensorFrameParts, type Codec, type ReadFrame } from "./tensor-frame.js";
+import { CODECS, decodePayloadInto, encodeFrameParts, fp32PayloadView, readFrame, TensorAssembler, tensorFrameParts, type Codec, type ReadFrame } from "./tensor-frame.js";
 
 // The weighted average of one tensor set across groups, as the group leaders' agents
 // compute it for one outer step, with the same bits on every group.
@@ -211,11 +211,24 @@ async function allToAll(own: OuterStepContribution, options: AllReduceOptions, l
         const index = byName.get(frame.tensor);
         if (index === undefined) throw new BridgeFrameError(`from group ${peer}: tensor ${frame.tensor} is not part of outer step ${own.outerStep}`, { peer, tensor: frame.tensor });
         const assembler = assemblers[index]!;
+        const from = frame.elementOffset;
+        const to = from + frame.elements;
+        // The common case on a fast link: the frame continues exactly where the sum
+        // stands and every other group already has its range, so its fp32 values are
+        // summed where they lie, in the link's read buffer, instead of being copied
+        // into the peer's array first (one pass over memory less per byte received).
+        const inPlace = plan && summed[index] === from && assembler.contiguousElements === from
+          && plan.order.every((group) => group === peer || (available.get(group)?.[index] ?? 0) >= to) ? fp32PayloadView(read) : undefined;
         let whole: Float32Array | undefined;
         try {
-          whole = assembler.addRead(read);
+          whole = inPlace ? assembler.addUsed(read) : assembler.addRead(read);
         } catch (error) {
           throw new BridgeFrameError(`from group ${peer}: ${(error as Error).message}`, { peer, tensor: frame.tensor });
+        }
+        if (inPlace && plan) {
+          const groupInputs = plan.order.map((group) => (group === peer ? inPlace : inputs.get(group)![index]!));
+          weightedSum(means[index]!, groupInputs, plan.shares, from, to, plan.order.map((group) => (group === peer ? from : 0)));
+          summed[index] = to;
         }
         available.get(peer)![index] = whole ? whole.length : assembler.contiguousElements;
         advance();
@@ -522,27 +535,30 @@ function sendFrameTo(link: ExchangeLink, parts: Buffer[], outerStep: number, ten
 }
 
 /**
- * out[from..to) = sum of shares[g] * inputs[g], groups in the given order: the same float
- * operations for each element on every group, however the range is split, so the same
- * bits. Two and three groups have their own loops (the common cases, and several times
- * faster than the general one).
+ * out[from..to) = sum of shares[g] * inputs[g][at - starts[g]], groups in the given
+ * order (`starts`: where an input that holds only part of the tensor begins; 0 for a
+ * whole one): the same float operations for each element on every group, however the
+ * range is split and wherever an input lies, so the same bits. Two and three groups have
+ * their own loops (the common cases, and several times faster than the general one).
  */
-function weightedSum(out: Float32Array, inputs: Float32Array[], shares: number[], from: number, to: number): void {
+function weightedSum(out: Float32Array, inputs: Float32Array[], shares: number[], from: number, to: number, starts?: number[]): void {
   if (inputs.length === 2) {
     const [a, b] = inputs as [Float32Array, Float32Array];
     const [sa, sb] = shares as [number, number];
-    for (let at = from; at < to; at++) out[at] = sa * a[at]! + sb * b[at]!;
+    const [ka, kb] = (starts ?? [0, 0]) as [number, number];
+    for (let at = from; at < to; at++) out[at] = sa * a[at - ka]! + sb * b[at - kb]!;
     return;
   }
   if (inputs.length === 3) {
     const [a, b, c] = inputs as [Float32Array, Float32Array, Float32Array];
     const [sa, sb, sc] = shares as [number, number, number];
-    for (let at = from; at < to; at++) out[at] = sa * a[at]! + sb * b[at]! + sc * c[at]!;
+    const [ka, kb, kc] = (starts ?? [0, 0, 0]) as [number, number, number];
+    for (let at = from; at < to; at++) out[at] = sa * a[at - ka]! + sb * b[at - kb]! + sc * c[at - kc]!;
     return;
   }
   for (let at = from; at < to; at++) {
     let sum = 0;
-    for (let group = 0; group < inputs.length; group++) sum += shares[group]! * inputs[group]![at]!;
+    for (let group = 0; group < inputs.length; group++) sum += shares[group]! * inputs[group]![at - (starts?.[group] ?? 0)]!;
     out[at] = sum;
   }
 }
