@@ -82,7 +82,13 @@ describe("all-reduce across group leaders over the bridge", () => {
     const groups = ["a100", "h100", "rtx8000"];
     const links = await mesh(groups, cleanups);
     const inputs = { a100: contribution(1, 512), h100: contribution(2, 256), rtx8000: contribution(3, 128) } as const;
-    const results = await Promise.all(groups.map((group) => allReduceAcrossGroups(inputs[group as keyof typeof inputs], options(group, links.get(group)!))));
+    // A tensor with no elements, and one smaller than the group count (empty shards).
+    const withSmall = (input: OuterStepContribution, seed: number): OuterStepContribution => ({ ...input, tensors: [...input.tensors,
+      { name: "empty", shape: [0], values: new Float32Array(0) }, { name: "scalar", shape: [1], values: series(1, seed) }] });
+    const results = await Promise.all(groups.map((group, at) => allReduceAcrossGroups(withSmall(inputs[group as keyof typeof inputs], 60 + at), options(group, links.get(group)!))));
+    expectIdentical(results, ["empty", "scalar"]);
+    expect(results[0]!.tensors.get("empty")!.length).toBe(0);
+    expect(results[0]!.tensors.get("scalar")![0]).toBeCloseTo((512 * series(1, 60)[0]! + 256 * series(1, 61)[0]! + 128 * series(1, 62)[0]!) / 896, 9);
     for (const result of results) {
       expect(result.groups).toEqual(groups);
       expect(result.weights).toEqual({ a100: 512, h100: 256, rtx8000: 128 });
@@ -191,13 +197,17 @@ describe("all-reduce across group leaders over the bridge", () => {
 
   it("with 2 groups and frames spanning many reads (summed in place), every group gets the same bits", async () => {
     const links = await mesh(["a100", "rtx8000"], cleanups);
-    const big = (seed: number, weight: number): OuterStepContribution => ({ outerStep: 1, weight, tensors: [{ name: "embed.weight", shape: [3 << 20], values: series(3 << 20, seed) }] });
+    const big = (seed: number, weight: number): OuterStepContribution => ({ outerStep: 1, weight, tensors: [
+      { name: "embed.weight", shape: [3 << 20], values: series(3 << 20, seed) },
+      { name: "empty", shape: [0], values: new Float32Array(0) },
+    ] });
     const [a, b] = [big(41, 3), big(42, 1)];
     const [ra, rb] = await Promise.all([
       allReduceAcrossGroups(a, { ...options("a100", links.get("a100")!), chunkElements: 1 << 20 }),
       allReduceAcrossGroups(b, { ...options("rtx8000", links.get("rtx8000")!), chunkElements: 1 << 20 }),
     ]);
     expectIdentical([ra, rb], ["embed.weight"]);
+    expect(ra.tensors.get("empty")!.length).toBe(0);
     const mean = ra.tensors.get("embed.weight")!;
     for (let at = 0; at < mean.length; at += 4099) expect(mean[at]).toBe(Math.fround(0.75 * a.tensors[0]!.values[at]! + 0.25 * b.tensors[0]!.values[at]!));
   });

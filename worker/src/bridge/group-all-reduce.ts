@@ -217,8 +217,8 @@ async function allToAll(own: OuterStepContribution, options: AllReduceOptions, l
         // stands and every other group already has its range, so its fp32 values are
         // summed where they lie, in the link's read buffer, instead of being copied
         // into the peer's array first (one pass over memory less per byte received).
-        const inPlace = plan && summed[index] === from && assembler.contiguousElements === from
-          && plan.order.every((group) => group === peer || (available.get(group)?.[index] ?? 0) >= to) ? fp32PayloadView(read) : undefined;
+        const inPlace = plan && to > from && summed[index] === from && assembler.contiguousElements === from
+          && plan.order.every((group) => group === peer || (inputs.has(group) && (available.get(group)?.[index] ?? 0) >= to)) ? fp32PayloadView(read) : undefined;
         let whole: Float32Array | undefined;
         try {
           whole = inPlace ? assembler.addUsed(read) : assembler.addRead(read);
@@ -354,7 +354,7 @@ async function reduceScatterAllGather(own: OuterStepContribution, options: AllRe
     const { order: summationOrder, shares } = plan;
     own.tensors.forEach((_, index) => {
       let ready = Number.POSITIVE_INFINITY;
-      for (const group of summationOrder) ready = Math.min(ready, available.get(group)![index]!);
+      for (const group of summationOrder) ready = Math.min(ready, available.get(group)?.[index] ?? 0);
       if (ready > summed[index]!) {
         weightedSum(ownShard(index, means[index]!), summationOrder.map((group) => inputs.get(group)![index]!), shares, summed[index]!, ready);
         summed[index] = ready;

@@ -104,7 +104,10 @@ export function encodeFrameParts(header: Omit<FrameHeader, "elements">, values: 
     frame.writeUInt32LE(frameChecksum(frame), CRC_OFFSET);
     return [frame];
   }
-  frame.writeUInt32LE(crc32(payload, frameChecksum(frame)), CRC_OFFSET);
+  // zlib's crc32 of no bytes is 0 whatever the running value: an empty tensor's frame
+  // keeps the header's checksum.
+  const headerCrc = frameChecksum(frame);
+  frame.writeUInt32LE(payload.length > 0 ? crc32(payload, headerCrc) : headerCrc, CRC_OFFSET);
   return [frame, payload];
 }
 
