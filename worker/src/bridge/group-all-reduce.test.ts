@@ -4,7 +4,7 @@ import type { Logger } from "../logger.js";
 import { silentLogger } from "../logger.js";
 import { BridgeLink, BridgeListener } from "./bridge-link.js";
 import { allReduceAcrossGroups, type OuterStepContribution } from "./group-all-reduce.js";
-import { encodeFrame, encodeFrameParts, fp32PayloadView, readFrame } from "./tensor-frame.js";
+import { decodeFrame, encodeFrame, encodeFrameParts, fp32PayloadView, readFrame } from "./tensor-frame.js";
 
 const JOB = "job-bridge-a1";
 const KEY = Buffer.from("per-job-bridge-secret-0123456789", "utf8");
@@ -210,6 +210,25 @@ describe("all-reduce across group leaders over the bridge", () => {
     expect(ra.tensors.get("empty")!.length).toBe(0);
     const mean = ra.tensors.get("embed.weight")!;
     for (let at = 0; at < mean.length; at += 4099) expect(mean[at]).toBe(Math.fround(0.75 * a.tensors[0]!.values[at]! + 0.25 * b.tensors[0]!.values[at]!));
+
+    // int8, summed from a decoded chunk: the same bits as decoding every chunk first.
+    const links8 = await mesh(["a100", "rtx8000"], cleanups);
+    const [qa, qb] = await Promise.all([
+      allReduceAcrossGroups({ ...a, outerStep: 2 }, { ...options("a100", links8.get("a100")!, "int8"), chunkElements: 1 << 20 }),
+      allReduceAcrossGroups({ ...b, outerStep: 2 }, { ...options("rtx8000", links8.get("rtx8000")!, "int8"), chunkElements: 1 << 20 }),
+    ]);
+    expectIdentical([qa, qb], ["embed.weight"]);
+    const decoded = (values: Float32Array) => {
+      const out = new Float32Array(values.length);
+      for (let chunk = 0; chunk < 3; chunk++) {
+        const frame = decodeFrame(encodeFrame({ job: JOB, outerStep: 2, tensor: "embed.weight", shape: [values.length], chunkIndex: chunk, chunkCount: 3, elementOffset: chunk << 20, codec: "int8" }, values.subarray(chunk << 20, (chunk + 1) << 20)));
+        out.set(frame.values, chunk << 20);
+      }
+      return out;
+    };
+    const [da, db] = [decoded(a.tensors[0]!.values), decoded(b.tensors[0]!.values)];
+    const mean8 = qa.tensors.get("embed.weight")!;
+    for (let at = 0; at < mean8.length; at += 4099) expect(mean8[at]).toBe(Math.fround(0.75 * da[at]! + 0.25 * db[at]!));
   });
 
   it("refuses a peer with a wrong job secret and logs it without the secret", async () => {

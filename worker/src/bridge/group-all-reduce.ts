@@ -204,6 +204,7 @@ async function allToAll(own: OuterStepContribution, options: AllReduceOptions, l
     available.set(peer, own.tensors.map(() => 0));
     const byName = new Map(own.tensors.map((tensor, index) => [tensor.name, index]));
     const done = new Set<number>();
+    let chunkValues: Float32Array | undefined;
     return receiveFromPeer(link, own, options, layout, {
       announced: (announcement) => { weights.set(peer, announcement.weight); advance(); },
       frame: (read) => {
@@ -214,19 +215,26 @@ async function allToAll(own: OuterStepContribution, options: AllReduceOptions, l
         const from = frame.elementOffset;
         const to = from + frame.elements;
         // The common case on a fast link: the frame continues exactly where the sum
-        // stands and every other group already has its range, so its fp32 values are
-        // summed where they lie, in the link's read buffer, instead of being copied
-        // into the peer's array first (one pass over memory less per byte received).
-        const inPlace = plan && to > from && summed[index] === from && assembler.contiguousElements === from
-          && plan.order.every((group) => group === peer || (inputs.has(group) && (available.get(group)?.[index] ?? 0) >= to)) ? fp32PayloadView(read) : undefined;
+        // stands and every other group already has its range, so it is summed at once
+        // from where it lies: fp32 values in the link's read buffer, other codecs decoded
+        // into one chunk-sized array that stays in cache. Not written to the peer's
+        // array and read back: one pass over memory less per byte received.
+        const summable = plan !== undefined && to > from && summed[index] === from && assembler.contiguousElements === from
+          && plan.order.every((group) => group === peer || (inputs.has(group) && (available.get(group)?.[index] ?? 0) >= to));
         let whole: Float32Array | undefined;
         try {
-          whole = inPlace ? assembler.addUsed(read) : assembler.addRead(read);
+          whole = summable ? assembler.addUsed(read) : assembler.addRead(read);
         } catch (error) {
           throw new BridgeFrameError(`from group ${peer}: ${(error as Error).message}`, { peer, tensor: frame.tensor });
         }
-        if (inPlace && plan) {
-          const groupInputs = plan.order.map((group) => (group === peer ? inPlace : inputs.get(group)![index]!));
+        if (summable && plan) {
+          let values = fp32PayloadView(read);
+          if (!values) {
+            if (!chunkValues || chunkValues.length < frame.elements) chunkValues = new Float32Array(Math.max(frame.elements, chunkElements));
+            values = chunkValues.subarray(0, frame.elements);
+            decodePayloadInto(read, values);
+          }
+          const groupInputs = plan.order.map((group) => (group === peer ? values : inputs.get(group)![index]!));
           weightedSum(means[index]!, groupInputs, plan.shares, from, to, plan.order.map((group) => (group === peer ? from : 0)));
           summed[index] = to;
         }
