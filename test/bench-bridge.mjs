@@ -31,7 +31,8 @@ const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 // Elements per frame: what the job bridge uses (job-bridge.ts), 4 MiB of fp32.
 const CHUNK_ELEMENTS = Number(process.env.BENCH_CHUNK_ELEMENTS ?? 1 << 20);
 // For iterating on one path: BENCH_VARIANTS=raw,fp32 runs only those (raw is always
-// kept: every ratio is against it), BENCH_WAN=0 skips the shaped link.
+// kept: every ratio is against it), BENCH_WAN=0 skips the shaped link, BENCH_LOOPBACK=0
+// the loopback one.
 const VARIANTS = ["raw", "fp32", "int8", "tls-fp32", "tls-int8"].filter((variant) => variant === "raw" || !process.env.BENCH_VARIANTS || process.env.BENCH_VARIANTS.split(",").includes(variant));
 const JOB = "bench-job";
 const KEY = Buffer.from("bench-bridge-key-0123456789abcdef");
@@ -309,7 +310,7 @@ async function main() {
   console.log(`bench:bridge: ${PARAMS.toLocaleString()} fp32 parameters (${mib.toFixed(0)} MiB) between 2 groups, ${ROUNDS} rounds per variant after a warm-up, taking turns`);
   await stageCosts();
   const certificates = await benchCertificates();
-  report(await suite("loopback (unconstrained)", { listenHost: "127.0.0.1" }, certificates), 0.8);
+  if (process.env.BENCH_LOOPBACK !== "0") report(await suite("loopback (unconstrained)", { listenHost: "127.0.0.1" }, certificates), 0.8);
   if (process.env.BENCH_WAN === "0") return;
   if (!wanAvailable()) {
     console.log("WAN variant skipped: it needs root, `ip netns` and `tc`");
