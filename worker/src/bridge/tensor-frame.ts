@@ -399,8 +399,9 @@ export class TensorAssembler {
   }
 
   /**
-   * Records a checked frame whose values the caller has already used in place (its
-   * range is then not written here): the chunk bookkeeping and checks of addRead.
+   * Records a checked frame whose values the caller reads from the frame itself (its
+   * range of the target is not written): the chunk bookkeeping and checks of addRead,
+   * which throw before the caller uses the values.
    */
   addUsed(read: ReadFrame): Float32Array | undefined {
     return this.place(read.header, () => undefined);
