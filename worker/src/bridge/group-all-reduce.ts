@@ -258,15 +258,16 @@ async function allToAll(own: OuterStepContribution, options: AllReduceOptions, l
   inputs.set(options.group, ownAssemblers ? ownAssemblers.map((assembler) => assembler.target) : own.tensors.map((tensor) => tensor.values));
   available.set(options.group, own.tensors.map((tensor) => (ownAssemblers ? 0 : tensor.values.length)));
   advance();
-  // Each frame is encoded (and checksummed) while earlier ones are on the wire, and
-  // handed to every peer's socket while less than SEND_WINDOW_BYTES wait there.
+  // Each frame is encoded (and checksummed) while the previous one is on the wire, then
+  // handed to every peer's socket once that one has drained: the link never waits for
+  // the CPU, and at most two frames per link sit in memory.
   let bytesSent = 0;
-  const window = new SendWindow();
+  let inFlight: Promise<unknown> | undefined;
   for (const [index, tensor] of own.tensors.entries()) {
     for (const parts of tensorFrameParts({ job, outerStep: own.outerStep, tensor: tensor.name, shape: tensor.shape, codec }, tensor.values, chunkElements)) {
       options.signal.throwIfAborted();
-      await window.room(frameBytes(parts));
-      window.add(Promise.all(options.links.map((link) => sendFrameTo(link, parts, own.outerStep, tensor.name))), frameBytes(parts));
+      if (inFlight) await inFlight;
+      inFlight = Promise.all(options.links.map((link) => sendFrameTo(link, parts, own.outerStep, tensor.name)));
       const assembler = ownAssemblers?.[index];
       if (assembler) {
         assembler.addRead(readFrame(parts[0]!));
@@ -276,7 +277,7 @@ async function allToAll(own: OuterStepContribution, options: AllReduceOptions, l
       bytesSent += frameBytes(parts) * options.links.length;
     }
   }
-  await window.drained();
+  await inFlight;
   await received;
   // fp32 frames point into the caller's tensors: they must have left before we return.
   await Promise.all(options.links.map((link) => link.flushed()));
@@ -439,7 +440,7 @@ async function reduceScatterAllGather(own: OuterStepContribution, options: AllRe
   // Reduce-scatter: chunk j of every peer's shard in turn, so every owner's sum moves
   // on together; a round is encoded while the previous one is on the wire.
   const scatter = (async () => {
-    const window = new SendWindow();
+    let inFlight: Promise<unknown> | undefined;
     for (const [index, tensor] of own.tensors.entries()) {
       const shape = shapes[index]!;
       const rounds = Math.max(...shape.chunks.map((list) => list.length));
@@ -451,18 +452,17 @@ async function reduceScatterAllGather(own: OuterStepContribution, options: AllRe
           frames.push([linkOf.get(group)!, encodeChunk(tensor, chunk, shape, tensor.values.subarray(chunk.offset, chunk.offset + chunk.elements))]);
           bytesSent += frameBytes(frames.at(-1)![1]);
         }
-        const largest = Math.max(0, ...frames.map(([, parts]) => frameBytes(parts)));
-        await window.room(largest);
+        if (inFlight) await inFlight;
         stepFailed.signal.throwIfAborted();
-        window.add(Promise.all(frames.map(([link, parts]) => sendFrameTo(link, parts, own.outerStep, tensor.name))), largest);
+        inFlight = Promise.all(frames.map(([link, parts]) => sendFrameTo(link, parts, own.outerStep, tensor.name)));
       }
     }
-    await window.drained();
+    await inFlight;
   })();
   // All-gather: each chunk of this group's shard once it is summed, encoded once, to
   // every peer; for a lossy codec this group keeps the decoded values too, as its peers do.
   const gather = (async () => {
-    const window = new SendWindow();
+    let inFlight: Promise<unknown> | undefined;
     for (const [index, tensor] of own.tensors.entries()) {
       const shape = shapes[index]!;
       for (const chunk of shape.chunks[self]!) {
@@ -481,12 +481,12 @@ async function reduceScatterAllGather(own: OuterStepContribution, options: AllRe
         const parts = encodeChunk(tensor, chunk, shape, means[index]!.subarray(chunk.offset, chunk.offset + chunk.elements));
         if (codec !== "fp32") decodePayloadInto(readFrame(parts[0]!), means[index]!.subarray(chunk.offset, chunk.offset + chunk.elements));
         bytesSent += frameBytes(parts) * options.links.length;
-        await window.room(frameBytes(parts));
+        if (inFlight) await inFlight;
         stepFailed.signal.throwIfAborted();
-        window.add(Promise.all(options.links.map((link) => sendFrameTo(link, parts, own.outerStep, tensor.name))), frameBytes(parts));
+        inFlight = Promise.all(options.links.map((link) => sendFrameTo(link, parts, own.outerStep, tensor.name)));
       }
     }
-    await window.drained();
+    await inFlight;
   })();
   try {
     await Promise.all([received, scatter, gather]);
@@ -519,41 +519,6 @@ function result(own: OuterStepContribution, means: Float32Array[], plan: SumPlan
     weights: Object.fromEntries(plan.order.map((group) => [group, weights.get(group)!])),
     bytesSent,
   };
-}
-
-/**
- * Bytes of frames one sender keeps handed to each link's socket and not yet drained.
- * A socket reports drained only once its queue is empty; the kernel's send buffer (a
- * few MB) must then cover the time until the next frame is written, and each drain is a
- * chance of a gap when the event loop is busy (a frame being summed). 16 MiB queued
- * makes drains rare, as deep as the raw TCP baseline's writes in bench:bridge.
- */
-const SEND_WINDOW_BYTES = 16 * 1024 * 1024;
-
-/** The sends a loop has started and not seen finish, up to SEND_WINDOW_BYTES. */
-class SendWindow {
-  private readonly sends: Array<{ done: Promise<unknown>; bytes: number }> = [];
-  private bytes = 0;
-
-  /** Waits until `bytes` more fit (always at least one send in flight). */
-  async room(bytes: number): Promise<void> {
-    while (this.sends.length > 0 && this.bytes + bytes > SEND_WINDOW_BYTES) {
-      const oldest = this.sends.shift()!;
-      this.bytes -= oldest.bytes;
-      await oldest.done;
-    }
-  }
-
-  add(done: Promise<unknown>, bytes: number): void {
-    // Awaited in order later; a later send failing first must not go unhandled meanwhile.
-    done.catch(() => undefined);
-    this.sends.push({ done, bytes });
-    this.bytes += bytes;
-  }
-
-  async drained(): Promise<void> {
-    await this.room(SEND_WINDOW_BYTES + 1);
-  }
 }
 
 function frameBytes(parts: Buffer[]): number {
