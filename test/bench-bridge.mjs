@@ -21,13 +21,19 @@
 import { fork, spawnSync } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import net from "node:net";
-import { tmpdir } from "node:os";
+import { cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { crc32 } from "node:zlib";
 
 const PARAMS = Number(process.env.BENCH_PARAMS ?? 100_000_000);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
-const CHUNK_ELEMENTS = 4 * 1024 * 1024; // 16 MiB of fp32 per frame
+// Elements per frame: what the job bridge uses (job-bridge.ts), 4 MiB of fp32.
+const CHUNK_ELEMENTS = Number(process.env.BENCH_CHUNK_ELEMENTS ?? 1 << 20);
+// For iterating on one path: BENCH_VARIANTS=raw,fp32 runs only those (raw is always
+// kept: every ratio is against it), BENCH_WAN=0 skips the shaped link, BENCH_LOOPBACK=0
+// the loopback one.
+const VARIANTS = ["raw", "fp32", "int8", "tls-fp32", "tls-int8"].filter((variant) => variant === "raw" || !process.env.BENCH_VARIANTS || process.env.BENCH_VARIANTS.split(",").includes(variant));
 const JOB = "bench-job";
 const KEY = Buffer.from("bench-bridge-key-0123456789abcdef");
 const self = fileURLToPath(import.meta.url);
@@ -36,14 +42,20 @@ async function loadWorker() {
   return import("@drover/worker");
 }
 
-function tensorOf(seed) {
-  const values = new Float32Array(PARAMS);
+function tensorOf(seed, count = PARAMS) {
+  const values = new Float32Array(count);
   let state = seed >>> 0;
   for (let index = 0; index < values.length; index++) {
     state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
     values[index] = (state / 2 ** 32 - 0.5) * 1e-3;
   }
   return values;
+}
+
+/** CPU seconds (user + system, this process, every thread) since `since`. */
+function cpuSeconds(since) {
+  const used = process.cpuUsage(since);
+  return (used.user + used.system) / 1e6;
 }
 
 // ---- the child: one group's side ------------------------------------------------------
@@ -88,16 +100,18 @@ async function child() {
       } else if (message.cmd === "bridge") {
         while (!link || !tlsLink) await new Promise((resolve) => setTimeout(resolve, 10));
         const started = performance.now();
+        const cpu = process.cpuUsage();
         const result = await worker.allReduceAcrossGroups(
           { outerStep: message.step, weight: 1, tensors: [{ name: "pseudo_gradient", shape: [PARAMS], values }] },
           { job: JOB, group: message.group, links: [message.tls ? tlsLink : link], codec: message.codec, chunkElements: CHUNK_ELEMENTS, timeoutMs: 600_000, signal: AbortSignal.timeout(600_000), buffers },
         );
-        send({ ok: true, seconds: (performance.now() - started) / 1000, bytesSent: result.bytesSent });
+        send({ ok: true, seconds: (performance.now() - started) / 1000, cpuSeconds: cpuSeconds(cpu), bytesSent: result.bytesSent });
       } else if (message.cmd === "raw") {
         while (!rawSocket) await new Promise((resolve) => setTimeout(resolve, 10));
         // The same bytes both ways at once, with backpressure, as the bridge moves them.
         const bytes = Buffer.from(values.buffer);
         const started = performance.now();
+        const cpu = process.cpuUsage();
         const receiving = new Promise((resolve) => {
           let got = 0;
           const onData = (chunk) => {
@@ -119,7 +133,7 @@ async function child() {
           }
         })();
         await Promise.all([receiving, sending]);
-        send({ ok: true, seconds: (performance.now() - started) / 1000, bytesSent: bytes.length });
+        send({ ok: true, seconds: (performance.now() - started) / 1000, cpuSeconds: cpuSeconds(cpu), bytesSent: bytes.length });
       } else if (message.cmd === "exit") {
         link?.destroy();
         tlsLink?.destroy();
@@ -171,8 +185,9 @@ async function suite(label, place, certificates) {
   try {
     const { port, tlsPort, rawPort } = await b.call({ cmd: "listen", host: place.listenHost, tls: certificates.rtx8000, serverName: certificates.serverName("rtx8000") });
     await a.call({ cmd: "dial", port, tlsPort, rawPort, host: place.listenHost, tls: certificates.a100, peerGroup: "rtx8000" });
-    const variants = ["raw", "fp32", "int8", "tls-fp32", "tls-int8"];
+    const variants = VARIANTS;
     const times = Object.fromEntries(variants.map((variant) => [variant, []]));
+    const cpu = Object.fromEntries(variants.map((variant) => [variant, []]));
     const bytes = Object.fromEntries(variants.map((variant) => [variant, 0]));
     let step = 0;
     for (let round = 0; round <= ROUNDS; round++) {
@@ -184,12 +199,13 @@ async function suite(label, place, certificates) {
         const [ra, rb] = await Promise.all([a.call(cmd), b.call(cmd)]);
         const seconds = Math.max(ra.seconds, rb.seconds);
         if (round > 0) times[variant].push(seconds);
+        if (round > 0) cpu[variant].push(ra.cpuSeconds + rb.cpuSeconds);
         bytes[variant] = ra.bytesSent;
         const rate = (2 * PARAMS * 4) / 2 ** 30 / seconds; // payload moved in both directions
-        console.log(`  ${round === 0 ? "warm-up" : `round ${round}`} ${variant.padEnd(8)} ${seconds.toFixed(2)} s  (${rate.toFixed(2)} GiB/s of fp32 payload, ${(ra.bytesSent / 2 ** 20).toFixed(0)} MiB on the wire each way)`);
+        console.log(`  ${round === 0 ? "warm-up" : `round ${round}`} ${variant.padEnd(8)} ${seconds.toFixed(2)} s  (${rate.toFixed(2)} GiB/s of fp32 payload, ${(ra.bytesSent / 2 ** 20).toFixed(0)} MiB on the wire each way; CPU ${ra.cpuSeconds.toFixed(2)} + ${rb.cpuSeconds.toFixed(2)} s)`);
       }
     }
-    return { ...Object.fromEntries(variants.map((variant) => [variant, median(times[variant])])), bytes };
+    return { ...Object.fromEntries(variants.map((variant) => [variant, median(times[variant])])), bytes, cpu: Object.fromEntries(variants.map((variant) => [variant, median(cpu[variant])])) };
   } finally {
     await Promise.all([a, b].map(({ proc }) => new Promise((resolve) => {
       if (proc.exitCode !== null) return resolve();
@@ -200,11 +216,46 @@ async function suite(label, place, certificates) {
 }
 
 function report(result, goal) {
-  console.log(`  bridge fp32 / raw TCP bandwidth (median): ${(result.raw / result.fp32).toFixed(2)} (goal >= ${goal})`);
-  console.log(`  int8 wire bytes / fp32: ${(result.bytes.int8 / result.bytes.fp32).toFixed(3)} (goal <= 0.27)`);
-  console.log(`  int8 wall time / fp32 wall time: ${(result.int8 / result.fp32).toFixed(2)}`);
-  console.log(`  TLS bridge fp32 / raw TCP bandwidth (median): ${(result.raw / result["tls-fp32"]).toFixed(2)}`);
-  console.log(`  TLS / plaintext bandwidth (median): fp32 ${(result.fp32 / result["tls-fp32"]).toFixed(2)}, int8 ${(result.int8 / result["tls-int8"]).toFixed(2)}`);
+  const ratio = (variant) => (result[variant] === undefined ? "not run" : (result.raw / result[variant]).toFixed(2));
+  const versus = (a, b) => (result[a] === undefined || result[b] === undefined ? "not run" : (result[a] / result[b]).toFixed(2));
+  console.log(`  bridge fp32 / raw TCP bandwidth (median): ${ratio("fp32")} (goal >= ${goal})`);
+  console.log(`  TLS bridge fp32 / raw TCP bandwidth (median): ${ratio("tls-fp32")}`);
+  console.log(`  TLS / plaintext bandwidth (median): fp32 ${versus("fp32", "tls-fp32")}, int8 ${versus("int8", "tls-int8")}`);
+  if (result.bytes.int8) console.log(`  int8 wire bytes / fp32: ${(result.bytes.int8 / result.bytes.fp32).toFixed(3)} (goal <= 0.27)`);
+  console.log(`  int8 wall time / fp32 wall time: ${versus("int8", "fp32")}`);
+  // Where the link is not the limit, the CPU is: both groups' CPU seconds per payload
+  // byte moved (both ways), and the bandwidth ratio a link bound by this box's CPU allows.
+  const payload = 2 * PARAMS * 4;
+  const perByte = Object.entries(result.cpu).map(([variant, seconds]) => `${variant} ${((seconds / payload) * 1e9).toFixed(2)}`).join(", ");
+  console.log(`  CPU ns per payload byte (both groups, median): ${perByte}; ${cpus().length} cores here`);
+  console.log(`  raw CPU / bridge CPU: fp32 ${(result.cpu.raw / result.cpu.fp32).toFixed(2)}${result.cpu["tls-fp32"] ? `, tls-fp32 ${(result.cpu.raw / result.cpu["tls-fp32"]).toFixed(2)}` : ""} (the ratio's ceiling where the CPU, not the link, is the limit)`);
+}
+
+/** CPU ns per byte of each stage the bridge adds to a transfer, on this machine, out of cache (64 MiB). */
+async function stageCosts() {
+  const elements = 16 << 20;
+  const a = tensorOf(1, elements);
+  const b = tensorOf(2, elements);
+  const out = new Float32Array(a.length);
+  const bytes = Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+  const copy = Buffer.allocUnsafe(bytes.length);
+  const time = (run) => {
+    run();
+    let best = Number.POSITIVE_INFINITY;
+    for (let repeat = 0; repeat < 3; repeat++) {
+      const started = process.hrtime.bigint();
+      run();
+      best = Math.min(best, Number(process.hrtime.bigint() - started));
+    }
+    return (best / bytes.length).toFixed(2);
+  };
+  const costs = {
+    crc32: time(() => crc32(bytes)),
+    copy: time(() => bytes.copy(copy)),
+    "weighted sum (2 groups)": time(() => { for (let at = 0; at < out.length; at++) out[at] = 0.5 * a[at] + 0.5 * b[at]; }),
+  };
+  console.log(`stage CPU ns per fp32 byte (64 MiB, one core): ${Object.entries(costs).map(([stage, ns]) => `${stage} ${ns}`).join(", ")}`);
+  console.log("  per byte each way the bridge adds: crc32 on sending and on receiving, one copy (joining reads into a frame), the weighted sum");
 }
 
 /** One job's bridge certificates for both groups, from a head CA made for this run (removed afterwards). */
@@ -257,8 +308,10 @@ function tearDownWan() {
 async function main() {
   const mib = (PARAMS * 4) / 2 ** 20;
   console.log(`bench:bridge: ${PARAMS.toLocaleString()} fp32 parameters (${mib.toFixed(0)} MiB) between 2 groups, ${ROUNDS} rounds per variant after a warm-up, taking turns`);
+  await stageCosts();
   const certificates = await benchCertificates();
-  report(await suite("loopback (unconstrained)", { listenHost: "127.0.0.1" }, certificates), 0.8);
+  if (process.env.BENCH_LOOPBACK !== "0") report(await suite("loopback (unconstrained)", { listenHost: "127.0.0.1" }, certificates), 0.8);
+  if (process.env.BENCH_WAN === "0") return;
   if (!wanAvailable()) {
     console.log("WAN variant skipped: it needs root, `ip netns` and `tc`");
     return;

@@ -5,7 +5,7 @@ import tls from "node:tls";
 import { BRIDGE_TLS_MAX_PEM_BYTES, bridgeServerName, type IBridgeTls } from "@drover/proto";
 import { BridgeAuthError, BridgeFrameError } from "../errors.js";
 import type { Logger } from "../logger.js";
-import { FRAME_LIMITS } from "./tensor-frame.js";
+import { FRAME_LIMITS, framePayloadOffset } from "./tensor-frame.js";
 
 // One authenticated, full-duplex link between two group leaders' agents: the path the
 // bridge's bytes take across providers. A plain TCP stream of length-prefixed messages
@@ -316,7 +316,10 @@ export class BridgeLink extends EventEmitter<BridgeLinkEvents> {
         return;
       }
       if (this.pendingBytes < 4 + length) return;
-      const message = this.take(4 + length).subarray(5);
+      // A frame joined from several reads is placed so its payload is 4-byte aligned:
+      // the exchange can then read fp32 values in place instead of copying them out.
+      const payloadAt = type === MESSAGE_TYPES.frame ? framePayloadOffset(this.pending[0]!.subarray(5)) : undefined;
+      const message = this.take(4 + length, payloadAt === undefined ? undefined : 5 + payloadAt).subarray(5);
       if (type === MESSAGE_TYPES.frame) {
         this.deliver({ kind: "frame", frame: message });
       } else {
@@ -371,7 +374,8 @@ export class BridgeLink extends EventEmitter<BridgeLinkEvents> {
     return joined.subarray(0, bytes);
   }
 
-  private take(bytes: number): Buffer {
+  /** The next `bytes`; when joined into scratch, byte `alignAt` of them lands 4-byte aligned. */
+  private take(bytes: number, alignAt?: number): Buffer {
     const first = this.pending[0]!;
     if (first.length === bytes) {
       this.pending.shift();
@@ -383,8 +387,9 @@ export class BridgeLink extends EventEmitter<BridgeLinkEvents> {
       this.pendingBytes -= bytes;
       return first.subarray(0, bytes);
     }
-    if (this.scratch.length < bytes) this.scratch = Buffer.allocUnsafe(bytes);
-    const out = this.scratch.subarray(0, bytes);
+    if (this.scratch.length < bytes + 3) this.scratch = Buffer.allocUnsafe(bytes + 3);
+    const shift = alignAt === undefined ? 0 : (4 - ((this.scratch.byteOffset + alignAt) % 4)) % 4;
+    const out = this.scratch.subarray(shift, shift + bytes);
     let filled = 0;
     while (filled < bytes) {
       const part = this.pending[0]!;

@@ -24,6 +24,13 @@ describe("bridge frames", () => {
     expect(Buffer.from(frame.values.buffer).equals(Buffer.from(data.buffer))).toBe(true);
   });
 
+  it("round-trips a tensor with no elements in every codec (its frame's checksum covers the header)", () => {
+    for (const codec of ["fp32", "bf16", "fp16", "int8"] as const) {
+      const frame = decodeFrame(encodeFrame({ ...header, shape: [0, 48], codec }, new Float32Array(0)));
+      expect(frame).toMatchObject({ elements: 0, shape: [0, 48], codec });
+    }
+  });
+
   it("bounds the error of each lossy codec and shrinks the payload accordingly", () => {
     const data = values(64 * 48, 3);
     const fp32Bytes = encodeFrame({ ...header, codec: "fp32" }, data).length;

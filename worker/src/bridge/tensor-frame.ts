@@ -104,7 +104,10 @@ export function encodeFrameParts(header: Omit<FrameHeader, "elements">, values: 
     frame.writeUInt32LE(frameChecksum(frame), CRC_OFFSET);
     return [frame];
   }
-  frame.writeUInt32LE(crc32(payload, frameChecksum(frame)), CRC_OFFSET);
+  // zlib's crc32 of no bytes is 0 whatever the running value: an empty tensor's frame
+  // keeps the header's checksum.
+  const headerCrc = frameChecksum(frame);
+  frame.writeUInt32LE(payload.length > 0 ? crc32(payload, headerCrc) : headerCrc, CRC_OFFSET);
   return [frame, payload];
 }
 
@@ -122,6 +125,29 @@ export function decodeFrame(frame: Uint8Array): Frame {
   const values = new Float32Array(read.header.elements);
   decodePayloadInto(read, values);
   return { ...read.header, values };
+}
+
+/**
+ * Where a frame's payload starts, from its first FIXED_HEADER_BYTES (undefined when
+ * fewer are given): a receiver that joins a frame from several reads places it so that
+ * the payload is 4-byte aligned and fp32 values can be read in place. Not a check: the
+ * frame is still read with readFrame.
+ */
+export function framePayloadOffset(prefix: Uint8Array): number | undefined {
+  if (prefix.byteLength < FIXED_HEADER_BYTES) return undefined;
+  const view = Buffer.from(prefix.buffer, prefix.byteOffset, FIXED_HEADER_BYTES);
+  return FIXED_HEADER_BYTES + 4 * view.readUInt8(6) + view.readUInt16LE(48) + view.readUInt16LE(50);
+}
+
+/**
+ * The payload of a checked fp32 frame as values, without a copy, when its bytes are
+ * 4-byte aligned (else undefined: decode it with decodePayloadInto). Valid as long as
+ * the frame's bytes are.
+ */
+export function fp32PayloadView(read: ReadFrame): Float32Array | undefined {
+  const { payload, header } = read;
+  if (header.codec !== "fp32" || payload.byteOffset % 4 !== 0) return undefined;
+  return new Float32Array(payload.buffer, payload.byteOffset, header.elements);
 }
 
 /** A checked frame whose payload is not decoded yet. */
@@ -370,6 +396,15 @@ export class TensorAssembler {
   addRead(read: ReadFrame): Float32Array | undefined {
     const { header } = read;
     return this.place(header, () => decodePayloadInto(read, this.target.subarray(header.elementOffset, header.elementOffset + header.elements)));
+  }
+
+  /**
+   * Records a checked frame whose values the caller reads from the frame itself (its
+   * range of the target is not written): the chunk bookkeeping and checks of addRead,
+   * which throw before the caller uses the values.
+   */
+  addUsed(read: ReadFrame): Float32Array | undefined {
+    return this.place(read.header, () => undefined);
   }
 
   private place(frame: FrameHeader, write: () => void): Float32Array | undefined {
