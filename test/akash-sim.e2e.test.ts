@@ -50,9 +50,18 @@ interface Books {
 }
 
 async function books(): Promise<Books> {
-  const response = await fetch(`${rpcUrl}/simulator/books?owner=${owner}`, { signal: AbortSignal.timeout(5_000) });
-  expect(response.status).toBe(200);
-  return (await response.json()) as Books;
+  // A read, tried again once on a dropped connection: this process blocks in spawnSync for
+  // seconds, and undici may send on a kept-alive socket its own idle timer is closing then
+  // ("other side closed").
+  for (let attempt = 1; ; attempt++) {
+    try {
+      const response = await fetch(`${rpcUrl}/simulator/books?owner=${owner}`, { signal: AbortSignal.timeout(5_000) });
+      expect(response.status).toBe(200);
+      return (await response.json()) as Books;
+    } catch (error) {
+      if (attempt >= 2 || !(error instanceof TypeError)) throw error;
+    }
+  }
 }
 
 
