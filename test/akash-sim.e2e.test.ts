@@ -237,7 +237,7 @@ describe("Akash simulator, end to end", { timeout: 120_000 }, () => {
       const before = await books();
       expect(before.leases).toHaveLength(2);
       const submit = drover(["submit", "--no-wait", "--run-id", "adopt-leases", "--working-dir", join(root, "examples", "at1"), "--", "python", "train.py", "--config", "tiny", "--data", data,
-        "--steps", "40", "--batch-size", "4", "--warmup-steps", "2", "--ckpt-every", "5", "--val-samples", "0", "--log-every", "1"]);
+        "--steps", "25", "--batch-size", "4", "--warmup-steps", "2", "--ckpt-every", "5", "--val-samples", "0", "--log-every", "1"]);
       expect(submit.code, submit.stdout + submit.stderr).toBe(0);
       const jobId = /submitted (\S+)/.exec(submit.stdout)![1]!;
       const job = async () => (JSON.parse(await readFile(join(stateDir, "cluster.json"), "utf8").catch(() => "{}")) as { jobs?: Array<{ jobId: string; state: string; attempt: number; restarts: unknown[]; lastCommittedStep?: number }> }).jobs?.find((candidate) => candidate.jobId === jobId);
