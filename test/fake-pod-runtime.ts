@@ -62,12 +62,23 @@ export class FakePodRuntime {
   private async watch(): Promise<void> {
     const list = await this.api.listNamespacedPod({ namespace: this.options.namespace });
     for (const pod of list.items) void this.observe("ADDED", pod);
+    // A pod deleted while no watch was open (between a watch's end and this list) sends no
+    // event: what runs here but is no longer listed is stopped, as a kubelet would.
+    const listed = new Set(list.items.map((pod) => pod.metadata?.name));
+    for (const name of this.running.keys()) if (!listed.has(name)) void this.stopPod(name);
     this.watchController = await new Watch(this.config).watch(`/api/v1/namespaces/${this.options.namespace}/pods`, { resourceVersion: list.metadata?.resourceVersion }, (phase, pod: V1Pod) => {
       void this.observe(phase, pod);
     }, () => {
       // Watches end (server timeouts); a new one picks up from a fresh list.
-      if (!this.stopped) setTimeout(() => void this.watch().catch(() => undefined), 500);
+      if (!this.stopped) this.watchAgain();
     });
+  }
+
+  /** A new list and watch half a second from now, and again until one starts (the API server may be busy). */
+  private watchAgain(): void {
+    setTimeout(() => {
+      if (!this.stopped) void this.watch().catch(() => this.watchAgain());
+    }, 500);
   }
 
   private async observe(phase: string, pod: V1Pod): Promise<void> {
