@@ -1,4 +1,6 @@
 import * as grpc from "@grpc/grpc-js";
+import { createServer as createHttp2Server } from "node:http2";
+import type { AddressInfo } from "node:net";
 import { AdminClient, callUnary, controlChannelOptions, type JobEvent } from "@drover/proto";
 import { AdminCallError, AdminLoopbackClient, AdminStatusCode } from "@drover/proto/admin-loopback";
 import { afterEach, describe, expect, it } from "vitest";
@@ -245,8 +247,19 @@ describe("Admin.Status and Admin.WatchJob", () => {
       expect(refused).toBeInstanceOf(AdminCallError);
       expect(refused).toMatchObject({ code: AdminStatusCode.UNAUTHENTICATED, details: "invalid admin token (is this the state directory of the running head?)" });
 
-      const late = await loopback.status({ adminToken: ADMIN_TOKEN }, { timeoutMs: 0.001 }).then(() => undefined, (error: AdminCallError) => error);
-      expect(late?.code).toBe(AdminStatusCode.DEADLINE_EXCEEDED);
+      // A head that takes the call and never answers (an HTTP/2 server that ignores every
+      // stream): the client's own deadline ends it, whatever the machine's speed.
+      const silent = createHttp2Server();
+      silent.on("stream", () => undefined);
+      await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
+      const mute = new AdminLoopbackClient(`127.0.0.1:${(silent.address() as AddressInfo).port}`);
+      try {
+        const late = await mute.status({ adminToken: ADMIN_TOKEN }, { timeoutMs: 200 }).then(() => undefined, (error: AdminCallError) => error);
+        expect(late?.code).toBe(AdminStatusCode.DEADLINE_EXCEEDED);
+      } finally {
+        mute.close();
+        await new Promise((resolve) => silent.close(resolve));
+      }
     });
 
     it("streams a watch to its end, and an aborted watch ends CANCELLED and is dropped by the head", async () => {
