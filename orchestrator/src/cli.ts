@@ -85,6 +85,11 @@ async function readHead(state: StateDirectory): Promise<HeadRecord | undefined> 
   return state.readJson<HeadRecord>("head.json");
 }
 
+/** A supervisor (`drover up --supervise`) is alive: a head that died is being started again and takes its job up. */
+function supervisorRestarting(head: HeadRecord | undefined): boolean {
+  return head?.supervisorPid !== undefined && processAlive(head.supervisorPid);
+}
+
 /** A connection to a running head's Admin service. */
 interface AdminConnection {
   /** gRPC over node:http2, not grpc-js: see proto/src/admin-loopback.ts for why. */
@@ -445,8 +450,7 @@ async function watchJob(connection: AdminConnection, jobId: string, state: State
     if (!printedAny && code !== codes.UNAUTHENTICATED) return { printed };
     if (code === codes.UNAVAILABLE || code === codes.CANCELLED) {
       // A supervised head that died is started again and takes the job up: go on from its files.
-      const head = await readHead(state).catch(() => undefined);
-      if (head?.supervisorPid && processAlive(head.supervisorPid)) {
+      if (supervisorRestarting(await readHead(state).catch(() => undefined))) {
         process.stderr.write("drover: the head stopped; its supervisor starts it again, and the job's output continues from the state directory\n");
         return { printed };
       }
@@ -503,7 +507,7 @@ async function followJob(state: StateDirectory, jobId: string, options: { follow
     if (job && !options.follow) return job;
     const head = await readHead(state);
     // While a supervisor lives, a dead head is about to be started again: keep following.
-    const headAlive = head !== undefined && (processAlive(head.pid) || (head.supervisorPid !== undefined && processAlive(head.supervisorPid)));
+    const headAlive = head !== undefined && (processAlive(head.pid) || supervisorRestarting(head));
     if (job && isFinal(job.state)) {
       finalSeenAt ??= Date.now();
       if (printed.includes(`[drover] job ${job.state}`) || !headAlive || Date.now() - finalSeenAt > 5_000) return job;

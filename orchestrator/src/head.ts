@@ -1,6 +1,6 @@
 import { randomBytes, randomUUID } from "node:crypto";
 import { EventEmitter } from "node:events";
-import { mkdir, open, readFile } from "node:fs/promises";
+import { mkdir, readFile } from "node:fs/promises";
 import type { IBridgeTls, IMetricReport } from "@drover/proto";
 import { CheckpointStore, parseStorageConfig, registerSecretValue, startLocalS3Server, type LocalS3Server, type StorageConfigInput } from "@drover/storage";
 import { CheckpointCoordinator } from "./checkpoint-coordinator.js";
@@ -17,7 +17,7 @@ import { outputLine } from "./job-view.js";
 import type { Logger } from "./logger.js";
 import { backendNamed, createProvisioner, type Provisioner } from "./provisioners/registry.js";
 import { RepairLoop } from "./repair-loop.js";
-import { processAlive, StateDirectory, type HeadRecord } from "./state-store.js";
+import { processAlive, readTailLines, StateDirectory, type HeadRecord } from "./state-store.js";
 import { HeadTelemetry } from "./telemetry/head-telemetry.js";
 import { latestByNode } from "./telemetry/telemetry-alerts.js";
 import { HeadAuthority } from "./tls/head-authority.js";
@@ -524,26 +524,11 @@ export class Head extends EventEmitter<HeadEvents> {
    * The newest lines of a job's output.log (its last OUTPUT_TAIL_BYTES): output lines its
    * agents send again that these hold were written by the dead head already.
    */
-  private async outputTail(job: JobRecord): Promise<string[]> {
-    const path = this.stateDir.path("jobs", job.jobId, "output.log");
-    let handle;
-    try {
-      handle = await open(path, "r");
-    } catch {
-      return [];
-    }
-    try {
-      const { size } = await handle.stat();
-      const length = Math.min(size, OUTPUT_TAIL_BYTES);
-      const buffer = Buffer.alloc(length);
-      await handle.read(buffer, 0, length, size - length);
-      const lines = buffer.toString("utf8").split("\n");
-      // The first may be cut by the window; the last is empty or torn by the kill.
-      return lines.slice(size > length ? 1 : 0, -1);
-    } finally {
-      await handle.close();
-    }
+  private outputTail(job: JobRecord): Promise<string[]> {
+    // A last line torn by the kill matches no replayed line, which is then written whole.
+    return readTailLines(this.stateDir.path("jobs", job.jobId, "output.log"), OUTPUT_TAIL_BYTES);
   }
+
 
   /** Writes sessions.json (0600): what a successor needs to accept this head's agents. */
   private persistSessions(): void {

@@ -289,3 +289,24 @@ async function readLock(path: string): Promise<StateLockRecord | undefined> {
     return undefined;
   }
 }
+
+/**
+ * The complete lines in the last `maxBytes` of a file (a log the head appends to): the
+ * first line of the window is dropped when the window cut it. None for a missing file.
+ */
+export async function readTailLines(path: string, maxBytes: number): Promise<string[]> {
+  const file = await open(path, "r").catch(() => undefined);
+  if (!file) return [];
+  try {
+    const { size } = await file.stat();
+    const length = Math.min(size, maxBytes);
+    const buffer = Buffer.alloc(length);
+    await file.read(buffer, 0, length, size - length);
+    const lines = buffer.toString("utf8").split("\n");
+    if (length < size) lines.shift();
+    if (lines[lines.length - 1] === "") lines.pop();
+    return lines;
+  } finally {
+    await file.close();
+  }
+}

@@ -1,11 +1,11 @@
 import { createHash, timingSafeEqual } from "node:crypto";
-import { readFile, open } from "node:fs/promises";
+import { readFile } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { CostReport } from "../cost/run-cost.js";
 import type { JobController, JobRecord } from "../job-controller.js";
 import { stitchAttempts, type MetricPoint } from "../job-view.js";
 import type { Logger } from "../logger.js";
-import type { StateDirectory } from "../state-store.js";
+import { readTailLines, type StateDirectory } from "../state-store.js";
 import type { Alert } from "../telemetry/telemetry-alerts.js";
 import type { TelemetryStore } from "../telemetry/telemetry-store.js";
 import type { WorkerRegistry } from "../worker-registry.js";
@@ -267,7 +267,7 @@ export class DashboardServer {
   async logsView(): Promise<unknown> {
     const job = currentJob(this.options.jobs.all());
     if (!job) return { jobId: null, lines: [] };
-    return { jobId: job.jobId, lines: await tailLines(this.options.stateDir.path(`jobs/${job.jobId}/output.log`), LOG_TAIL_LINES) };
+    return { jobId: job.jobId, lines: (await readTailLines(this.options.stateDir.path(`jobs/${job.jobId}/output.log`), LOG_TAIL_BYTES)).slice(-LOG_TAIL_LINES) };
   }
 }
 
@@ -310,21 +310,4 @@ function committedSteps(job: JobRecord): number[] {
   for (const restart of job.restarts) if (restart.resumeStep !== undefined) steps.add(restart.resumeStep);
   if (job.lastCommittedStep !== undefined) steps.add(job.lastCommittedStep);
   return [...steps].sort((a, b) => a - b);
-}
-
-async function tailLines(path: string, count: number): Promise<string[]> {
-  const file = await open(path, "r").catch(() => undefined);
-  if (!file) return [];
-  try {
-    const { size } = await file.stat();
-    const length = Math.min(size, LOG_TAIL_BYTES);
-    const buffer = Buffer.alloc(length);
-    await file.read(buffer, 0, length, size - length);
-    const lines = buffer.toString("utf8").split("\n");
-    if (length < size) lines.shift(); // the first line was cut by the window
-    if (lines[lines.length - 1] === "") lines.pop();
-    return lines.slice(-count);
-  } finally {
-    await file.close();
-  }
 }
