@@ -80,6 +80,8 @@ describe("two local groups train one model through the bridge", { timeout: 600_0
       name: "outer-kill",
       head: { heartbeatInterval: "1s", heartbeatTimeout: "5s" },
       local: { groups: [{ name: "alpha", nodes: 1, ranksPerNode: 1 }, { name: "beta", nodes: 1, ranksPerNode: 1 }] },
+      // Every step kept: the run is resumed from one committed while beta was away.
+      storage: { store: { kind: "local", directory: join(scratch, "kill-store") }, retention: { keepLast: 100 } },
     }));
     const steps = 96;
     try {
@@ -141,6 +143,27 @@ describe("two local groups train one model through the bridge", { timeout: 600_0
       const points = (await readFile(join(stateDir, "jobs", jobId, "metrics.ndjson"), "utf8")).split("\n").filter(Boolean)
         .map((line) => JSON.parse(line) as MetricPoint & { rank: number; loss?: number }).filter((point) => point.rank === 0 && typeof point.loss === "number");
       expect(stitchAttempts(points, final.restarts).map((point) => point.step)).toEqual(Array.from({ length: steps }, (_, index) => index + 1));
+
+      // The steps alpha saved while beta was away were committed without beta (its files
+      // never came): no checkpoint of the run is lost.
+      expect([...final.checkpointsCommitted].sort((a, b) => a - b), log.slice(-4000)).toEqual(Array.from({ length: steps / 8 }, (_, index) => (index + 1) * 8));
+      const without = [...log.matchAll(/checkpoint step (\d+) committed without group beta/g)].map((match) => Number(match[1]));
+      expect(without.length, log.slice(-4000)).toBeGreaterThan(0);
+      // A run resumed from such a step starts beta from alpha's files: one model again at
+      // the first outer step.
+      const from = without[0]!;
+      const resumed = await drover(stateDir, ["submit", "--run-id", "kill", "--from-step", String(from), "--working-dir", at1Dir, "--", "python", "train.py",
+        "--config", "tiny", "--data", dataDir, "--steps", String(from + 4), "--batch-size", "8", "--warmup-steps", "4", "--lr", "2e-3",
+        "--outer-every", "4", "--outer-timeout", "60", "--val-samples", "32", "--log-every", "1"]);
+      expect(resumed.code, resumed.stdout + resumed.stderr).toBe(0);
+      const resumedId = /submitted (\S+)/.exec(resumed.stdout)![1]!;
+      const resumedLog = await readFile(join(stateDir, "jobs", resumedId, "output.log"), "utf8");
+      expect(resumedLog).toContain(`checkpoint step ${from} was committed without group beta (it was not in step then): the group starts from alpha's files`);
+      expect(resumedLog).toContain(`group beta resumes from group alpha's checkpoint files (it was not in step when step ${from} was saved): fresh noise draws`);
+      const resumedChecksums = outerChecksums(resumedLog);
+      const outerStep = (from + 4) / 4;
+      expect(resumedChecksums.get(1)?.get(outerStep), resumedLog.slice(-4000)).toBe(resumedChecksums.get(0)?.get(outerStep));
+      expect(resumedLog).toMatch(new RegExp(`\\[rank 0\\] outer step ${outerStep}: groups alpha\\+beta`));
     } finally {
       const namespaces = await clusterNamespaces(stateDir);
       const down = await drover(stateDir, ["down"]);

@@ -290,7 +290,19 @@ def train(args: argparse.Namespace, ctx: DistContext, agent: drover_agent.Agent)
         evals_without_improvement = state["evals_without_improvement"]
         if scaler is not None and state.get("grad_scaler"):
             scaler.load_state_dict(state["grad_scaler"])  # the loss scale and its growth counter: exact resume
-        if reader.same_layout:
+        saved_group = state.get("group")
+        if reader.same_layout and saved_group not in (None, job_env.group):
+            # The step was committed while this group was not in step: it starts from
+            # another group's files (the same model after an outer step). Its data goes
+            # on from as many samples into its own part; its noise starts fresh, so the
+            # two groups do not draw the same.
+            data_state = state["data"]
+            noise = NoiseSource(seed=[args.seed, data_rank, start_step], text_drop_prob=args.text_drop_prob,
+                                sigma_beta=tuple(state["noise"].get("sigma_beta", args.sigma_beta)))
+            if ctx.is_main:
+                print(f"group {job_env.group} resumes from group {saved_group}'s checkpoint files (it was not in step "
+                      f"when step {start_step} was saved): fresh noise draws", flush=True)
+        elif reader.same_layout:
             noise.load_state_dict(state["noise"])
             data_state = state["data"]
             if ctx.is_main and list(noise.sigma_beta) != list(args.sigma_beta):
@@ -360,6 +372,9 @@ def train(args: argparse.Namespace, ctx: DistContext, agent: drover_agent.Agent)
             "evals_without_improvement": evals_without_improvement,
             "precision": precision.name,
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            # Which group wrote it: a group a step was committed without resumes from
+            # another group's files, and must not repeat that group's noise draws.
+            "group": job_env.group,
         }
         files = save_checkpoint(step_dir, ctx, model, ema, optimizer, trainer_state,
                                 outer_state=outer.state_dict() if outer is not None else None)

@@ -8,9 +8,22 @@ import type { Logger } from "./logger.js";
  * The head's half of the commit protocol: it collects every rank's report for a step
  * and, once all ranks of the job have reported, asks the store to verify the objects
  * and write MANIFEST.json. A step some rank never reported stays invisible.
+ *
+ * A job of several groups commits a step once every rank of each group in step reported
+ * it (JobController.checkpointGroups): a group restarting, training alone or back only
+ * after the step is not waited for, and its files are in the step only if all its ranks
+ * reported it. The manifest names the groups it holds and those it lacks.
  */
 /** One commit try (it checks every object of the step) is abandoned after this long. */
 const COMMIT_TRY_TIMEOUT_MS = 120_000;
+
+/** The reports one commit is made of, and the groups they are (several groups only). */
+interface CommitSelection {
+  reports: RankUploadReport[];
+  ranks: number[];
+  groups?: string[];
+  absentGroups?: string[];
+}
 
 export interface CheckpointCoordinatorEvents {
   /** A step's MANIFEST.json is written; `seconds` from the last rank's report, retries included. */
@@ -38,13 +51,18 @@ export class CheckpointCoordinator extends EventEmitter<CheckpointCoordinatorEve
     private readonly retry: OutageRetryPolicy = STORE_OUTAGE_RETRY,
   ) {
     super();
-    jobs.on("checkpoint", (job, report) => {
-      const commit = this.onReport(job, report);
-      const running = this.inFlight.get(job.jobId) ?? new Set();
-      this.inFlight.set(job.jobId, running);
-      running.add(commit);
-      void commit.finally(() => running.delete(commit));
+    jobs.on("checkpoint", (job, report) => this.track(job, this.onReport(job, report)));
+    // A group went away (or came back past a step): steps waiting for it may be complete.
+    jobs.on("checkpointGroupsChanged", (job) => {
+      for (const step of [...(this.pending.get(job.wireJobId)?.keys() ?? [])]) this.track(job, this.commitIfComplete(job, step));
     });
+  }
+
+  private track(job: JobRecord, commit: Promise<void>): void {
+    const running = this.inFlight.get(job.jobId) ?? new Set();
+    this.inFlight.set(job.jobId, running);
+    running.add(commit);
+    void commit.finally(() => running.delete(commit));
   }
 
   private async onReport(job: JobRecord, report: ICheckpointReport): Promise<void> {
@@ -63,20 +81,45 @@ export class CheckpointCoordinator extends EventEmitter<CheckpointCoordinatorEve
     const earlier = reports.findIndex((candidate) => candidate.rank === rankReport.rank);
     if (earlier >= 0) reports[earlier] = rankReport;
     else reports.push(rankReport);
-    if (reports.length < job.worldSize) return;
+    await this.commitIfComplete(job, step);
+  }
+
+  /** Commits `step` (after the run's earlier commits) once its reports are complete. */
+  private async commitIfComplete(job: JobRecord, step: number): Promise<void> {
+    const byStep = this.pending.get(job.wireJobId);
+    const reports = byStep?.get(step);
+    const selection = reports && this.selection(job, step, reports);
+    if (!byStep || !selection) return;
     byStep.delete(step);
     const allReportedAt = performance.now();
     const queued = this.commitQueues.get(job.runId) ?? Promise.resolve();
-    const commit = queued.then(() => this.commitWithRetry(job, step, reports, allReportedAt));
+    const commit = queued.then(() => this.commitWithRetry(job, step, selection, allReportedAt));
     this.commitQueues.set(job.runId, commit);
     await commit;
     if (this.commitQueues.get(job.runId) === commit) this.commitQueues.delete(job.runId);
   }
 
+  /** The reports step `step` is committed with now, or undefined while some are due. */
+  private selection(job: JobRecord, step: number, reports: RankUploadReport[]): CommitSelection | undefined {
+    const groups = this.jobs.checkpointGroups(job, step);
+    if (!groups) return reports.length >= job.worldSize ? { reports, ranks: Array.from({ length: job.worldSize }, (_, rank) => rank) } : undefined;
+    const byRank = new Map(reports.map((report) => [report.rank, report]));
+    const complete = (group: string) => this.jobs.ranksOfGroup(job, group).every((rank) => byRank.has(rank));
+    if (groups.required.length === 0 || !groups.required.every(complete)) return undefined;
+    const held = [...groups.required, ...groups.optional.filter(complete)].sort();
+    const ranks = held.flatMap((group) => this.jobs.ranksOfGroup(job, group)).sort((a, b) => a - b);
+    return {
+      reports: ranks.map((rank) => byRank.get(rank)!),
+      ranks,
+      groups: held,
+      absentGroups: [...groups.required, ...groups.optional].filter((group) => !held.includes(group)).sort(),
+    };
+  }
+
   /** Commits one complete step, through store outages; a step that cannot be committed is said lost. */
-  private async commitWithRetry(job: JobRecord, step: number, reports: RankUploadReport[], allReportedAt: number): Promise<void> {
+  private async commitWithRetry(job: JobRecord, step: number, selection: CommitSelection, allReportedAt: number): Promise<void> {
     try {
-      await retryThroughOutage(() => this.commitOnce(job, step, reports, allReportedAt), {
+      await retryThroughOutage(() => this.commitOnce(job, step, selection, allReportedAt), {
         policy: this.retry,
         onRetry: ({ attempt, delayMs, error }) => {
           this.jobs.note(job.jobId, `checkpoint step ${step}: commit failed (${error.message}); trying again in ${Math.round(delayMs / 1000)}s`);
@@ -90,18 +133,25 @@ export class CheckpointCoordinator extends EventEmitter<CheckpointCoordinatorEve
     }
   }
 
-  private async commitOnce(job: JobRecord, step: number, reports: RankUploadReport[], allReportedAt: number): Promise<void> {
+  private async commitOnce(job: JobRecord, step: number, selection: CommitSelection, allReportedAt: number): Promise<void> {
     const signal = AbortSignal.timeout(COMMIT_TRY_TIMEOUT_MS);
     // The commit checks every object concurrently, each request listening on this signal.
     setMaxListeners(256, signal);
+    const { groups, absentGroups } = selection;
     await this.store.commit({
       run: job.runId,
       step,
-      world: { worldSize: job.worldSize, nodes: job.assignments.length, localWorldSize: job.assignments[0]?.localWorldSize },
-      reports,
+      world: {
+        worldSize: job.worldSize,
+        nodes: job.assignments.length,
+        localWorldSize: job.assignments[0]?.localWorldSize,
+        ...(groups ? { groups, absentGroups: absentGroups ?? [] } : {}),
+      },
+      reports: selection.reports,
+      ranks: selection.ranks,
       signal,
     });
-    this.jobs.markCommitted(job.jobId, step);
+    this.jobs.markCommitted(job.jobId, step, absentGroups);
     this.emit("committed", { runId: job.runId, step, seconds: (performance.now() - allReportedAt) / 1000 });
     try {
       const pruned = await this.store.prune({ run: job.runId, signal });

@@ -168,8 +168,9 @@ export class ControlServer {
           else if (message.telemetry) this.deps.onTelemetry?.(workerId, message.telemetry);
           else if (message.outerJoin) {
             const groups = message.outerJoin.inStepWith ?? [];
-            if (groups.length <= 8 && groups.every((group) => group.length <= 64)) jobs.onOuterJoin(workerId, message.outerJoin.jobId ?? "", groups);
-            else logger.warn("outer join report refused: more than 8 groups or a name over 64 characters", { workerId });
+            const innerStep = Number(message.outerJoin.innerStep ?? 0);
+            if (groups.length <= 8 && groups.every((group) => group.length <= 64) && Number.isSafeInteger(innerStep)) jobs.onOuterJoin(workerId, message.outerJoin.jobId ?? "", groups, innerStep);
+            else logger.warn("outer join report refused: more than 8 groups, a name over 64 characters or an inner step past 2^53", { workerId });
           }
         });
         const end = () => {

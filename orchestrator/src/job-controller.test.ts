@@ -211,70 +211,143 @@ describe("JobController: a group of a several-group job restarts alone", () => {
     await until(() => job.state === "succeeded", "the job to succeed");
   });
 
-  it("stops a group still restarting when the other groups finish, and fails naming it instead of letting it train alone", async () => {
+  /** A controller whose checkpoints a real coordinator commits to a local store. */
+  async function withStore(runRoot: string) {
+    const root = await mkdtemp(join(os.tmpdir(), runRoot));
+    const store = CheckpointStore.fromConfig({ store: { kind: "local", directory: join(root, "store") } });
     registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+    let coordinator: CheckpointCoordinator | undefined;
     jobs = new JobController({
-      registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20,
-      settleCheckpoints: async () => true,
+      registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger,
+      restartStep: (job) => coordinator!.restartStep(job, AbortSignal.timeout(5_000)),
+      settleCheckpoints: async (job) => { await coordinator!.settle(job); return true; },
     });
+    coordinator = new CheckpointCoordinator(store, jobs, silentLogger);
     const lines: string[] = [];
     jobs.on("log", (line) => lines.push(line.line));
-    const alpha = connect(registry, "alpha-0", "a-1", "alpha");
-    const beta = connect(registry, "beta-0", "b-1", "beta");
-    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-late" });
-    await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
-    jobs.markCommitted(job.jobId, 20);
-    // beta's node is lost for good: beta waits for a node while alpha trains to the end.
-    registry.declareLost(beta.workerId, "its machine is gone");
-    await until(() => lines.some((line) => line.startsWith("group beta will start again")), "beta to wait for its node");
-    for (const rank of [0, 1]) jobs.onCheckpoint(alpha.workerId, { jobId: job.jobId, rank, step: 40, files: [] });
-    for (const rank of [0, 1]) jobs.onRankExit(alpha.workerId, { jobId: job.jobId, rank, exitCode: 0 });
-    await until(() => job.state === "failed", "the job to end");
-    expect(job.failure?.reason).toBe("training finished but its final checkpoint, step 40, was not stored (group beta was still restarting or training alone when the others finished); newest committed checkpoint: step 20; resume the run with drover submit --run-id run-late");
-    expect(lines).toContain("the other groups finished while group beta was restarting or training alone; it is stopped (alone it trains a model of its own from an older checkpoint), and the final checkpoint lacks its ranks");
-    // beta's node coming back now starts nothing.
-    const beta2 = connect(registry, "beta-0", "b-2", "beta");
-    await new Promise((resolve) => setTimeout(resolve, 50));
-    expect(starts(beta2)).toEqual([]);
+    /** Uploads the files of `ranks` (group-local) of one group's node for `step` and reports them. */
+    const save = async (node: TestNode, wireJobId: string, group: string, step: number, ranks: number[], runId: string) => {
+      const dir = join(root, "ckpt", group, String(step));
+      await mkdir(dir, { recursive: true });
+      for (const rank of ranks) {
+        await writeFile(join(dir, `model.rank${rank}.pt`), `${group} weights of rank ${rank} at step ${step}`);
+        const report = await store.uploadRank({ run: runId, step, rank, dir, files: [`model.rank${rank}.pt`], subdir: `group-${group}` });
+        jobs.onCheckpoint(node.workerId, { jobId: wireJobId, rank, step, files: report.files });
+      }
+    };
+    const cleanup = async () => {
+      store.close();
+      await rm(root, { recursive: true, force: true });
+    };
+    return { store, lines, save, cleanup };
+  }
+
+  it("commits the steps of a group that went away without it, waits for it again past the step it rejoined at, and succeeds when it is still away at the end", async () => {
+    const { store, lines, save, cleanup } = await withStore("drover-absent-group-");
+    try {
+      const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+      const beta = connect(registry, "beta-0", "b-1", "beta");
+      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-away" });
+      await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+      // Both groups in step: step 10 waits for beta's ranks too.
+      await save(alpha, job.jobId, "alpha", 10, [0, 1], "run-away");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(job.checkpointsCommitted).toEqual([]);
+      await save(beta, job.jobId, "beta", 10, [0, 1], "run-away");
+      await until(() => job.checkpointsCommitted.includes(10), "step 10 to be committed");
+      expect((await store.readManifest("run-away", 10))?.world).toMatchObject({ groups: ["alpha", "beta"], absentGroups: [] });
+
+      // alpha saved step 20; beta's only rank-0 report came before its node was lost.
+      await save(alpha, job.jobId, "alpha", 20, [0, 1], "run-away");
+      await save(beta, job.jobId, "beta", 20, [0], "run-away");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(job.checkpointsCommitted).toEqual([10]);
+      registry.declareLost(beta.workerId, "its machine is gone");
+      // beta restarting: the step alpha completed is committed without beta's half-reported files.
+      await until(() => job.checkpointsCommitted.includes(20), "step 20 to be committed without beta");
+      const twenty = await store.readManifest("run-away", 20);
+      expect(twenty?.world).toMatchObject({ groups: ["alpha"], absentGroups: ["beta"] });
+      expect(twenty?.files.map((file) => file.path)).toEqual(["group-alpha/model.rank0.pt", "group-alpha/model.rank1.pt"]);
+      expect(lines).toContain("checkpoint step 20 committed without group beta (not in step then; it starts from the other groups' files if the run resumes here)");
+      await save(alpha, job.jobId, "alpha", 30, [0, 1], "run-away");
+      await until(() => job.checkpointsCommitted.includes(30), "step 30 to be committed while beta restarts");
+
+      // beta comes back from step 20 (the newest committed when it restarted) and takes alpha's live state at inner step 40: it
+      // never writes step 40, which alpha commits alone; step 50 waits for it again.
+      const beta2 = connect(registry, "beta-0", "b-2", "beta");
+      await until(() => starts(beta2).length === 1, "beta to start again");
+      const betaWire = starts(beta2)[0]!.jobId!;
+      expect(starts(beta2)[0]!.resumeStep).toBe(20);
+      jobs.onOuterJoin(beta2.workerId, betaWire, ["beta", "alpha"], 40);
+      await save(alpha, job.jobId, "alpha", 40, [0, 1], "run-away");
+      await until(() => job.checkpointsCommitted.includes(40), "step 40 to be committed without beta");
+      await save(alpha, job.jobId, "alpha", 50, [0, 1], "run-away");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(job.checkpointsCommitted).not.toContain(50);
+      await save(beta2, betaWire, "beta", 50, [0, 1], "run-away");
+      await until(() => job.checkpointsCommitted.includes(50), "step 50 to be committed with both groups");
+      expect((await store.readManifest("run-away", 50))?.world).toMatchObject({ groups: ["alpha", "beta"], absentGroups: [] });
+
+      // beta is lost again and alpha trains to the end: the final step holds alpha only.
+      registry.declareLost(beta2.workerId, "its machine is gone again");
+      await until(() => lines.some((line) => line.startsWith("group beta will start again from committed checkpoint step 50")), "beta to wait for its node");
+      await save(alpha, job.jobId, "alpha", 60, [0, 1], "run-away");
+      for (const rank of [0, 1]) jobs.onRankExit(alpha.workerId, { jobId: job.jobId, rank, exitCode: 0 });
+      await until(() => job.state === "succeeded", "the job to succeed");
+      expect(job.checkpointsCommitted).toEqual([10, 20, 30, 40, 50, 60]);
+      expect((await store.readManifest("run-away", 60))?.world).toMatchObject({ groups: ["alpha"], absentGroups: ["beta"] });
+      expect(lines).toContain("the other groups finished while group beta was restarting or training alone; it is stopped (alone it trains a model of its own from an older checkpoint), and the final checkpoint holds the other groups' ranks");
+      // beta's node coming back now starts nothing.
+      const beta3 = connect(registry, "beta-0", "b-3", "beta");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(starts(beta3)).toEqual([]);
+    } finally {
+      await cleanup();
+    }
   });
 
-  it("stops a group that came back but joined the outer steps alone when the other groups finish; one that took their state finishes with them", async () => {
-    registry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
-    jobs = new JobController({
-      registry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger, restartStep: async () => 20,
-      settleCheckpoints: async () => true,
-    });
-    const alpha = connect(registry, "alpha-0", "a-1", "alpha");
-    const beta = connect(registry, "beta-0", "b-1", "beta");
-    const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-alone" });
-    await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
-    jobs.markCommitted(job.jobId, 20);
-    const beta2 = connect(registry, "beta-0", "b-2", "beta");
-    await until(() => starts(beta2).length === 1, "beta to start again");
-    const betaWire = starts(beta2)[0]!.jobId!;
-    // Its trainer found nobody to take the live state from: it trains alone.
-    jobs.onOuterJoin(beta2.workerId, betaWire, ["beta"]);
-    expect(job.state).toBe("running");
-    for (const rank of [0, 1]) jobs.onCheckpoint(alpha.workerId, { jobId: job.jobId, rank, step: 40, files: [] });
-    for (const rank of [0, 1]) jobs.onRankExit(alpha.workerId, { jobId: job.jobId, rank, exitCode: 0 });
-    await until(() => job.state === "failed", "the job to end");
-    expect(job.failure?.reason).toContain("(group beta was still restarting or training alone when the others finished)");
-    expect(new Set(stops(beta2))).toEqual(new Set([betaWire]));
+  it("leaves out the checkpoints of a group that came back but trains alone, and stops it when the other groups finish; one that took their state finishes with them", async () => {
+    const { store, lines, save, cleanup } = await withStore("drover-alone-group-");
+    try {
+      const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+      const beta = connect(registry, "beta-0", "b-1", "beta");
+      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-alone" });
+      await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+      const beta2 = connect(registry, "beta-0", "b-2", "beta");
+      await until(() => starts(beta2).length === 1, "beta to start again");
+      const betaWire = starts(beta2)[0]!.jobId!;
+      // Its trainer found nobody to take the live state from: it trains alone, and its
+      // step 40 (another model) must not land beside alpha's.
+      jobs.onOuterJoin(beta2.workerId, betaWire, ["beta"], 0);
+      expect(job.state).toBe("running");
+      await save(beta2, betaWire, "beta", 40, [0, 1], "run-alone");
+      expect(lines).toContain("checkpoint step 40 of rank 2 is left out: group beta trains alone on its own state");
+      await save(alpha, job.jobId, "alpha", 40, [0, 1], "run-alone");
+      for (const rank of [0, 1]) jobs.onRankExit(alpha.workerId, { jobId: job.jobId, rank, exitCode: 0 });
+      await until(() => job.state === "succeeded", "the job to end");
+      expect(new Set(stops(beta2))).toEqual(new Set([betaWire]));
+      expect((await store.readManifest("run-alone", 40))?.files.map((file) => file.path)).toEqual(["group-alpha/model.rank0.pt", "group-alpha/model.rank1.pt"]);
 
-    // The same, but beta took alpha's state: it is one model again and finishes with it.
-    const alpha3 = connect(registry, "alpha-0", "a-3", "alpha");
-    const beta3 = connect(registry, "beta-0", "b-3", "beta");
-    const next = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-rejoined" });
-    await until(() => starts(alpha3).length === 1 && starts(beta3).length === 1, "the next job to start");
-    const beta4 = connect(registry, "beta-0", "b-4", "beta");
-    await until(() => starts(beta4).length === 1, "beta to start again");
-    const beta4Wire = starts(beta4)[0]!.jobId!;
-    jobs.onOuterJoin(beta4.workerId, beta4Wire, ["beta"]);
-    jobs.onOuterJoin(beta4.workerId, beta4Wire, ["beta", "alpha"]);
-    for (const rank of [0, 1]) jobs.onRankExit(alpha3.workerId, { jobId: next.jobId, rank, exitCode: 0 });
-    expect(next.state).toBe("running");
-    for (const rank of [0, 1]) jobs.onRankExit(beta4.workerId, { jobId: beta4Wire, rank, exitCode: 0 });
-    await until(() => next.state === "succeeded", "the rejoined job to succeed");
+      // The same, but beta took alpha's state: it is one model again and finishes with it.
+      const alpha3 = connect(registry, "alpha-0", "a-3", "alpha");
+      const beta3 = connect(registry, "beta-0", "b-3", "beta");
+      const next = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-rejoined" });
+      await until(() => starts(alpha3).length === 1 && starts(beta3).length === 1, "the next job to start");
+      const beta4 = connect(registry, "beta-0", "b-4", "beta");
+      await until(() => starts(beta4).length === 1, "beta to start again");
+      const beta4Wire = starts(beta4)[0]!.jobId!;
+      jobs.onOuterJoin(beta4.workerId, beta4Wire, ["beta"], 0);
+      jobs.onOuterJoin(beta4.workerId, beta4Wire, ["beta", "alpha"], 20);
+      await save(alpha3, next.jobId, "alpha", 40, [0, 1], "run-rejoined");
+      for (const rank of [0, 1]) jobs.onRankExit(alpha3.workerId, { jobId: next.jobId, rank, exitCode: 0 });
+      expect(next.state).toBe("running");
+      await save(beta4, beta4Wire, "beta", 40, [0, 1], "run-rejoined");
+      for (const rank of [0, 1]) jobs.onRankExit(beta4.workerId, { jobId: beta4Wire, rank, exitCode: 0 });
+      await until(() => next.state === "succeeded", "the rejoined job to succeed");
+      expect((await store.readManifest("run-rejoined", 40))?.world).toMatchObject({ groups: ["alpha", "beta"], absentGroups: [] });
+    } finally {
+      await cleanup();
+    }
   });
 
   it("gives each group leader the bridge certificate of its group for the attempt's bridge id, the same one again when the group restarts alone", async () => {

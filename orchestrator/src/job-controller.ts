@@ -141,6 +141,18 @@ interface JobEvents {
   log: [JobLogLine];
   metric: [JobRecord, IMetricReport];
   checkpoint: [JobRecord, ICheckpointReport];
+  /** The groups a checkpoint step waits for changed (checkpointGroups): pending steps may be complete now. */
+  checkpointGroupsChanged: [JobRecord];
+}
+
+/**
+ * Whose ranks one checkpoint step of a several-group job is made of: every rank of each
+ * `required` group, plus each `optional` group all of whose ranks reported it (a group
+ * restarting or training alone, or one that came back past the step and never writes it).
+ */
+export interface CheckpointGroups {
+  required: string[];
+  optional: string[];
 }
 
 /** An earlier attempt being stopped before the next one starts. */
@@ -211,6 +223,12 @@ export class JobController extends EventEmitter<JobEvents> {
    * reaches them. Trainers that never join (no OuterSync) are never listed.
    */
   private readonly joinedAlone = new Map<string, Set<string>>();
+  /**
+   * jobId -> group -> the step up to which a group restarted on its own writes no
+   * checkpoint: the step it started again from, then the inner step it joined the others
+   * at (OuterJoin). The groups that trained on commit those steps without it.
+   */
+  private readonly groupsBackAfter = new Map<string, Map<string, number>>();
   /** jobId -> group -> its restart on its own, while it lasts. */
   private readonly groupRestarts = new Map<string, Map<string, GroupRestart>>();
   private groupRestartCount = 0;
@@ -626,6 +644,13 @@ export class JobController extends EventEmitter<JobEvents> {
     // Sent again to this head after the previous one died: a committed step needs nothing more.
     if (replayed && job.checkpointsCommitted.includes(Number(report.step ?? 0))) return;
     const rank = this.globalRank(job, workerId, report.rank ?? 0);
+    const group = job.assignments.find((candidate) => candidate.workerId === workerId)?.group;
+    if (group !== undefined && (this.joinedAlone.get(job.jobId)?.has(group) || this.absentAtEnd.get(job.jobId)?.includes(group))) {
+      // Its files hold a model of its own (an older checkpoint trained on alone): never
+      // part of the job's checkpoint, which the other groups commit without it.
+      this.log(job, `checkpoint step ${Number(report.step ?? 0)} of rank ${rank} is left out: group ${group} trains alone on its own state`);
+      return;
+    }
     if (report.error) {
       this.checkpointLost(job.jobId, Number(report.step ?? 0), `rank ${rank} could not store it: ${report.error}`);
       return;
@@ -688,7 +713,7 @@ export class JobController extends EventEmitter<JobEvents> {
    * `inStepWith` (its own group first). Alone, it trains on its own state; once another
    * group is in step with it, it is one model with them again.
    */
-  onOuterJoin(workerId: string, wireJobId: string, inStepWith: readonly string[]): void {
+  onOuterJoin(workerId: string, wireJobId: string, inStepWith: readonly string[], innerStep: number): void {
     const job = this.current(wireJobId);
     const assignment = job ? this.fromCurrentRun(job, workerId, wireJobId) : undefined;
     if (!job || !assignment || job.state !== "running" || assignment.groupRank !== 0 || !job.groupWireIds?.[assignment.group]) return;
@@ -696,10 +721,37 @@ export class JobController extends EventEmitter<JobEvents> {
     this.joinedAlone.set(job.jobId, alone);
     if (inStepWith.some((group) => group !== assignment.group)) {
       if (alone.delete(assignment.group)) this.log(job, `group ${assignment.group} is in step with ${inStepWith.filter((group) => group !== assignment.group).join(", ")} again`);
+      const backAfter = this.groupsBackAfter.get(job.jobId) ?? new Map<string, number>();
+      this.groupsBackAfter.set(job.jobId, backAfter);
+      backAfter.set(assignment.group, Math.max(backAfter.get(assignment.group) ?? 0, innerStep));
+      this.emit("checkpointGroupsChanged", job);
       return;
     }
     alone.add(assignment.group);
+    this.emit("checkpointGroupsChanged", job);
     if (this.othersFinished(job)) this.giveUpGroupRestarts(job);
+  }
+
+  /**
+   * The groups checkpoint `step` of a several-group job is committed with (undefined for
+   * one group: every rank). A group restarting on its own, training alone, stopped at the
+   * end, or back only after the step is optional: the groups that trained on commit it
+   * without waiting for files that never come. The groups share one model after each
+   * outer step; a group missing from a step starts from another group's files when the
+   * run resumes there.
+   */
+  checkpointGroups(job: JobRecord, step: number): CheckpointGroups | undefined {
+    const groups = [...new Set(job.assignments.map((assignment) => assignment.group))].sort();
+    if (groups.length < 2) return undefined;
+    const away = new Set([...this.absentGroups(job), ...(this.absentAtEnd.get(job.jobId) ?? [])]);
+    const backAfter = this.groupsBackAfter.get(job.jobId);
+    const optional = groups.filter((group) => away.has(group) || (backAfter?.get(group) ?? -1) >= step);
+    return { required: groups.filter((group) => !optional.includes(group)), optional };
+  }
+
+  /** The job's global ranks of one group, ascending. */
+  ranksOfGroup(job: JobRecord, group: string): number[] {
+    return this.globalRanksOf(job, group);
   }
 
   /**
@@ -719,9 +771,9 @@ export class JobController extends EventEmitter<JobEvents> {
    * are stopped rather than started again, since with nobody left to take the live outer
    * state from they would train a model of their own from an older checkpoint (and their
    * final step would be committed beside the others' as if it were the same model). The
-   * job then ends through finishAfterCheckpoints: the final step lacks their ranks, is
-   * not committed, and the failure names them; the run resumes from its newest committed
-   * step with every group (`drover submit --run-id`).
+   * job then ends through finishAfterCheckpoints: the final step is committed with the
+   * groups that trained on (checkpointGroups), and a run resumed from it starts the
+   * stopped groups from their files.
    */
   private giveUpGroupRestarts(job: JobRecord): void {
     const groups = this.absentGroups(job);
@@ -740,8 +792,9 @@ export class JobController extends EventEmitter<JobEvents> {
       }
       // Not started again: no exit of theirs is awaited (-1, as for a rank gone without one).
       for (const rank of this.globalRanksOf(job, group)) job.exitCodes[rank] ??= -1;
-      this.log(job, `the other groups finished while group ${group} was restarting or training alone; it is stopped (alone it trains a model of its own from an older checkpoint), and the final checkpoint lacks its ranks`);
+      this.log(job, `the other groups finished while group ${group} was restarting or training alone; it is stopped (alone it trains a model of its own from an older checkpoint), and the final checkpoint holds the other groups' ranks`);
     }
+    this.emit("checkpointGroupsChanged", job);
   }
 
   /** Groups restarting alone, and those back but in step with no other group. */
@@ -800,6 +853,10 @@ export class JobController extends EventEmitter<JobEvents> {
       const why = absent ? `group ${absent.join(", ")} was still restarting or training alone when the others finished` : job.checkpointsLost[finalStep];
       this.finish(job, "failed", { reason: `training finished but its final checkpoint, step ${finalStep}, was not stored (${why}); newest committed checkpoint: ${newest}${absent ? `; resume the run with drover submit --run-id ${job.runId}` : ""}`, lastLines: [] });
       return;
+    }
+    const absent = this.absentAtEnd.get(job.jobId);
+    if (absent && finalStep !== undefined) {
+      this.log(job, `final checkpoint step ${finalStep} holds the groups that trained to the end; group ${absent.join(", ")} was not in step then and starts from their files if the run resumes`);
     }
     this.finish(job, "succeeded");
   }
@@ -897,6 +954,7 @@ export class JobController extends EventEmitter<JobEvents> {
     this.groupRestarts.set(job.jobId, restarts);
     restarts.set(group, entry);
     job.groupsRestarting = [...restarts.keys()];
+    this.emit("checkpointGroupsChanged", job);
     this.emit("changed", job);
     for (const assignment of members) {
       this.deps.registry.send(assignment.workerId, { stopJob: { jobId: this.wireIdOf(job, group), reason: `restarting group ${group}: ${reason}`, graceMs: this.deps.stopGraceMs } });
@@ -966,6 +1024,10 @@ export class JobController extends EventEmitter<JobEvents> {
     this.byWireId.set(wireId, job);
     this.groupRestarts.get(job.jobId)!.delete(entry.group);
     job.groupsRestarting = [...(this.groupRestarts.get(job.jobId)?.keys() ?? [])];
+    // Steps up to its resume step are the other groups' to commit; its join moves this on.
+    const backAfter = this.groupsBackAfter.get(job.jobId) ?? new Map<string, number>();
+    this.groupsBackAfter.set(job.jobId, backAfter);
+    backAfter.set(entry.group, Math.max(backAfter.get(entry.group) ?? 0, entry.resumeStep ?? 0));
     const now = this.now();
     const progress = this.progress.get(job.jobId);
     for (const rank of this.globalRanksOf(job, entry.group)) progress?.set(rank, { lastMs: now, stepIntervals: [] });
@@ -1008,6 +1070,8 @@ export class JobController extends EventEmitter<JobEvents> {
       entry.drained();
     }
     this.groupRestarts.delete(job.jobId);
+    this.joinedAlone.delete(job.jobId);
+    this.groupsBackAfter.delete(job.jobId);
     job.groupsRestarting = [];
     const waiting = new Set<number>();
     for (const assignment of job.assignments) {
@@ -1075,6 +1139,7 @@ export class JobController extends EventEmitter<JobEvents> {
     this.progress.delete(job.jobId);
     this.absentAtEnd.delete(job.jobId);
     this.joinedAlone.delete(job.jobId);
+    this.groupsBackAfter.delete(job.jobId);
     this.adopting.delete(job.jobId);
     this.replayFloors.delete(job.jobId);
     this.replayedOutputTail.delete(job.jobId);
@@ -1100,14 +1165,16 @@ export class JobController extends EventEmitter<JobEvents> {
    * step both on the interval and at the end) is committed again, over the same objects;
    * the job's output says it once per attempt, not once per commit.
    */
-  markCommitted(jobId: string, step: number): void {
+  /** `absentGroups`: groups of a several-group job whose files the step does not hold. */
+  markCommitted(jobId: string, step: number, absentGroups: readonly string[] = []): void {
     const job = this.jobs.get(jobId);
     if (!job) return;
     job.lastCommittedStep = Math.max(job.lastCommittedStep ?? -1, step);
     const first = !job.checkpointsCommitted.includes(step);
     if (first) job.checkpointsCommitted.push(step);
     delete job.checkpointsLost[step];
-    if (first) this.log(job, `checkpoint step ${step} committed`);
+    const without = absentGroups.length > 0 ? ` without group ${absentGroups.join(", ")} (not in step then; it starts from the other groups' files if the run resumes here)` : "";
+    if (first) this.log(job, `checkpoint step ${step} committed${without}`);
     else this.deps.logger.debug("checkpoint step committed again", { jobId, step });
     this.emit("changed", job);
   }

@@ -49,7 +49,7 @@ describe("PresignService scope", () => {
   const bundle = "a".repeat(64);
   const jobs = [
     job({ jobId: "j1", runId: "run-a", assignments: [assignment("w-a", "local", 1)], resumeStep: 100, committed: [200], codeBundleId: bundle }),
-    job({ jobId: "j2", runId: "run-g", assignments: [assignment("w-g", "alpha", 2), assignment("w-h", "beta", 2)] }),
+    job({ jobId: "j2", runId: "run-g", assignments: [assignment("w-g", "alpha", 2), assignment("w-h", "beta", 2)], resumeStep: 20 }),
   ];
   const lines: string[] = [];
   const service = PresignService.create({ storage, jobs: { activeJobs: () => jobs }, logger: recordingLogger(lines) })!;
@@ -73,6 +73,16 @@ describe("PresignService scope", () => {
     expect(urls[0]!.headers).toEqual({ "x-amz-meta-sha256": "b".repeat(64) });
     expect(urls.map((url) => url.method)).toEqual(["PUT", "PUT", "GET", "HEAD", "GET", "GET", "GET"]);
     expect(JSON.stringify(urls)).not.toContain(SECRET);
+  });
+
+  it("lets a group read every group's folder of a step it resumes from, and ask whether any step is committed", async () => {
+    // beta resumes from step 20, committed while it was not in step: it reads alpha's files.
+    const urls = await service.sign("w-h", [
+      item("PRESIGN_OPERATION_GET", "runs/run-g/ckpt/000000000020/group-alpha/model.rank0.pt"),
+      item("PRESIGN_OPERATION_HEAD", "runs/run-g/ckpt/000000000030/MANIFEST.json"),
+    ]);
+    expect(urls.map((url) => url.method)).toEqual(["GET", "HEAD"]);
+    await expect(service.sign("w-h", [item("PRESIGN_OPERATION_GET", "runs/run-g/ckpt/000000000030/MANIFEST.json")])).rejects.toThrowError(/step 30 is not a committed step job j2 reads/);
   });
 
   it.each([

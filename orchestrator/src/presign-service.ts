@@ -19,7 +19,10 @@ import type { Logger } from "./logger.js";
 //           keys of its own (file names are the trainer's), so writes are scoped to the
 //           run's steps, not to the worker's ranks.
 //   reads   the run's committed steps the head knows of (the one it resumes from, those
-//           committed since), and the job's code bundle runs/<run>/code/<id>/.
+//           committed since; every group's folder, since a group a step was committed
+//           without starts from another's), whether any step of the run is committed
+//           (HEAD of its MANIFEST.json: a group restarted alone does not upload over a
+//           step the others committed), and the job's code bundle runs/<run>/code/<id>/.
 //   lists   multipart uploads of a key it may write; objects under runs/<run>/ckpt/.
 //   deletes never (retention is the head's).
 // A refusal names the key and the reason and is logged without any URL.
@@ -180,10 +183,11 @@ function refusalInScope(request: PresignRequest, scope: JobScope): string | unde
   const step = Number(stepSegment);
   const within = rest.join("/");
   if (operation === "get" || operation === "head") {
-    if (scope.readableSteps.has(step) && (within === MANIFEST_FILE || within.startsWith(scope.groupFolder))) return undefined;
+    if (scope.readableSteps.has(step)) return undefined;
+    if (operation === "head" && within === MANIFEST_FILE) return undefined;
     // A key it may write, it may also look at (the upload checks what it wrote).
     if (operation === "head" && writableWithin(within, scope) === undefined) return undefined;
-    return `step ${step} is not a committed step job ${scope.jobId} reads${scope.groupFolder ? ` (its group's folder ${scope.groupFolder})` : ""}`;
+    return `step ${step} is not a committed step job ${scope.jobId} reads`;
   }
   if (WRITE_OPERATIONS.has(operation) || operation === "list-multipart-uploads") return writableWithin(within, scope);
   return `${operation} is not allowed`;

@@ -51,10 +51,18 @@ export interface RankUploadReport {
 const sha256Hex = z.string().regex(/^[0-9a-f]{64}$/);
 const fileSchema = z.object({ path: z.string().min(1), size: z.number().int().min(0), sha256: sha256Hex });
 
+const groupName = z.string().min(1).max(64);
 export const worldLayoutSchema = z.looseObject({
   worldSize: z.number().int().min(1),
   nodes: z.number().int().min(1).optional(),
   localWorldSize: z.number().int().min(1).optional(),
+  /**
+   * A job of several groups: the groups whose files (under `<group>/`) the step holds,
+   * and those it lacks (restarting or training alone when it was saved; they start from
+   * a held group's files when a run resumes there).
+   */
+  groups: z.array(groupName).max(64).optional(),
+  absentGroups: z.array(groupName).max(64).optional(),
 });
 export type WorldLayout = z.infer<typeof worldLayoutSchema>;
 
@@ -71,6 +79,25 @@ export const checkpointManifestSchema = z.object({
   totalBytes: z.number().int().min(0),
 });
 export type CheckpointManifest = z.infer<typeof checkpointManifestSchema>;
+
+/**
+ * The folder of a several-group step a group resumes from: its own (`group-<name>`) when
+ * the step holds it, else that of a group the step holds, one with as many ranks as
+ * `ranks` first (the same layout), by name. Undefined when the step holds no group folder.
+ */
+export function resumeSubdirFor(manifest: CheckpointManifest, group: string, ranks: number): string | undefined {
+  const ranksByFolder = new Map<string, Set<number>>();
+  for (const file of manifest.files) {
+    const slash = file.path.indexOf('/');
+    if (slash <= 0 || !file.path.startsWith('group-')) continue;
+    const folder = file.path.slice(0, slash);
+    const held = ranksByFolder.get(folder) ?? new Set<number>();
+    ranksByFolder.set(folder, held.add(file.rank));
+  }
+  if (ranksByFolder.has(`group-${group}`)) return `group-${group}`;
+  const folders = [...ranksByFolder.keys()].sort();
+  return folders.find((folder) => ranksByFolder.get(folder)!.size === ranks) ?? folders[0];
+}
 
 const bundleManifestSchema = z.object({
   formatVersion: z.literal(1),
@@ -350,7 +377,8 @@ export class CheckpointStore {
   // ---- head side ----------------------------------------------------------------------
 
   /**
-   * Commits step `step`: requires one report per rank 0..worldSize-1, checks with
+   * Commits step `step`: requires one report per rank of `ranks` (default 0..worldSize-1;
+   * a job of several groups commits a step without a group that was not in step), checks with
    * HeadObject that every reported object exists with the reported size and sha256
    * metadata, and only then writes MANIFEST.json. Refuses with CheckpointIncompleteError
    * listing every problem. Committing the same files again is a no-op.
@@ -360,6 +388,8 @@ export class CheckpointStore {
     step: number;
     world: WorldLayout;
     reports: readonly RankUploadReport[];
+    /** The ranks this step is made of; default every rank of `world`. */
+    ranks?: readonly number[];
     trainerWallTimeMs?: number;
     signal?: AbortSignal;
   }): Promise<CheckpointManifest> {
@@ -368,13 +398,17 @@ export class CheckpointStore {
     const world = worldLayoutSchema.parse(params.world);
     const problems: string[] = [];
     const byRank = new Map<number, RankUploadReport>();
+    const ranks = params.ranks ?? Array.from({ length: world.worldSize }, (_, rank) => rank);
+    for (const rank of ranks) if (!Number.isInteger(rank) || rank < 0 || rank >= world.worldSize) problems.push(`rank ${rank}: outside world size ${world.worldSize}`);
+    const expected = new Set(ranks);
     for (const report of params.reports) {
       if (report.run !== run || report.step !== step) problems.push(`rank ${report.rank}: report is for ${report.run} step ${report.step}`);
       else if (byRank.has(report.rank)) problems.push(`rank ${report.rank}: reported twice`);
       else if (report.rank < 0 || report.rank >= world.worldSize) problems.push(`rank ${report.rank}: outside world size ${world.worldSize}`);
+      else if (!expected.has(report.rank)) problems.push(`rank ${report.rank}: not one of the ranks this step is made of`);
       else byRank.set(report.rank, report);
     }
-    for (let rank = 0; rank < world.worldSize; rank++) if (!byRank.has(rank)) problems.push(`rank ${rank}: no report`);
+    for (const rank of expected) if (!byRank.has(rank)) problems.push(`rank ${rank}: no report`);
 
     const files: CheckpointManifest['files'] = [];
     const owner = new Map<string, number>();
@@ -457,6 +491,12 @@ export class CheckpointStore {
       throw new InvalidManifestError(`${key} does not match the schema: ${result.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`, { key });
     }
     return result.data;
+  }
+
+  /** Whether step `step` has a MANIFEST.json (one HEAD request; the manifest is not checked). */
+  async isCommitted(run: string, step: number, options: SignalOption = {}): Promise<boolean> {
+    const key = this.stepPrefix(run, step) + MANIFEST_FILE;
+    return (await withRetry('HeadObject', () => this.store.headObject(key, { signal: options.signal }), this.#retry({ key }, options.signal))) !== undefined;
   }
 
   /** The committed manifest of a step, or undefined when the step is not committed. */

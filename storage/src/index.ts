@@ -98,6 +98,7 @@ export {
   checkRelativePath,
   checkpointManifestSchema,
   worldLayoutSchema,
+  resumeSubdirFor,
   STEP_DIGITS,
   MANIFEST_FILE,
   BUNDLE_FILE,

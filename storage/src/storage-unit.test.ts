@@ -8,9 +8,9 @@ import { inspect } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { choosePartSize } from './transfer.js';
 import { parseStorageConfig, resolveS3Credentials, SecretString, type S3StoreConfig } from './config.js';
-import { StorageConfigError, ObjectStoreRequestError } from './errors.js';
+import { CheckpointIncompleteError, StorageConfigError, ObjectStoreRequestError } from './errors.js';
 import { backoffDelayMs, retryThroughOutage, withRetry } from './retry.js';
-import { planRetention, formatStep, checkRelativePath } from './checkpoint-store.js';
+import { CheckpointStore, planRetention, formatStep, checkRelativePath, resumeSubdirFor } from './checkpoint-store.js';
 import { seededRandom } from './fault-proxy.js';
 import { hashPool, WRITE_SLICE_BYTES } from './hash-pool.js';
 
@@ -281,5 +281,49 @@ describe('retry through an outage', () => {
     const running = retryThroughOutage(async () => { throw outage(); }, { policy: { ...policy, backoffBaseMs: 10_000, backoffMaxMs: 10_000, retryForMs: 60_000 }, signal: controller.signal });
     controller.abort(new Error('job stopped'));
     await expect(running).rejects.toThrow('job stopped');
+  });
+});
+
+describe('a step of a several-group job committed without a group', () => {
+  it('holds the ranks it is made of, names the groups, and tells a group it lacks where to start from', async () => {
+    const root = mkdtempSync(path.join(os.tmpdir(), 'drover-subset-commit-'));
+    const store = CheckpointStore.fromConfig({ store: { kind: 'local', directory: path.join(root, 'store') } });
+    try {
+      // alpha holds global ranks 0-1, beta 2-3; beta was restarting when step 20 was saved.
+      for (const rank of [0, 1]) writeFileSync(path.join(root, `model.rank${rank}.pt`), `alpha ${rank}`);
+      const reports = await Promise.all([0, 1].map((rank) => store.uploadRank({ run: 'run-g', step: 20, rank, dir: root, files: [`model.rank${rank}.pt`], subdir: 'group-alpha' })));
+      const world = { worldSize: 4, groups: ['alpha'], absentGroups: ['beta'] };
+      expect(await store.isCommitted('run-g', 20)).toBe(false);
+      // Every rank of the world is still the default: beta's ranks are missing.
+      const missing = await store.commit({ run: 'run-g', step: 20, world, reports }).catch((error: unknown) => error);
+      expect(missing).toBeInstanceOf(CheckpointIncompleteError);
+      expect((missing as CheckpointIncompleteError).problems).toEqual(['rank 2: no report', 'rank 3: no report']);
+      // A report of a rank the step is not made of is refused, naming it.
+      const stray = { ...reports[0]!, rank: 3 };
+      const refused = await store.commit({ run: 'run-g', step: 20, world, reports: [...reports, stray], ranks: [0, 1] }).catch((error: unknown) => error);
+      expect((refused as CheckpointIncompleteError).problems).toContain('rank 3: not one of the ranks this step is made of');
+      const manifest = await store.commit({ run: 'run-g', step: 20, world, reports, ranks: [0, 1] });
+      expect(manifest.world).toEqual(world);
+      expect(await store.isCommitted('run-g', 20)).toBe(true);
+      expect((await store.readManifest('run-g', 20))?.world).toEqual(world);
+      expect(resumeSubdirFor(manifest, 'alpha', 2)).toBe('group-alpha');
+      expect(resumeSubdirFor(manifest, 'beta', 2)).toBe('group-alpha');
+      expect(resumeSubdirFor({ ...manifest, files: manifest.files.filter(() => false) }, 'beta', 2)).toBeUndefined();
+      // Of several held groups, one with as many ranks as the group resuming (the same layout) first.
+      const three = {
+        ...manifest,
+        files: [
+          { path: 'group-alpha/a', size: 1, sha256: 'a'.repeat(64), rank: 0 },
+          { path: 'group-gamma/a', size: 1, sha256: 'a'.repeat(64), rank: 4 },
+          { path: 'group-gamma/b', size: 1, sha256: 'a'.repeat(64), rank: 5 },
+        ],
+      };
+      expect(resumeSubdirFor(three, 'beta', 2)).toBe('group-gamma');
+      expect(resumeSubdirFor(three, 'beta', 1)).toBe('group-alpha');
+      expect(resumeSubdirFor(three, 'beta', 3)).toBe('group-alpha');
+    } finally {
+      store.close();
+      rmSync(root, { recursive: true, force: true });
+    }
   });
 });

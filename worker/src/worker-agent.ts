@@ -12,7 +12,7 @@ import {
   type HeadMessage, type ICheckpointFile, type IPresignedStorage, type IStartJob, type IWorkerMessage,
 } from "@drover/proto";
 import {
-  CheckpointStore, ObjectStoreRequestError, PresignedObjectStore, forgetSecretValue, parseTransferConfig, registerSecretValue, retryThroughOutage, STORE_OUTAGE_RETRY,
+  CheckpointStore, ObjectStoreRequestError, PresignedObjectStore, forgetSecretValue, parseTransferConfig, registerSecretValue, resumeSubdirFor, retryThroughOutage, STORE_OUTAGE_RETRY,
   type PresignedRequest, type PresignRequest, type StorageConfigInput,
 } from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
@@ -515,7 +515,8 @@ export class WorkerAgent {
         exchange: (request) => bridge.exchange(request).catch(told(`outer step ${request.outerStep}`)),
         join: (request) => bridge.join(request).then((answer) => {
           // The head keeps whether a group restarted alone is one model with the others again.
-          this.send({ outerJoin: { jobId, group: job.group ?? "", inStepWith: [...answer.groups] } });
+          const innerStep = answer.mode === "state" ? answer.state.innerStep : request.innerStep;
+          this.send({ outerJoin: { jobId, group: job.group ?? "", inStepWith: [...answer.groups], innerStep } });
           return answer;
         }, told(`joining at outer step ${request.outerStep}`)),
         shareState: (request) => bridge.shareState(request).catch(told(`sending the outer state of step ${request.outerStep}`)),
@@ -611,7 +612,18 @@ export class WorkerAgent {
     const step = Number(job.resumeStep ?? 0);
     const started = Date.now();
     this.agentLog(job.jobId ?? "", `downloading checkpoint step ${step} of run ${job.runId}`);
-    const subdir = groupCheckpointSubdir(job);
+    let subdir = groupCheckpointSubdir(job);
+    if (subdir) {
+      // A step committed while this group was not in step holds the other groups' files
+      // only; the group starts from one of theirs (the same model after an outer step).
+      const committed = await this.checkpoints.readManifest(job.runId ?? "", step, { signal: this.stopController.signal });
+      const own = job.topology?.groups?.find((group) => group.name === job.group);
+      const from = committed && resumeSubdirFor(committed, job.group ?? "", own?.worldSize ?? 0);
+      if (from && from !== subdir) {
+        this.agentLog(job.jobId ?? "", `checkpoint step ${step} was committed without group ${job.group} (it was not in step then): the group starts from ${from.slice("group-".length)}'s files`);
+        subdir = from;
+      }
+    }
     const manifest = await this.checkpoints.download({ run: job.runId ?? "", step, destDir, subdir, signal: this.stopController.signal });
     const seconds = (Date.now() - started) / 1000;
     const files = subdir ? manifest.files.filter((file) => file.path.startsWith(`${subdir}/`)) : manifest.files;
@@ -686,6 +698,12 @@ export class WorkerAgent {
         const started = Date.now();
         const signal = AbortSignal.any([this.stopController.signal, running.uploads.signal]);
         setMaxListeners(256, signal); // every concurrent part transfer listens on it
+        // A group restarted on its own may save a step the others committed without it;
+        // its files must not replace objects a committed manifest names.
+        if (groupCheckpointSubdir(running.job) && await this.checkpoints.isCommitted(running.job.runId ?? "", report.step, { signal })) {
+          this.agentLog(jobId, `rank ${report.rank} checkpoint step ${report.step}: already committed by the groups in step then; not uploaded over it`);
+          return;
+        }
         const uploaded = await this.uploadWithRetry(running, report, signal);
         const bytes = uploaded.files.reduce((sum, file) => sum + file.size, 0);
         this.logger.info("checkpoint files uploaded", { jobId, step: report.step, rank: report.rank, bytes, ms: Date.now() - started });

@@ -75,6 +75,31 @@ def test_one_rank_outer_sync_resume_reproduces_the_uninterrupted_run(synthetic_d
     assert sorted(late.outer_checksums) == [6]
 
 
+def test_a_group_resuming_from_another_groups_files_takes_the_model_and_draws_fresh_noise(synthetic_data, tmp_path, monkeypatch, capsys):
+    """A step committed while group beta was not in step holds only alpha's files; beta
+    resumes from them: the same weights and data position, but noise of its own (reusing
+    alpha's noise state would make the two groups draw the same)."""
+    common = ["--config", "tiny", "--data", synthetic_data, "--steps", "8", "--batch-size", "8", "--warmup-steps", "3",
+              "--val-samples", "16", "--log-every", "100", "--outer-every", "2"]
+    monkeypatch.setenv("DROVER_GROUP", "alpha")
+    train.main(common + ["--ckpt-dir", str(tmp_path), "--ckpt-every", "4", "--stop-after-step", "4"])
+    with open(tmp_path / "4" / "trainer.rank0.json") as f:
+        assert json.load(f)["group"] == "alpha"
+    alpha = train.main(common + ["--resume-dir", str(tmp_path / "4")])
+    capsys.readouterr()
+    monkeypatch.setenv("DROVER_GROUP", "beta")
+    beta = train.main(common + ["--resume-dir", str(tmp_path / "4")])
+    assert "group beta resumes from group alpha's checkpoint files (it was not in step when step 4 was saved): fresh noise draws" in capsys.readouterr().out
+    assert sorted(beta.losses) == sorted(alpha.losses) == [5, 6, 7, 8]
+    # Same weights and batch, other noise: the first losses differ (alpha's own resume
+    # repeats its uninterrupted run to the bit, test_one_rank_outer_sync_resume_...).
+    assert abs(beta.losses[5] - alpha.losses[5]) > 1e-4
+    # Resuming as the group that wrote it keeps its noise: the same losses to the bit.
+    monkeypatch.setenv("DROVER_GROUP", "alpha")
+    again = train.main(common + ["--resume-dir", str(tmp_path / "4")])
+    assert again.losses == alpha.losses
+
+
 def test_outer_state_of_a_two_rank_checkpoint_is_joined_for_one_rank(tmp_path):
     """Resuming with another world size: every rank's outer shards are concatenated
     (FSDP2 splits dim 0 in rank order) like the model's."""
