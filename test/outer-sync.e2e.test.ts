@@ -172,6 +172,38 @@ describe("two local groups train one model through the bridge", { timeout: 600_0
     }
   });
 
+  it("keeps three groups on one model over mutual TLS (agreement round, reduce-scatter): every outer step has all three, the outer parameters identical", async () => {
+    const stateDir = join(scratch, "state-three");
+    const spec = join(scratch, "three.json");
+    await writeFile(spec, JSON.stringify({
+      name: "outer-three",
+      local: { groups: ["alpha", "beta", "gamma"].map((name) => ({ name, nodes: 1, ranksPerNode: 1 })) },
+    }));
+    try {
+      const up = await drover(stateDir, ["up", spec]);
+      expect(up.code, up.stdout + up.stderr).toBe(0);
+      const run = await drover(stateDir, ["submit", "--working-dir", at1Dir, "--", "python", "train.py",
+        "--config", "tiny", "--data", dataDir, "--steps", "8", "--batch-size", "8", "--warmup-steps", "2", "--lr", "2e-3",
+        "--outer-every", "4", "--outer-timeout", "120", "--val-samples", "32", "--log-every", "1"]);
+      expect(run.code, run.stdout + run.stderr).toBe(0);
+      const jobId = /submitted (\S+)/.exec(run.stdout)![1]!;
+      const log = await readFile(join(stateDir, "jobs", jobId, "output.log"), "utf8");
+      // The head has a CA (the default): every leader got a certificate and the bridge ran TLS.
+      for (const node of ["alpha-0", "beta-0", "gamma-0"]) expect(await readFile(join(stateDir, "workers", `${node}.log`), "utf8")).toMatch(/"tls":true/);
+      const checksums = outerChecksums(log);
+      for (const outerStep of [1, 2]) {
+        for (const rank of [0, 1, 2]) expect(log, log.slice(-4000)).toMatch(new RegExp(`\\[rank ${rank}\\] outer step ${outerStep}: groups alpha\\+beta\\+gamma`));
+        expect(new Set([0, 1, 2].map((rank) => checksums.get(rank)?.get(outerStep))).size, log.slice(-4000)).toBe(1);
+        expect(checksums.get(0)?.get(outerStep)).toMatch(/^[0-9a-f]{16}$/);
+      }
+    } finally {
+      const namespaces = await clusterNamespaces(stateDir);
+      const down = await drover(stateDir, ["down"]);
+      expect(down.code, down.stdout + down.stderr).toBe(0);
+      expect(namespacesLeft(namespaces)).toEqual([]);
+    }
+  });
+
   it("keeps both groups' outer parameters identical, lowers validation loss, and resumes exactly", async () => {
     const stateDir = join(scratch, "state");
     const spec = join(scratch, "groups.json");
