@@ -164,6 +164,10 @@ describe("two local groups train one model through the bridge", { timeout: 600_0
       const outerStep = (from + 4) / 4;
       expect(resumedChecksums.get(1)?.get(outerStep), resumedLog.slice(-4000)).toBe(resumedChecksums.get(0)?.get(outerStep));
       expect(resumedLog).toMatch(new RegExp(`\\[rank 0\\] outer step ${outerStep}: groups alpha\\+beta`));
+      // `drover ckpt ls` says which steps lack a group.
+      const listed = await drover(stateDir, ["ckpt", "ls", "--run", "kill"]);
+      expect(listed.stdout).toMatch(new RegExp(`step ${from}: .*groups alpha \\(without beta\\)`));
+      expect(listed.stdout).toMatch(/step \d+: .*groups alpha\+beta,/);
     } finally {
       const namespaces = await clusterNamespaces(stateDir);
       const down = await drover(stateDir, ["down"]);

@@ -72,7 +72,10 @@ function parseStep(value: string | undefined): number | undefined {
 
 function describeManifest(manifest: CheckpointManifest): string {
   const mib = (manifest.totalBytes / 2 ** 20).toFixed(1);
-  return `step ${manifest.step}: ${manifest.files.length} files, ${mib} MiB, world ${manifest.world.worldSize} ranks, committed ${new Date(manifest.committedAtMs).toISOString()}`;
+  const { groups, absentGroups } = manifest.world;
+  // A step of several groups committed while some group was away holds the others' files only.
+  const held = groups ? `, groups ${groups.join("+")}${absentGroups?.length ? ` (without ${absentGroups.join(", ")})` : ""}` : "";
+  return `step ${manifest.step}: ${manifest.files.length} files, ${mib} MiB, world ${manifest.world.worldSize} ranks${held}, committed ${new Date(manifest.committedAtMs).toISOString()}`;
 }
 
 export async function commandCkpt(args: string[]): Promise<number> {
