@@ -62,7 +62,7 @@ const trainArgs = (extra: string[]) => ["--working-dir", at1Dir, "--", "python",
   "--config", "tiny", "--data", dataDir, "--steps", String(STEPS), "--batch-size", "8", "--warmup-steps", "4", "--lr", "2e-3",
   "--outer-every", "4", "--ckpt-every", "8", "--val-every", "8", "--val-samples", "32", "--log-every", "1", ...extra];
 
-describe("two local groups train one model through the bridge", { timeout: 600_000 }, () => {
+describe("two local groups train one model through the bridge", { timeout: 780_000 }, () => {
   beforeAll(async () => {
     scratch = await mkdtemp(join(os.tmpdir(), "drover-outer-"));
     dataDir = join(scratch, "data");
@@ -116,7 +116,10 @@ describe("two local groups train one model through the bridge", { timeout: 600_0
       const final = await waitForValue(async () => {
         const current = await job();
         return current && ["succeeded", "failed", "stopped"].includes(current.state) ? current : undefined;
-      }, 300_000, "the job to end");
+      }, 420_000, "the job to end").catch(async (error: Error) => {
+        // What the job was doing is what a timeout needs to be understood.
+        throw new Error(`${error.message}; the job's output ends:\n${(await output().catch(() => "")).slice(-6000)}`);
+      });
       const log = await output();
       expect(final.state, `${JSON.stringify(final.failure)}\n${log.slice(-4000)}`).toBe("succeeded");
       // Only beta restarted: the job stayed in its first attempt.

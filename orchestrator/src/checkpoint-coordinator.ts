@@ -12,7 +12,8 @@ import type { Logger } from "./logger.js";
  * A job of several groups commits a step once every rank of each group in step reported
  * it (JobController.checkpointGroups): a group restarting, training alone or back only
  * after the step is not waited for, and its files are in the step only if all its ranks
- * reported it. The manifest names the groups it holds and those it lacks.
+ * reported it; a group split apart from the main group is never in it. The manifest
+ * names the groups it holds and those it lacks.
  */
 /** One commit try (it checks every object of the step) is abandoned after this long. */
 const COMMIT_TRY_TIMEOUT_MS = 120_000;
@@ -112,7 +113,7 @@ export class CheckpointCoordinator extends EventEmitter<CheckpointCoordinatorEve
       reports: ranks.map((rank) => byRank.get(rank)!),
       ranks,
       groups: held,
-      absentGroups: [...groups.required, ...groups.optional].filter((group) => !held.includes(group)).sort(),
+      absentGroups: [...groups.optional, ...groups.apart].filter((group) => !held.includes(group)).sort(),
     };
   }
 

@@ -169,7 +169,7 @@ export class ControlServer {
           else if (message.outerJoin) {
             const groups = message.outerJoin.inStepWith ?? [];
             const innerStep = Number(message.outerJoin.innerStep ?? 0);
-            if (groups.length <= 8 && groups.every((group) => group.length <= 64) && Number.isSafeInteger(innerStep)) jobs.onOuterJoin(workerId, message.outerJoin.jobId ?? "", groups, innerStep);
+            if (groups.length <= 8 && groups.every((group) => group.length <= 64) && Number.isSafeInteger(innerStep)) jobs.onOuterJoin(workerId, message.outerJoin.jobId ?? "", groups, innerStep, message.outerJoin.atJoin === true);
             else logger.warn("outer join report refused: more than 8 groups, a name over 64 characters or an inner step past 2^53", { workerId });
           }
         });

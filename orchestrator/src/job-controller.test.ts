@@ -306,6 +306,55 @@ describe("JobController: a group of a several-group job restarts alone", () => {
     }
   });
 
+  it("leaves out the files of a group split apart from the main group, and waits for it again once it took that group's state", async () => {
+    const { store, lines, save, cleanup } = await withStore("drover-split-group-");
+    try {
+      const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+      const beta = connect(registry, "beta-0", "b-1", "beta");
+      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-split" });
+      await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+      const wire = job.wireJobId;
+      // In step after an outer step: a step waits for both.
+      jobs.onOuterJoin(alpha.workerId, wire, ["alpha", "beta"], 0, false);
+      jobs.onOuterJoin(beta.workerId, wire, ["beta", "alpha"], 0, false);
+      await save(alpha, wire, "alpha", 10, [0, 1], "run-split");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(job.checkpointsCommitted).toEqual([]);
+      await save(beta, wire, "beta", 10, [0, 1], "run-split");
+      await until(() => job.checkpointsCommitted.includes(10), "step 10 to be committed with both");
+
+      // The link breaks and each goes on alone: two models. alpha (the lower index) is the
+      // job's; beta's step 20 is another model's and stays out even though complete.
+      jobs.onOuterJoin(alpha.workerId, wire, ["alpha"], 0, false);
+      jobs.onOuterJoin(beta.workerId, wire, ["beta"], 0, false);
+      expect(lines).toContain("group beta trains apart from group alpha (not in step with it): its checkpoints are left out until it takes that group's state");
+      await save(beta, wire, "beta", 20, [0, 1], "run-split");
+      await save(alpha, wire, "alpha", 20, [0, 1], "run-split");
+      await until(() => job.checkpointsCommitted.includes(20), "step 20 to be committed with alpha's files");
+      const twenty = await store.readManifest("run-split", 20);
+      expect(twenty?.world).toMatchObject({ groups: ["alpha"], absentGroups: ["beta"] });
+      expect(twenty?.files.map((file) => file.path)).toEqual(["group-alpha/model.rank0.pt", "group-alpha/model.rank1.pt"]);
+
+      // They meet again: beta takes alpha's state at inner step 30, never writes it, and
+      // is waited for from step 40 on.
+      jobs.onOuterJoin(beta.workerId, wire, ["beta", "alpha"], 30, true);
+      jobs.onOuterJoin(alpha.workerId, wire, ["alpha", "beta"], 0, false);
+      expect(lines).toContain("group beta is in step with group alpha again");
+      await save(alpha, wire, "alpha", 30, [0, 1], "run-split");
+      await until(() => job.checkpointsCommitted.includes(30), "step 30 to be committed without beta");
+      await save(alpha, wire, "alpha", 40, [0, 1], "run-split");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(job.checkpointsCommitted).not.toContain(40);
+      await save(beta, wire, "beta", 40, [0, 1], "run-split");
+      await until(() => job.checkpointsCommitted.includes(40), "step 40 to be committed with both");
+      expect(job.restarts).toEqual([]);
+      for (const node of [alpha, beta]) for (const rank of [0, 1]) jobs.onRankExit(node.workerId, { jobId: wire, rank, exitCode: 0 });
+      await until(() => job.state === "succeeded", "the job to succeed");
+    } finally {
+      await cleanup();
+    }
+  });
+
   it("leaves out the checkpoints of a group that came back but trains alone, and stops it when the other groups finish; one that took their state finishes with them", async () => {
     const { store, lines, save, cleanup } = await withStore("drover-alone-group-");
     try {

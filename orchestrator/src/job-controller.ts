@@ -153,6 +153,8 @@ interface JobEvents {
 export interface CheckpointGroups {
   required: string[];
   optional: string[];
+  /** Groups training apart from the job's model (a split): their files are never in the step. */
+  apart: string[];
 }
 
 /** An earlier attempt being stopped before the next one starts. */
@@ -229,6 +231,14 @@ export class JobController extends EventEmitter<JobEvents> {
    * at (OuterJoin). The groups that trained on commit those steps without it.
    */
   private readonly groupsBackAfter = new Map<string, Map<string, number>>();
+  /**
+   * jobId -> group -> the groups its leader last said it is in step with (OuterJoin, at
+   * joins and when an outer step's groups change). Groups split apart (a broken link)
+   * each train on; the one with the lowest index among those training is the job's model
+   * (the bridge has the higher index take the lower's state when they meet again), and a
+   * group not in step with it trains apart.
+   */
+  private readonly inStepWith = new Map<string, Map<string, readonly string[]>>();
   /** jobId -> group -> its restart on its own, while it lasts. */
   private readonly groupRestarts = new Map<string, Map<string, GroupRestart>>();
   private groupRestartCount = 0;
@@ -709,44 +719,79 @@ export class JobController extends EventEmitter<JobEvents> {
   }
 
   /**
-   * A group restarted alone joined the outer steps (OuterSync.join): in step with
-   * `inStepWith` (its own group first). Alone, it trains on its own state; once another
-   * group is in step with it, it is one model with them again.
+   * A group's leader says whom it is in step with (`inStepWith`, its own group first): at
+   * a join (OuterSync.join; `innerStep` is where it goes on from) or after an outer step
+   * whose groups changed. A group restarted alone whose join found nobody trains on its
+   * own state; a group not in step with the main group (a split) trains apart; both are
+   * one model with the others again once they take their state.
    */
-  onOuterJoin(workerId: string, wireJobId: string, inStepWith: readonly string[], innerStep: number): void {
+  onOuterJoin(workerId: string, wireJobId: string, inStepWith: readonly string[], innerStep: number, atJoin = true): void {
     const job = this.current(wireJobId);
     const assignment = job ? this.fromCurrentRun(job, workerId, wireJobId) : undefined;
-    if (!job || !assignment || job.state !== "running" || assignment.groupRank !== 0 || !job.groupWireIds?.[assignment.group]) return;
-    const alone = this.joinedAlone.get(job.jobId) ?? new Set<string>();
-    this.joinedAlone.set(job.jobId, alone);
-    if (inStepWith.some((group) => group !== assignment.group)) {
-      if (alone.delete(assignment.group)) this.log(job, `group ${assignment.group} is in step with ${inStepWith.filter((group) => group !== assignment.group).join(", ")} again`);
+    if (!job || !assignment || job.state !== "running" || assignment.groupRank !== 0) return;
+    const group = assignment.group;
+    const known = this.inStepWith.get(job.jobId) ?? new Map<string, readonly string[]>();
+    this.inStepWith.set(job.jobId, known);
+    const wasApart = this.apartGroups(job);
+    known.set(group, [...inStepWith]);
+    const withOthers = inStepWith.some((other) => other !== group);
+    if (atJoin && withOthers) {
+      // It took the others' state at `innerStep` (or started with them there): it never
+      // writes the steps up to it.
       const backAfter = this.groupsBackAfter.get(job.jobId) ?? new Map<string, number>();
       this.groupsBackAfter.set(job.jobId, backAfter);
-      backAfter.set(assignment.group, Math.max(backAfter.get(assignment.group) ?? 0, innerStep));
-      this.emit("checkpointGroupsChanged", job);
-      return;
+      backAfter.set(group, Math.max(backAfter.get(group) ?? 0, innerStep));
     }
-    alone.add(assignment.group);
+    // Whether a group restarted alone trains alone is decided by what its join found.
+    const alone = this.joinedAlone.get(job.jobId) ?? new Set<string>();
+    this.joinedAlone.set(job.jobId, alone);
+    if (atJoin && job.groupWireIds?.[group]) {
+      if (!withOthers) alone.add(group);
+      else if (alone.delete(group)) this.log(job, `group ${group} is in step with ${inStepWith.filter((other) => other !== group).join(", ")} again`);
+    }
+    const apart = this.apartGroups(job);
+    for (const split of apart.filter((candidate) => !wasApart.includes(candidate))) {
+      this.log(job, `group ${split} trains apart from group ${this.mainGroup(job)} (not in step with it): its checkpoints are left out until it takes that group's state`);
+    }
+    for (const merged of wasApart.filter((candidate) => !apart.includes(candidate))) {
+      if (known.get(merged)?.includes(this.mainGroup(job) ?? "")) this.log(job, `group ${merged} is in step with group ${this.mainGroup(job)} again`);
+    }
     this.emit("checkpointGroupsChanged", job);
-    if (this.othersFinished(job)) this.giveUpGroupRestarts(job);
+    if (alone.has(group) && this.othersFinished(job)) this.giveUpGroupRestarts(job);
   }
 
   /**
    * The groups checkpoint `step` of a several-group job is committed with (undefined for
    * one group: every rank). A group restarting on its own, training alone, stopped at the
    * end, or back only after the step is optional: the groups that trained on commit it
-   * without waiting for files that never come. The groups share one model after each
-   * outer step; a group missing from a step starts from another group's files when the
-   * run resumes there.
+   * without waiting for files that never come. A group training apart (split from the
+   * main group) is never in it: its files hold another model. The groups share one model
+   * after each outer step; a group missing from a step starts from another group's files
+   * when the run resumes there.
    */
   checkpointGroups(job: JobRecord, step: number): CheckpointGroups | undefined {
     const groups = [...new Set(job.assignments.map((assignment) => assignment.group))].sort();
     if (groups.length < 2) return undefined;
+    const apart = this.apartGroups(job);
     const away = new Set([...this.absentGroups(job), ...(this.absentAtEnd.get(job.jobId) ?? [])]);
     const backAfter = this.groupsBackAfter.get(job.jobId);
-    const optional = groups.filter((group) => away.has(group) || (backAfter?.get(group) ?? -1) >= step);
-    return { required: groups.filter((group) => !optional.includes(group)), optional };
+    const optional = groups.filter((group) => !apart.includes(group) && (away.has(group) || (backAfter?.get(group) ?? -1) >= step));
+    return { required: groups.filter((group) => !optional.includes(group) && !apart.includes(group)), optional, apart };
+  }
+
+  /** The group whose model is the job's: the lowest-index group training (not restarting, not alone after a restart). */
+  private mainGroup(job: JobRecord): string | undefined {
+    const away = new Set(this.absentGroups(job));
+    return [...new Set(job.assignments.map((assignment) => assignment.group))].sort().find((group) => !away.has(group));
+  }
+
+  /** Groups that said they are in step with others, but not with the main group. */
+  private apartGroups(job: JobRecord): string[] {
+    const main = this.mainGroup(job);
+    const known = this.inStepWith.get(job.jobId);
+    if (main === undefined || !known) return [];
+    const away = new Set(this.absentGroups(job));
+    return [...known.entries()].filter(([group, groups]) => group !== main && !away.has(group) && !groups.includes(main)).map(([group]) => group).sort();
   }
 
   /** The job's global ranks of one group, ascending. */
@@ -954,6 +999,7 @@ export class JobController extends EventEmitter<JobEvents> {
     this.groupRestarts.set(job.jobId, restarts);
     restarts.set(group, entry);
     job.groupsRestarting = [...restarts.keys()];
+    this.inStepWith.get(job.jobId)?.delete(group); // its next run says anew
     this.emit("checkpointGroupsChanged", job);
     this.emit("changed", job);
     for (const assignment of members) {
@@ -1072,6 +1118,7 @@ export class JobController extends EventEmitter<JobEvents> {
     this.groupRestarts.delete(job.jobId);
     this.joinedAlone.delete(job.jobId);
     this.groupsBackAfter.delete(job.jobId);
+    this.inStepWith.delete(job.jobId);
     job.groupsRestarting = [];
     const waiting = new Set<number>();
     for (const assignment of job.assignments) {
@@ -1140,6 +1187,7 @@ export class JobController extends EventEmitter<JobEvents> {
     this.absentAtEnd.delete(job.jobId);
     this.joinedAlone.delete(job.jobId);
     this.groupsBackAfter.delete(job.jobId);
+    this.inStepWith.delete(job.jobId);
     this.adopting.delete(job.jobId);
     this.replayFloors.delete(job.jobId);
     this.replayedOutputTail.delete(job.jobId);

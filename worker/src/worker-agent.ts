@@ -510,13 +510,24 @@ export class WorkerAgent {
       if (!bridge.closed) this.agentLog(jobId, `${what} failed: ${error.message}`);
       throw error;
     };
+    // The head keeps which groups each group is in step with (the checkpoints a step waits
+    // for depend on it): told at every join, and after an outer step whose groups differ
+    // from the last told (a group left, or came back).
+    let toldInStep = "";
+    const tellInStep = (groups: readonly string[], innerStep: number, atJoin: boolean) => {
+      const key = [...groups].sort().join("+");
+      if (!atJoin && key === toldInStep) return;
+      toldInStep = key;
+      this.send({ outerJoin: { jobId, group: job.group ?? "", inStepWith: [...groups], innerStep, atJoin } });
+    };
     try {
       const socket = await OuterSyncSocketServer.listen(agentSocketPath(this.options.stateDir, `${jobId}-outer`), {
-        exchange: (request) => bridge.exchange(request).catch(told(`outer step ${request.outerStep}`)),
+        exchange: (request) => bridge.exchange(request).then((answer) => {
+          tellInStep(answer.groups, 0, false);
+          return answer;
+        }, told(`outer step ${request.outerStep}`)),
         join: (request) => bridge.join(request).then((answer) => {
-          // The head keeps whether a group restarted alone is one model with the others again.
-          const innerStep = answer.mode === "state" ? answer.state.innerStep : request.innerStep;
-          this.send({ outerJoin: { jobId, group: job.group ?? "", inStepWith: [...answer.groups], innerStep } });
+          tellInStep(answer.groups, answer.mode === "state" ? answer.state.innerStep : request.innerStep, true);
           return answer;
         }, told(`joining at outer step ${request.outerStep}`)),
         shareState: (request) => bridge.shareState(request).catch(told(`sending the outer state of step ${request.outerStep}`)),
