@@ -355,6 +355,43 @@ describe("JobController: a group of a several-group job restarts alone", () => {
     }
   });
 
+  it("keeps the group that trained on as the job's model while the lowest-index group restarts, and both once it took their state", async () => {
+    const { store, save, cleanup } = await withStore("drover-main-restart-");
+    try {
+      const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+      const beta = connect(registry, "beta-0", "b-1", "beta");
+      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-main" });
+      await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+      const wire = job.wireJobId;
+      jobs.onOuterJoin(alpha.workerId, wire, ["alpha", "beta"], 0, false);
+      jobs.onOuterJoin(beta.workerId, wire, ["beta", "alpha"], 0, false);
+      // alpha (index 0) is lost; beta trains on alone and its steps are the job's.
+      registry.declareLost(alpha.workerId, "its machine is gone");
+      jobs.onOuterJoin(beta.workerId, wire, ["beta"], 0, false);
+      await save(beta, wire, "beta", 20, [0, 1], "run-main");
+      await until(() => job.checkpointsCommitted.includes(20), "step 20 to be committed with beta's files");
+      const alpha2 = connect(registry, "alpha-0", "a-2", "alpha");
+      await until(() => starts(alpha2).length === 1, "alpha to start again");
+      const alphaWire = starts(alpha2)[0]!.jobId!;
+      // Started again from 20 but not joined yet: beta is still the job's model, and its
+      // step 30 waits for alpha, which may still write it.
+      await save(beta, wire, "beta", 30, [0, 1], "run-main");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(job.checkpointsCommitted).not.toContain(30);
+      // alpha takes beta's state at inner step 40: it never writes 30, and beta, whose
+      // last word left alpha out, is in step with it (not apart).
+      jobs.onOuterJoin(alpha2.workerId, alphaWire, ["alpha", "beta"], 40, true);
+      await until(() => job.checkpointsCommitted.includes(30), "step 30 to be committed with beta's files");
+      expect((await store.readManifest("run-main", 30))?.world).toMatchObject({ groups: ["beta"], absentGroups: ["alpha"] });
+      await save(alpha2, alphaWire, "alpha", 50, [0, 1], "run-main");
+      await save(beta, wire, "beta", 50, [0, 1], "run-main");
+      await until(() => job.checkpointsCommitted.includes(50), "step 50 to be committed");
+      expect((await store.readManifest("run-main", 50))?.world).toMatchObject({ groups: ["alpha", "beta"], absentGroups: [] });
+    } finally {
+      await cleanup();
+    }
+  });
+
   it("leaves out the checkpoints of a group that came back but trains alone, and stops it when the other groups finish; one that took their state finishes with them", async () => {
     const { store, lines, save, cleanup } = await withStore("drover-alone-group-");
     try {

@@ -741,6 +741,12 @@ export class JobController extends EventEmitter<JobEvents> {
       const backAfter = this.groupsBackAfter.get(job.jobId) ?? new Map<string, number>();
       this.groupsBackAfter.set(job.jobId, backAfter);
       backAfter.set(group, Math.max(backAfter.get(group) ?? 0, innerStep));
+      // Those groups are in step with it from now on; their own word comes only with
+      // their next outer step, and until then their last one leaves it out.
+      for (const other of inStepWith) {
+        const theirs = known.get(other);
+        if (other !== group && theirs && !theirs.includes(group)) known.set(other, [...theirs, group]);
+      }
     }
     // Whether a group restarted alone trains alone is decided by what its join found.
     const alone = this.joinedAlone.get(job.jobId) ?? new Set<string>();
@@ -779,10 +785,19 @@ export class JobController extends EventEmitter<JobEvents> {
     return { required: groups.filter((group) => !optional.includes(group) && !apart.includes(group)), optional, apart };
   }
 
-  /** The group whose model is the job's: the lowest-index group training (not restarting, not alone after a restart). */
+  /**
+   * The group whose model is the job's: the lowest-index group training, that is not
+   * restarting, not alone after a restart, and not started again but yet to join.
+   */
   private mainGroup(job: JobRecord): string | undefined {
-    const away = new Set(this.absentGroups(job));
+    const away = this.groupsNotTraining(job);
     return [...new Set(job.assignments.map((assignment) => assignment.group))].sort().find((group) => !away.has(group));
+  }
+
+  private groupsNotTraining(job: JobRecord): Set<string> {
+    const known = this.inStepWith.get(job.jobId);
+    const awaitingJoin = Object.keys(job.groupWireIds ?? {}).filter((group) => known !== undefined && !known.has(group));
+    return new Set([...this.absentGroups(job), ...awaitingJoin]);
   }
 
   /** Groups that said they are in step with others, but not with the main group. */
@@ -790,7 +805,7 @@ export class JobController extends EventEmitter<JobEvents> {
     const main = this.mainGroup(job);
     const known = this.inStepWith.get(job.jobId);
     if (main === undefined || !known) return [];
-    const away = new Set(this.absentGroups(job));
+    const away = this.groupsNotTraining(job);
     return [...known.entries()].filter(([group, groups]) => group !== main && !away.has(group) && !groups.includes(main)).map(([group]) => group).sort();
   }
 
