@@ -334,6 +334,16 @@ describe("JobController: a group of a several-group job restarts alone", () => {
       const twenty = await store.readManifest("run-split", 20);
       expect(twenty?.world).toMatchObject({ groups: ["alpha"], absentGroups: ["beta"] });
       expect(twenty?.files.map((file) => file.path)).toEqual(["group-alpha/model.rank0.pt", "group-alpha/model.rank1.pt"]);
+      // A head that takes the job over (cluster.json) knows the split too.
+      const nextRegistry = new WorkerRegistry({ heartbeatTimeoutMs: 60_000, logger: silentLogger });
+      const nextHead = new JobController({ registry: nextRegistry, allocateMasterPort: async () => 29_500, workerWaitTimeoutMs: 5_000, stopGraceMs: 50, logger: silentLogger });
+      try {
+        const adopted = nextHead.adoptInterrupted(JSON.parse(JSON.stringify(job)) as JobRecord, new Map());
+        expect(nextHead.checkpointGroups(adopted, 25)).toEqual({ required: ["alpha"], optional: [], apart: ["beta"] });
+      } finally {
+        nextHead.dispose();
+        nextRegistry.stop();
+      }
 
       // They meet again: beta takes alpha's state at inner step 30, never writes it, and
       // is waited for from step 40 on.

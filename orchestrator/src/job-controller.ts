@@ -103,6 +103,21 @@ export interface JobRecord {
   groupWireIds?: Record<string, string>;
   /** Groups restarting on their own right now (the others train on). */
   groupsRestarting?: string[];
+  /**
+   * Several groups: per group restarted on its own, the step up to which it writes no
+   * checkpoint (the step it started again from, then the inner step it joined the others
+   * at, OuterJoin); the groups that trained on commit those steps without it. Kept in
+   * the record so that a head taking the job over knows it.
+   */
+  groupsBackAfter?: Record<string, number>;
+  /**
+   * Several groups: per group, the groups its leader last said it is in step with
+   * (OuterJoin, at joins and when an outer step's groups change). Groups split apart (a
+   * broken link) each train on; the lowest-index group training is the job's model (the
+   * bridge has the higher index take the lower's state when they meet again), and a group
+   * not in step with it trains apart.
+   */
+  groupsInStep?: Record<string, string[]>;
 }
 
 /** One group of a several-group job restarting on its own. */
@@ -225,20 +240,6 @@ export class JobController extends EventEmitter<JobEvents> {
    * reaches them. Trainers that never join (no OuterSync) are never listed.
    */
   private readonly joinedAlone = new Map<string, Set<string>>();
-  /**
-   * jobId -> group -> the step up to which a group restarted on its own writes no
-   * checkpoint: the step it started again from, then the inner step it joined the others
-   * at (OuterJoin). The groups that trained on commit those steps without it.
-   */
-  private readonly groupsBackAfter = new Map<string, Map<string, number>>();
-  /**
-   * jobId -> group -> the groups its leader last said it is in step with (OuterJoin, at
-   * joins and when an outer step's groups change). Groups split apart (a broken link)
-   * each train on; the one with the lowest index among those training is the job's model
-   * (the bridge has the higher index take the lower's state when they meet again), and a
-   * group not in step with it trains apart.
-   */
-  private readonly inStepWith = new Map<string, Map<string, readonly string[]>>();
   /** jobId -> group -> its restart on its own, while it lasts. */
   private readonly groupRestarts = new Map<string, Map<string, GroupRestart>>();
   private groupRestartCount = 0;
@@ -353,6 +354,8 @@ export class JobController extends EventEmitter<JobEvents> {
     };
     delete job.failure;
     delete job.endedAtMs;
+    delete job.groupsBackAfter;
+    delete job.groupsInStep;
     this.jobs.set(job.jobId, job);
     this.byWireId.set(job.wireJobId, job);
     // The dead head's attempt, if this head had taken it up first: its late messages are not this attempt's.
@@ -550,6 +553,8 @@ export class JobController extends EventEmitter<JobEvents> {
     else this.bridgeSecrets.delete(job.jobId);
     job.groupWireIds = {};
     job.groupsRestarting = [];
+    delete job.groupsBackAfter;
+    delete job.groupsInStep;
     if (bridgeSecret) {
       const without = job.assignments.filter((assignment) => assignment.groupRank === 0 && !assignment.bridgeAddress);
       if (without.length > 0) {
@@ -730,22 +735,20 @@ export class JobController extends EventEmitter<JobEvents> {
     const assignment = job ? this.fromCurrentRun(job, workerId, wireJobId) : undefined;
     if (!job || !assignment || job.state !== "running" || assignment.groupRank !== 0) return;
     const group = assignment.group;
-    const known = this.inStepWith.get(job.jobId) ?? new Map<string, readonly string[]>();
-    this.inStepWith.set(job.jobId, known);
+    const known = (job.groupsInStep ??= {});
     const wasApart = this.apartGroups(job);
-    known.set(group, [...inStepWith]);
+    known[group] = [...inStepWith];
     const withOthers = inStepWith.some((other) => other !== group);
     if (atJoin && withOthers) {
       // It took the others' state at `innerStep` (or started with them there): it never
       // writes the steps up to it.
-      const backAfter = this.groupsBackAfter.get(job.jobId) ?? new Map<string, number>();
-      this.groupsBackAfter.set(job.jobId, backAfter);
-      backAfter.set(group, Math.max(backAfter.get(group) ?? 0, innerStep));
+      const backAfter = (job.groupsBackAfter ??= {});
+      backAfter[group] = Math.max(backAfter[group] ?? 0, innerStep);
       // Those groups are in step with it from now on; their own word comes only with
       // their next outer step, and until then their last one leaves it out.
       for (const other of inStepWith) {
-        const theirs = known.get(other);
-        if (other !== group && theirs && !theirs.includes(group)) known.set(other, [...theirs, group]);
+        const theirs = known[other];
+        if (other !== group && theirs && !theirs.includes(group)) known[other] = [...theirs, group];
       }
     }
     // Whether a group restarted alone trains alone is decided by what its join found.
@@ -760,7 +763,7 @@ export class JobController extends EventEmitter<JobEvents> {
       this.log(job, `group ${split} trains apart from group ${this.mainGroup(job)} (not in step with it): its checkpoints are left out until it takes that group's state`);
     }
     for (const merged of wasApart.filter((candidate) => !apart.includes(candidate))) {
-      if (known.get(merged)?.includes(this.mainGroup(job) ?? "")) this.log(job, `group ${merged} is in step with group ${this.mainGroup(job)} again`);
+      if (known[merged]?.includes(this.mainGroup(job) ?? "")) this.log(job, `group ${merged} is in step with group ${this.mainGroup(job)} again`);
     }
     this.emit("checkpointGroupsChanged", job);
     if (alone.has(group) && this.othersFinished(job)) this.giveUpGroupRestarts(job);
@@ -780,8 +783,7 @@ export class JobController extends EventEmitter<JobEvents> {
     if (groups.length < 2) return undefined;
     const apart = this.apartGroups(job);
     const away = new Set([...this.absentGroups(job), ...(this.absentAtEnd.get(job.jobId) ?? [])]);
-    const backAfter = this.groupsBackAfter.get(job.jobId);
-    const optional = groups.filter((group) => !apart.includes(group) && (away.has(group) || (backAfter?.get(group) ?? -1) >= step));
+    const optional = groups.filter((group) => !apart.includes(group) && (away.has(group) || (job.groupsBackAfter?.[group] ?? -1) >= step));
     return { required: groups.filter((group) => !optional.includes(group) && !apart.includes(group)), optional, apart };
   }
 
@@ -795,18 +797,18 @@ export class JobController extends EventEmitter<JobEvents> {
   }
 
   private groupsNotTraining(job: JobRecord): Set<string> {
-    const known = this.inStepWith.get(job.jobId);
-    const awaitingJoin = Object.keys(job.groupWireIds ?? {}).filter((group) => known !== undefined && !known.has(group));
+    const known = job.groupsInStep;
+    const awaitingJoin = Object.keys(job.groupWireIds ?? {}).filter((group) => known !== undefined && known[group] === undefined);
     return new Set([...this.absentGroups(job), ...awaitingJoin]);
   }
 
   /** Groups that said they are in step with others, but not with the main group. */
   private apartGroups(job: JobRecord): string[] {
     const main = this.mainGroup(job);
-    const known = this.inStepWith.get(job.jobId);
+    const known = job.groupsInStep;
     if (main === undefined || !known) return [];
     const away = this.groupsNotTraining(job);
-    return [...known.entries()].filter(([group, groups]) => group !== main && !away.has(group) && !groups.includes(main)).map(([group]) => group).sort();
+    return Object.entries(known).filter(([group, groups]) => group !== main && !away.has(group) && !groups.includes(main)).map(([group]) => group).sort();
   }
 
   /** The job's global ranks of one group, ascending. */
@@ -1014,7 +1016,7 @@ export class JobController extends EventEmitter<JobEvents> {
     this.groupRestarts.set(job.jobId, restarts);
     restarts.set(group, entry);
     job.groupsRestarting = [...restarts.keys()];
-    this.inStepWith.get(job.jobId)?.delete(group); // its next run says anew
+    if (job.groupsInStep) delete job.groupsInStep[group]; // its next run says anew
     this.emit("checkpointGroupsChanged", job);
     this.emit("changed", job);
     for (const assignment of members) {
@@ -1086,9 +1088,8 @@ export class JobController extends EventEmitter<JobEvents> {
     this.groupRestarts.get(job.jobId)!.delete(entry.group);
     job.groupsRestarting = [...(this.groupRestarts.get(job.jobId)?.keys() ?? [])];
     // Steps up to its resume step are the other groups' to commit; its join moves this on.
-    const backAfter = this.groupsBackAfter.get(job.jobId) ?? new Map<string, number>();
-    this.groupsBackAfter.set(job.jobId, backAfter);
-    backAfter.set(entry.group, Math.max(backAfter.get(entry.group) ?? 0, entry.resumeStep ?? 0));
+    const backAfter = (job.groupsBackAfter ??= {});
+    backAfter[entry.group] = Math.max(backAfter[entry.group] ?? 0, entry.resumeStep ?? 0);
     const now = this.now();
     const progress = this.progress.get(job.jobId);
     for (const rank of this.globalRanksOf(job, entry.group)) progress?.set(rank, { lastMs: now, stepIntervals: [] });
@@ -1132,8 +1133,8 @@ export class JobController extends EventEmitter<JobEvents> {
     }
     this.groupRestarts.delete(job.jobId);
     this.joinedAlone.delete(job.jobId);
-    this.groupsBackAfter.delete(job.jobId);
-    this.inStepWith.delete(job.jobId);
+    delete job.groupsBackAfter;
+    delete job.groupsInStep;
     job.groupsRestarting = [];
     const waiting = new Set<number>();
     for (const assignment of job.assignments) {
@@ -1201,8 +1202,6 @@ export class JobController extends EventEmitter<JobEvents> {
     this.progress.delete(job.jobId);
     this.absentAtEnd.delete(job.jobId);
     this.joinedAlone.delete(job.jobId);
-    this.groupsBackAfter.delete(job.jobId);
-    this.inStepWith.delete(job.jobId);
     this.adopting.delete(job.jobId);
     this.replayFloors.delete(job.jobId);
     this.replayedOutputTail.delete(job.jobId);
