@@ -38,6 +38,14 @@ function namespacesLeft(names: string[]): string[] {
   return names.filter((name) => listed.has(name));
 }
 
+/** `drover down`, which must succeed and leave none of the cluster's namespaces behind. */
+async function downCluster(stateDir: string): Promise<void> {
+  const namespaces = await clusterNamespaces(stateDir);
+  const down = await drover(stateDir, ["down"]);
+  expect(down.code, down.stdout + down.stderr).toBe(0);
+  expect(namespacesLeft(namespaces)).toEqual([]);
+}
+
 /** `[rank R] outer step K: ... checksum H` lines: global rank -> outer step -> checksum. */
 function outerChecksums(stdout: string): Map<number, Map<number, string>> {
   const byRank = new Map<number, Map<number, string>>();
@@ -172,10 +180,7 @@ describe("two local groups train one model through the bridge", { timeout: 780_0
       expect(listed.stdout).toMatch(new RegExp(`step ${from}: .*groups alpha \\(without beta\\)`));
       expect(listed.stdout).toMatch(/step \d+: .*groups alpha\+beta,/);
     } finally {
-      const namespaces = await clusterNamespaces(stateDir);
-      const down = await drover(stateDir, ["down"]);
-      expect(down.code, down.stdout + down.stderr).toBe(0);
-      expect(namespacesLeft(namespaces)).toEqual([]);
+      await downCluster(stateDir);
     }
   });
 
@@ -204,10 +209,7 @@ describe("two local groups train one model through the bridge", { timeout: 780_0
         expect(checksums.get(0)?.get(outerStep)).toMatch(/^[0-9a-f]{16}$/);
       }
     } finally {
-      const namespaces = await clusterNamespaces(stateDir);
-      const down = await drover(stateDir, ["down"]);
-      expect(down.code, down.stdout + down.stderr).toBe(0);
-      expect(namespacesLeft(namespaces)).toEqual([]);
+      await downCluster(stateDir);
     }
   });
 

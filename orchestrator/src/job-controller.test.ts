@@ -239,16 +239,21 @@ describe("JobController: a group of a several-group job restarts alone", () => {
       store.close();
       await rm(root, { recursive: true, force: true });
     };
-    return { store, lines, save, cleanup };
+    /** Nodes alpha-0 and beta-0, one group each, running one job of run `runId`. */
+    const startTwoGroups = async (runId: string) => {
+      const alpha = connect(registry, "alpha-0", "a-1", "alpha");
+      const beta = connect(registry, "beta-0", "b-1", "beta");
+      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId });
+      await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+      return { alpha, beta, job };
+    };
+    return { store, lines, save, cleanup, startTwoGroups };
   }
 
   it("commits the steps of a group that went away without it, waits for it again past the step it rejoined at, and succeeds when it is still away at the end", async () => {
-    const { store, lines, save, cleanup } = await withStore("drover-absent-group-");
+    const { store, lines, save, cleanup, startTwoGroups } = await withStore("drover-absent-group-");
     try {
-      const alpha = connect(registry, "alpha-0", "a-1", "alpha");
-      const beta = connect(registry, "beta-0", "b-1", "beta");
-      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-away" });
-      await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+      const { alpha, beta, job } = await startTwoGroups("run-away");
       // Both groups in step: step 10 waits for beta's ranks too.
       await save(alpha, job.jobId, "alpha", 10, [0, 1], "run-away");
       await new Promise((resolve) => setTimeout(resolve, 50));
@@ -307,12 +312,9 @@ describe("JobController: a group of a several-group job restarts alone", () => {
   });
 
   it("leaves out the files of a group split apart from the main group, and waits for it again once it took that group's state", async () => {
-    const { store, lines, save, cleanup } = await withStore("drover-split-group-");
+    const { store, lines, save, cleanup, startTwoGroups } = await withStore("drover-split-group-");
     try {
-      const alpha = connect(registry, "alpha-0", "a-1", "alpha");
-      const beta = connect(registry, "beta-0", "b-1", "beta");
-      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-split" });
-      await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+      const { alpha, beta, job } = await startTwoGroups("run-split");
       const wire = job.wireJobId;
       // In step after an outer step: a step waits for both.
       jobs.onOuterJoin(alpha.workerId, wire, ["alpha", "beta"], 0, false);
@@ -366,12 +368,9 @@ describe("JobController: a group of a several-group job restarts alone", () => {
   });
 
   it("keeps the group that trained on as the job's model while the lowest-index group restarts, and both once it took their state", async () => {
-    const { store, save, cleanup } = await withStore("drover-main-restart-");
+    const { store, save, cleanup, startTwoGroups } = await withStore("drover-main-restart-");
     try {
-      const alpha = connect(registry, "alpha-0", "a-1", "alpha");
-      const beta = connect(registry, "beta-0", "b-1", "beta");
-      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-main" });
-      await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+      const { alpha, beta, job } = await startTwoGroups("run-main");
       const wire = job.wireJobId;
       jobs.onOuterJoin(alpha.workerId, wire, ["alpha", "beta"], 0, false);
       jobs.onOuterJoin(beta.workerId, wire, ["beta", "alpha"], 0, false);
@@ -403,12 +402,9 @@ describe("JobController: a group of a several-group job restarts alone", () => {
   });
 
   it("leaves out the checkpoints of a group that came back but trains alone, and stops it when the other groups finish; one that took their state finishes with them", async () => {
-    const { store, lines, save, cleanup } = await withStore("drover-alone-group-");
+    const { store, lines, save, cleanup, startTwoGroups } = await withStore("drover-alone-group-");
     try {
-      const alpha = connect(registry, "alpha-0", "a-1", "alpha");
-      const beta = connect(registry, "beta-0", "b-1", "beta");
-      const job = jobs.submit({ command: ["python", "train.py"], workingDir: "/tmp", env: {}, nodes: 2, runId: "run-alone" });
-      await until(() => starts(alpha).length === 1 && starts(beta).length === 1, "the job to start");
+      const { alpha, beta, job } = await startTwoGroups("run-alone");
       const beta2 = connect(registry, "beta-0", "b-2", "beta");
       await until(() => starts(beta2).length === 1, "beta to start again");
       const betaWire = starts(beta2)[0]!.jobId!;

@@ -172,6 +172,11 @@ export interface CheckpointGroups {
   apart: string[];
 }
 
+/** The job's groups by name, which is their index order. */
+function groupsOf(job: JobRecord): string[] {
+  return [...new Set(job.assignments.map((assignment) => assignment.group))].sort();
+}
+
 /** An earlier attempt being stopped before the next one starts. */
 interface DrainingAttempt {
   wireJobId: string;
@@ -541,7 +546,7 @@ export class JobController extends EventEmitter<JobEvents> {
     const groupCount = job.assignments[0]?.groupCount ?? 1;
     // One certificate per group of this attempt's bridge id, issued before any leader is
     // told to start: a leader without its certificate could not take part in outer steps.
-    const certificates = groupCount > 1 ? await this.deps.issueBridgeCertificates?.(job.wireJobId, [...new Set(job.assignments.map((assignment) => assignment.group))]) : undefined;
+    const certificates = groupCount > 1 ? await this.deps.issueBridgeCertificates?.(job.wireJobId, groupsOf(job)) : undefined;
     // Cancelled while the ports and certificates were being made: nothing to start.
     if (job.state !== "pending") return;
     if (certificates) this.bridgeCertificates.set(job.jobId, certificates);
@@ -655,12 +660,13 @@ export class JobController extends EventEmitter<JobEvents> {
     const job = this.current(report.jobId);
     // Reports of a failed attempt never count: its ranks may not all have written the step.
     // A finishing job still takes them: agents report a rank's exit only after its uploads.
-    if (!job || (job.state !== "running" && job.state !== "finishing") || !this.fromCurrentRun(job, workerId, report.jobId)) return;
+    const assignment = job && (job.state === "running" || job.state === "finishing") ? this.fromCurrentRun(job, workerId, report.jobId) : undefined;
+    if (!job || !assignment) return;
     // Sent again to this head after the previous one died: a committed step needs nothing more.
     if (replayed && job.checkpointsCommitted.includes(Number(report.step ?? 0))) return;
     const rank = this.globalRank(job, workerId, report.rank ?? 0);
-    const group = job.assignments.find((candidate) => candidate.workerId === workerId)?.group;
-    if (group !== undefined && (this.joinedAlone.get(job.jobId)?.has(group) || this.absentAtEnd.get(job.jobId)?.includes(group))) {
+    const group = assignment.group;
+    if (this.joinedAlone.get(job.jobId)?.has(group) || this.absentAtEnd.get(job.jobId)?.includes(group)) {
       // Its files hold a model of its own (an older checkpoint trained on alone): never
       // part of the job's checkpoint, which the other groups commit without it.
       this.log(job, `checkpoint step ${Number(report.step ?? 0)} of rank ${rank} is left out: group ${group} trains alone on its own state`);
@@ -779,7 +785,7 @@ export class JobController extends EventEmitter<JobEvents> {
    * when the run resumes there.
    */
   checkpointGroups(job: JobRecord, step: number): CheckpointGroups | undefined {
-    const groups = [...new Set(job.assignments.map((assignment) => assignment.group))].sort();
+    const groups = groupsOf(job);
     if (groups.length < 2) return undefined;
     const apart = this.apartGroups(job);
     const away = new Set([...this.absentGroups(job), ...(this.absentAtEnd.get(job.jobId) ?? [])]);
@@ -793,7 +799,7 @@ export class JobController extends EventEmitter<JobEvents> {
    */
   private mainGroup(job: JobRecord): string | undefined {
     const away = this.groupsNotTraining(job);
-    return [...new Set(job.assignments.map((assignment) => assignment.group))].sort().find((group) => !away.has(group));
+    return groupsOf(job).find((group) => !away.has(group));
   }
 
   private groupsNotTraining(job: JobRecord): Set<string> {
@@ -811,10 +817,6 @@ export class JobController extends EventEmitter<JobEvents> {
     return Object.entries(known).filter(([group, groups]) => group !== main && !away.has(group) && !groups.includes(main)).map(([group]) => group).sort();
   }
 
-  /** The job's global ranks of one group, ascending. */
-  ranksOfGroup(job: JobRecord, group: string): number[] {
-    return this.globalRanksOf(job, group);
-  }
 
   /**
    * Some group restarts on its own (or came back but trains alone on its own state), and
@@ -823,7 +825,7 @@ export class JobController extends EventEmitter<JobEvents> {
   private othersFinished(job: JobRecord): boolean {
     const absentGroups = this.absentGroups(job);
     if (absentGroups.length === 0) return false;
-    const absent = new Set(absentGroups.flatMap((group) => this.globalRanksOf(job, group)));
+    const absent = new Set(absentGroups.flatMap((group) => this.ranksOfGroup(job, group)));
     for (let rank = 0; rank < job.worldSize; rank++) if (!absent.has(rank) && job.exitCodes[rank] !== 0) return false;
     return true;
   }
@@ -853,7 +855,7 @@ export class JobController extends EventEmitter<JobEvents> {
         this.deps.registry.send(assignment.workerId, { stopJob: { jobId: this.wireIdOf(job, group), reason: "the other groups finished training", graceMs: this.deps.stopGraceMs } });
       }
       // Not started again: no exit of theirs is awaited (-1, as for a rank gone without one).
-      for (const rank of this.globalRanksOf(job, group)) job.exitCodes[rank] ??= -1;
+      for (const rank of this.ranksOfGroup(job, group)) job.exitCodes[rank] ??= -1;
       this.log(job, `the other groups finished while group ${group} was restarting or training alone; it is stopped (alone it trains a model of its own from an older checkpoint), and the final checkpoint holds the other groups' ranks`);
     }
     this.emit("checkpointGroupsChanged", job);
@@ -982,7 +984,8 @@ export class JobController extends EventEmitter<JobEvents> {
       && this.deps.registry.get(assignment.workerId)?.connection === "connected");
   }
 
-  private globalRanksOf(job: JobRecord, group: string): number[] {
+  /** The job's global ranks of one group, ascending. */
+  ranksOfGroup(job: JobRecord, group: string): number[] {
     return job.assignments.filter((assignment) => assignment.group === group)
       .flatMap((assignment) => Array.from({ length: assignment.localWorldSize }, (_, local) => assignment.globalRankOffset + local));
   }
@@ -1025,7 +1028,7 @@ export class JobController extends EventEmitter<JobEvents> {
     await drained;
     // Given up meanwhile (the other groups finished, or the job restarted as a whole).
     if (this.groupRestarts.get(job.jobId)?.get(group) !== entry) return;
-    const ranks = new Set(this.globalRanksOf(job, group));
+    const ranks = new Set(this.ranksOfGroup(job, group));
     for (const rank of ranks) delete job.exitCodes[rank];
     job.stalled = job.stalled?.filter((entry) => !ranks.has(entry.rank));
     const resumeStep = await this.newestCommittedStep(job);
@@ -1092,7 +1095,7 @@ export class JobController extends EventEmitter<JobEvents> {
     backAfter[entry.group] = Math.max(backAfter[entry.group] ?? 0, entry.resumeStep ?? 0);
     const now = this.now();
     const progress = this.progress.get(job.jobId);
-    for (const rank of this.globalRanksOf(job, entry.group)) progress?.set(rank, { lastMs: now, stepIntervals: [] });
+    for (const rank of this.ranksOfGroup(job, entry.group)) progress?.set(rank, { lastMs: now, stepIntervals: [] });
     const groupNodes = job.assignments.filter((assignment) => assignment.group === entry.group);
     this.log(job, `group ${entry.group} starting again on ${groupNodes.map((a) => `${a.nodeName}=ranks ${a.globalRankOffset}-${a.globalRankOffset + a.localWorldSize - 1}`).join(", ")}`);
     this.emit("changed", job);
@@ -1299,7 +1302,7 @@ export class JobController extends EventEmitter<JobEvents> {
       const timeoutMs = job.request.stallTimeoutMs ?? this.deps.defaultStallTimeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;
       if (timeoutMs <= 0) continue;
       let changed = false;
-      const restarting = new Set([...(this.groupRestarts.get(job.jobId)?.keys() ?? [])].flatMap((group) => this.globalRanksOf(job, group)));
+      const restarting = new Set([...(this.groupRestarts.get(job.jobId)?.keys() ?? [])].flatMap((group) => this.ranksOfGroup(job, group)));
       for (const [rank, progress] of ranks) {
         if (job.exitCodes[rank] !== undefined || restarting.has(rank)) continue;
         const intervals = [...progress.stepIntervals].sort((a, b) => a - b);

@@ -3,7 +3,7 @@ import {
   type IPresignItem, type IPresignedStorage, type IPresignedUrl,
 } from "@drover/proto";
 import {
-  MANIFEST_FILE, S3Presigner, STEP_DIGITS, StorageConfigError, checkpointsPrefix, codeBundlePrefix, describeStore, endpointIsProtected, presignRequestSchema, runPrefix,
+  MANIFEST_FILE, S3Presigner, STEP_DIGITS, StorageConfigError, checkpointsPrefix, codeBundlePrefix, describeStore, endpointIsProtected, groupCheckpointFolder, presignRequestSchema, runPrefix,
   type PresignOperation, type PresignRequest, type StorageConfig,
 } from "@drover/storage";
 import { PresignRefusedError } from "./errors.js";
@@ -111,7 +111,7 @@ export class PresignService {
       return [{
         jobId: job.jobId,
         run: job.runId,
-        groupFolder: assignment.groupCount > 1 ? `group-${assignment.group}/` : "",
+        groupFolder: assignment.groupCount > 1 ? `${groupCheckpointFolder(assignment.group)}/` : "",
         readableSteps: readableSteps(job),
         codeBundleId: job.request.codeBundleId,
       }];

@@ -80,6 +80,18 @@ export const checkpointManifestSchema = z.object({
 });
 export type CheckpointManifest = z.infer<typeof checkpointManifestSchema>;
 
+const GROUP_FOLDER_PREFIX = 'group-';
+
+/** The folder of a step that holds one group's files in a job with several groups (every group has a rank 0). */
+export function groupCheckpointFolder(group: string): string {
+  return `${GROUP_FOLDER_PREFIX}${group}`;
+}
+
+/** The group whose files a folder of a step holds (groupCheckpointFolder's inverse). */
+export function groupOfCheckpointFolder(folder: string): string | undefined {
+  return folder.startsWith(GROUP_FOLDER_PREFIX) ? folder.slice(GROUP_FOLDER_PREFIX.length) : undefined;
+}
+
 /**
  * The folder of a several-group step a group resumes from: its own (`group-<name>`) when
  * the step holds it, else that of a group the step holds, one with as many ranks as
@@ -89,12 +101,13 @@ export function resumeSubdirFor(manifest: CheckpointManifest, group: string, ran
   const ranksByFolder = new Map<string, Set<number>>();
   for (const file of manifest.files) {
     const slash = file.path.indexOf('/');
-    if (slash <= 0 || !file.path.startsWith('group-')) continue;
-    const folder = file.path.slice(0, slash);
+    const folder = file.path.slice(0, Math.max(slash, 0));
+    if (slash <= 0 || groupOfCheckpointFolder(folder) === undefined) continue;
     const held = ranksByFolder.get(folder) ?? new Set<number>();
     ranksByFolder.set(folder, held.add(file.rank));
   }
-  if (ranksByFolder.has(`group-${group}`)) return `group-${group}`;
+  const own = groupCheckpointFolder(group);
+  if (ranksByFolder.has(own)) return own;
   const folders = [...ranksByFolder.keys()].sort();
   return folders.find((folder) => ranksByFolder.get(folder)!.size === ranks) ?? folders[0];
 }
@@ -316,13 +329,16 @@ export class CheckpointStore {
     destDir: string;
     /** Only the files under this folder of the step (one group's, see uploadRank). */
     subdir?: string;
+    /** The step's manifest when the caller has read it already (not read again). */
+    manifest?: CheckpointManifest;
     signal?: AbortSignal;
     onProgress?: (progress: BatchProgress) => void;
   }): Promise<CheckpointManifest> {
     const manifest =
-      params.step === undefined
+      params.manifest ??
+      (params.step === undefined
         ? await this.latest(params.run, { signal: params.signal })
-        : await this.readManifest(params.run, params.step, { signal: params.signal });
+        : await this.readManifest(params.run, params.step, { signal: params.signal }));
     if (!manifest) {
       throw new CheckpointNotFoundError(`no committed checkpoint for run ${params.run}${params.step === undefined ? '' : ` at step ${params.step}`}`, {
         run: params.run,

@@ -99,6 +99,8 @@ export {
   checkpointManifestSchema,
   worldLayoutSchema,
   resumeSubdirFor,
+  groupCheckpointFolder,
+  groupOfCheckpointFolder,
   STEP_DIGITS,
   MANIFEST_FILE,
   BUNDLE_FILE,

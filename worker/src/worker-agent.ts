@@ -12,8 +12,8 @@ import {
   type HeadMessage, type ICheckpointFile, type IPresignedStorage, type IStartJob, type IWorkerMessage,
 } from "@drover/proto";
 import {
-  CheckpointStore, ObjectStoreRequestError, PresignedObjectStore, forgetSecretValue, parseTransferConfig, registerSecretValue, resumeSubdirFor, retryThroughOutage, STORE_OUTAGE_RETRY,
-  type PresignedRequest, type PresignRequest, type StorageConfigInput,
+  CheckpointStore, ObjectStoreRequestError, PresignedObjectStore, forgetSecretValue, groupCheckpointFolder, groupOfCheckpointFolder, parseTransferConfig, registerSecretValue, resumeSubdirFor,
+  retryThroughOutage, STORE_OUTAGE_RETRY, type CheckpointManifest, type PresignedRequest, type PresignRequest, type StorageConfigInput,
 } from "@drover/storage";
 import { AgentSocketServer, type CheckpointMessage } from "./agent-socket.js";
 import { confineCheckpointReport } from "./checkpoint-report.js";
@@ -128,6 +128,12 @@ interface RunningJob {
   ckptDir: string;
   /** On a group leader of a job with several groups: its bridge and DROVER_OUTER_SOCKET. */
   outer?: { bridge: JobBridge; socket: OuterSyncSocketServer };
+  /**
+   * A group restarted on its own: per step, whether the store already holds it committed
+   * (the other groups may have committed it without this group); asked once per step for
+   * all the node's ranks.
+   */
+  committedBefore?: Map<number, Promise<boolean>>;
 }
 
 /** A trainer's last socket lines may be read after its exit is seen; wait this long for them. */
@@ -398,7 +404,10 @@ export class WorkerAgent {
     }
     const uploads = new AbortController();
     setMaxListeners(256, uploads.signal);
-    const running: RunningJob = { job, supervisor, socket, uploads, uploadsByRank: new Map(), exitReports: new Set(), ckptDir, outer };
+    // Only a group restarted on its own (its run has a job id of its own, the bridge keeps
+    // the attempt's) can save a step the others committed.
+    const restartedAlone = Boolean(job.bridgeJobId) && job.bridgeJobId !== job.jobId;
+    const running: RunningJob = { job, supervisor, socket, uploads, uploadsByRank: new Map(), exitReports: new Set(), ckptDir, outer, ...(restartedAlone ? { committedBefore: new Map() } : {}) };
     this.jobs.set(jobId, running);
     // Listeners go on before anything is awaited: a fast trainer's first lines (or its
     // exit) would otherwise be emitted to no one.
@@ -624,18 +633,20 @@ export class WorkerAgent {
     const started = Date.now();
     this.agentLog(job.jobId ?? "", `downloading checkpoint step ${step} of run ${job.runId}`);
     let subdir = groupCheckpointSubdir(job);
+    let committed: CheckpointManifest | undefined;
     if (subdir) {
       // A step committed while this group was not in step holds the other groups' files
       // only; the group starts from one of theirs (the same model after an outer step).
-      const committed = await this.checkpoints.readManifest(job.runId ?? "", step, { signal: this.stopController.signal });
+      committed = await this.checkpoints.readManifest(job.runId ?? "", step, { signal: this.stopController.signal });
       const own = job.topology?.groups?.find((group) => group.name === job.group);
       const from = committed && resumeSubdirFor(committed, job.group ?? "", own?.worldSize ?? 0);
       if (from && from !== subdir) {
-        this.agentLog(job.jobId ?? "", `checkpoint step ${step} was committed without group ${job.group} (it was not in step then): the group starts from ${from.slice("group-".length)}'s files`);
+        this.agentLog(job.jobId ?? "", `checkpoint step ${step} was committed without group ${job.group} (it was not in step then): the group starts from ${groupOfCheckpointFolder(from)}'s files`);
         subdir = from;
       }
     }
-    const manifest = await this.checkpoints.download({ run: job.runId ?? "", step, destDir, subdir, signal: this.stopController.signal });
+    // The manifest read above is not read again (download reads it when not given one).
+    const manifest = await this.checkpoints.download({ run: job.runId ?? "", step, destDir, subdir, ...(committed ? { manifest: committed } : {}), signal: this.stopController.signal });
     const seconds = (Date.now() - started) / 1000;
     const files = subdir ? manifest.files.filter((file) => file.path.startsWith(`${subdir}/`)) : manifest.files;
     const bytes = files.reduce((sum, file) => sum + file.size, 0);
@@ -697,6 +708,19 @@ export class WorkerAgent {
     return value;
   }
 
+  /** Whether `step` is committed already, asked of the store once per step for all the node's ranks. */
+  private committedBefore(running: RunningJob, step: number, signal: AbortSignal): Promise<boolean> {
+    const known = running.committedBefore!;
+    let answer = known.get(step);
+    if (!answer) {
+      answer = this.checkpoints!.isCommitted(running.job.runId ?? "", step, { signal });
+      known.set(step, answer);
+      // A failed question is asked again by the next rank, not remembered.
+      answer.catch(() => known.delete(step));
+    }
+    return answer;
+  }
+
   /**
    * Uploads the files a rank reports for a checkpoint step (sha256 recorded with each
    * object) and reports them to the head, which commits the step once every rank has.
@@ -711,7 +735,7 @@ export class WorkerAgent {
         setMaxListeners(256, signal); // every concurrent part transfer listens on it
         // A group restarted on its own may save a step the others committed without it;
         // its files must not replace objects a committed manifest names.
-        if (groupCheckpointSubdir(running.job) && await this.checkpoints.isCommitted(running.job.runId ?? "", report.step, { signal })) {
+        if (running.committedBefore && await this.committedBefore(running, report.step, signal)) {
           this.agentLog(jobId, `rank ${report.rank} checkpoint step ${report.step}: already committed by the groups in step then; not uploaded over it`);
           return;
         }
@@ -881,7 +905,7 @@ function signalProcessGroup(pid: number, signal: NodeJS.Signals): void {
  * step's top, as before).
  */
 export function groupCheckpointSubdir(job: IStartJob): string | undefined {
-  return (job.topology?.groups ?? []).length > 1 ? `group-${job.group ?? ""}` : undefined;
+  return (job.topology?.groups ?? []).length > 1 ? groupCheckpointFolder(job.group ?? "") : undefined;
 }
 
 function agentSocketPath(stateDir: string, jobId: string): string {
